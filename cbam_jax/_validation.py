@@ -1,0 +1,83 @@
+"""Trace-time input checks shared by the functional core and the linen modules.
+
+Shapes and dtypes are static under ``jit``, so every check here runs once per trace and
+costs nothing at run time. Each raises ``ValueError`` or ``TypeError`` naming the problem
+and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+MAX_SPATIAL_DIMS = 3
+
+
+def check_choice(what: str, value: object, valid: Sequence[str]) -> None:
+  if value not in valid:
+    raise ValueError(f'Unknown {what} {value!r}; use one of {tuple(valid)}.')
+
+
+def check_pool_types(pool_types: Sequence[str]) -> None:
+  from cbam_jax.functional import POOL_TYPES  # Late import: functional imports us.
+  if isinstance(pool_types, str) or not pool_types:
+    raise ValueError(
+        f'pool_types must be a non-empty sequence such as (\'avg\', \'max\'), got '
+        f'{pool_types!r}.')
+  for kind in pool_types:
+    check_choice('pool type', kind, POOL_TYPES)
+
+
+def check_features(x, *, batched: bool, channel_axis: int = -1) -> None:
+  """Checks rank, dtype and a non-empty extent of ``(B?, *spatial, C)`` features."""
+  shape = getattr(x, 'shape', None)
+  if shape is None:
+    raise TypeError(f'Expected an array, got {type(x).__name__}.')
+  lead = 1 if batched else 0
+  layout = '(B, *spatial, C)' if batched else '(*spatial, C)'
+  rank = len(shape)
+  if not lead + 1 <= rank - 1 <= lead + MAX_SPATIAL_DIMS:
+    hint = (' For a single example, add a batch axis (x[None]) or use '
+            'cbam_jax.functional with jax.vmap.' if batched and rank >= 2 else '')
+    raise ValueError(
+        f'Expected features of layout {layout} with 1 to {MAX_SPATIAL_DIMS} spatial '
+        f'dimensions, i.e. rank {lead + 2} to {lead + 1 + MAX_SPATIAL_DIMS}; got shape '
+        f'{tuple(shape)} (rank {rank}).{hint}')
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f'Attention needs floating-point features, got dtype {x.dtype}. Convert first, '
+        f'e.g. x.astype(jnp.float32) (and scale integer images to [0, 1]).')
+  if any(d == 0 for d in shape):
+    raise ValueError(
+        f'Features of shape {tuple(shape)} have an empty axis; pooling needs at least '
+        'one position and one channel. Check the input size against the network\'s '
+        'downsampling.')
+  del channel_axis
+
+
+def check_channels(x, expected: int, what: str) -> None:
+  if x.shape[-1] != expected:
+    raise ValueError(
+        f'{what} was initialised for {expected} channels but got {x.shape[-1]} '
+        f'(input shape {tuple(x.shape)}). Re-initialise the module for this input, or '
+        'check channel_axis.')
+
+
+def check_kernel_size(kernel_size) -> None:
+  sizes = kernel_size if isinstance(kernel_size, Sequence) else (kernel_size,)
+  for k in sizes:
+    if not isinstance(k, int) or k <= 0 or k % 2 == 0:
+      raise ValueError(
+          f'kernel_size must be a positive odd integer so that the map keeps the input\'s '
+          f'size with symmetric padding; got {kernel_size!r}. Use e.g. 7 (the paper) or 3.')
+
+
+def check_spatial_kernel(kernel, num_spatial: int) -> None:
+  expected_rank = num_spatial + 2
+  if kernel.ndim != expected_rank or kernel.shape[-2:] != (2, 1):
+    raise ValueError(
+        f'The spatial conv kernel must have shape (*kernel_size, 2, 1) with '
+        f'{num_spatial} kernel dimensions for {num_spatial}-D input; got '
+        f'{tuple(kernel.shape)}. Re-initialise the module for this input rank.')
+  check_kernel_size(tuple(int(k) for k in kernel.shape[:-2]))

@@ -1,0 +1,289 @@
+"""Pure CBAM functions for ONE example, channels last.
+
+Every function here takes a single example of shape ``(*spatial, C)`` with one, two or
+three spatial dimensions (a signal ``(L, C)``, an image ``(H, W, C)`` or a volume
+``(D, H, W, C)``). Batch them with :func:`jax.vmap`; the linen modules in
+:mod:`cbam_jax.layers` do exactly that.
+
+Reductions (pooling, the logits that enter the gate) are computed in float32 whatever
+the input dtype, because bfloat16 sums over thousands of positions lose several digits.
+The refined features come back in the input's dtype; attention maps are float32.
+
+Parameters are plain dicts so that the math can be read and tested without Flax:
+
+* channel attention: ``{'fc1_kernel': (C, hidden), 'fc1_bias': (hidden,),
+  'fc2_kernel': (hidden, C), 'fc2_bias': (C,)}`` (biases optional);
+* spatial attention: ``{'conv_kernel': (*k, 2, 1), 'conv_bias': (1,)}`` (bias optional).
+  Input channel 0 of the kernel sees the channel mean and channel 1 the channel max, the
+  paper's ``[AvgPool; MaxPool]`` order.
+
+NaN and Inf in the input propagate to the output; nothing is masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import _validation
+from cbam_jax._spatial_conv import spatial_conv
+
+Array = jax.Array
+Params = Mapping[str, Array]
+Activation = Callable[[Array], Array]
+
+POOL_TYPES = ('avg', 'max', 'lp', 'lse')
+ORDERS = ('channel_first', 'spatial_first', 'parallel')
+
+__all__ = [
+    'POOL_TYPES',
+    'ORDERS',
+    'global_pool',
+    'channel_pool',
+    'shared_mlp',
+    'channel_logits',
+    'channel_attention',
+    'spatial_logits',
+    'spatial_attention',
+    'spatial_conv',
+    'cbam',
+]
+
+
+def global_pool(x: Array, kind: str) -> Array:
+  """Pools every spatial position of one example into a channel descriptor.
+
+  Args:
+    x: ``(*spatial, C)`` features.
+    kind: ``'avg'``, ``'max'``, ``'lp'`` (the official code's ``lp_pool2d`` with p=2 over
+      the whole map: ``sqrt(sum(x**2))``, not normalised) or ``'lse'`` (a numerically
+      stable log-sum-exp over all positions).
+
+  Returns:
+    ``(C,)`` float32 descriptor.
+  """
+  _validation.check_features(x, batched=False)
+  _validation.check_choice('pool type', kind, POOL_TYPES)
+  flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  if kind == 'avg':
+    pooled = jnp.mean(flat, axis=0)
+  elif kind == 'max':
+    pooled = jnp.max(flat, axis=0)
+  elif kind == 'lp':
+    pooled = jnp.sqrt(jnp.sum(jnp.square(flat), axis=0))
+  else:
+    pooled = jax.nn.logsumexp(flat, axis=0)
+  chex.assert_shape(pooled, (x.shape[-1],))
+  return pooled
+
+
+def channel_pool(x: Array) -> Array:
+  """Per-position mean and max across channels, in that order (the paper's ``[avg; max]``).
+
+  Args:
+    x: ``(*spatial, C)`` features.
+
+  Returns:
+    ``(*spatial, 2)`` float32: ``[..., 0]`` is the channel mean, ``[..., 1]`` the max.
+  """
+  _validation.check_features(x, batched=False)
+  x32 = x.astype(jnp.float32)
+  pooled = jnp.stack([jnp.mean(x32, axis=-1), jnp.max(x32, axis=-1)], axis=-1)
+  chex.assert_shape(pooled, (*x.shape[:-1], 2))
+  return pooled
+
+
+def shared_mlp(
+    params: Params,
+    v: Array,
+    *,
+    activation: Activation = jax.nn.relu,
+    dtype: Any = None,
+    precision: Any = None,
+) -> Array:
+  """The shared bottleneck MLP ``C -> hidden -> C`` of the channel branch.
+
+  Args:
+    params: ``fc1_kernel (C, hidden)``, ``fc2_kernel (hidden, C)`` and optional
+      ``fc1_bias (hidden,)``, ``fc2_bias (C,)``.
+    v: ``(..., C)`` pooled descriptor(s).
+    activation: the hidden non-linearity (ReLU in the paper).
+    dtype: compute dtype; ``None`` promotes ``v`` and the parameters together, as
+      ``flax.linen.Dense`` does.
+    precision: passed to :func:`jax.numpy.dot`.
+
+  Returns:
+    ``(..., C)`` float32 logits.
+  """
+  if dtype is None:
+    dtype = jnp.result_type(v, *params.values())
+  h = jnp.dot(v.astype(dtype), params['fc1_kernel'].astype(dtype), precision=precision)
+  if 'fc1_bias' in params:
+    h = h + params['fc1_bias'].astype(dtype)
+  h = activation(h)
+  out = jnp.dot(h, params['fc2_kernel'].astype(dtype), precision=precision)
+  if 'fc2_bias' in params:
+    out = out + params['fc2_bias'].astype(dtype)
+  return out.astype(jnp.float32)
+
+
+def channel_logits(
+    params: Params,
+    x: Array,
+    *,
+    pool_types: Sequence[str] = ('avg', 'max'),
+    activation: Activation = jax.nn.relu,
+    dtype: Any = None,
+    precision: Any = None,
+) -> Array:
+  """``sum_p MLP(pool_p(x))``: the pre-gate channel attention, ``(C,)`` float32."""
+  _validation.check_pool_types(pool_types)
+  _validation.check_channels(x, params['fc1_kernel'].shape[0], 'channel attention')
+  # One MLP pass over the stacked descriptors: the same shared weights for every pool.
+  pooled = jnp.stack([global_pool(x, kind) for kind in pool_types])
+  logits = shared_mlp(params, pooled, activation=activation, dtype=dtype,
+                      precision=precision)
+  return jnp.sum(logits, axis=0)
+
+
+def apply_gate(x: Array, attention_map: Array) -> Array:
+  """``x * map`` computed in float32, returned in ``x``'s dtype. Broadcasts the map."""
+  return (x.astype(jnp.float32) * attention_map).astype(x.dtype)
+
+
+def channel_attention(
+    params: Params,
+    x: Array,
+    *,
+    pool_types: Sequence[str] = ('avg', 'max'),
+    activation: Activation = jax.nn.relu,
+    gate: Activation = jax.nn.sigmoid,
+    dtype: Any = None,
+    precision: Any = None,
+    return_map: bool = False,
+) -> Array | tuple[Array, Array]:
+  """``Mc(x) * x`` with ``Mc = gate(sum_p MLP(pool_p(x)))``.
+
+  Args:
+    params: see :func:`shared_mlp`.
+    x: ``(*spatial, C)``.
+    return_map: also return the ``(C,)`` float32 channel map.
+
+  Returns:
+    ``(*spatial, C)`` refined features in ``x.dtype``, and the map when asked.
+  """
+  channel_map = gate(channel_logits(params, x, pool_types=pool_types,
+                                    activation=activation, dtype=dtype,
+                                    precision=precision))
+  out = apply_gate(x, channel_map)
+  return (out, channel_map) if return_map else out
+
+
+def spatial_logits(
+    params: Params,
+    x: Array,
+    *,
+    dtype: Any = None,
+    precision: Any = None,
+    impl: str = 'auto',
+) -> Array:
+  """``conv_k([AvgPool_c(x); MaxPool_c(x)])``: the pre-gate spatial map, ``(*spatial,)``.
+
+  ``impl`` selects the convolution algorithm (see :func:`cbam_jax.functional.spatial_conv`);
+  every choice gives the same numbers.
+  """
+  kernel = params['conv_kernel']
+  _validation.check_spatial_kernel(kernel, x.ndim - 1)
+  pooled = channel_pool(x)
+  if dtype is None:
+    dtype = jnp.result_type(pooled, kernel)
+  logits = spatial_conv(pooled.astype(dtype), kernel.astype(dtype), precision=precision,
+                        impl=impl)
+  if 'conv_bias' in params:
+    logits = logits + params['conv_bias'].astype(dtype)[0]
+  return logits.astype(jnp.float32)
+
+
+def spatial_attention(
+    params: Params,
+    x: Array,
+    *,
+    normalize: Activation | None = None,
+    gate: Activation = jax.nn.sigmoid,
+    dtype: Any = None,
+    precision: Any = None,
+    impl: str = 'auto',
+    return_map: bool = False,
+) -> Array | tuple[Array, Array]:
+  """``Ms(x) * x`` with ``Ms = gate(normalize(conv_k([avg_c; max_c])))``.
+
+  Args:
+    params: see :func:`spatial_logits`.
+    x: ``(*spatial, C)``.
+    normalize: optional map applied to the logits before the gate, e.g. an inference-mode
+      BatchNorm ``lambda z: (z - mean) / sqrt(var + eps) * scale + bias``.
+    return_map: also return the ``(*spatial,)`` float32 spatial map.
+
+  Returns:
+    ``(*spatial, C)`` refined features in ``x.dtype``, and the map when asked.
+  """
+  logits = spatial_logits(params, x, dtype=dtype, precision=precision, impl=impl)
+  if normalize is not None:
+    logits = normalize(logits)
+  spatial_map = gate(logits)
+  out = apply_gate(x, spatial_map[..., None])
+  return (out, spatial_map) if return_map else out
+
+
+def cbam(
+    channel_params: Params,
+    spatial_params: Params,
+    x: Array,
+    *,
+    order: str = 'channel_first',
+    pool_types: Sequence[str] = ('avg', 'max'),
+    activation: Activation = jax.nn.relu,
+    gate: Activation = jax.nn.sigmoid,
+    normalize: Activation | None = None,
+    dtype: Any = None,
+    precision: Any = None,
+    impl: str = 'auto',
+    return_maps: bool = False,
+) -> Array | tuple[Array, tuple[Array, Array]]:
+  """The Convolutional Block Attention Module on one example.
+
+  ``order='channel_first'`` (the paper): ``F' = Mc(F) * F``, ``F'' = Ms(F') * F'``.
+  ``'spatial_first'`` swaps the two, ``'parallel'`` computes both maps from ``F`` and
+  applies them together: ``F'' = Mc(F) * Ms(F) * F``.
+
+  Returns:
+    ``(*spatial, C)`` in ``x.dtype``; with ``return_maps`` also ``(channel_map (C,),
+    spatial_map (*spatial,))`` in float32.
+  """
+  _validation.check_choice('order', order, ORDERS)
+
+  def channel(inp):
+    return channel_attention(channel_params, inp, pool_types=pool_types,
+                             activation=activation, gate=gate, dtype=dtype,
+                             precision=precision, return_map=True)
+
+  def spatial(inp):
+    return spatial_attention(spatial_params, inp, normalize=normalize, gate=gate,
+                             dtype=dtype, precision=precision, impl=impl,
+                             return_map=True)
+
+  if order == 'channel_first':
+    refined, channel_map = channel(x)
+    out, spatial_map = spatial(refined)
+  elif order == 'spatial_first':
+    refined, spatial_map = spatial(x)
+    out, channel_map = channel(refined)
+  else:
+    _, channel_map = channel(x)
+    _, spatial_map = spatial(x)
+    out = apply_gate(x, channel_map * spatial_map[..., None])
+  return (out, (channel_map, spatial_map)) if return_maps else out
