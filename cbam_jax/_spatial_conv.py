@@ -36,7 +36,7 @@ def _conv_shift(pooled, kernel, precision):
   out_shape = pooled.shape[:-1]
   out = jnp.zeros(out_shape, pooled.dtype)
   for offset in itertools.product(*(range(k) for k in kernel_size)):
-    window = padded[tuple(slice(o, o + n) for o, n in zip(offset, out_shape))]
+    window = padded[tuple(slice(o, o + n) for o, n in zip(offset, out_shape, strict=True))]
     out = out + window[..., 0] * kernel[offset + (0, 0)] + window[..., 1] * kernel[
         offset + (1, 0)]
   return out
