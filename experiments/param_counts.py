@@ -1,0 +1,80 @@
+"""Prints the README's model table: parameter counts of every model x attention.
+
+Counts come from ``jax.eval_shape(model.init, ...)``: shapes only, nothing is computed, so
+the whole table takes seconds on a CPU. Only the ``params`` collection is counted
+(BatchNorm statistics are not parameters). ImageNet models: 1000 classes, 224x224 input;
+CIFAR models: 10 classes, 32x32 input.
+
+Usage::
+
+  python -m experiments.param_counts                       # attention: none, se, cbam
+  python -m experiments.param_counts --attention all       # every registered attention
+  python -m experiments.param_counts --models resnet50 --attention none,cbam
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import attention as attention_registry
+from cbam_jax import models
+
+IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+
+
+def input_size_and_classes(name: str) -> tuple[int, int]:
+  return (224, 1000) if name in IMAGENET_MODELS else (32, 10)
+
+
+def param_count(name: str, attention: str | None) -> int:
+  """Parameters of ``create_model(name, attention=attention)`` at its default resolution."""
+  size, num_classes = input_size_and_classes(name)
+  model = models.create_model(name, attention=attention, num_classes=num_classes)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  return models.count_params(variables)
+
+
+def table(model_names: Sequence[str], attentions: Sequence[str | None]) -> str:
+  """A Markdown table with one row per (model, attention)."""
+  lines = ['| model | input | classes | attention | params | vs. none |',
+           '|---|---|---:|---|---:|---:|']
+  for name in model_names:
+    size, num_classes = input_size_and_classes(name)
+    baseline = param_count(name, None)
+    for attention in attentions:
+      count = baseline if attention is None else param_count(name, attention)
+      lines.append(f'| {name} | {size}x{size} | {num_classes} | {attention or "none"} | '
+                   f'{count:,} ({count / 1e6:.2f}M) | {count - baseline:+,} |')
+  return '\n'.join(lines)
+
+
+def parse_attentions(spec: str) -> list[str | None]:
+  if spec == 'all':
+    return [None, *attention_registry.available()]
+  names = [None if s.strip().lower() == 'none' else s.strip() for s in spec.split(',')]
+  for attention in names:
+    if attention is not None:
+      attention_registry.resolve(attention)  # A clear error listing valid names.
+  return names
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--models', default=','.join(models.available_models()),
+                      help='comma-separated names from cbam_jax.models.available_models()')
+  parser.add_argument('--attention', default='none,se,cbam',
+                      help="comma-separated attention names ('none' for plain), or 'all'")
+  args = parser.parse_args(argv)
+  model_names = [s.strip() for s in args.models.split(',')]
+  for name in model_names:
+    if name not in models.available_models():
+      parser.error(f'unknown model {name!r}; valid: {", ".join(models.available_models())}')
+  print(table(model_names, parse_attentions(args.attention)))
+
+
+if __name__ == '__main__':
+  main()

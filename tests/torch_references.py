@@ -1,0 +1,446 @@
+"""PyTorch reference ResNets with the state-dict layouts that :mod:`cbam_jax.convert` reads.
+
+Written from the public reference code, trimmed to what the forward pass and the parameter
+names need, with a ``width`` argument so that tests can use few channels:
+
+* :class:`OfficialResNet`: Jongchan/attention-module ``MODELS/model_resnet.py`` + ``cbam.py``
+  + ``bam.py`` (``att_type='CBAM'``, ``'BAM'`` or ``None``; ``network_type`` ``'ImageNet'``
+  or ``'CIFAR10'``). Its pooling is the official one: ``AvgPool2d(7)`` (ImageNet) and
+  ``avg_pool2d(x, 4)`` (CIFAR), global only for 224x224 and 32x32 inputs (four stages).
+  With ``att_type=None`` the state dict has torchvision's layout (``global_pool=True``
+  makes the head torchvision's adaptive pool).
+* :class:`TimmResNet`: timm ``models/resnet.py`` with ``block_args=dict(attn_layer='cbam')``
+  (``layers/cbam.py``) or ``'se'`` (``layers/squeeze_excite.py``), default 7x7 stem.
+
+Import needs torch; test modules call ``pytest.importorskip('torch')`` first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+  return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official CBAM code (Jongchan/attention-module).
+
+
+class BasicConv(nn.Module):
+  """Conv (no bias) + BatchNorm(momentum=0.01); the official spatial gate's conv."""
+
+  def __init__(self, in_planes: int, out_planes: int, kernel_size: int, padding: int):
+    super().__init__()
+    self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, padding=padding, bias=False)
+    self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True)
+
+  def forward(self, x):
+    return self.bn(self.conv(x))
+
+
+class OfficialChannelGate(nn.Module):
+
+  def __init__(self, gate_channels: int, reduction_ratio: int = 16):
+    super().__init__()
+    self.mlp = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(gate_channels, gate_channels // reduction_ratio),
+        nn.ReLU(),
+        nn.Linear(gate_channels // reduction_ratio, gate_channels))
+
+  def forward(self, x):
+    size = (x.size(2), x.size(3))
+    avg = self.mlp(F.avg_pool2d(x, size, stride=size))
+    mx = self.mlp(F.max_pool2d(x, size, stride=size))
+    return x * torch.sigmoid(avg + mx)[:, :, None, None]
+
+
+class OfficialSpatialGate(nn.Module):
+
+  def __init__(self, kernel_size: int = 7):
+    super().__init__()
+    self.spatial = BasicConv(2, 1, kernel_size, padding=(kernel_size - 1) // 2)
+
+  def forward(self, x):
+    # Official ChannelPool order: [max, mean] (cbam_jax uses [mean, max]).
+    pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+    return x * torch.sigmoid(self.spatial(pooled))
+
+
+class OfficialCBAM(nn.Module):
+
+  def __init__(self, gate_channels: int, reduction_ratio: int = 16, no_spatial: bool = False):
+    super().__init__()
+    self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio)
+    self.no_spatial = no_spatial
+    if not no_spatial:
+      self.SpatialGate = OfficialSpatialGate()
+
+  def forward(self, x):
+    x = self.ChannelGate(x)
+    return x if self.no_spatial else self.SpatialGate(x)
+
+
+class OfficialBAMChannelGate(nn.Module):
+
+  def __init__(self, gate_channel: int, reduction_ratio: int = 16):
+    super().__init__()
+    hidden = gate_channel // reduction_ratio
+    self.gate_c = nn.Sequential()
+    self.gate_c.add_module('flatten', nn.Flatten())
+    self.gate_c.add_module('gate_c_fc_0', nn.Linear(gate_channel, hidden))
+    self.gate_c.add_module('gate_c_bn_1', nn.BatchNorm1d(hidden))
+    self.gate_c.add_module('gate_c_relu_1', nn.ReLU())
+    self.gate_c.add_module('gate_c_fc_final', nn.Linear(hidden, gate_channel))
+
+  def forward(self, x):
+    avg_pool = F.avg_pool2d(x, x.size(2), stride=x.size(2))
+    return self.gate_c(avg_pool).unsqueeze(2).unsqueeze(3).expand_as(x)
+
+
+class OfficialBAMSpatialGate(nn.Module):
+
+  def __init__(self, gate_channel: int, reduction_ratio: int = 16, dilation_conv_num: int = 2,
+               dilation_val: int = 4):
+    super().__init__()
+    hidden = gate_channel // reduction_ratio
+    self.gate_s = nn.Sequential()
+    self.gate_s.add_module('gate_s_conv_reduce0', nn.Conv2d(gate_channel, hidden, 1))
+    self.gate_s.add_module('gate_s_bn_reduce0', nn.BatchNorm2d(hidden))
+    self.gate_s.add_module('gate_s_relu_reduce0', nn.ReLU())
+    for i in range(dilation_conv_num):
+      self.gate_s.add_module(f'gate_s_conv_di_{i}', nn.Conv2d(
+          hidden, hidden, kernel_size=3, padding=dilation_val, dilation=dilation_val))
+      self.gate_s.add_module(f'gate_s_bn_di_{i}', nn.BatchNorm2d(hidden))
+      self.gate_s.add_module(f'gate_s_relu_di_{i}', nn.ReLU())
+    self.gate_s.add_module('gate_s_conv_final', nn.Conv2d(hidden, 1, kernel_size=1))
+
+  def forward(self, x):
+    return self.gate_s(x).expand_as(x)
+
+
+class OfficialBAM(nn.Module):
+  """Official ``MODELS/bam.py``: ``x * (1 + sigmoid(Mc(x) * Ms(x)))``."""
+
+  def __init__(self, gate_channel: int):
+    super().__init__()
+    self.channel_att = OfficialBAMChannelGate(gate_channel)
+    self.spatial_att = OfficialBAMSpatialGate(gate_channel)
+
+  def forward(self, x):
+    return (1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x))) * x
+
+
+class OfficialBasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None, use_cbam=False,
+               no_spatial=False):
+    super().__init__()
+    self.conv1 = conv3x3(inplanes, planes, stride)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = conv3x3(planes, planes)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = downsample
+    self.cbam = OfficialCBAM(planes, 16, no_spatial) if use_cbam else None
+
+  def forward(self, x):
+    residual = x if self.downsample is None else self.downsample(x)
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.cbam is not None:
+      out = self.cbam(out)
+    return F.relu(out + residual)
+
+
+class OfficialBottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None, use_cbam=False,
+               no_spatial=False):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.downsample = downsample
+    # Official: CBAM(planes * 4, 16), gating the expanded output.
+    self.cbam = OfficialCBAM(planes * 4, 16, no_spatial) if use_cbam else None
+
+  def forward(self, x):
+    residual = x if self.downsample is None else self.downsample(x)
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = F.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.cbam is not None:
+      out = self.cbam(out)
+    return F.relu(out + residual)
+
+
+class OfficialResNet(nn.Module):
+  """The official ``ResNet(block, layers, network_type, num_classes, att_type)``.
+
+  ``width`` replaces the hard-coded 64 (stages ``width * 2**i``); ``global_pool=True``
+  replaces the fixed-size final pooling by a global mean (torchvision's head).
+  """
+
+  def __init__(self, block: str, layers, network_type: str = 'ImageNet', num_classes: int = 10,
+               att_type: str | None = 'CBAM', width: int = 64, no_spatial: bool = False,
+               global_pool: bool = False):
+    super().__init__()
+    block_cls = {'basic': OfficialBasicBlock, 'bottleneck': OfficialBottleneck}[block]
+    self.network_type = network_type
+    self.global_pool = global_pool
+    self.inplanes = width
+    if network_type == 'ImageNet':
+      self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+      self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    else:
+      self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    # Official: bam1..bam3 after layer1..layer3 (every stage but the last).
+    self.use_bam = att_type == 'BAM'
+    for stage in range(len(layers) - 1) if self.use_bam else ():
+      setattr(self, f'bam{stage + 1}', OfficialBAM(width * 2**stage * block_cls.expansion))
+    kw = dict(use_cbam=att_type == 'CBAM', no_spatial=no_spatial)
+    for stage, num_blocks in enumerate(layers):
+      setattr(self, f'layer{stage + 1}', self._make_layer(
+          block_cls, width * 2**stage, num_blocks, stride=1 if stage == 0 else 2, **kw))
+    self.fc = nn.Linear(width * 2**(len(layers) - 1) * block_cls.expansion, num_classes)
+    self.num_stages = len(layers)
+
+  def _make_layer(self, block, planes, blocks, stride, **kw):
+    downsample = None
+    if stride != 1 or self.inplanes != planes * block.expansion:
+      downsample = nn.Sequential(
+          nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride,
+                    bias=False),
+          nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(self.inplanes, planes, stride, downsample, **kw)]
+    self.inplanes = planes * block.expansion
+    layers += [block(self.inplanes, planes, **kw) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    if self.network_type == 'ImageNet':
+      x = self.maxpool(x)
+    for stage in range(self.num_stages):
+      x = getattr(self, f'layer{stage + 1}')(x)
+      if self.use_bam and stage < self.num_stages - 1:
+        x = getattr(self, f'bam{stage + 1}')(x)
+    if self.global_pool:
+      x = x.mean((2, 3))
+    elif self.network_type == 'ImageNet':
+      x = F.avg_pool2d(x, 7)
+    else:
+      x = F.avg_pool2d(x, 4)
+    return self.fc(x.flatten(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# timm (huggingface/pytorch-image-models).
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
+                   round_limit: float = 0.9) -> int:
+  """timm.layers.helpers.make_divisible."""
+  min_value = min_value or divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < round_limit * v:
+    new_v += divisor
+  return new_v
+
+
+class TimmChannelAttn(nn.Module):
+
+  def __init__(self, channels: int, rd_ratio: float = 1 / 16, rd_divisor: int = 1,
+               mlp_bias: bool = False):
+    super().__init__()
+    rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+    self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+    self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
+
+  def forward(self, x):
+    x_avg = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+    x_max = self.fc2(F.relu(self.fc1(x.amax((2, 3), keepdim=True))))
+    return x * torch.sigmoid(x_avg + x_max)
+
+
+class ConvNorm(nn.Module):
+  """timm ConvNormAct(apply_act=False): ``.conv`` (no bias) and ``.bn`` (momentum 0.1)."""
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+    super().__init__()
+    self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
+                          padding=(kernel_size - 1) // 2, bias=False)
+    self.bn = nn.BatchNorm2d(out_channels)
+
+  def forward(self, x):
+    return self.bn(self.conv(x))
+
+
+class TimmSpatialAttn(nn.Module):
+
+  def __init__(self, kernel_size: int = 7):
+    super().__init__()
+    self.conv = ConvNorm(2, 1, kernel_size)
+
+  def forward(self, x):
+    # timm pools [mean, max], like cbam_jax.
+    pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+    return x * torch.sigmoid(self.conv(pooled))
+
+
+class TimmCbamModule(nn.Module):
+
+  def __init__(self, channels: int, mlp_bias: bool = False, spatial_kernel_size: int = 7):
+    super().__init__()
+    self.channel = TimmChannelAttn(channels, mlp_bias=mlp_bias)
+    self.spatial = TimmSpatialAttn(spatial_kernel_size)
+
+  def forward(self, x):
+    return self.spatial(self.channel(x))
+
+
+class TimmSEModule(nn.Module):
+
+  def __init__(self, channels: int, rd_ratio: float = 1 / 16, rd_divisor: int = 8):
+    super().__init__()
+    rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+    self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=True)
+    self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=True)
+
+  def forward(self, x):
+    x_se = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+    return x * torch.sigmoid(x_se)
+
+
+def _timm_attn(attn_layer: str | None, channels: int) -> nn.Module | None:
+  if attn_layer is None:
+    return None
+  return {'cbam': TimmCbamModule, 'se': TimmSEModule}[attn_layer](channels)
+
+
+class TimmBasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None):
+    super().__init__()
+    self.conv1 = conv3x3(inplanes, planes, stride)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = conv3x3(planes, planes)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.se = _timm_attn(attn_layer, planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    shortcut = x
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = self.bn2(self.conv2(x))
+    if self.se is not None:  # timm: after the last BN, before drop_path and the residual add.
+      x = self.se(x)
+    if self.downsample is not None:
+      shortcut = self.downsample(shortcut)
+    return F.relu(x + shortcut)
+
+
+class TimmBottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.se = _timm_attn(attn_layer, planes * 4)
+    self.downsample = downsample
+
+  def forward(self, x):
+    shortcut = x
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = F.relu(self.bn2(self.conv2(x)))
+    x = self.bn3(self.conv3(x))
+    if self.se is not None:
+      x = self.se(x)
+    if self.downsample is not None:
+      shortcut = self.downsample(shortcut)
+    return F.relu(x + shortcut)
+
+
+class TimmResNet(nn.Module):
+  """timm ``ResNet(block, layers, block_args=dict(attn_layer=...))`` with the default stem."""
+
+  def __init__(self, block: str, layers, num_classes: int = 10, attn_layer: str | None = 'cbam',
+               width: int = 64):
+    super().__init__()
+    block_cls = {'basic': TimmBasicBlock, 'bottleneck': TimmBottleneck}[block]
+    self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    inplanes = width
+    for stage, num_blocks in enumerate(layers):
+      planes, stride = width * 2**stage, 1 if stage == 0 else 2
+      downsample = None
+      if stride != 1 or inplanes != planes * block_cls.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block_cls.expansion, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(planes * block_cls.expansion))
+      blocks = []
+      for index in range(num_blocks):
+        blocks.append(block_cls(inplanes, planes, stride if index == 0 else 1,
+                                downsample if index == 0 else None, attn_layer=attn_layer))
+        inplanes = planes * block_cls.expansion
+      setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
+    self.num_stages = len(layers)
+    self.fc = nn.Linear(inplanes, num_classes)
+
+  def forward(self, x):
+    x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+    for stage in range(self.num_stages):
+      x = getattr(self, f'layer{stage + 1}')(x)
+    return self.fc(x.mean((2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+  """Non-trivial weights and BatchNorm statistics (affine and running), in eval mode.
+
+  Conv and Linear weights are ``N(0, 1 / fan_in)`` so that activations stay O(1) through the
+  network; BatchNorm scale ``U(0.5, 1.5)``, bias / running mean ``N(0, 0.2)``, running
+  variance ``U(0.5, 1.5)``.
+  """
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, (nn.Conv2d, nn.Linear)):
+        fan_in = module.weight[0].numel()
+        module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
+        if module.bias is not None:
+          module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
+      elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        shape = module.weight.shape
+        module.weight.copy_(0.5 + torch.rand(shape, generator=gen))
+        module.bias.copy_(0.2 * torch.randn(shape, generator=gen))
+        module.running_mean.copy_(0.2 * torch.randn(shape, generator=gen))
+        module.running_var.copy_(0.5 + torch.rand(shape, generator=gen))
+  return model.eval()
+
+
+def nchw_logits(model: nn.Module, images_nhwc: np.ndarray) -> np.ndarray:
+  """Eval-mode logits of NHWC numpy images, as float32 numpy."""
+  with torch.no_grad():
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+    return model.eval()(x).numpy()
