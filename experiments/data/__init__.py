@@ -1,0 +1,1 @@
+"""Building blocks of `experiments.input_pipeline` (sources, augmentations, pipelines)."""

@@ -1,0 +1,541 @@
+"""Input pipelines: the built-in 'shapes' dataset, CIFAR, ImageNet, Imagenette, image folders.
+
+Contract (what training code relies on):
+
+  config = default_data_config()        # ml_collections.ConfigDict, fields documented below
+  data = create_input(config, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+  data.info             # DatasetInfo(num_classes, image_shape, num_train, num_eval, class_names)
+  data.steps_per_epoch  # num_train // global_batch_size (remainder dropped)
+  data.local_batch_size # global_batch_size // process_count
+  data.eval_steps       # ceil(num_eval / eval_batch_size)
+  for batch in data.train_batches(epoch, start_step=0):
+    batch['image']      # float32 (local_batch, H, W, C), normalised with per-dataset mean/std
+    batch['label']      # int32 (local_batch,)
+    batch['box']        # 'shapes' only: float32 (local_batch, 4) = (y0, x0, y1, x1) in pixels
+  for batch in data.eval_batches():
+    batch['mask']       # float32 (local_batch,): 1 real example, 0 padding of the last batch
+
+Training batches are a pure function of (config.seed, epoch, step): `train_batches(e, k)` yields
+exactly the tail of `train_batches(e)` (bit-exact resume), and host p of P gets rows
+[p * local, (p + 1) * local) of each global batch, so P hosts see the single-host batch.
+
+Small datasets (shapes, CIFAR, image folders) are held in memory as uint8 and augmented per
+batch in numpy (experiments.data.in_memory); ImageNet-scale datasets stream through tf.data
+(experiments.data.streaming). Wrap either iterator in `prefetch(...)` to overlap input with the
+training step, and measure with
+
+  python -m experiments.input_pipeline --dataset folder \
+      --folder ../shared/data/cifar10-jpeg-train.tar.gz --bench 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from experiments import shapes as shapes_lib
+from experiments.data import augment, sources
+from experiments.data.base import DatasetInfo, Input
+from experiments.data.base import eval_split_field as _eval_split
+from experiments.data.in_memory import ArrayInput
+
+__all__ = [
+  'DATASETS',
+  'DatasetInfo',
+  'Input',
+  'PrefetchIterator',
+  'create_input',
+  'default_data_config',
+  'prefetch',
+  'split_holdout',
+]
+
+# Per-dataset defaults. mean/std in [0, 1] units; None = computed from the training images.
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS: dict[str, dict[str, Any]] = {
+  'shapes': dict(image_size=32, augment='none', mean=None, std=None),
+  'cifar10': dict(
+    image_size=32, augment='cifar', mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    train_split='train', eval_split='test', streaming=False,
+  ),
+  'cifar100': dict(
+    image_size=32, augment='cifar', mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    train_split='train', eval_split='test', streaming=False,
+  ),
+  'imagenet2012': dict(
+    image_size=224, augment='imagenet', mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+    train_split='train', eval_split='validation', streaming=True,
+  ),
+  'imagenette': dict(
+    image_size=224, augment='imagenet', mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+    train_split='train', eval_split='validation', streaming=True,
+  ),
+  # image_size None: the images' own (square) size, else 224; augment None: 'cifar' for images
+  # up to 64 px, else 'imagenet'.
+  'folder': dict(image_size=None, augment=None, mean=None, std=None),
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Data fields with their defaults; training configs build on this.
+
+  Fields:
+    dataset: 'shapes' | 'cifar10' | 'cifar100' | 'imagenet2012' | 'imagenette' | 'folder'.
+    data_dir: tfds data dir (None: tfds default, ~/tensorflow_datasets).
+    manual_dir: tfds manual download dir for imagenet2012 (None: <data_dir>/downloads/manual).
+    download: let tfds download and prepare missing datasets (off: fail with instructions).
+    tfds_config: tfds builder config, e.g. 'full-size-v2' for imagenette (None: default).
+    folder: image folder root (root/<split>/<class>/*.jpg) or a .tar.gz of one.
+    cache_dir: where archives are extracted (None: $CBAM_JAX_CACHE or ~/.cache/cbam_jax).
+    cache_arrays: keep a folder's decoded uint8 arrays in cache_dir (a .npy per split, keyed
+      by the folder's file list, sizes and mtimes), so later runs skip JPEG decoding and TF.
+    train_split: None = the dataset's 'train'.
+    eval_split: 'auto' = the dataset's test/validation split if it has one, else a holdout;
+      a split name; or None = always carve `holdout_fraction` of train (stratified,
+      deterministic from `split_seed`, disjoint from the remaining train examples).
+    holdout_fraction, split_seed: the carved holdout.
+    image_size: None = the dataset's default (shapes/CIFAR 32, ImageNet 224).
+    augment: None = dataset default; 'none' | 'flip' | 'cifar' | 'imagenet'.
+    mean, std: per-channel normalisation in [0, 1] units (None = dataset default / computed).
+    global_batch_size, eval_batch_size (None = global_batch_size), seed (order + augment).
+    shuffle_buffer: streaming pipelines' shuffle buffer (examples).
+    streaming_threads: tf.data parallelism of streaming pipelines (None = autotune).
+    shapes: the procedural dataset (see experiments.shapes.generate): num_train, num_eval,
+      seed, num_classes, scale_range, num_strokes, num_blobs, num_decoys, noise_std.
+  """
+  config = ml_collections.ConfigDict()
+  config.dataset = 'shapes'
+  config.data_dir = None
+  config.manual_dir = None
+  config.download = False
+  config.tfds_config = None
+  config.folder = None
+  config.cache_dir = None
+  config.cache_arrays = True
+  config.train_split = None
+  config.eval_split = 'auto'
+  config.holdout_fraction = 0.1
+  config.split_seed = 0
+  config.image_size = None
+  config.augment = None
+  config.mean = None
+  config.std = None
+  config.global_batch_size = 128
+  config.eval_batch_size = None
+  config.seed = 0
+  config.shuffle_buffer = 16_384
+  config.streaming_threads = None
+  config.shapes = ml_collections.ConfigDict(
+    dict(
+      num_train=10_000,
+      num_eval=2_000,
+      seed=0,
+      num_classes=len(shapes_lib.CLASS_NAMES),
+      scale_range=(0.12, 0.25),
+      num_strokes=3,
+      num_blobs=3,
+      num_decoys=2,
+      noise_std=0.06,
+    )
+  )
+  return config
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+  """config.name, or the default when a config built without default_data_config lacks it."""
+  if hasattr(config, 'get'):
+    value = config.get(name, default)
+  else:
+    value = getattr(config, name, default)
+  return default if value is None and default is not None else value
+
+
+def split_holdout(
+  labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified, deterministic split of indices into (train, holdout), both sorted.
+
+  Each class contributes round(fraction * its count) examples to the holdout.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(
+      f'config.holdout_fraction={fraction} must be in (0, 1) to carve a validation split from '
+      'train; or set config.eval_split to an existing split.'
+    )
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x401D]))
+  holdout = []
+  for cls in np.unique(labels):
+    members = np.flatnonzero(labels == cls)
+    take = int(round(fraction * len(members)))
+    holdout.append(rng.permutation(members)[:take])
+  holdout = np.sort(np.concatenate(holdout)) if holdout else np.zeros(0, np.int64)
+  train = np.setdiff1d(np.arange(len(labels)), holdout)
+  if len(holdout) == 0 or len(train) == 0:
+    raise ValueError(
+      f'config.holdout_fraction={fraction} of {len(labels)} training examples leaves '
+      f'{len(train)} train and {len(holdout)} eval examples; choose a fraction that leaves both '
+      'non-empty (e.g. 0.1), or set config.eval_split to an existing split.'
+    )
+  return train, holdout
+
+
+def _take(data: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+  return {k: v[index] for k, v in data.items()}
+
+
+def _channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean/std in [0, 1] units from (the first max_images of) uint8 images."""
+  sample = images[:max_images].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+  return sample.mean(axis=0), np.maximum(sample.std(axis=0), 1e-3)
+
+
+def _load_shapes(config) -> tuple[dict, dict, tuple[str, ...], int]:
+  sc = _get(config, 'shapes', ml_collections.ConfigDict())
+  defaults = default_data_config().shapes
+  opt = {k: _get(sc, k, defaults[k]) for k in defaults}
+  image_size = _get(config, 'image_size', DATASETS['shapes']['image_size'])
+  eval_split = _eval_split(config)
+  if eval_split not in ('auto', None, 'test', 'validation'):
+    raise ValueError(
+      f"'shapes' has no split {eval_split!r}: set config.eval_split to 'auto' (generate "
+      'config.shapes.num_eval separate examples) or None (carve config.holdout_fraction).'
+    )
+  carve = eval_split is None
+  num_total = opt['num_train'] + (0 if carve else opt['num_eval'])
+  data = shapes_lib.generate(
+    num_total,
+    seed=opt['seed'],
+    image_size=image_size,
+    num_classes=opt['num_classes'],
+    scale_range=tuple(opt['scale_range']),
+    num_strokes=opt['num_strokes'],
+    num_blobs=opt['num_blobs'],
+    num_decoys=opt['num_decoys'],
+    noise_std=opt['noise_std'],
+  )
+  if carve:
+    train_index, eval_index = split_holdout(
+      data['label'], _get(config, 'holdout_fraction', 0.1), _get(config, 'split_seed', 0)
+    )
+  else:
+    train_index = np.arange(opt['num_train'])
+    eval_index = np.arange(opt['num_train'], num_total)
+  class_names = shapes_lib.CLASS_NAMES[: opt['num_classes']]
+  return _take(data, train_index), _take(data, eval_index), class_names, image_size
+
+
+def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
+  root = sources.resolve_folder(_get(config, 'folder'), _get(config, 'cache_dir'))
+  layout = sources.scan_folder(root)
+  train_split, eval_split = sources.pick_splits(
+    list(layout), _get(config, 'train_split'), _eval_split(config),
+    where=f'image folder {root}',
+  )
+  splits = [train_split] + ([eval_split] if eval_split else [])
+  cache_file = None
+  if _get(config, 'cache_arrays', True):
+    cache_file = sources.array_cache_path(
+      root, layout, splits, _get(config, 'image_size'), _get(config, 'augment'),
+      _get(config, 'cache_dir'),
+    )
+  cached = sources.load_array_cache(cache_file) if cache_file else None
+  if cached is None:
+    cached = _decode_folder(config, root, splits)
+    if cache_file:
+      sources.save_array_cache(cache_file, cached)
+  class_names = tuple(str(name) for name in cached['class_names'])
+  image_size, kind = int(cached['image_size']), str(cached['kind'])
+  train = {'image': cached[f'{train_split}/image'], 'label': cached[f'{train_split}/label']}
+  if eval_split is None:
+    train_index, eval_index = split_holdout(
+      train['label'], _get(config, 'holdout_fraction', 0.1), _get(config, 'split_seed', 0)
+    )
+    train, evaluation = _take(train, train_index), _take(train, eval_index)
+  else:
+    evaluation = {'image': cached[f'{eval_split}/image'], 'label': cached[f'{eval_split}/label']}
+  return train, evaluation, class_names, image_size, kind
+
+
+def _decode_folder(config, root: str, splits: list[str]) -> dict[str, Any]:
+  """Decodes the folder's splits with tfds ImageFolder into uint8 arrays (+ metadata)."""
+  builder = sources.image_folder(root)
+  image_size = _get(config, 'image_size')
+  if image_size is None:
+    image_size = sources.native_size(builder, splits[0]) or 224
+  kind = _get(config, 'augment') or ('cifar' if image_size <= 64 else 'imagenet')
+  size = augment.stored_size(augment.check_kind(kind), image_size)
+  out: dict[str, Any] = {
+    'class_names': np.array(builder.info.features['label'].names),
+    'image_size': np.int64(image_size),
+    'kind': np.array(kind),
+  }
+  for split in splits:
+    arrays = sources.dataset_to_arrays(builder.as_dataset(split=split, shuffle_files=False), size)
+    out[f'{split}/image'], out[f'{split}/label'] = arrays['image'], arrays['label']
+  return out
+
+
+def _load_tfds_in_memory(config, name: str) -> tuple[dict, dict, tuple[str, ...], int, str]:
+  defaults = DATASETS[name]
+  full_name = sources.tfds_name(name, _get(config, 'tfds_config'))
+  data_dir = _get(config, 'data_dir')
+  builder = sources.tfds_builder(
+    full_name, data_dir, _get(config, 'manual_dir'), bool(_get(config, 'download', False))
+  )
+  image_size = _get(config, 'image_size', defaults['image_size'])
+  kind = augment.check_kind(_get(config, 'augment', defaults['augment']))
+  size = augment.stored_size(kind, image_size)
+  train_split = _get(config, 'train_split', defaults['train_split'])
+  eval_split = _eval_split(config)
+  if eval_split == 'auto':
+    eval_split = defaults['eval_split']
+
+  def load(split):
+    ds = sources.tfds_as_dataset(
+      builder, split, name=full_name, data_dir=data_dir, shuffle_files=False
+    )
+    return sources.dataset_to_arrays(ds, size)
+
+  train = load(train_split)
+  if eval_split is None:
+    train_index, eval_index = split_holdout(
+      train['label'], _get(config, 'holdout_fraction', 0.1), _get(config, 'split_seed', 0)
+    )
+    train, evaluation = _take(train, train_index), _take(train, eval_index)
+  else:
+    evaluation = load(eval_split)
+  class_names = tuple(builder.info.features['label'].names)
+  return train, evaluation, class_names, image_size, kind
+
+
+def create_input(config, *, process_index: int = 0, process_count: int = 1) -> Input:
+  """Builds the input pipeline described by `config` (see `default_data_config`).
+
+  Raises:
+    ValueError: unknown dataset or augment, batch sizes that do not divide process_count or
+      exceed the data, a holdout that leaves nothing.
+    FileNotFoundError: a missing folder/archive or an unprepared tfds dataset.
+  """
+  name = _get(config, 'dataset', 'shapes')
+  if name not in DATASETS:
+    raise ValueError(
+      f'Unknown dataset {name!r}; set config.dataset to one of {sorted(DATASETS)} '
+      "(an image folder or .tar.gz of one: dataset='folder', folder=PATH)."
+    )
+  global_batch_size = _get(config, 'global_batch_size', 128)
+  eval_batch_size = _get(config, 'eval_batch_size', global_batch_size)
+  # Fail on batch sizes before loading anything.
+  from experiments.data.base import batch_sizes
+
+  batch_sizes(global_batch_size, eval_batch_size, process_index, process_count)
+  defaults = DATASETS[name]
+  if defaults.get('streaming'):
+    from experiments.data import streaming
+
+    return streaming.StreamingInput(
+      config, name, process_index=process_index, process_count=process_count
+    )
+  if name == 'shapes':
+    train, evaluation, class_names, image_size = _load_shapes(config)
+    kind = augment.check_kind(_get(config, 'augment', defaults['augment']))
+  elif name == 'folder':
+    train, evaluation, class_names, image_size, kind = _load_folder(config)
+  else:
+    train, evaluation, class_names, image_size, kind = _load_tfds_in_memory(config, name)
+  mean, std = _get(config, 'mean', defaults['mean']), _get(config, 'std', defaults['std'])
+  if mean is None or std is None:
+    computed_mean, computed_std = _channel_stats(train['image'])
+    mean = computed_mean if mean is None else mean
+    std = computed_std if std is None else std
+  return ArrayInput(
+    train=train,
+    eval=evaluation,
+    class_names=class_names,
+    image_size=image_size,
+    augment_kind=kind,
+    mean=np.asarray(mean, np.float32),
+    std=np.asarray(std, np.float32),
+    global_batch_size=global_batch_size,
+    eval_batch_size=eval_batch_size,
+    seed=_get(config, 'seed', 0),
+    process_index=process_index,
+    process_count=process_count,
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefetching
+
+
+class PrefetchIterator:
+  """Runs an iterator in a background thread, `buffer_size` items ahead.
+
+  numpy augmentation and tf.data release the GIL for most of their work, so this overlaps the
+  input pipeline with the training step. Exceptions in the producer are re-raised in the
+  consumer. `wait_seconds` accumulates the time `next()` spent blocked (input starvation).
+  Use as a context manager, or call `close()`, to stop the thread early.
+  """
+
+  _DONE = object()
+
+  def __init__(self, iterator: Iterator, buffer_size: int = 2):
+    if buffer_size < 1:
+      raise ValueError(f'buffer_size must be >= 1, got {buffer_size}.')
+    self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
+    self._stop = threading.Event()
+    self.wait_seconds = 0.0
+    self._finished = False
+    self._thread = threading.Thread(target=self._produce, args=(iterator,), daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, iterator: Iterator) -> None:
+    try:
+      for item in iterator:
+        if not self._put((item, None)):
+          return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      self._put((self._DONE, e))
+      return
+    self._put((self._DONE, None))
+
+  def __iter__(self) -> PrefetchIterator:
+    return self
+
+  def __next__(self):
+    if self._finished:
+      raise StopIteration
+    start = time.perf_counter()
+    item, error = self._queue.get()
+    self.wait_seconds += time.perf_counter() - start
+    if item is self._DONE:
+      self._finished = True
+      self._thread.join()
+      if error is not None:
+        raise error
+      raise StopIteration
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._finished = True
+    self._thread.join(timeout=5.0)
+
+  def __enter__(self) -> PrefetchIterator:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def prefetch(iterator: Iterator, buffer_size: int = 2) -> PrefetchIterator:
+  """`iterator` computed in a background thread, `buffer_size` items ahead."""
+  return PrefetchIterator(iterator, buffer_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark entry point
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location('_bench_config', path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f'--config {path!r}: not a Python file with get_config().')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _parse_value(text: str) -> Any:
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {'none': None, 'true': True, 'false': False}.get(text.lower(), text)
+
+
+def benchmark(data: Input, num_batches: int, *, buffer_size: int = 2,
+              step_seconds: float = 0.0) -> dict[str, float]:
+  """Times `num_batches` training batches, plain and through `prefetch`.
+
+  step_seconds simulates a training step (sleep) to show how much prefetching hides.
+  """
+  results = collections.OrderedDict()
+  num_batches = min(num_batches, data.steps_per_epoch)
+  for label, wrap in (('plain', lambda it: it), ('prefetch', lambda it: prefetch(it, buffer_size))):
+    iterator = wrap(data.train_batches(0))
+    start = time.perf_counter()
+    waited = 0.0
+    for _ in range(num_batches):
+      t = time.perf_counter()
+      next(iterator)
+      waited += time.perf_counter() - t
+      if step_seconds:
+        time.sleep(step_seconds)
+    elapsed = time.perf_counter() - start
+    if isinstance(iterator, PrefetchIterator):
+      iterator.close()
+    results[f'{label}_batches_per_s'] = num_batches / elapsed
+    results[f'{label}_images_per_s'] = num_batches * data.local_batch_size / elapsed
+    results[f'{label}_wait_fraction'] = waited / elapsed
+  return results
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', help='Python file with get_config() (default: data defaults)')
+  parser.add_argument('--dataset')
+  parser.add_argument('--folder')
+  parser.add_argument('--batch-size', type=int, help='global_batch_size')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='override a config field, e.g. --set augment=none')
+  parser.add_argument('--bench', type=int, default=50, help='number of batches to time')
+  parser.add_argument('--step-ms', type=float, default=0.0,
+                      help='simulated training step per batch (ms)')
+  args = parser.parse_args(argv)
+  config = _load_config_file(args.config) if args.config else default_data_config()
+  if args.dataset:
+    config.dataset = args.dataset
+  if args.folder:
+    config.folder = args.folder
+  if args.batch_size:
+    config.global_batch_size = args.batch_size
+  for item in args.set:
+    key, _, value = item.partition('=')
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = _parse_value(value)
+  start = time.perf_counter()
+  data = create_input(config)
+  setup = time.perf_counter() - start
+  print(f'dataset={config.dataset} info={data.info}')
+  print(f'setup {setup:.2f} s; steps_per_epoch={data.steps_per_epoch} '
+        f'batch={data.local_batch_size}')
+  results = benchmark(data, args.bench, step_seconds=args.step_ms / 1000)
+  for key, value in results.items():
+    print(f'{key}: {value:.3f}' if 'fraction' in key else f'{key}: {value:.1f}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,499 @@
+"""Tests for experiments/input_pipeline.py and experiments/data/ (no network)."""
+
+import os
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from experiments import input_pipeline as ip
+from experiments.data import augment, sources
+
+SHARED_TARBALL = os.path.join(
+  os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10-jpeg-train.tar.gz'
+)
+
+
+def shapes_config(**overrides):
+  config = ip.default_data_config()
+  config.shapes.num_train = 96
+  config.shapes.num_eval = 40
+  config.image_size = 16
+  config.global_batch_size = 16
+  config.eval_batch_size = 16
+  config.seed = 3
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def shapes_input():
+  return ip.create_input(shapes_config())
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+# -- shapes through create_input ----------------------------------------------------------------
+
+
+def test_shapes_batches(shapes_input):
+  data = shapes_input
+  assert data.info.num_train == 96 and data.info.num_eval == 40
+  assert data.info.image_shape == (16, 16, 3)
+  assert data.info.class_names == ip.shapes_lib.CLASS_NAMES
+  assert data.steps_per_epoch == 6 and data.local_batch_size == 16 and data.eval_steps == 3
+  batches = list(data.train_batches(0))
+  assert len(batches) == 6
+  batch = batches[0]
+  assert batch['image'].shape == (16, 16, 16, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
+  assert batch['box'].shape == (16, 4) and batch['box'].dtype == np.float32
+  # Normalised with statistics of the training images.
+  images = np.concatenate([b['image'] for b in batches])
+  assert abs(images.mean()) < 0.2 and 0.8 < images.std() < 1.2
+  # An epoch visits every training example once (labels are a permutation of train labels).
+  labels = np.concatenate([b['label'] for b in batches])
+  assert np.bincount(labels, minlength=6).sum() == 96
+
+
+def test_shapes_eval_batches_padding_and_mask(shapes_input):
+  batches = list(shapes_input.eval_batches())
+  assert len(batches) == 3
+  masks = np.concatenate([b['mask'] for b in batches])
+  np.testing.assert_array_equal(masks, (np.arange(48) < 40).astype(np.float32))
+  assert all(b['image'].shape == (16, 16, 16, 3) for b in batches)
+  assert batches[0]['mask'].dtype == np.float32 and 'box' in batches[0]
+
+
+def test_shapes_eval_matches_generator():
+  config = shapes_config()
+  data = ip.create_input(config)
+  raw = ip.shapes_lib.generate(136, seed=config.shapes.seed, image_size=16)
+  eval_labels = np.concatenate([b['label'] for b in data.eval_batches()])[:40]
+  np.testing.assert_array_equal(eval_labels, raw['label'][96:])
+  boxes = np.concatenate([b['box'] for b in data.eval_batches()])[:40]
+  np.testing.assert_array_equal(boxes, raw['box'][96:])
+
+
+# -- determinism, resume, multi-host ------------------------------------------------------------
+
+
+def test_same_seed_same_batches_and_epochs_differ(shapes_input):
+  other = ip.create_input(shapes_config())
+  assert_batches_equal(list(shapes_input.train_batches(2)), list(other.train_batches(2)))
+  a = next(shapes_input.train_batches(0))['label']
+  b = next(shapes_input.train_batches(1))['label']
+  c = next(ip.create_input(shapes_config(seed=4)).train_batches(0))['label']
+  assert not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize('augment_kind', ['none', 'cifar', 'imagenet'])
+def test_resume_equals_tail(augment_kind):
+  data = ip.create_input(shapes_config(augment=augment_kind))
+  full = list(data.train_batches(1))
+  assert_batches_equal(list(data.train_batches(1, start_step=4)), full[4:])
+  assert list(data.train_batches(1, start_step=data.steps_per_epoch)) == []
+
+
+@pytest.mark.parametrize('augment_kind', ['none', 'cifar'])
+def test_process_slices_concatenate_to_global_batch(augment_kind):
+  config = shapes_config(augment=augment_kind)
+  single = ip.create_input(config)
+  hosts = [ip.create_input(config, process_index=p, process_count=2) for p in range(2)]
+  assert hosts[0].local_batch_size == 8 and hosts[0].steps_per_epoch == single.steps_per_epoch
+  for method, args in (('train_batches', (1,)), ('eval_batches', ())):
+    whole = list(getattr(single, method)(*args))
+    parts = [list(getattr(h, method)(*args)) for h in hosts]
+    joined = [
+      {k: np.concatenate([p0[k], p1[k]]) for k in p0}
+      for p0, p1 in zip(*parts, strict=True)
+    ]
+    assert_batches_equal(joined, whole)
+
+
+def test_eval_is_deterministic_and_unaugmented():
+  config = shapes_config(augment='cifar', mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  data = ip.create_input(config)
+  first, second = list(data.eval_batches()), list(data.eval_batches())
+  assert_batches_equal(first, second)
+  raw = ip.shapes_lib.generate(136, seed=config.shapes.seed, image_size=16)
+  images = np.concatenate([b['image'] for b in first])[:40]
+  np.testing.assert_allclose(images * 255.0, raw['image'][96:], atol=1e-3)
+
+
+# -- augmentations ------------------------------------------------------------------------------
+
+
+def test_flip_mirrors_and_identity_crop():
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  params = augment.eval_params(4, 'none', 8, 8)
+  np.testing.assert_array_equal(augment.apply(images, params, 8), images)
+  params['flip'][:] = [True, False, True, False]
+  out = augment.apply(images, params, 8)
+  np.testing.assert_array_equal(out[0], images[0, :, ::-1])
+  np.testing.assert_array_equal(out[1], images[1])
+
+
+def test_cifar_pad_crop_keeps_size_and_shifts():
+  images = np.random.default_rng(1).integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
+  params = augment.sample_train_params(np.random.default_rng(2), 64, 'cifar', 32, 32)
+  out = augment.apply(images, params, 32)
+  assert out.shape == images.shape and out.dtype == np.uint8
+  offsets = params['crop'][:, :2].astype(int)
+  assert offsets.min() == -4 and offsets.max() == 4  # all offsets in [-4, 4], extremes seen
+  assert 10 < params['flip'].sum() < 54
+  for img, res, (dy, dx), flip in zip(images, out, offsets, params['flip'], strict=True):
+    res = res[:, ::-1] if flip else res
+    # Pixel (y, x) of the output is source pixel (y + dy, x + dx), zero outside.
+    ys, xs = slice(max(0, -dy), min(32, 32 - dy)), slice(max(0, -dx), min(32, 32 - dx))
+    np.testing.assert_array_equal(
+      res[ys, xs], img[ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+    )
+    assert (res == 0).all(axis=-1).sum() == 32 * 32 - (ys.stop - ys.start) * (xs.stop - xs.start)
+
+
+def test_random_resized_crop_boxes():
+  params = augment.sample_train_params(np.random.default_rng(3), 500, 'imagenet', 40, 32)
+  y0, x0, h, w = params['crop'].T
+  assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 40).all() and (x0 + w <= 40).all()
+  area = h * w / 40**2
+  assert area.min() >= 0.07 and area.max() <= 1.0 and area.std() > 0.1
+  images = np.random.default_rng(4).integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+  out = augment.apply(images, {k: v[:5] for k, v in params.items()}, 32)
+  assert out.shape == (5, 32, 32, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize('kind', ['flip', 'cifar', 'imagenet'])
+def test_boxes_follow_images(kind):
+  # A bright rectangle on black: its bounding box after augmentation matches transform_boxes.
+  n, src, size = 32, 40 if kind == 'imagenet' else 32, 32
+  rng = np.random.default_rng(5)
+  images = np.zeros((n, src, src, 3), np.uint8)
+  boxes = np.zeros((n, 4), np.float32)
+  for i in range(n):
+    y0, x0 = rng.integers(6, 16, 2)
+    y1, x1 = y0 + rng.integers(8, 16), x0 + rng.integers(8, 16)
+    images[i, y0:y1, x0:x1] = 255
+    boxes[i] = (y0, x0, y1, x1)
+  params = augment.sample_train_params(rng, n, kind, src, size)
+  out = augment.apply(images, params, size)
+  moved = augment.transform_boxes(boxes, params, size)
+  checked = 0
+  for img, (y0, x0, y1, x1) in zip(out, moved, strict=True):
+    on = img[..., 0] > 127
+    if (y1 - y0) < 2 or (x1 - x0) < 2 or not on.any():
+      continue
+    rows, cols = np.flatnonzero(on.any(1)), np.flatnonzero(on.any(0))
+    np.testing.assert_allclose([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1],
+                               [y0, x0, y1, x1], atol=1.01)
+    checked += 1
+  assert checked > n // 2
+
+
+def test_normalize():
+  images = np.full((2, 2, 2, 3), 255, np.uint8)
+  out = augment.normalize(images, np.array([0.5, 0.5, 0.5]), np.array([0.5, 0.25, 1.0]))
+  np.testing.assert_allclose(out[0, 0, 0], [1.0, 2.0, 0.5], rtol=1e-6)
+  assert out.dtype == np.float32
+
+
+# -- image folders ------------------------------------------------------------------------------
+
+
+def write_folder(root, splits, classes=('ant', 'bee', 'cat'), per_class=10, size=8, fmt='png'):
+  """Writes root/split/class/i.png images with a unique flat grey value per image."""
+  from PIL import Image
+
+  value = 0
+  for split in splits:
+    for cls in classes:
+      os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+      for i in range(per_class):
+        value += 1
+        pixels = np.full((size, size, 3), value, np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, split, cls, f'{i:03d}.{fmt}'))
+  return value
+
+
+def folder_config(folder, **overrides):
+  """Config for an image folder at tmp_path/NAME; caches go to tmp_path/cache, not ~/.cache."""
+  config = ip.default_data_config()
+  config.dataset = 'folder'
+  config.folder = str(folder)
+  config.cache_dir = os.path.join(os.path.dirname(str(folder)), 'cache')
+  config.augment = 'none'
+  config.mean, config.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  config.global_batch_size = 4
+  config.eval_batch_size = 4
+  config.update(overrides)
+  return config
+
+
+def example_ids(batches):
+  ids = []
+  for b in batches:
+    mask = b.get('mask', np.ones(len(b['label'])))
+    pixel = np.round(b['image'][:, 0, 0, 0] * 255).astype(int)
+    ids.extend(pixel[mask > 0].tolist())
+  return ids
+
+
+def test_folder_holdout_split(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'])
+  config = folder_config(tmp_path / 'imgs', holdout_fraction=0.2, split_seed=1)
+  data = ip.create_input(config)
+  assert data.info.class_names == ('ant', 'bee', 'cat') and data.info.num_classes == 3
+  assert data.info.image_shape == (8, 8, 3)
+  assert data.info.num_train == 24 and data.info.num_eval == 6  # 2 per class held out
+  eval_ids = example_ids(data.eval_batches())
+  eval_labels = np.concatenate([b['label'] for b in data.eval_batches()])[:6]
+  np.testing.assert_array_equal(np.bincount(eval_labels), [2, 2, 2])
+  assert data.steps_per_epoch == 6
+  train_ids = example_ids(data.train_batches(0))
+  assert len(train_ids) == 24 and len(set(train_ids)) == 24
+  assert set(train_ids).isdisjoint(eval_ids)
+  assert set(train_ids) | set(eval_ids) == set(range(1, 31))
+  # Labels agree with the folder each image came from (values 1-10 ant, 11-20 bee, ...).
+  batch = next(data.train_batches(0))
+  np.testing.assert_array_equal(batch['label'], (example_ids([batch]) - np.int64(1)) // 10)
+  # Same split seed, same split; another seed, another split.
+  assert example_ids(ip.create_input(config).eval_batches()) == eval_ids
+  other = ip.create_input(folder_config(tmp_path / 'imgs', holdout_fraction=0.2, split_seed=2))
+  assert example_ids(other.eval_batches()) != eval_ids
+
+
+def test_folder_array_cache(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=4)
+  config = folder_config(tmp_path / 'imgs', holdout_fraction=0.25)
+  first = ip.create_input(config)
+  cached = os.listdir(tmp_path / 'cache' / 'arrays')
+  assert len(cached) == 1 and cached[0].endswith('.npz')
+  second = ip.create_input(config)  # served from the cache
+  assert_batches_equal(list(second.train_batches(0)), list(first.train_batches(0)))
+  assert second.info == first.info
+  # A changed folder gets a new cache entry.
+  write_folder(tmp_path / 'imgs', ['train'], classes=('dog',), per_class=4)
+  third = ip.create_input(config)
+  assert third.info.num_classes == 4 and len(os.listdir(tmp_path / 'cache' / 'arrays')) == 2
+
+
+def test_folder_uses_test_split_and_tar_gz(tmp_path):
+  write_folder(tmp_path / 'src' / 'data', ['test', 'train'], per_class=4, size=12, fmt='jpg')
+  archive = tmp_path / 'data.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tmp_path / 'src' / 'data', arcname='data')  # wrapper folder inside the archive
+  cache = tmp_path / 'cache'
+  config = folder_config(archive, augment=None)
+  data = ip.create_input(config)
+  assert data.info.num_train == 12 and data.info.num_eval == 12
+  assert data.info.image_shape == (12, 12, 3)
+  extractions = [d for d in os.listdir(cache) if d != 'arrays']
+  assert len(extractions) == 1
+  extracted = os.path.join(cache, extractions[0])
+  stamp = os.stat(extracted).st_mtime_ns
+  ip.create_input(config)  # second use reuses the extraction
+  assert [d for d in os.listdir(cache) if d != 'arrays'] == extractions
+  assert os.stat(extracted).st_mtime_ns == stamp
+  assert sources.archive_image_counts(str(archive)) == {
+    'test': {'ant': 4, 'bee': 4, 'cat': 4}, 'train': {'ant': 4, 'bee': 4, 'cat': 4}
+  }
+  batch = next(data.train_batches(0))
+  assert batch['image'].shape == (4, 12, 12, 3)
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_TARBALL), reason='shared CIFAR-10 tarball missing')
+def test_shared_cifar10_tarball():
+  # Reads the archive's member list (a few seconds) rather than extracting 50k files: the
+  # extraction and ImageFolder path is covered on a small archive above.
+  from experiments.data import sources
+
+  counts = sources.archive_image_counts(SHARED_TARBALL)
+  assert list(counts) == ['train']
+  assert list(counts['train']) == [
+    'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck',
+  ]
+  assert set(counts['train'].values()) == {5000}
+  assert sum(counts['train'].values()) == 50_000
+
+
+# -- tfds (mocked) ------------------------------------------------------------------------------
+
+
+def test_tfds_cifar10_in_memory(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = ip.default_data_config()
+  config.update(dataset='cifar10', data_dir=str(tmp_path), global_batch_size=8,
+                eval_batch_size=8)
+  with tfds.testing.mock_data(num_examples=20):
+    data = ip.create_input(config)
+  assert data.info.num_classes == 10 and data.info.image_shape == (32, 32, 3)
+  assert data.info.num_train == 20 and data.info.num_eval == 20 and data.steps_per_epoch == 2
+  batch = next(data.train_batches(0))
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+  assert set(batch) == {'image', 'label'}
+  masks = [b['mask'] for b in data.eval_batches()]
+  assert [m.sum() for m in masks] == [8, 8, 4]
+
+
+def streaming_config(tmp_path, **overrides):
+  config = ip.default_data_config()
+  config.update(dataset='imagenette', data_dir=str(tmp_path), image_size=24,
+                global_batch_size=4, eval_batch_size=4, shuffle_buffer=8)
+  config.update(overrides)
+  return config
+
+
+def test_tfds_streaming_imagenette(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = streaming_config(tmp_path)
+  with tfds.testing.mock_data(num_examples=20):
+    data = ip.create_input(config)
+    hosts = [ip.create_input(config, process_index=p, process_count=2) for p in range(2)]
+    full = list(data.train_batches(0))
+    tail = list(data.train_batches(0, start_step=2))  # a second, independent pipeline
+    evals = list(data.eval_batches())
+    host_train = [list(h.train_batches(0)) for h in hosts]
+    other_epoch = next(data.train_batches(1))
+  assert data.info.num_train == 20 and data.info.num_eval == 20  # mock: 20 per split
+  assert data.info.num_classes == 10 and data.info.image_shape == (24, 24, 3)
+  assert len(full) == data.steps_per_epoch == 5
+  assert full[0]['image'].shape == (4, 24, 24, 3) and full[0]['image'].dtype == np.float32
+  assert full[0]['label'].dtype == np.int32 and set(full[0]) == {'image', 'label'}
+  assert_batches_equal(tail, full[2:])
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*host_train, strict=True)]
+  assert_batches_equal(joined, full)
+  assert not np.array_equal(other_epoch['image'], full[0]['image'])
+  assert [b['mask'].sum() for b in evals] == [4] * 5
+
+
+def test_tfds_streaming_holdout(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = streaming_config(tmp_path, eval_split=None, holdout_fraction=0.3)
+  with tfds.testing.mock_data(num_examples=18):
+    data = ip.create_input(config)
+    masks = np.concatenate([b['mask'] for b in data.eval_batches()])
+  assert data.info.num_train == 13 and data.info.num_eval == 5 and data.steps_per_epoch == 3
+  np.testing.assert_array_equal(masks, [1, 1, 1, 1, 1, 0, 0, 0])
+
+
+def test_tfds_missing_dataset_names_fix(tmp_path):
+  config = ip.default_data_config()
+  config.update(dataset='cifar10', data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='download=True'):
+    ip.create_input(config)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="Unknown dataset 'mnist'.*config.dataset"):
+    ip.create_input(shapes_config(dataset='mnist'))
+
+
+def test_unknown_augment():
+  with pytest.raises(ValueError, match='config.augment'):
+    ip.create_input(shapes_config(augment='autoaugment'))
+
+
+def test_missing_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    ip.create_input(folder_config(tmp_path / 'nope'))
+  with pytest.raises(ValueError, match='needs config.folder'):
+    ip.create_input(folder_config(''))
+  (tmp_path / 'empty' / 'a').mkdir(parents=True)
+  (tmp_path / 'empty' / 'b').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='not an image folder'):
+    ip.create_input(folder_config(tmp_path / 'empty'))
+
+
+def test_missing_split(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=2)
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    ip.create_input(folder_config(tmp_path / 'imgs', eval_split='validation'))
+
+
+@pytest.mark.parametrize('batch, count, match', [
+  (15, 2, 'not divisible by process_count=2'),
+  (0, 1, 'positive int'),
+  (128, 1, 'exceeds the 96 training examples'),
+])
+def test_bad_batch_sizes(batch, count, match):
+  with pytest.raises(ValueError, match=match):
+    ip.create_input(shapes_config(global_batch_size=batch), process_count=count)
+
+
+def test_bad_eval_batch_size():
+  with pytest.raises(ValueError, match='eval_batch_size=9 is not divisible'):
+    ip.create_input(shapes_config(eval_batch_size=9), process_count=2)
+
+
+@pytest.mark.parametrize('fraction', [0.0, 1.0, 0.01])
+def test_holdout_leaving_nothing(tmp_path, fraction):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=4)
+  with pytest.raises(ValueError, match='holdout_fraction'):
+    ip.create_input(folder_config(tmp_path / 'imgs', holdout_fraction=fraction))
+
+
+def test_bad_epoch_or_step(shapes_input):
+  with pytest.raises(ValueError, match='start_step'):
+    next(shapes_input.train_batches(0, start_step=99))
+  with pytest.raises(ValueError, match='epoch'):
+    next(shapes_input.train_batches(-1))
+
+
+def test_shapes_holdout_carved():
+  data = ip.create_input(shapes_config(eval_split=None, holdout_fraction=0.25))
+  assert data.info.num_train + data.info.num_eval == 96 and data.info.num_eval == 24
+
+
+# -- prefetch -----------------------------------------------------------------------------------
+
+
+def test_prefetch_yields_same_items_and_propagates_errors():
+  assert list(ip.prefetch(iter(range(10)), buffer_size=3)) == list(range(10))
+
+  def broken():
+    yield 1
+    raise RuntimeError('boom')
+
+  it = ip.prefetch(broken())
+  assert next(it) == 1
+  with pytest.raises(RuntimeError, match='boom'):
+    next(it)
+  with pytest.raises(ValueError, match='buffer_size'):
+    ip.prefetch(iter([]), buffer_size=0)
+
+
+def test_prefetch_runs_ahead_and_closes():
+  produced = []
+
+  def slow():
+    for i in range(1000):
+      produced.append(i)
+      yield i
+
+  with ip.prefetch(slow(), buffer_size=2) as it:
+    assert next(it) == 0
+    deadline = time.time() + 5
+    while len(produced) < 3 and time.time() < deadline:
+      time.sleep(0.01)
+    assert len(produced) >= 3  # ran ahead of the consumer
+  assert len(produced) < 10  # stopped after close, bounded by the buffer
+  assert not any(t.name.startswith('prefetch') for t in threading.enumerate() if t.is_alive())
+
+
+def test_benchmark_cli(capsys):
+  ip.main(['--bench', '3', '--batch-size', '16', '--set', 'shapes.num_train=64',
+           '--set', 'shapes.num_eval=16', '--set', 'image_size=16'])
+  out = capsys.readouterr().out
+  assert 'plain_images_per_s' in out and 'prefetch_images_per_s' in out
