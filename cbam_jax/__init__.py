@@ -1,8 +1,8 @@
 """cbam_jax: CBAM and visual attention modules for JAX and Flax."""
 
-from cbam_jax import functional
+from cbam_jax import functional, models
 from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
 
 __version__ = '0.1.0'
 
-__all__ = ['CBAM', 'ChannelAttention', 'SpatialAttention', 'functional', '__version__']
+__all__ = ['CBAM', 'ChannelAttention', 'SpatialAttention', 'functional', 'models', '__version__']

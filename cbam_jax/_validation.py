@@ -7,6 +7,7 @@ and the fix.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -53,7 +54,18 @@ def check_features(x, *, batched: bool, channel_axis: int = -1) -> None:
         f'Features of shape {tuple(shape)} have an empty axis; pooling needs at least '
         'one position and one channel. Check the input size against the network\'s '
         'downsampling.')
-  del channel_axis
+  if batched:
+    check_channel_axis(channel_axis, rank)
+
+
+def check_channel_axis(channel_axis: int, rank: int) -> None:
+  """The channel axis of ``(B, ...)`` features must exist and must not be the batch axis."""
+  if (isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral)
+      or not -rank <= channel_axis < rank or channel_axis % rank == 0):
+    raise ValueError(
+        f'channel_axis={channel_axis!r} is not a channel axis of rank-{rank} batched '
+        f'features; use an int in 1..{rank - 1} or -{rank - 1}..-1 (axis 0 is the batch): '
+        '-1 for channels last (NHWC), 1 for channels first (NCHW).')
 
 
 def check_channels(x, expected: int, what: str) -> None:
@@ -66,8 +78,10 @@ def check_channels(x, expected: int, what: str) -> None:
 
 def check_kernel_size(kernel_size) -> None:
   sizes = kernel_size if isinstance(kernel_size, Sequence) else (kernel_size,)
+  if not sizes:
+    raise ValueError('kernel_size must be an int or a non-empty sequence of ints, got ().')
   for k in sizes:
-    if not isinstance(k, int) or k <= 0 or k % 2 == 0:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 or k % 2 == 0:
       raise ValueError(
           f'kernel_size must be a positive odd integer so that the map keeps the input\'s '
           f'size with symmetric padding; got {kernel_size!r}. Use e.g. 7 (the paper) or 3.')

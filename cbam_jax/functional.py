@@ -17,7 +17,11 @@ Parameters are plain dicts so that the math can be read and tested without Flax:
   Input channel 0 of the kernel sees the channel mean and channel 1 the channel max, the
   paper's ``[AvgPool; MaxPool]`` order.
 
-NaN and Inf in the input propagate to the output; nothing is masked.
+NaN and Inf in the input propagate to the output; nothing is masked. Through the channel
+branch a NaN anywhere in an example reaches that example's whole output (every pool keeps
+it, and the MLP mixes all channels); through the spatial branch alone it spreads only
+``kernel_size // 2`` positions. Examples never mix, except through BatchNorm batch
+statistics in training.
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ def channel_logits(
     precision: Any = None,
 ) -> Array:
   """``sum_p MLP(pool_p(x))``: the pre-gate channel attention, ``(C,)`` float32."""
+  _validation.check_features(x, batched=False)
   _validation.check_pool_types(pool_types)
   _validation.check_channels(x, params['fc1_kernel'].shape[0], 'channel attention')
   # One MLP pass over the stacked descriptors: the same shared weights for every pool.
@@ -196,6 +201,7 @@ def spatial_logits(
   ``impl`` selects the convolution algorithm (see :func:`cbam_jax.functional.spatial_conv`);
   every choice gives the same numbers.
   """
+  _validation.check_features(x, batched=False)
   kernel = params['conv_kernel']
   _validation.check_spatial_kernel(kernel, x.ndim - 1)
   pooled = channel_pool(x)

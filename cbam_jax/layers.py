@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
+from cbam_jax._fast_spatial import batched_spatial_logits
 
 Array = jax.Array
 Dtype = Any
@@ -115,7 +116,7 @@ class ChannelAttention(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
     del train  # No BatchNorm in this branch; kept so every attention module is called alike.
-    _validation.check_features(x, batched=True)
+    _validation.check_features(x, batched=True, channel_axis=self.channel_axis)
     x = _to_channels_last(x, self.channel_axis)
     channel_map = self.attention_map(x)
     out = F.apply_gate(x, channel_map.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:]))
@@ -158,20 +159,31 @@ class SpatialAttention(nn.Module):
     _validation.check_features(x, batched=True)
     _validation.check_kernel_size(self.kernel_size)
     num_spatial = x.ndim - 2
-    kernel_size = (tuple(self.kernel_size) if isinstance(self.kernel_size, Sequence)
-                   else (self.kernel_size,) * num_spatial)
+    kernel_size = (tuple(int(k) for k in self.kernel_size)
+                   if isinstance(self.kernel_size, Sequence)
+                   else (int(self.kernel_size),) * num_spatial)
     if len(kernel_size) != num_spatial:
       raise ValueError(
           f'kernel_size {self.kernel_size!r} has {len(kernel_size)} entries but the input '
           f'has {num_spatial} spatial dimensions; pass an int or one size per dimension.')
+    if self.has_variable('params', 'conv_kernel'):
+      # Checked here so that a clear message beats Flax's ScopeParamShapeError.
+      stored = tuple(self.get_variable('params', 'conv_kernel').shape)
+      if stored != (*kernel_size, 2, 1):
+        raise ValueError(
+            f'{type(self).__name__} was initialised with a conv kernel of shape {stored} '
+            f'({len(stored) - 2} spatial dimensions) but got {num_spatial}-D input of shape '
+            f'{tuple(x.shape)} needing {(*kernel_size, 2, 1)}. Re-initialise the module for '
+            'this input rank, or check kernel_size and channel_axis.')
     params = {'conv_kernel': self.param('conv_kernel', self.kernel_init,
                                         (*kernel_size, 2, 1), self.param_dtype)}
     use_bias = (not self.spatial_norm) if self.use_bias is None else self.use_bias
     if use_bias:
       params['conv_bias'] = self.param('conv_bias', self.bias_init, (1,), self.param_dtype)
-    logits = jax.vmap(functools.partial(
-        F.spatial_logits, dtype=self.dtype, precision=self.precision,
-        impl=self.conv_impl), in_axes=(None, 0))(params, x)
+    # Same numbers as vmap(F.spatial_logits); pools into channel-major planes, the layout
+    # the CPU 'shift' conv is fast on.
+    logits = batched_spatial_logits(params, x, dtype=self.dtype, precision=self.precision,
+                                    impl=self.conv_impl)
     if self.spatial_norm:
       # float32 statistics whatever the compute dtype: they feed the sigmoid directly.
       logits = nn.BatchNorm(
@@ -184,7 +196,7 @@ class SpatialAttention(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
-    _validation.check_features(x, batched=True)
+    _validation.check_features(x, batched=True, channel_axis=self.channel_axis)
     x = _to_channels_last(x, self.channel_axis)
     out = F.apply_gate(x, self.attention_map(x, train)[..., None])
     return _from_channels_last(out, self.channel_axis)
@@ -250,7 +262,7 @@ class CBAM(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
-    _validation.check_features(x, batched=True)
+    _validation.check_features(x, batched=True, channel_axis=self.channel_axis)
     x = _to_channels_last(x, self.channel_axis)
     batch_and_ones = x.shape[:1] + (1,) * (x.ndim - 2)
 

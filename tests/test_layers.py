@@ -1,0 +1,402 @@
+"""The linen modules: equal to the vmapped functional core, layouts, options, BatchNorm, errors."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from cbam_jax import CBAM, ChannelAttention, SpatialAttention
+from cbam_jax import functional as F
+
+EPS = 1e-5
+
+
+def randomize(variables, seed: int = 0, scale: float = 0.5):
+  """Random params (biases included) and BatchNorm stats: zeros and ones hide mistakes."""
+  leaves, treedef = jax.tree.flatten(variables['params'])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  params = treedef.unflatten([scale * jax.random.normal(k, p.shape, p.dtype)
+                              for k, p in zip(keys, leaves, strict=True)])
+  out = {**variables, 'params': params}
+  if 'batch_stats' in variables:
+    stats = jax.tree.map(lambda s: s, variables['batch_stats'])
+    key_mean, key_var = jax.random.split(jax.random.key(seed + 1))
+    norm = stats['spatial']['norm'] if 'spatial' in stats else stats['norm']
+    norm['mean'] = jax.random.normal(key_mean, norm['mean'].shape)
+    norm['var'] = jax.random.uniform(key_var, norm['var'].shape, minval=0.5, maxval=2.)
+    out['batch_stats'] = stats
+  return out
+
+
+def bn_normalize(norm_params, norm_stats):
+  """Inference BatchNorm of the logits, as the functional ``normalize`` hook takes it."""
+  return lambda z: ((z - norm_stats['mean'][0]) / jnp.sqrt(norm_stats['var'][0] + EPS)
+                    * norm_params['scale'][0] + norm_params['bias'][0])
+
+
+def features(shape, seed: int = 0, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def apply_with_maps(module, variables, x, **kwargs):
+  out, state = module.apply(variables, x, mutable=['intermediates'], **kwargs)
+  return out, state['intermediates']
+
+
+SHAPES = {1: (2, 9, 6), 2: (2, 5, 6, 6), 3: (2, 3, 4, 5, 6)}
+
+
+def small(module_cls, **fields):
+  """A module with a 3x3 conv and 2x reduction: tiny shapes keep the tests fast."""
+  if module_cls is not ChannelAttention:
+    fields.setdefault('kernel_size', 3)
+  if module_cls is not SpatialAttention:
+    fields.setdefault('reduction_ratio', 2)
+  return module_cls(**fields)
+
+
+class FunctionalEquivalenceTest(parameterized.TestCase):
+  """The module equals ``jax.vmap`` of the single-example functions with its params."""
+
+  @parameterized.product(order=F.ORDERS, spatial_norm=[False, True])
+  def test_cbam(self, order, spatial_norm):
+    x = features(SHAPES[2])
+    module = CBAM(reduction_ratio=2, kernel_size=3, order=order, spatial_norm=spatial_norm,
+                  pool_types=('avg', 'max', 'lse'))
+    variables = randomize(module.init(jax.random.key(0), x))
+    out, maps = apply_with_maps(module, variables, x)
+    spatial = dict(variables['params']['spatial'])
+    normalize = None
+    if spatial_norm:
+      normalize = bn_normalize(spatial.pop('norm'), variables['batch_stats']['spatial']['norm'])
+    fn = functools.partial(F.cbam, order=order, normalize=normalize, return_maps=True,
+                           pool_types=('avg', 'max', 'lse'))
+    expected, (channel_map, spatial_map) = jax.vmap(fn, in_axes=(None, None, 0))(
+        variables['params']['channel'], spatial, x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps['channel']['channel_map'][0], channel_map, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(maps['spatial']['spatial_map'][0], spatial_map, rtol=1e-5,
+                               atol=1e-6)
+
+  def test_jit_matches_eager(self):
+    x = features(SHAPES[2], seed=11)
+    module = CBAM(reduction_ratio=2, kernel_size=3, spatial_norm=True)
+    variables = randomize(module.init(jax.random.key(0), x))
+    apply = functools.partial(module.apply, mutable=['batch_stats'], train=True)
+    chex.assert_trees_all_close(jax.jit(apply)(variables, x), apply(variables, x),
+                                rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(1, 2, 3)
+  def test_branches(self, num_spatial):
+    x = features(SHAPES[num_spatial], seed=num_spatial)
+    channel = ChannelAttention(reduction_ratio=3, pool_types=('avg', 'lp'))
+    variables = randomize(channel.init(jax.random.key(1), x))
+    expected = jax.vmap(functools.partial(F.channel_attention, pool_types=('avg', 'lp')),
+                        in_axes=(None, 0))(variables['params'], x)
+    np.testing.assert_allclose(channel.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+    spatial = SpatialAttention(kernel_size=3)
+    variables = randomize(spatial.init(jax.random.key(2), x))
+    expected = jax.vmap(F.spatial_attention, in_axes=(None, 0))(variables['params'], x)
+    np.testing.assert_allclose(spatial.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+  def test_attention_map_methods(self):
+    x = features(SHAPES[2])
+    module = SpatialAttention(kernel_size=3, spatial_norm=True)
+    variables = randomize(module.init(jax.random.key(0), x))
+    spatial_map = module.apply(variables, x, method='attention_map')
+    params = dict(variables['params'])
+    normalize = bn_normalize(params.pop('norm'), variables['batch_stats']['norm'])
+    _, expected = jax.vmap(functools.partial(F.spatial_attention, normalize=normalize,
+                                             return_map=True), in_axes=(None, 0))(params, x)
+    np.testing.assert_allclose(spatial_map, expected, rtol=1e-5, atol=1e-6)
+    channel = ChannelAttention(reduction_ratio=2)
+    variables = randomize(channel.init(jax.random.key(0), x))
+    _, expected = jax.vmap(functools.partial(F.channel_attention, return_map=True),
+                           in_axes=(None, 0))(variables['params'], x)
+    np.testing.assert_allclose(channel.apply(variables, x, method='attention_map'), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+class ChannelAxisTest(parameterized.TestCase):
+  """``channel_axis=1`` (channels first) gives exactly the transposed channels-last result."""
+
+  @parameterized.product(
+      module_cls=[CBAM, ChannelAttention, SpatialAttention], num_spatial=[1, 2, 3])
+  def test_channels_first(self, module_cls, num_spatial):
+    x = features(SHAPES[num_spatial], seed=3)
+    fields = dict(kernel_size=3) if module_cls is not ChannelAttention else {}
+    if module_cls is not SpatialAttention:
+      fields['reduction_ratio'] = 2
+    if module_cls is CBAM:
+      fields['spatial_norm'] = True
+    last = module_cls(**fields)
+    variables = randomize(last.init(jax.random.key(0), x))
+    out_last, maps_last = apply_with_maps(last, variables, x)
+    first = module_cls(channel_axis=1, **fields)
+    x_first = jnp.moveaxis(x, -1, 1)
+    out_first, maps_first = apply_with_maps(first, variables, x_first)
+    self.assertEqual(out_first.shape, x_first.shape)
+    np.testing.assert_array_equal(out_first, jnp.moveaxis(out_last, -1, 1))
+    chex.assert_trees_all_equal(maps_first, maps_last)
+    # The channel-first module initialises the same variable shapes from NCHW input.
+    chex.assert_trees_all_equal_shapes(first.init(jax.random.key(0), x_first), variables)
+
+
+CHANNEL_OPTIONS = dict(
+    pool_types=[('avg',), ('max',), ('avg', 'max'), ('lp', 'lse'), ('avg', 'max', 'lp', 'lse')],
+    mlp_bias=[True, False],
+    hidden_features=[None, 3],
+    hidden_rounding=['floor', 'round'],
+)
+BRANCHES = [dict(), dict(use_channel=False), dict(use_spatial=False)]
+
+
+class OptionsTest(parameterized.TestCase):
+
+  def test_channel_option_combinations(self):
+    # 24 channels, r = 16: floor gives 24 // 16 = 1, round (timm) gives round(1.5) = 2.
+    x = jax.ShapeDtypeStruct((2, 4, 4, 24), jnp.float32)
+    for values in itertools.product(*CHANNEL_OPTIONS.values()):
+      fields = dict(zip(CHANNEL_OPTIONS, values, strict=True))
+      module = CBAM(kernel_size=3, **fields)
+      variables = jax.eval_shape(module.init, jax.random.key(0), x)
+      out = jax.eval_shape(module.apply, variables, x)
+      self.assertEqual((out.shape, out.dtype), (x.shape, x.dtype), fields)
+      hidden = fields['hidden_features'] or {'floor': 1, 'round': 2}[fields['hidden_rounding']]
+      channel = variables['params']['channel']
+      expected = {'fc1_kernel': (24, hidden), 'fc2_kernel': (hidden, 24)}
+      if fields['mlp_bias']:
+        expected.update(fc1_bias=(hidden,), fc2_bias=(24,))
+      self.assertEqual(jax.tree.map(lambda a: a.shape, channel), expected, fields)
+
+  def test_composition_combinations(self):
+    # Shapes of everything the module makes, for every order x branch x norm x rank.
+    for order, branches, spatial_norm, num_spatial in itertools.product(
+        F.ORDERS, BRANCHES, [False, True], [1, 2, 3]):
+      fields = dict(order=order, spatial_norm=spatial_norm, kernel_size=3, reduction_ratio=2,
+                    **branches)
+      shape = SHAPES[num_spatial]
+      x = jax.ShapeDtypeStruct(shape, jnp.float32)
+      module = CBAM(**fields)
+      variables = jax.eval_shape(module.init, jax.random.key(0), x)
+      out, maps = jax.eval_shape(functools.partial(apply_with_maps, module), variables, x)
+      self.assertEqual(out.shape, shape, fields)
+      expected_maps = {}
+      if branches.get('use_channel', True):
+        expected_maps['channel'] = {'channel_map': ((shape[0], shape[-1]),)}
+      if branches.get('use_spatial', True):
+        expected_maps['spatial'] = {'spatial_map': (shape[:-1],)}
+      self.assertEqual(jax.tree.map(lambda a: a.shape, maps), expected_maps, fields)
+      has_norm = spatial_norm and branches.get('use_spatial', True)
+      self.assertEqual('batch_stats' in variables, has_norm, fields)
+      if branches.get('use_spatial', True):
+        spatial = variables['params']['spatial']
+        self.assertEqual(spatial['conv_kernel'].shape, (3,) * num_spatial + (2, 1), fields)
+        self.assertEqual('conv_bias' in spatial, not spatial_norm, fields)
+        self.assertEqual('norm' in spatial, spatial_norm, fields)
+
+  @parameterized.product(order=F.ORDERS, num_spatial=[1, 2, 3])
+  def test_maps_in_unit_interval(self, order, num_spatial):
+    x = 4. * features(SHAPES[num_spatial], seed=5)
+    module = CBAM(order=order, kernel_size=3, reduction_ratio=2, spatial_norm=True,
+                  pool_types=('avg', 'max', 'lp', 'lse'))
+    variables = randomize(module.init(jax.random.key(0), x), scale=2.)
+    out, maps = apply_with_maps(module, variables, x)
+    chex.assert_tree_all_finite(out)
+    for attention_map in jax.tree.leaves(maps):
+      self.assertEqual(attention_map.dtype, jnp.float32)
+      self.assertTrue(bool(jnp.all((attention_map >= 0) & (attention_map <= 1))))
+      self.assertGreater(float(jnp.std(attention_map)), 0.)  # A real map, not a constant.
+
+  def test_single_branch_matches_branch_module(self):
+    x = features(SHAPES[2], seed=6)
+    module = CBAM(use_spatial=False, reduction_ratio=2)
+    variables = randomize(module.init(jax.random.key(0), x))
+    expected = ChannelAttention(reduction_ratio=2).apply(
+        {'params': variables['params']['channel']}, x)
+    np.testing.assert_array_equal(module.apply(variables, x), expected)
+    module = CBAM(use_channel=False, kernel_size=3)
+    variables = randomize(module.init(jax.random.key(0), x))
+    expected = SpatialAttention(kernel_size=3).apply(
+        {'params': variables['params']['spatial']}, x)
+    np.testing.assert_array_equal(module.apply(variables, x), expected)
+
+  def test_anisotropic_kernel(self):
+    x = features(SHAPES[2])
+    variables = SpatialAttention(kernel_size=(3, 5)).init(jax.random.key(0), x)
+    self.assertEqual(variables['params']['conv_kernel'].shape, (3, 5, 2, 1))
+
+
+class BatchNormTest(parameterized.TestCase):
+  """``spatial_norm=True``: running stats move only in training; eval uses them."""
+
+  def setUp(self):
+    super().setUp()
+    self.x = features(SHAPES[2], seed=7)
+    self.module = SpatialAttention(kernel_size=3, spatial_norm=True)
+    self.variables = randomize(self.module.init(jax.random.key(0), self.x))
+    conv_params = {'conv_kernel': self.variables['params']['conv_kernel']}
+    self.logits = jax.vmap(F.spatial_logits, in_axes=(None, 0))(conv_params, self.x)
+
+  def test_eval_keeps_and_uses_running_stats(self):
+    out, state = self.module.apply(self.variables, self.x, train=False, mutable=['batch_stats'])
+    chex.assert_trees_all_equal(state['batch_stats'], self.variables['batch_stats'])
+    normalize = bn_normalize(self.variables['params']['norm'],
+                             self.variables['batch_stats']['norm'])
+    expected = self.x * jax.nn.sigmoid(normalize(self.logits))[..., None]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+  def test_train_updates_running_stats_and_uses_batch_stats(self):
+    out, state = self.module.apply(self.variables, self.x, train=True, mutable=['batch_stats'])
+    old = self.variables['batch_stats']['norm']
+    new = state['batch_stats']['norm']
+    batch_mean, batch_var = jnp.mean(self.logits), jnp.var(self.logits)  # Flax: biased var.
+    np.testing.assert_allclose(new['mean'], 0.99 * old['mean'] + 0.01 * batch_mean, rtol=1e-5)
+    np.testing.assert_allclose(new['var'], 0.99 * old['var'] + 0.01 * batch_var, rtol=1e-5)
+    params = self.variables['params']['norm']
+    expected_map = jax.nn.sigmoid((self.logits - batch_mean) / jnp.sqrt(batch_var + EPS)
+                                  * params['scale'][0] + params['bias'][0])
+    np.testing.assert_allclose(out, self.x * expected_map[..., None], rtol=1e-5, atol=1e-5)
+
+  def test_cbam_threads_train_to_the_norm(self):
+    module = CBAM(kernel_size=3, reduction_ratio=2, spatial_norm=True)
+    variables = randomize(module.init(jax.random.key(0), self.x))
+    _, state = module.apply(variables, self.x, train=False, mutable=['batch_stats'])
+    chex.assert_trees_all_equal(state['batch_stats'], variables['batch_stats'])
+    _, state = module.apply(variables, self.x, train=True, mutable=['batch_stats'])
+    self.assertFalse(np.allclose(state['batch_stats']['spatial']['norm']['mean'],
+                                 variables['batch_stats']['spatial']['norm']['mean']))
+
+
+class DtypeTest(parameterized.TestCase):
+
+  @parameterized.parameters(None, jnp.bfloat16)
+  def test_bfloat16_input(self, compute_dtype):
+    x16 = features(SHAPES[2], seed=8, dtype=jnp.bfloat16)
+    module = CBAM(reduction_ratio=2, kernel_size=3, spatial_norm=True, dtype=compute_dtype)
+    variables = randomize(module.init(jax.random.key(0), x16))
+    out16, maps16 = apply_with_maps(module, variables, x16)
+    out32, maps32 = apply_with_maps(module, variables, x16.astype(jnp.float32))
+    self.assertEqual(out16.dtype, jnp.bfloat16)
+    chex.assert_type(jax.tree.leaves(maps16), jnp.float32)
+    chex.assert_type(jax.tree.leaves(variables['params']), jnp.float32)
+    np.testing.assert_allclose(out16.astype(jnp.float32), out32, rtol=3e-2, atol=3e-2)
+    chex.assert_trees_all_close(maps16, maps32, atol=3e-2)
+
+  def test_bfloat16_params(self):
+    x = features(SHAPES[1], seed=9)
+    module = CBAM(reduction_ratio=2, kernel_size=3, param_dtype=jnp.bfloat16)
+    variables = module.init(jax.random.key(0), x)
+    chex.assert_type(jax.tree.leaves(variables['params']), jnp.bfloat16)
+    out, maps = apply_with_maps(module, variables, x)
+    self.assertEqual(out.dtype, jnp.float32)
+    chex.assert_type(jax.tree.leaves(maps), jnp.float32)
+
+
+class NonFiniteTest(parameterized.TestCase):
+
+  @parameterized.parameters(*F.ORDERS)
+  def test_nan_propagates(self, order):
+    x = features(SHAPES[2], seed=10).at[1, 2, 3, 0].set(jnp.nan)
+    module = CBAM(order=order, reduction_ratio=2, kernel_size=3)
+    variables = randomize(module.init(jax.random.key(0), features(SHAPES[2])))
+    out = module.apply(variables, x)
+    self.assertTrue(bool(jnp.all(jnp.isnan(out[1, 2, 3]))))
+    chex.assert_tree_all_finite(out[0])  # Examples do not mix.
+
+
+class ErrorTest(parameterized.TestCase):
+  """Every bad input or field gets a ValueError/TypeError naming the problem."""
+
+  def init(self, module, shape, dtype=jnp.float32):
+    return module.init(jax.random.key(0), jnp.ones(shape, dtype))
+
+  @parameterized.parameters(CBAM, ChannelAttention, SpatialAttention)
+  def test_wrong_rank(self, module_cls):
+    for shape in [(2, 8), (1, 2, 2, 2, 2, 8)]:
+      with pytest.raises(ValueError, match=r'\(B, \*spatial, C\) with 1 to 3 spatial'):
+        self.init(small(module_cls), shape)
+
+  def test_rank_hint_for_a_single_example(self):
+    with pytest.raises(ValueError, match='add a batch axis'):
+      self.init(small(CBAM), (5, 8))  # One (L, C) example.
+
+  @parameterized.parameters(CBAM, ChannelAttention)
+  def test_channel_count_mismatch(self, module_cls):
+    module = small(module_cls)
+    variables = self.init(module, (2, 5, 6, 8))
+    with pytest.raises(ValueError, match='initialised for 8 channels but got 16'):
+      module.apply(variables, jnp.ones((2, 5, 6, 16)))
+
+  @parameterized.parameters(CBAM, SpatialAttention)
+  def test_spatial_rank_change(self, module_cls):
+    module = small(module_cls)
+    variables = self.init(module, SHAPES[2])
+    with pytest.raises(ValueError, match=r'initialised with a conv kernel of shape \(3, 3, 2, 1'):
+      module.apply(variables, jnp.ones(SHAPES[3]))
+
+  @parameterized.parameters([6], [0], [-3], [(3, 4)], [3.0], [True])
+  def test_bad_kernel_size(self, kernel_size):
+    for module_cls in (CBAM, SpatialAttention):
+      with pytest.raises(ValueError, match='kernel_size must be a positive odd integer'):
+        self.init(module_cls(kernel_size=kernel_size), SHAPES[2])
+
+  def test_kernel_size_entries_must_match_rank(self):
+    with pytest.raises(ValueError, match='has 1 entries but the input has 2 spatial'):
+      self.init(CBAM(kernel_size=(3,)), SHAPES[2])
+
+  @parameterized.parameters(CBAM, ChannelAttention, SpatialAttention)
+  def test_integer_input(self, module_cls):
+    with pytest.raises(TypeError, match='floating-point features, got dtype uint8'):
+      self.init(small(module_cls), SHAPES[2], jnp.uint8)
+
+  @parameterized.parameters(('avg', 'median'), ('mean',), ())
+  def test_bad_pool_types(self, *pool_types):
+    match = 'Unknown pool type' if pool_types else 'non-empty sequence'
+    for module_cls in (CBAM, ChannelAttention):
+      with pytest.raises(ValueError, match=match):
+        self.init(small(module_cls, pool_types=pool_types), SHAPES[2])
+
+  def test_unknown_order(self):
+    with pytest.raises(ValueError, match="Unknown order 'sequential'"):
+      self.init(small(CBAM, order='sequential'), SHAPES[2])
+
+  @parameterized.parameters((2, 0, 5, 4), (2, 5, 5, 0), (0, 5, 5, 4))
+  def test_empty_axis(self, *shape):
+    for module_cls in (CBAM, ChannelAttention, SpatialAttention):
+      with pytest.raises(ValueError, match='empty axis'):
+        self.init(small(module_cls), shape)
+
+  @parameterized.parameters(0, 4, -4, 7)
+  def test_bad_channel_axis(self, channel_axis):
+    for module_cls in (CBAM, ChannelAttention, SpatialAttention):
+      with pytest.raises(ValueError, match=f'channel_axis={channel_axis} is not a channel'):
+        self.init(small(module_cls, channel_axis=channel_axis), SHAPES[2])
+
+  def test_bad_hidden_size_fields(self):
+    with pytest.raises(ValueError, match="Unknown hidden_rounding 'ceil'"):
+      self.init(small(CBAM, hidden_rounding='ceil'), SHAPES[2])
+    with pytest.raises(ValueError, match='hidden_features must be >= 1'):
+      self.init(small(CBAM, hidden_features=0), SHAPES[2])
+    with pytest.raises(ValueError, match='reduction_ratio must be positive'):
+      self.init(small(CBAM, reduction_ratio=0), SHAPES[2])
+
+  def test_no_branch(self):
+    with pytest.raises(ValueError, match='use_channel=False and use_spatial=False'):
+      self.init(small(CBAM, use_channel=False, use_spatial=False), SHAPES[2])
+
+  def test_errors_are_raised_under_jit(self):
+    module = small(CBAM)
+    variables = self.init(module, (2, 5, 6, 8))
+    with pytest.raises(ValueError, match='initialised for 8 channels but got 16'):
+      jax.jit(module.apply)(variables, jnp.ones((2, 5, 6, 16)))
+
