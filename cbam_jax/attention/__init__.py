@@ -3,6 +3,22 @@
 ``create(name, **kwargs)`` returns a linen module that maps ``(B, *spatial, C)`` features
 to refined features of the same shape and dtype, called as ``module(x, train=False)``.
 The models' ``attention=`` argument accepts the same names.
+
+==========  ==========================================================  ===========
+name        module                                                      spatial dims
+==========  ==========================================================  ===========
+'cbam'      :class:`cbam_jax.CBAM` (Woo et al. 2018)                    1-3
+'channel'   :class:`cbam_jax.ChannelAttention` (CBAM's channel branch)  1-3
+'spatial'   :class:`cbam_jax.SpatialAttention` (CBAM's spatial branch)  1-3
+'se'        :class:`SqueezeExcitation` (Hu et al. 2018)                 1-3
+'eca'       :class:`EfficientChannelAttention` (Wang et al. 2020)       1-3
+'bam'       :class:`BottleneckAttention` (Park et al. 2018)             1-3
+'scse'      :class:`ConcurrentSpatialChannelSE` (Roy et al. 2018)       1-3
+'coord'     :class:`CoordinateAttention` (Hou et al. 2021)              2
+'triplet'   :class:`TripletAttention` (Misra et al. 2021)               2
+'simam'     :class:`SimAM` (Yang et al. 2021), parameter-free           1-3
+'lcbam'     :class:`LightCBAM` (timm's LightCbamModule)                 1-3
+==========  ==========================================================  ===========
 """
 
 from __future__ import annotations
@@ -12,7 +28,14 @@ from typing import Any
 
 import flax.linen as nn
 
+from cbam_jax.attention.bam import BottleneckAttention
+from cbam_jax.attention.coord import CoordinateAttention
+from cbam_jax.attention.eca import EfficientChannelAttention, eca_kernel_size
+from cbam_jax.attention.lcbam import LightCBAM, LightChannelAttention, LightSpatialAttention
+from cbam_jax.attention.scse import ConcurrentSpatialChannelSE, SpatialSqueezeExcitation
 from cbam_jax.attention.se import SqueezeExcitation
+from cbam_jax.attention.simam import SimAM
+from cbam_jax.attention.triplet import TripletAttention
 from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
 
 ModuleFactory = Callable[..., nn.Module]
@@ -53,6 +76,16 @@ register('cbam', CBAM)
 register('channel', ChannelAttention)
 register('spatial', SpatialAttention)
 register('se', SqueezeExcitation)
+register('eca', EfficientChannelAttention)
+register('bam', BottleneckAttention)
+register('scse', ConcurrentSpatialChannelSE)
+register('coord', CoordinateAttention)
+register('triplet', TripletAttention)
+register('simam', SimAM)
+register('lcbam', LightCBAM)
 
-__all__ = ['available', 'create', 'register', 'resolve', 'SqueezeExcitation', 'CBAM',
-           'ChannelAttention', 'SpatialAttention']
+__all__ = ['available', 'create', 'register', 'resolve', 'BottleneckAttention', 'CBAM',
+           'ChannelAttention', 'ConcurrentSpatialChannelSE', 'CoordinateAttention',
+           'EfficientChannelAttention', 'LightCBAM', 'LightChannelAttention',
+           'LightSpatialAttention', 'SimAM', 'SpatialAttention', 'SpatialSqueezeExcitation',
+           'SqueezeExcitation', 'TripletAttention', 'eca_kernel_size']

@@ -1,0 +1,173 @@
+"""BAM: Bottleneck Attention Module (Park, Woo, Lee and Kweon, BMVC 2018).
+
+The layers follow the official code (github.com/Jongchan/attention-module, ``MODELS/bam.py``):
+
+* channel branch: ``GAP -> Linear(C, C/r) -> BN -> ReLU -> Linear(C/r, C)``;
+* spatial branch: ``1x1 conv (C -> C/r) -> BN -> ReLU``, twice ``3x3 conv, dilation 4 ->
+  BN -> ReLU``, then ``1x1 conv -> 1 channel`` (every conv with a bias);
+* ``F' = F * (1 + sigmoid(M))``.
+
+The paper combines the branches with a sum, ``M = Mc + Ms``; the official code with a
+product, ``M = Mc * Ms``: ``combine='sum'`` (default) or ``'product'``. The paper also lists a
+BatchNorm at the end of each branch that the official code does not have:
+``output_norm=True`` adds them. In a ResNet BAM sits at the stage transitions
+(``create_model(..., stage_attention='bam')``), not in every block.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import _validation
+from cbam_jax import functional as F
+from cbam_jax.attention import _base
+from cbam_jax.layers import _hidden_size
+
+Array = jax.Array
+
+COMBINES = ('sum', 'product')
+
+
+class _BAMBranch(nn.Module):
+  """Fields shared by the two branches (set by :class:`BottleneckAttention`)."""
+
+  hidden: int = 1
+  activation: Callable[[Array], Array] = nn.relu
+  output_norm: bool = False
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  dtype: _base.Dtype | None = None
+  param_dtype: _base.Dtype = jnp.float32
+  precision: object = None
+  kernel_init: _base.Initializer = _base.default_kernel_init
+  bias_init: _base.Initializer = nn.initializers.zeros_init()
+
+  def _norm(self, train: bool, name: str) -> nn.BatchNorm:
+    return _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
+                            name)
+
+
+class BAMChannelGate(_BAMBranch):
+  """``MLP(GAP(x))`` with a BatchNorm after the hidden layer: ``(B, C)`` float32 logits."""
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    channels = x.shape[-1]
+    _base.check_stored_shape(self, ('fc1_kernel',), (channels, self.hidden), x)
+    params = {
+        'fc1_kernel': self.param('fc1_kernel', self.kernel_init, (channels, self.hidden),
+                                 self.param_dtype),
+        'fc1_bias': self.param('fc1_bias', self.bias_init, (self.hidden,), self.param_dtype),
+        'fc2_kernel': self.param('fc2_kernel', self.kernel_init, (self.hidden, channels),
+                                 self.param_dtype),
+        'fc2_bias': self.param('fc2_bias', self.bias_init, (channels,), self.param_dtype),
+    }
+    hidden_norm = self._norm(train, 'norm')
+
+    def norm_then_activation(h: Array) -> Array:
+      return self.activation(hidden_norm(h)).astype(h.dtype)
+
+    logits = F.shared_mlp(params, _base.spatial_pool(x, 'avg'),
+                          activation=norm_then_activation, dtype=self.dtype,
+                          precision=self.precision)
+    if self.output_norm:
+      logits = self._norm(train, 'output_norm')(logits)
+    self.sow('intermediates', 'channel_logits', logits)
+    return logits
+
+
+class BAMSpatialGate(_BAMBranch):
+  """Reduce, dilated convs, project to one channel: ``(B, *spatial)`` float32 logits."""
+
+  num_dilated_convs: int = 2
+  dilation: int = 4
+  dilated_kernel_size: int = 3
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    num_spatial = x.ndim - 2
+    _base.check_stored_shape(self, ('reduce_conv', 'kernel'),
+                             (1,) * num_spatial + (x.shape[-1], self.hidden), x)
+    conv = functools.partial(
+        nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+        kernel_init=self.kernel_init, bias_init=self.bias_init)
+    y = conv(self.hidden, (1,) * num_spatial, name='reduce_conv')(x)
+    y = self.activation(self._norm(train, 'reduce_norm')(y))
+    for i in range(self.num_dilated_convs):
+      y = conv(self.hidden, (self.dilated_kernel_size,) * num_spatial, padding='SAME',
+               kernel_dilation=(self.dilation,) * num_spatial, name=f'dilated_conv{i}')(y)
+      y = self.activation(self._norm(train, f'dilated_norm{i}')(y))
+    y = conv(1, (1,) * num_spatial, name='final_conv')(y).astype(jnp.float32)
+    if self.output_norm:
+      y = self._norm(train, 'output_norm')(y)
+    logits = y[..., 0]
+    self.sow('intermediates', 'spatial_logits', logits)
+    return logits
+
+
+class BottleneckAttention(_base.AttentionModule):
+  """``x * (1 + sigmoid(Mc(x) (+|*) Ms(x)))``; 1-D, 2-D and 3-D inputs.
+
+  Params: ``channel: {fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, norm}``, ``spatial:
+  {reduce_conv, reduce_norm, dilated_conv{i}, dilated_norm{i}, final_conv}`` and
+  ``batch_stats`` for every ``norm``. Sows the pre-gate ``channel_logits`` ``(B, C)`` and
+  ``spatial_logits`` ``(B, *spatial)`` (logits, not maps: the gate acts on their
+  combination).
+
+  Attributes:
+    reduction_ratio: hidden width of both branches is ``max(1, C // reduction_ratio)``.
+    hidden_features: explicit hidden width; overrides ``reduction_ratio``.
+    hidden_rounding: ``'floor'`` (official, ``C // r``) or ``'round'``.
+    num_dilated_convs: dilated convolutions in the spatial branch (2).
+    dilation: their dilation (4).
+    dilated_kernel_size: their kernel size (3).
+    combine: ``'sum'`` (the paper) or ``'product'`` (the official code).
+    output_norm: the paper's BatchNorm at the end of each branch (absent in the official
+      code).
+    norm_momentum: Flax BatchNorm momentum; 0.9 is PyTorch's default ``momentum=0.1``.
+    norm_epsilon: BatchNorm epsilon.
+    activation: hidden non-linearity (ReLU).
+    gate: squashing function of the combined logits.
+  """
+
+  reduction_ratio: float = 16
+  hidden_features: int | None = None
+  hidden_rounding: str = 'floor'
+  num_dilated_convs: int = 2
+  dilation: int = 4
+  dilated_kernel_size: int = 3
+  combine: str = 'sum'
+  output_norm: bool = False
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  activation: Callable[[Array], Array] = nn.relu
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def refine(self, x: Array, train: bool) -> Array:
+    _validation.check_choice('combine', self.combine, COMBINES)
+    _validation.check_kernel_size(self.dilated_kernel_size)
+    if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation < 1:
+      raise ValueError(f'dilation must be a positive int, got {self.dilation!r}.')
+    hidden = _hidden_size(x.shape[-1], self.reduction_ratio, self.hidden_features,
+                          self.hidden_rounding)
+    shared = dict(hidden=hidden, activation=self.activation, output_norm=self.output_norm,
+                  norm_momentum=self.norm_momentum, norm_epsilon=self.norm_epsilon,
+                  dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  kernel_init=self.kernel_init, bias_init=self.bias_init)
+    channel_logits = BAMChannelGate(**shared, name='channel')(x, train)
+    spatial_logits = BAMSpatialGate(
+        num_dilated_convs=self.num_dilated_convs, dilation=self.dilation,
+        dilated_kernel_size=self.dilated_kernel_size, **shared, name='spatial')(x, train)
+    channel_part = _base.channel_map_shape(channel_logits, x)
+    spatial_part = spatial_logits[..., None]
+    if self.combine == 'sum':
+      logits = channel_part + spatial_part
+    else:
+      logits = channel_part * spatial_part
+    return F.apply_gate(x, 1 + self.gate(logits))

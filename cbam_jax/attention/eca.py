@@ -1,0 +1,77 @@
+"""ECA-Net: Efficient Channel Attention (Wang et al., CVPR 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cbam_jax import _validation
+from cbam_jax import functional as F
+from cbam_jax.attention import _base
+
+Array = jax.Array
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
+  """The paper's adaptive size: ``t = int(|(log2(C) + beta) / gamma|)``, made odd upwards.
+
+  Exactly the official code's ``t if t % 2 else t + 1`` (C=64 -> 3, 256 -> 5, 512 -> 5).
+  """
+  _base.check_positive('gamma', gamma)
+  t = int(abs((math.log2(channels) + beta) / gamma))
+  return t if t % 2 else t + 1
+
+
+class EfficientChannelAttention(_base.AttentionModule):
+  """``x * sigmoid(conv1d_k(GAP(x)))``: a bias-free 1-D convolution ACROSS channels.
+
+  No dimensionality reduction: each channel's gate sees its ``k`` neighbouring channels.
+  ``k`` adapts to ``C`` (:func:`eca_kernel_size`) unless ``kernel_size`` is given. Any
+  number of spatial dimensions. Parameter: ``conv_kernel (k, 1, 1)`` (PyTorch's
+  ``conv.weight (1, 1, k)`` transposed). Sows ``channel_map`` ``(B, C)``.
+
+  Attributes:
+    kernel_size: odd size of the channel convolution; ``None`` adapts it to ``C``.
+    gamma, beta: the adaptive mapping's constants (2 and 1 in the paper).
+    gate: the map's squashing function.
+  """
+
+  kernel_size: int | None = None
+  gamma: float = 2
+  beta: float = 1
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def attention_map(self, x: Array) -> Array:
+    """``(B, C)`` float32 channel map of channels-last ``x``; sown as ``channel_map``."""
+    _validation.check_features(x, batched=True)
+    if self.has_variable('params', 'conv_kernel'):
+      size = self.get_variable('params', 'conv_kernel').shape[0]
+    elif self.kernel_size is None:
+      size = eca_kernel_size(x.shape[-1], self.gamma, self.beta)
+    else:
+      size = self.kernel_size
+      if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f'ECA kernel_size must be one odd int (or None to adapt it to the '
+                         f'channel count), got {size!r}.')
+    _validation.check_kernel_size(size)
+    kernel = self.param('conv_kernel', self.kernel_init, (size, 1, 1), self.param_dtype)
+    pooled = _base.spatial_pool(x, 'avg')  # (B, C)
+    dtype = self.dtype or jnp.result_type(pooled, kernel)
+    # Channels become the convolution's length axis: (B, C, 1) with one feature.
+    logits = lax.conv_general_dilated(
+        pooled.astype(dtype)[..., None], kernel.astype(dtype), window_strides=(1,),
+        padding='SAME', dimension_numbers=('NWC', 'WIO', 'NWC'), precision=self.precision,
+        preferred_element_type=jnp.float32)[..., 0]
+    channel_map = self.gate(logits.astype(jnp.float32))
+    self.sow('intermediates', 'channel_map', channel_map)
+    return channel_map
+
+  def refine(self, x: Array, train: bool) -> Array:
+    del train  # No BatchNorm.
+    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))

@@ -1,0 +1,152 @@
+"""timm's "light" CBAM (``timm.layers.cbam.LightCbamModule``).
+
+Each branch pools ``0.5 * avg + 0.5 * max`` BEFORE its learned layer, so the channel MLP runs
+once (not once per pool) and the spatial conv has one input channel (not two).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import _validation
+from cbam_jax import functional as F
+from cbam_jax.attention import _base
+from cbam_jax.layers import _hidden_size
+
+Array = jax.Array
+
+
+class LightChannelAttention(_base.AttentionModule):
+  """``x * sigmoid(MLP(0.5 * GAP(x) + 0.5 * GMP(x)))`` (timm's ``LightChannelAttn``).
+
+  Params as :class:`cbam_jax.ChannelAttention`'s (``fc1_kernel (C, h)``, ``fc2_kernel (h,
+  C)``, biases when ``mlp_bias``); sows ``channel_map`` ``(B, C)``. Defaults are timm's:
+  ``hidden = round(C / 16)``, no MLP biases.
+  """
+
+  reduction_ratio: float = 16
+  hidden_features: int | None = None
+  hidden_rounding: str = 'round'
+  mlp_bias: bool = False
+  activation: Callable[[Array], Array] = nn.relu
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def attention_map(self, x: Array) -> Array:
+    """``(B, C)`` float32 channel map of channels-last ``x``."""
+    channels = x.shape[-1]
+    hidden = _hidden_size(channels, self.reduction_ratio, self.hidden_features,
+                          self.hidden_rounding)
+    _base.check_stored_shape(self, ('fc1_kernel',), (channels, hidden), x)
+    params = {
+        'fc1_kernel': self.param('fc1_kernel', self.kernel_init, (channels, hidden),
+                                 self.param_dtype),
+        'fc2_kernel': self.param('fc2_kernel', self.kernel_init, (hidden, channels),
+                                 self.param_dtype),
+    }
+    if self.mlp_bias:
+      params['fc1_bias'] = self.param('fc1_bias', self.bias_init, (hidden,), self.param_dtype)
+      params['fc2_bias'] = self.param('fc2_bias', self.bias_init, (channels,),
+                                      self.param_dtype)
+    pooled = 0.5 * _base.spatial_pool(x, 'avg') + 0.5 * _base.spatial_pool(x, 'max')
+    logits = F.shared_mlp(params, pooled, activation=self.activation, dtype=self.dtype,
+                          precision=self.precision)
+    channel_map = self.gate(logits)
+    self.sow('intermediates', 'channel_map', channel_map)
+    return channel_map
+
+  def refine(self, x: Array, train: bool) -> Array:
+    del train
+    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+
+
+class LightSpatialAttention(_base.AttentionModule):
+  """``x * sigmoid(BN(conv_k(0.5 * mean_c(x) + 0.5 * max_c(x))))`` (timm's
+  ``LightSpatialAttn``: a bias-free 1-in, 1-out conv and BatchNorm).
+
+  Param ``conv_kernel (*k, 1, 1)`` (PyTorch's ``conv.weight (1, 1, *k)`` transposed) and
+  ``norm``; sows ``spatial_map`` ``(B, *spatial)``. Any number of spatial dimensions.
+
+  Attributes:
+    kernel_size: odd conv size, an int or one per spatial dimension (7).
+    norm_momentum: Flax BatchNorm momentum; 0.9 is timm's (PyTorch ``momentum=0.1``).
+    norm_epsilon: BatchNorm epsilon.
+    norm_scale_init: initialiser of the BatchNorm scale.
+    conv_impl: ``'auto'``, ``'xla'`` or ``'shift'`` (see ``functional.spatial_conv``).
+  """
+
+  kernel_size: int | Sequence[int] = 7
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  norm_scale_init: _base.Initializer = nn.initializers.ones_init()
+  conv_impl: str = 'auto'
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def attention_map(self, x: Array, train: bool = False) -> Array:
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    _validation.check_kernel_size(self.kernel_size)
+    num_spatial = x.ndim - 2
+    kernel_size = (tuple(int(k) for k in self.kernel_size)
+                   if isinstance(self.kernel_size, Sequence)
+                   else (int(self.kernel_size),) * num_spatial)
+    if len(kernel_size) != num_spatial:
+      raise ValueError(
+          f'kernel_size {self.kernel_size!r} has {len(kernel_size)} entries but the input '
+          f'has {num_spatial} spatial dimensions; pass an int or one size per dimension.')
+    _base.check_stored_shape(self, ('conv_kernel',), (*kernel_size, 1, 1), x)
+    kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 1, 1),
+                        self.param_dtype)
+    # conv(0.5 * mean + 0.5 * max, w) == conv([mean; max], [w / 2; w / 2]): reuse CBAM's
+    # two-input spatial convolution rather than a second code path.
+    two_input_kernel = 0.5 * jnp.concatenate([kernel, kernel], axis=-2)
+    logits = jax.vmap(functools.partial(
+        F.spatial_logits, dtype=self.dtype, precision=self.precision, impl=self.conv_impl),
+        in_axes=(None, 0))({'conv_kernel': two_input_kernel}, x)
+    logits = _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
+                              'norm', self.norm_scale_init)(logits[..., None])[..., 0]
+    spatial_map = self.gate(logits)
+    self.sow('intermediates', 'spatial_map', spatial_map)
+    return spatial_map
+
+  def refine(self, x: Array, train: bool) -> Array:
+    return F.apply_gate(x, self.attention_map(x, train)[..., None])
+
+
+class LightCBAM(_base.AttentionModule):
+  """timm's ``LightCbamModule``: :class:`LightChannelAttention` then
+  :class:`LightSpatialAttention` (submodules ``channel`` and ``spatial``), with timm's
+  defaults. Fields are those of the two branches.
+  """
+
+  reduction_ratio: float = 16
+  hidden_features: int | None = None
+  hidden_rounding: str = 'round'
+  mlp_bias: bool = False
+  activation: Callable[[Array], Array] = nn.relu
+  kernel_size: int | Sequence[int] = 7
+  norm_momentum: float = 0.9
+  norm_epsilon: float = 1e-5
+  norm_scale_init: _base.Initializer = nn.initializers.ones_init()
+  conv_impl: str = 'auto'
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def refine(self, x: Array, train: bool) -> Array:
+    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  kernel_init=self.kernel_init, bias_init=self.bias_init, gate=self.gate)
+    channel_map = LightChannelAttention(
+        reduction_ratio=self.reduction_ratio, hidden_features=self.hidden_features,
+        hidden_rounding=self.hidden_rounding, mlp_bias=self.mlp_bias,
+        activation=self.activation, **shared, name='channel').attention_map(x)
+    refined = F.apply_gate(x, _base.channel_map_shape(channel_map, x))
+    spatial_map = LightSpatialAttention(
+        kernel_size=self.kernel_size, norm_momentum=self.norm_momentum,
+        norm_epsilon=self.norm_epsilon, norm_scale_init=self.norm_scale_init,
+        conv_impl=self.conv_impl, **shared, name='spatial').attention_map(refined, train)
+    return F.apply_gate(refined, spatial_map[..., None])

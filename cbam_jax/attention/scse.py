@@ -1,0 +1,92 @@
+"""scSE: concurrent spatial and channel squeeze & excitation (Roy, Navab and Wachinger,
+MICCAI 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import _validation
+from cbam_jax import functional as F
+from cbam_jax.attention import _base
+from cbam_jax.layers import ChannelAttention
+
+Array = jax.Array
+
+AGGREGATIONS = ('add', 'max')
+
+
+class SpatialSqueezeExcitation(_base.AttentionModule):
+  """sSE: ``x * sigmoid(conv1x1(x))``, a per-position gate from a ``C -> 1`` projection.
+
+  Params ``conv_kernel (C, 1)`` and ``conv_bias (1,)``; sows ``spatial_map`` ``(B, *spatial)``.
+  """
+
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def attention_map(self, x: Array) -> Array:
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    channels = x.shape[-1]
+    _base.check_stored_shape(self, ('conv_kernel',), (channels, 1), x)
+    kernel = self.param('conv_kernel', self.kernel_init, (channels, 1), self.param_dtype)
+    bias = self.param('conv_bias', self.bias_init, (1,), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    # The projection sums over C: accumulate in float32 whatever the compute dtype.
+    logits = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision,
+                     preferred_element_type=jnp.float32)[..., 0]
+    spatial_map = self.gate(logits + bias.astype(jnp.float32)[0])
+    self.sow('intermediates', 'spatial_map', spatial_map)
+    return spatial_map
+
+  def refine(self, x: Array, train: bool) -> Array:
+    del train
+    return F.apply_gate(x, self.attention_map(x)[..., None])
+
+
+class ConcurrentSpatialChannelSE(_base.AttentionModule):
+  """scSE: ``x * cSE(x) + x * sSE(x)`` (``aggregation='add'``, the paper's choice) or
+  ``max(x * cSE(x), x * sSE(x))`` (``'max'``, also studied by the authors).
+
+  cSE is :class:`cbam_jax.attention.SqueezeExcitation` (submodule ``channel``, sows
+  ``channel_map`` ``(B, C)``); sSE is :class:`SpatialSqueezeExcitation` (submodule
+  ``spatial``, sows ``spatial_map`` ``(B, *spatial)``). 1-D, 2-D and 3-D inputs.
+
+  Attributes:
+    reduction_ratio: cSE hidden width ``max(1, C // reduction_ratio)``; 16 as in SE and
+      segmentation_models_pytorch (the paper used 2 for its small U-Nets).
+    hidden_features, hidden_rounding, mlp_bias, activation: the cSE MLP's, as in SE.
+    aggregation: ``'add'`` or ``'max'``.
+    gate: squashing function of both maps.
+  """
+
+  reduction_ratio: float = 16
+  hidden_features: int | None = None
+  hidden_rounding: str = 'floor'
+  mlp_bias: bool = True
+  activation: Callable[[Array], Array] = nn.relu
+  aggregation: str = 'add'
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  @nn.compact
+  def refine(self, x: Array, train: bool) -> Array:
+    del train
+    _validation.check_choice('aggregation', self.aggregation, AGGREGATIONS)
+    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                  kernel_init=self.kernel_init, bias_init=self.bias_init, gate=self.gate)
+    channel_map = ChannelAttention(
+        reduction_ratio=self.reduction_ratio, hidden_features=self.hidden_features,
+        hidden_rounding=self.hidden_rounding, pool_types=('avg',), mlp_bias=self.mlp_bias,
+        activation=self.activation, **shared, name='channel').attention_map(x)
+    spatial_map = SpatialSqueezeExcitation(**shared, name='spatial').attention_map(x)
+    x32 = x.astype(jnp.float32)
+    by_channel = x32 * _base.channel_map_shape(channel_map, x)
+    by_position = x32 * spatial_map[..., None]
+    if self.aggregation == 'add':
+      out = by_channel + by_position
+    else:
+      out = jnp.maximum(by_channel, by_position)
+    return out.astype(x.dtype)

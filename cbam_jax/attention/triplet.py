@@ -1,0 +1,104 @@
+"""Triplet attention (Misra, Nalamada, Arasanipalai and Hou, WACV 2021)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import _validation
+from cbam_jax import functional as F
+from cbam_jax.attention import _base
+
+Array = jax.Array
+
+
+class ZPoolGate(nn.Module):
+  """``gate(BN(conv_k(ZPool(x))))``: ``(B, H', W', C')`` -> ``(B, H', W')`` float32 map.
+
+  Z-pool is ``[max; mean]`` across the last axis, in that order (the official code's);
+  CBAM's spatial branch is the same gate with ``[mean; max]`` pooling. The conv has no bias
+  and is followed by BatchNorm. Param ``conv_kernel (k, k, 2, 1)``: input channel 0 sees
+  the max and 1 the mean, as PyTorch's ``conv.weight (1, 2, k, k)`` transposed.
+  """
+
+  kernel_size: int | Sequence[int] = 7
+  norm_momentum: float = 0.99
+  norm_epsilon: float = 1e-5
+  gate: Callable[[Array], Array] = nn.sigmoid
+  conv_impl: str = 'auto'
+  dtype: _base.Dtype | None = None
+  param_dtype: _base.Dtype = jnp.float32
+  precision: object = None
+  kernel_init: _base.Initializer = _base.default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    _validation.check_kernel_size(self.kernel_size)
+    kernel_size = (tuple(int(k) for k in self.kernel_size)
+                   if isinstance(self.kernel_size, Sequence) else (int(self.kernel_size),) * 2)
+    if len(kernel_size) != 2:
+      raise ValueError(f'kernel_size must be an int or a pair, got {self.kernel_size!r}.')
+    kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 2, 1),
+                        self.param_dtype)
+    # functional.spatial_logits pools [mean; max]: swap the kernel's inputs to match.
+    logits = jax.vmap(functools.partial(
+        F.spatial_logits, dtype=self.dtype, precision=self.precision, impl=self.conv_impl),
+        in_axes=(None, 0))({'conv_kernel': kernel[..., ::-1, :]}, x)
+    logits = _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
+                              'norm')(logits[..., None])[..., 0]
+    return self.gate(logits)
+
+
+class TripletAttention(_base.AttentionModule):
+  """The mean of three rotated Z-pool gates: ``x * (g_cw + g_hc + g_hw) / 3``.
+
+  * ``cw``: pools over H; its 7x7 conv runs over the (C, W) plane -> gate ``(B, C, W)``;
+  * ``hc``: pools over W; conv over the (H, C) plane -> gate ``(B, H, C)``;
+  * ``hw``: pools over C; conv over (H, W) -> gate ``(B, H, W)`` (CBAM's spatial gate with
+    ``[max; mean]`` pooling).
+
+  The branch names and plane orientations are the official code's
+  (github.com/landskape-ai/triplet-attention), so its weights load directly. 2-D input only.
+  Sows ``channel_width_map`` ``(B, C, W)``, ``height_channel_map`` ``(B, H, C)`` and
+  ``spatial_map`` ``(B, H, W)``.
+
+  Attributes:
+    kernel_size: conv size of every branch (7).
+    use_spatial: keep the ``hw`` branch (the official ``no_spatial=False``).
+    norm_momentum: Flax BatchNorm momentum; 0.99 is the official ``momentum=0.01``.
+    norm_epsilon: BatchNorm epsilon.
+    conv_impl: ``'auto'``, ``'xla'`` or ``'shift'`` (see ``functional.spatial_conv``).
+    gate: squashing function of every branch.
+  """
+
+  kernel_size: int | Sequence[int] = 7
+  use_spatial: bool = True
+  norm_momentum: float = 0.99
+  norm_epsilon: float = 1e-5
+  conv_impl: str = 'auto'
+  gate: Callable[[Array], Array] = nn.sigmoid
+
+  supported_spatial_dims = (2,)
+
+  @nn.compact
+  def refine(self, x: Array, train: bool) -> Array:
+    branch = functools.partial(
+        ZPoolGate, kernel_size=self.kernel_size, norm_momentum=self.norm_momentum,
+        norm_epsilon=self.norm_epsilon, gate=self.gate, conv_impl=self.conv_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+        kernel_init=self.kernel_init)
+    channel_width_map = branch(name='cw')(jnp.transpose(x, (0, 3, 2, 1)), train)
+    height_channel_map = branch(name='hc')(jnp.transpose(x, (0, 1, 3, 2)), train)
+    self.sow('intermediates', 'channel_width_map', channel_width_map)
+    self.sow('intermediates', 'height_channel_map', height_channel_map)
+    gates = [jnp.swapaxes(channel_width_map, 1, 2)[:, None, :, :],
+             height_channel_map[:, :, None, :]]
+    if self.use_spatial:
+      spatial_map = branch(name='hw')(x, train)
+      self.sow('intermediates', 'spatial_map', spatial_map)
+      gates.append(spatial_map[..., None])
+    return F.apply_gate(x, sum(gates) / len(gates))
