@@ -1,0 +1,161 @@
+"""Which XLA:CPU flags and layouts speed up convolution-heavy training? Side by side.
+
+  python -m experiments.bench_xla_flags [--tiny] [--out DIR]
+
+Every flag set runs in a fresh subprocess (XLA reads ``XLA_FLAGS`` once, when the backend
+starts) and times the same workloads: a ResNet-20 style 3x3 convolution forward+backward
+in NHWC and NCHW, the CBAM 7x7 2->1 convolution through ``lax.conv``, the CBAM module
+forward+backward and a CIFAR ResNet-20 (+CBAM) training step. The numbers of every flag set
+are divided by those of the default set measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+FLAG_SETS = {
+    'default': '',
+    'onednn': '--xla_cpu_use_onednn=true',
+    'onednn_fusions': ('--xla_cpu_use_onednn=true '
+                       '--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce'),
+    'no_xnnpack': '--xla_cpu_use_xnnpack=false',
+    'xnn_graph_greedy': '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY',
+    'vector_512': '--xla_cpu_prefer_vector_width=512',
+    'eigen_single_thread': '--xla_cpu_multi_thread_eigen=false',
+    'fast_math': '--xla_cpu_enable_fast_math=true',
+}
+
+
+def _worker(tiny: bool, repeats: int) -> dict[str, float]:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax import lax
+
+  from cbam_jax import layers, models
+
+  def median_ms(fn, *args):
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+  key = jax.random.PRNGKey(0)
+  batch, size, width = (8, 16, 16) if tiny else (128, 32, 16)
+  results = {}
+
+  x = jax.random.normal(key, (batch, size, size, width))
+  w = jax.random.normal(key, (3, 3, width, width)) * 0.1
+  for layout, (lhs, rhs) in {'nhwc': ('NHWC', 'HWIO'), 'nchw': ('NCHW', 'OIHW')}.items():
+    xs = x if layout == 'nhwc' else jnp.transpose(x, (0, 3, 1, 2))
+    ws = w if layout == 'nhwc' else jnp.transpose(w, (3, 2, 0, 1))
+
+    def conv_loss(xs, ws, lhs=lhs, rhs=rhs):
+      out = lax.conv_general_dilated(xs, ws, (1, 1), 'SAME', dimension_numbers=(lhs, rhs, lhs))
+      return jnp.sum(out * out)
+
+    results[f'conv3x3_fwd_bwd_{layout}'] = median_ms(
+        jax.grad(conv_loss, argnums=(0, 1)), xs, ws)
+
+  cbam_shape = (2, 16, 16, 32) if tiny else (32, 56, 56, 64)
+  pooled = jax.random.normal(key, (*cbam_shape[:3], 2))
+  kernel = jax.random.normal(key, (7, 7, 2, 1))
+  conv7 = lambda p, k: lax.conv_general_dilated(p, k, (1, 1), 'SAME',
+                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  results['conv7x7_2to1_fwd'] = median_ms(conv7, pooled, kernel)
+
+  xc = jax.random.normal(key, cbam_shape)
+  for impl in ('xla', 'shift'):
+    module = layers.CBAM(spatial_norm=True, conv_impl=impl)
+    variables = module.init(key, xc)
+
+    def module_loss(params, x, module=module, variables=variables):
+      out, _ = module.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+      return jnp.sum(out * out)
+
+    results[f'cbam_{impl}_fwd_bwd'] = median_ms(
+        jax.grad(module_loss, argnums=(0, 1)), variables['params'], xc)
+
+  for attention in (None, 'cbam'):
+    fields = {'stage_sizes': (1, 1, 1)} if tiny else {}
+    model = models.create_model('resnet20', attention=attention, **fields)
+    images = jax.random.normal(key, (batch, size, size, 3))
+    labels = jnp.zeros((batch,), jnp.int32)
+    variables = model.init(key, images[:1])
+    optimizer = optax.sgd(0.1, momentum=0.9)
+
+    def step(params, stats, opt_state, model=model, images=images, labels=labels,
+             optimizer=optimizer):
+      def loss_fn(params):
+        logits, updates = model.apply({'params': params, 'batch_stats': stats}, images,
+                                      train=True, mutable=['batch_stats'])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+      grads, updates = jax.grad(loss_fn, has_aux=True)(params)
+      new_updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, new_updates), updates, opt_state
+
+    params = variables['params']
+    results[f'resnet20_{attention or "plain"}_step'] = median_ms(
+        step, params, variables['batch_stats'], optimizer.init(params))
+  return results
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--tiny', action='store_true')
+  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--out', type=pathlib.Path)
+  parser.add_argument('--flags', action='append', choices=list(FLAG_SETS),
+                      help='only these flag sets (default: all)')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(_worker(args.tiny, args.repeats)))
+    return {}
+
+  results = {}
+  for name in args.flags or list(FLAG_SETS):
+    flags = f'{os.environ.get("XLA_FLAGS", "")} {FLAG_SETS[name]}'.strip()
+    env = dict(os.environ, XLA_FLAGS=flags)
+    if not flags:
+      env.pop('XLA_FLAGS')
+    command = [sys.executable, '-m', 'experiments.bench_xla_flags', '--worker',
+               '--repeats', str(args.repeats)] + (['--tiny'] if args.tiny else [])
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      results[name] = {'error': proc.stderr.strip().splitlines()[-1:]}
+    else:
+      results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(name, results[name], flush=True)
+
+  base = results.get('default', {})
+  lines = ['| flags | ' + ' | '.join(base) + ' |', '|---|' + '---|' * len(base)]
+  for name, row in results.items():
+    if 'error' in row:
+      lines.append(f'| {name} | error: {row["error"]} |')
+      continue
+    cells = [f'{row[k]:.1f} ({row[k] / base[k]:.2f}x)' if k in row else '-' for k in base]
+    lines.append(f'| `{FLAG_SETS[name] or "(none)"}` | ' + ' | '.join(cells) + ' |')
+  table = '\n'.join(lines)
+  print(table)
+  if args.out:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'xla_flags.json').write_text(json.dumps(results, indent=2))
+    (args.out / 'xla_flags.md').write_text(table + '\n')
+  return results
+
+
+if __name__ == '__main__':
+  main()

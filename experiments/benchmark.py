@@ -1,0 +1,528 @@
+"""CBAM speed and memory benchmarks, every comparison side by side in one run.
+
+  python -m experiments.benchmark                      # everything (~10 min on 2 cores)
+  python -m experiments.benchmark --only module        # module | models | memory
+  python -m experiments.benchmark --tiny --out /tmp/b  # CI: tiny shapes, seconds
+
+Times are medians over ``--repeats`` calls after compilation (and one warm-up call);
+compile time is reported separately. Machines here are shared and noisy, so compare the
+ratios inside one run rather than milliseconds across runs.
+
+Module rows (``--only module``): the official CBAM (``CBAM(spatial_norm=True)``: channel
+MLP with biases, reduction 16, 7x7 spatial conv + BatchNorm) is the headline; its forward
+is timed in eval mode (running BatchNorm statistics, as at inference) and forward+backward
+in train mode (batch statistics), the gradient taken w.r.t. the input and all parameters.
+Against it, in the same run:
+
+* ``floor``: twice one elementwise read+write pass over ``x`` (``x * 1.0001``). A CBAM
+  forward must read ``x`` at least twice and write it once, so this is its memory floor.
+* ``xla``: the same module with ``conv_impl='xla'`` (``lax.conv`` for the 7x7 conv, the
+  numerical reference);
+* ``paper``: the paper's CBAM (no BatchNorm, conv bias), fast path;
+* ``naive``: a straightforward Flax CBAM (``nn.Dense`` MLP, ``nn.Conv`` 7x7 over the
+  concatenated pools, ``nn.BatchNorm``), what one writes without care for speed;
+* ``torch_cl`` / ``torch_nchw``: the official PyTorch module (see
+  :mod:`experiments.bench_torch`) in channels_last and NCHW memory formats, with
+  ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
+
+Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
+backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224),
+each with and without CBAM in every block, JAX and PyTorch. Memory rows (``--only
+memory``): XLA's buffer assignment for the same training steps (``memory_analysis()`` of
+the compiled step: arguments + outputs + temporaries - aliased, an upper bound of the peak;
+XLA:CPU's own ``peak_memory_in_bytes`` only counts the arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cbam_jax import layers, models
+
+SECTIONS = ('module', 'models', 'memory')
+
+MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048),
+                 (32, 56, 56, 64), (128, 32, 32, 16))
+TINY_MODULE_SHAPES = ((2, 8, 8, 32),)
+
+# name, create_model fields, batch, image size.
+MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 8, 224))
+TINY_MODEL_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
+
+
+class NaiveCBAM(nn.Module):
+  """CBAM as one would first write it in Flax: Dense layers and ``nn.Conv`` on the pools."""
+
+  reduction_ratio: int = 16
+  kernel_size: int = 7
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    channels = x.shape[-1]
+    hidden = max(1, channels // self.reduction_ratio)
+    fc1, fc2 = nn.Dense(hidden, name='fc1'), nn.Dense(channels, name='fc2')
+    mlp = lambda v: fc2(nn.relu(fc1(v)))
+    channel_map = nn.sigmoid(mlp(jnp.mean(x, axis=(1, 2))) + mlp(jnp.max(x, axis=(1, 2))))
+    x = x * channel_map[:, None, None, :]
+    pooled = jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True),
+                              jnp.max(x, axis=-1, keepdims=True)], axis=-1)
+    logits = nn.Conv(1, (self.kernel_size,) * 2, padding='SAME', use_bias=False,
+                     name='conv')(pooled)
+    logits = nn.BatchNorm(use_running_average=not train, momentum=0.99, name='norm')(logits)
+    return x * nn.sigmoid(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing.
+
+
+def _median_ms(call: Callable[[], Any], repeats: int) -> float:
+  jax.block_until_ready(call())  # Warm-up: first-call allocations, caches.
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+# Compiled training steps, shared by the models and memory sections of one run.
+_COMPILED: dict[Any, Any] = {}
+
+
+def compile_jax(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] = (),
+                cache_key: Any = None) -> tuple[Any, float]:
+  """``jit(fn).lower(*args).compile()`` and the seconds it took (0 when cached)."""
+  if cache_key is not None and cache_key in _COMPILED:
+    return _COMPILED[cache_key][0], 0.0
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=tuple(donate)).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  if cache_key is not None:
+    _COMPILED[cache_key] = (compiled, compile_s)
+    return _COMPILED[cache_key]
+  return compiled, compile_s
+
+
+def time_jax(fn: Callable[..., Any], args: Sequence[Any], repeats: int,
+             donate: Sequence[int] = (), cache_key: Any = None) -> dict[str, float]:
+  """Compiles ``jit(fn)`` for ``args`` and returns compile seconds and median milliseconds."""
+  compiled, compile_s = compile_jax(fn, args, donate, cache_key)
+  if donate:
+    # Donated buffers are consumed: thread the outputs back in (a training loop's shape).
+    state = list(args)
+
+    def call():
+      out = compiled(*state)
+      for index, value in zip(donate, out, strict=False):
+        state[index] = value
+      return out
+  else:
+    call = functools.partial(compiled, *args)
+  return {'ms': _median_ms(call, repeats), 'compile_s': compile_s}
+
+
+def time_torch(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+  fn()  # Warm-up (oneDNN primitive creation).
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return {'ms': statistics.median(times) * 1e3, 'compile_s': 0.0}
+
+
+def _usable_cpus() -> int:
+  """CPUs this process may run on (``taskset`` aware), what XLA's thread pool uses."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
+_TORCH_THREADS = [_usable_cpus()]
+
+
+def _torch() -> Any | None:
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch.set_num_threads(_TORCH_THREADS[0])
+  return torch
+
+
+def _shape(text: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(part) for part in text.split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'shape must be comma-separated ints, got {text!r}') from None
+  if len(shape) != 4 or min(shape) < 1:
+    raise argparse.ArgumentTypeError(f'shape must be B,H,W,C with positive sizes, got {text!r}')
+  return shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Module benchmark.
+
+
+def _jax_module_cases(x: jax.Array, key: jax.Array,
+                      tiny: bool) -> dict[str, tuple[nn.Module, Any]]:
+  cases = {'cbam_jax': layers.CBAM(spatial_norm=True), 'naive': NaiveCBAM()}
+  if not tiny:  # Each case is two compilations; CI checks the plumbing with two.
+    cases['xla'] = layers.CBAM(spatial_norm=True, conv_impl='xla')
+    cases['paper'] = layers.CBAM()
+  return {name: (module, module.init(key, x)) for name, module in cases.items()}
+
+
+def _forward_fn(module: nn.Module) -> Callable[..., jax.Array]:
+  return lambda variables, x: module.apply(variables, x, train=False)
+
+
+def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
+  def loss(params, other, x, cotangent):
+    out, updates = module.apply({'params': params, **other}, x, train=True,
+                                mutable=['batch_stats'])
+    return jnp.vdot(out, cotangent), updates
+
+  def step(variables, x, cotangent):
+    params = variables['params']
+    other = {k: v for k, v in variables.items() if k != 'params'}
+    (_, updates), grads = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)(
+        params, other, x, cotangent)
+    return grads, updates
+
+  return step
+
+
+def _torch_module_times(torch: Any, shape: Sequence[int], repeats: int) -> dict[str, dict]:
+  from experiments import bench_torch
+  batch, height, width, channels = shape
+  results = {}
+  for name, memory_format in (('torch_cl', torch.channels_last),
+                              ('torch_nchw', torch.contiguous_format)):
+    module = bench_torch.CBAM(channels).to(memory_format=memory_format)
+    x = torch.randn(batch, channels, height, width).contiguous(memory_format=memory_format)
+    cotangent = torch.randn_like(x)
+    module.eval()
+
+    def forward(module=module, x=x):
+      with torch.no_grad():
+        return module(x)
+
+    fwd = time_torch(forward, repeats)
+    module.train()
+    x_grad = x.clone().requires_grad_(True)
+
+    def fwd_bwd(module=module, x_grad=x_grad, cotangent=cotangent):
+      module.zero_grad(set_to_none=True)
+      x_grad.grad = None
+      module(x_grad).backward(cotangent)
+
+    bwd = time_torch(fwd_bwd, repeats)
+    results[name] = {'forward': fwd, 'fwd_bwd': bwd}
+  return results
+
+
+def run_module(shapes: Sequence[Sequence[int]], repeats: int,
+               tiny: bool = False) -> list[dict[str, Any]]:
+  torch = _torch()
+  rows = []
+  for shape in shapes:
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, shape, jnp.float32)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32)
+    floor = time_jax(lambda x: x * 1.0001, [x], repeats)
+    row: dict[str, Any] = {'shape': list(shape), 'bytes': int(x.nbytes),
+                           'floor_ms': 2 * floor['ms'], 'impls': {}}
+    for name, (module, variables) in _jax_module_cases(x, key, tiny).items():
+      row['impls'][name] = {
+          'forward': time_jax(_forward_fn(module), [variables, x], repeats),
+          'fwd_bwd': time_jax(_fwd_bwd_fn(module), [variables, x, cotangent], repeats),
+      }
+    if torch is not None:
+      row['impls'].update(_torch_module_times(torch, shape, repeats))
+    head = row['impls']['cbam_jax']
+    for mode in ('forward', 'fwd_bwd'):
+      ms = head[mode]['ms']
+      # Minimal traffic: forward reads x and writes the output; the backward also reads
+      # the cotangent and writes the input gradient.
+      moved = (2 if mode == 'forward' else 4) * x.nbytes
+      head[mode]['gb_per_s'] = moved / (ms * 1e-3) / 1e9
+      head[mode]['vs_floor'] = ms / row['floor_ms']
+      for other in ('naive', 'xla', 'torch_cl', 'torch_nchw'):
+        if other in row['impls']:
+          head[mode][f'vs_{other}'] = ms / row['impls'][other][mode]['ms']
+    rows.append(row)
+    print(_module_line(row), flush=True)
+  return rows
+
+
+def _module_line(row: dict[str, Any]) -> str:
+  parts = [f'{tuple(row["shape"])}: floor {row["floor_ms"]:.2f} ms']
+  for name, times in row['impls'].items():
+    parts.append(f'{name} {times["forward"]["ms"]:.2f}/{times["fwd_bwd"]["ms"]:.2f}')
+  return ' | '.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model benchmark.
+
+
+def _jax_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
+  def step(params, batch_stats, opt_state, images, labels):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                    train=True, mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates['batch_stats']
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  return step
+
+
+def _jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, batch: int,
+                     size: int):
+  model = models.create_model(name, attention=attention, **fields)
+  num_classes = model.num_classes
+  images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+  labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, num_classes)
+  variables = model.init(jax.random.PRNGKey(2), images[:1], train=False)
+  optimizer = optax.sgd(0.1, momentum=0.9)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  args = [params, batch_stats, optimizer.init(params), images, labels]
+  return _jax_train_step(model, optimizer), args
+
+
+def _torch_model_time(torch: Any, name: str, fields: dict[str, Any], attention: bool,
+                      batch: int, size: int, channels_last: bool, repeats: int) -> dict:
+  from experiments import bench_torch
+  if name == 'resnet20':
+    stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
+  else:
+    stages, stem, classes = fields.get('stage_sizes', (3, 4, 6, 3)), 'imagenet', 1000
+  model = bench_torch.ResNet(stages, stem=stem, attention=attention, num_classes=classes)
+  memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  model = model.to(memory_format=memory_format).train()
+  images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
+  labels = torch.randint(0, classes, (batch,))
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+
+  return time_torch(step, repeats)
+
+
+def run_models(cases, repeats: int) -> list[dict[str, Any]]:
+  torch = _torch()
+  rows = []
+  for name, fields, batch, size in cases:
+    row: dict[str, Any] = {'model': name, 'fields': fields, 'batch': batch, 'image_size': size,
+                           'impls': {}}
+    for attention in (None, 'cbam'):
+      tag = 'cbam' if attention else 'plain'
+      step, args = _jax_model_setup(name, fields, attention, batch, size)
+      row['impls'][f'jax_{tag}'] = time_jax(step, args, repeats, donate=(0, 1, 2),
+                                            cache_key=(name, repr(fields), attention, batch, size))
+      if torch is not None:
+        for layout, channels_last in (('cl', True), ('nchw', False)):
+          row['impls'][f'torch_{layout}_{tag}'] = _torch_model_time(
+              torch, name, fields, attention is not None, batch, size, channels_last, repeats)
+    for times in row['impls'].values():
+      times['images_per_s'] = batch / (times['ms'] * 1e-3)
+    impls = row['impls']
+    row['cbam_overhead'] = {
+        prefix: impls[f'{prefix}_cbam']['ms'] / impls[f'{prefix}_plain']['ms']
+        for prefix in ('jax', 'torch_cl', 'torch_nchw') if f'{prefix}_cbam' in impls}
+    row['jax_vs_torch'] = {
+        f'{layout}_{tag}': impls[f'jax_{tag}']['ms'] / impls[f'torch_{layout}_{tag}']['ms']
+        for layout in ('cl', 'nchw') for tag in ('plain', 'cbam')
+        if f'torch_{layout}_{tag}' in impls}
+    rows.append(row)
+    print(f'{name} b{batch} {size}px: ' + ' | '.join(
+        f'{k} {v["ms"]:.1f} ms' for k, v in impls.items()), flush=True)
+  return rows
+
+
+def run_memory(cases) -> list[dict[str, Any]]:
+  rows = []
+  for name, fields, batch, size in cases:
+    row: dict[str, Any] = {'model': name, 'batch': batch, 'image_size': size}
+    for attention in (None, 'cbam'):
+      step, args = _jax_model_setup(name, fields, attention, batch, size)
+      compiled, _ = compile_jax(step, args, (0, 1, 2),
+                                cache_key=(name, repr(fields), attention, batch, size))
+      stats = compiled.memory_analysis()
+      tag = 'cbam' if attention else 'plain'
+      # XLA:CPU reports no real peak (peak_memory_in_bytes is the argument size there), so
+      # the peak is bounded by everything live at once: arguments + outputs + temporaries.
+      live = (stats.argument_size_in_bytes + stats.output_size_in_bytes +
+              stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+      row[tag] = {
+          'peak_mb': live / 2**20,
+          'xla_peak_mb': getattr(stats, 'peak_memory_in_bytes', 0) / 2**20,
+          'temp_mb': stats.temp_size_in_bytes / 2**20,
+          'argument_mb': stats.argument_size_in_bytes / 2**20,
+          'output_mb': stats.output_size_in_bytes / 2**20,
+      }
+    row['cbam_ratio'] = (row['cbam']['peak_mb'] / row['plain']['peak_mb']
+                         if row['plain']['peak_mb'] else None)
+    rows.append(row)
+    print(f'{name} b{batch}: peak {row["plain"]["peak_mb"]:.0f} MB plain, '
+          f'{row["cbam"]["peak_mb"]:.0f} MB with CBAM', flush=True)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def environment() -> dict[str, Any]:
+  cpu = platform.processor() or platform.machine()
+  try:
+    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+    cpu = next((line.split(':', 1)[1].strip() for line in lscpu.splitlines()
+                if line.startswith('Model name')), cpu)
+  except OSError:
+    pass
+  torch = _torch()
+  return {
+      'cpu': cpu, 'cpu_count': _usable_cpus(), 'python': platform.python_version(),
+      'jax': jax.__version__, 'backend': jax.default_backend(),
+      'torch': None if torch is None else torch.__version__,
+      'torch_threads': None if torch is None else torch.get_num_threads(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'command': 'python -m experiments.benchmark ' + ' '.join(sys.argv[1:]),
+  }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+  return '-' if value is None else f'{value:.{digits}f}'
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+  env = results['environment']
+  lines = [f'Command: `{env["command"]}`  ', f'CPU: {env["cpu"]} ({env["cpu_count"]} cores), '
+           f'jax {env["jax"]}, torch {env["torch"] or "not installed"}', '']
+  if results.get('module'):
+    lines += ['### CBAM module (official: spatial BN; forward eval, fwd+bwd train), ms', '',
+              '| shape | mode | floor | cbam_jax | xla conv | paper | naive Flax | torch CL '
+              '| torch NCHW | GB/s | vs floor | vs naive | vs torch CL | vs torch NCHW |',
+              '|' + '---|' * 14]
+    for row in results['module']:
+      impls = row['impls']
+      for mode in ('forward', 'fwd_bwd'):
+        head = impls['cbam_jax'][mode]
+        ms = lambda name, mode=mode, impls=impls: (
+            impls[name][mode]['ms'] if name in impls else None)
+        lines.append('| ' + ' | '.join([
+            'x'.join(map(str, row['shape'])), mode, _fmt(row['floor_ms']),
+            _fmt(ms('cbam_jax')), _fmt(ms('xla')), _fmt(ms('paper')), _fmt(ms('naive')),
+            _fmt(ms('torch_cl')), _fmt(ms('torch_nchw')), _fmt(head['gb_per_s'], 1),
+            _fmt(head['vs_floor']), _fmt(head.get('vs_naive')), _fmt(head.get('vs_torch_cl')),
+            _fmt(head.get('vs_torch_nchw'))]) + ' |')
+    lines.append('')
+  if results.get('models'):
+    lines += ['### Training step (SGD momentum), ms (images/s)', '',
+              '| model | batch | JAX | JAX+CBAM | torch CL | torch CL+CBAM | torch NCHW '
+              '| torch NCHW+CBAM | CBAM overhead JAX | JAX/torch CL (CBAM) |', '|' + '---|' * 10]
+    for row in results['models']:
+      impls = row['impls']
+      cell = lambda name, impls=impls: (
+          f'{impls[name]["ms"]:.1f} ({impls[name]["images_per_s"]:.0f})' if name in impls
+          else '-')
+      lines.append('| ' + ' | '.join([
+          f'{row["model"]} {row["image_size"]}px', str(row['batch']), cell('jax_plain'),
+          cell('jax_cbam'), cell('torch_cl_plain'), cell('torch_cl_cbam'),
+          cell('torch_nchw_plain'), cell('torch_nchw_cbam'),
+          _fmt(row['cbam_overhead'].get('jax')), _fmt(row['jax_vs_torch'].get('cl_cbam'))])
+          + ' |')
+    lines.append('')
+  if results.get('memory'):
+    lines += ['### Training-step memory (XLA buffer assignment), MB', '',
+              '| model | batch | peak | peak with CBAM | ratio |', '|---|---|---|---|---|']
+    for row in results['memory']:
+      lines.append(f'| {row["model"]} {row["image_size"]}px | {row["batch"]} | '
+                   f'{row["plain"]["peak_mb"]:.0f} | {row["cbam"]["peak_mb"]:.0f} | '
+                   f'{_fmt(row["cbam_ratio"])} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--tiny', action='store_true', help='tiny shapes and models (CI)')
+  parser.add_argument('--out', type=pathlib.Path, help='write results.json and results.md here')
+  parser.add_argument('--only', action='append', choices=SECTIONS,
+                      help='run only this section (repeatable); default: all')
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed calls per case (default 10, 2 with --tiny)')
+  parser.add_argument('--shape', action='append', type=_shape, dest='shapes',
+                      help='module shape B,H,W,C (repeatable); default: the standard list')
+  parser.add_argument('--model', action='append', choices=[c[0] for c in MODEL_CASES],
+                      help='only this model (repeatable)')
+  args = parser.parse_args(argv)
+  repeats = args.repeats or (2 if args.tiny else 10)
+  if repeats < 1:
+    parser.error('--repeats must be >= 1')
+  sections = args.only or list(SECTIONS)
+  module_shapes = args.shapes or (TINY_MODULE_SHAPES if args.tiny else MODULE_SHAPES)
+  model_cases = TINY_MODEL_CASES if args.tiny else MODEL_CASES
+  if args.model:
+    model_cases = tuple(case for case in model_cases if case[0] in args.model)
+  if args.tiny:
+    # CI boxes are small and shared: oneDNN's spinning worker threads make tiny torch ops
+    # 100x slower under load, and tiny mode checks the plumbing, not the speed.
+    _TORCH_THREADS[0] = 1
+
+  results: dict[str, Any] = {'environment': environment(), 'tiny': args.tiny,
+                             'repeats': repeats}
+  if 'module' in sections:
+    results['module'] = run_module(module_shapes, repeats, args.tiny)
+  if 'models' in sections:
+    results['models'] = run_models(model_cases, repeats)
+  if 'memory' in sections:
+    results['memory'] = run_memory(model_cases)
+  markdown = to_markdown(results)
+  print(markdown)
+  if args.out is not None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'results.json').write_text(json.dumps(results, indent=2, default=_jsonable))
+    (args.out / 'results.md').write_text(markdown)
+  return results
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, (np.generic,)):
+    return value.item()
+  if isinstance(value, tuple):
+    return list(value)
+  raise TypeError(f'not JSON serialisable: {type(value).__name__}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,54 @@
+"""The benchmark suite runs end to end in its tiny CI mode and writes its reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import benchmark
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
+  results = benchmark.main(['--tiny', '--out', str(tmp_path)])
+
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['tiny'] is True
+  assert saved['environment']['jax'] and saved['environment']['cpu_count'] >= 1
+  (row,) = saved['module']
+  assert row['shape'] == list(benchmark.TINY_MODULE_SHAPES[0])
+  assert row['floor_ms'] > 0
+  for name in ('cbam_jax', 'naive'):
+    for mode in ('forward', 'fwd_bwd'):
+      assert row['impls'][name][mode]['ms'] > 0
+      assert row['impls'][name][mode]['compile_s'] > 0
+  head = row['impls']['cbam_jax']['forward']
+  assert head['vs_floor'] == pytest.approx(head['ms'] / row['floor_ms'])
+  assert head['vs_naive'] == pytest.approx(head['ms'] / row['impls']['naive']['forward']['ms'])
+
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    assert 'torch_cl' not in row['impls']
+  else:  # PyTorch columns sit beside the JAX ones.
+    assert row['impls']['torch_cl']['forward']['ms'] > 0
+    assert row['impls']['torch_nchw']['fwd_bwd']['ms'] > 0
+    assert 'vs_torch_cl' in head
+
+  (model,) = saved['models']
+  assert {'jax_plain', 'jax_cbam'} <= set(model['impls'])
+  assert model['cbam_overhead']['jax'] == pytest.approx(
+      model['impls']['jax_cbam']['ms'] / model['impls']['jax_plain']['ms'])
+  (memory,) = saved['memory']
+  assert memory['cbam']['peak_mb'] > 0 and memory['plain']['peak_mb'] > 0
+
+  markdown = (tmp_path / 'results.md').read_text()
+  assert '| 2x8x8x32 | forward |' in markdown
+  assert 'Training step' in markdown and 'memory' in markdown
+  assert results['module'][0]['floor_ms'] == saved['module'][0]['floor_ms']
+
+
+def test_bad_shape_is_rejected():
+  with pytest.raises(SystemExit):
+    benchmark.main(['--shape', '2,8,8'])

@@ -1,0 +1,217 @@
+"""The fast spatial-conv paths give the ``lax.conv`` reference's numbers and gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from cbam_jax import functional as F
+from cbam_jax import layers
+from cbam_jax._fast_pool import mean_max
+from cbam_jax._fast_spatial import batched_spatial_logits, channel_pool_planes
+from cbam_jax._spatial_conv import resolve_impl, spatial_conv, spatial_conv_planes
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+# (batch, spatial, kernel_size): 1-D, 2-D and 3-D; sizes smaller than the kernel, even and
+# odd sizes, kernels 3/5/7 and mixed; a width over the 64-wide kernel-gradient block.
+CONV_CASES = (
+    ('1d_shorter_than_k7', 2, (3,), (7,)),
+    ('2d_k7_even', 2, (6, 8), (7, 7)),
+    ('2d_k5_odd_h_w_below_k', 3, (3, 5), (5, 5)),
+    ('2d_mixed_k_wide_blocks', 1, (2, 70), (3, 5)),
+    ('3d_mixed_below_k', 1, (2, 5, 3), (5, 3, 7)),
+)
+
+
+def _random(key_index: int, shape, scale: float = 1.0) -> jax.Array:
+  return scale * jax.random.normal(jax.random.PRNGKey(key_index), shape, jnp.float32)
+
+
+def _value_and_grads(conv, planes, kernel, cotangent):
+  return jax.value_and_grad(lambda p, k: jnp.vdot(conv(p, k), cotangent), argnums=(0, 1))(
+      planes, kernel), conv(planes, kernel)
+
+
+class SpatialConvPlanesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*CONV_CASES)
+  def test_shift_matches_xla_outputs_and_gradients(self, batch, spatial, kernel_size):
+    planes = _random(0, (2, batch, *spatial))
+    kernel = _random(1, (*kernel_size, 2, 1), 0.3)
+    cotangent = _random(2, (batch, *spatial))
+    results = {
+        impl: jax.jit(functools.partial(
+            _value_and_grads, functools.partial(spatial_conv_planes, impl=impl)))(
+                planes, kernel, cotangent)
+        for impl in ('xla', 'shift')}
+    (_, (grad_planes_ref, grad_kernel_ref)), out_ref = results['xla']
+    (_, (grad_planes, grad_kernel)), out = results['shift']
+    self.assertEqual(out.shape, (batch, *spatial))
+    chex.assert_trees_all_close(out, out_ref, **TOL)
+    chex.assert_trees_all_close(grad_planes, grad_planes_ref, **TOL)
+    chex.assert_trees_all_close(grad_kernel, grad_kernel_ref, **TOL)
+
+  def test_kernel_gradient_matches_float64_sum(self):
+    # Independent of XLA's conv: the defining sum in numpy float64.
+    planes = np.asarray(_random(3, (2, 2, 5, 6)), np.float64)
+    grad = np.asarray(_random(4, (2, 5, 6)), np.float64)
+    kernel = _random(5, (3, 5, 2, 1))
+    _, vjp = jax.vjp(lambda k: spatial_conv_planes(jnp.asarray(planes, jnp.float32), k,
+                                                   impl='shift'), kernel)
+    (grad_kernel,) = vjp(jnp.asarray(grad, jnp.float32))
+    padded = np.pad(planes, [(0, 0), (0, 0), (1, 1), (2, 2)])
+    expected = np.zeros((3, 5, 2, 1))
+    for i in range(3):
+      for j in range(5):
+        expected[i, j, :, 0] = np.einsum('cbyx,byx->c', padded[:, :, i:i + 5, j:j + 6], grad)
+    np.testing.assert_allclose(grad_kernel, expected, atol=1e-5, rtol=1e-5)
+
+  def test_computes_in_float32_and_returns_promoted_dtype(self):
+    planes = _random(6, (2, 2, 6, 6)).astype(jnp.bfloat16)
+    kernel = _random(7, (3, 3, 2, 1)).astype(jnp.bfloat16)
+    out = spatial_conv_planes(planes, kernel, impl='shift')
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    ref = spatial_conv_planes(planes.astype(jnp.float32), kernel.astype(jnp.float32),
+                              impl='xla')
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref, atol=0.1, rtol=0.02)
+
+  def test_unknown_impl_is_rejected(self):
+    with self.assertRaisesRegex(ValueError, 'impl'):
+      spatial_conv_planes(jnp.zeros((2, 1, 4, 4)), jnp.zeros((3, 3, 2, 1)), impl='fft')
+
+  def test_auto_picks_shift_on_cpu(self):
+    self.assertEqual(jax.default_backend(), 'cpu')
+    self.assertEqual(resolve_impl('auto'), 'shift')
+    self.assertEqual(resolve_impl('xla'), 'xla')
+
+
+def _single_example_loss(impl, pooled, kernel, cotangent):
+  out = jax.vmap(lambda example: spatial_conv(example, kernel, impl=impl))(pooled)
+  return jnp.vdot(out, cotangent)
+
+
+class SingleExampleConvTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shift_matches_xla_under_vmap_1d(self):
+    pooled, kernel, cotangent = _random(8, (3, 6, 2)), _random(9, (5, 2, 1)), _random(10, (3, 6))
+    grads = {impl: self.variant(jax.value_and_grad(
+        functools.partial(_single_example_loss, impl), argnums=(0, 1)))(
+            pooled, kernel, cotangent) for impl in ('xla', 'shift')}
+    chex.assert_trees_all_close(grads['shift'], grads['xla'], **TOL)
+
+
+class BatchedSpatialLogitsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(('no_bias', False), ('bias', True))
+  def test_matches_vmapped_functional_reference(self, with_bias):
+    x = _random(11, (2, 5, 9, 6))
+    params = {'conv_kernel': _random(12, (7, 7, 2, 1), 0.3)}
+    if with_bias:
+      params['conv_bias'] = jnp.array([0.25])
+    reference = jax.vmap(lambda e: F.spatial_logits(params, e, impl='xla'))(x)
+    fast = batched_spatial_logits(params, x, impl='shift')
+    self.assertEqual(fast.dtype, jnp.float32)
+    chex.assert_trees_all_close(fast, reference, **TOL)
+
+  def test_planes_are_channel_mean_then_max(self):
+    x = _random(13, (2, 3, 4, 5))
+    planes = channel_pool_planes(x)
+    chex.assert_trees_all_close(planes, jnp.moveaxis(jax.vmap(F.channel_pool)(x), -1, 0))
+
+  def test_kernel_rank_mismatch_is_a_clear_error(self):
+    with self.assertRaisesRegex(ValueError, 'kernel'):
+      batched_spatial_logits({'conv_kernel': jnp.zeros((3, 3, 2, 1))}, jnp.zeros((2, 5, 4)),
+                             impl='shift')
+
+
+class ModuleFastPathTest(parameterized.TestCase):
+  """``CBAM(conv_impl=...)``: the fast path is invisible in outputs and gradients."""
+
+  @parameterized.named_parameters(
+      ('official_2d_train', (2, 6, 5, 32), dict(spatial_norm=True), True),
+      ('official_eval_map_below_k', (2, 3, 2, 16), dict(spatial_norm=True), False),
+      ('parallel_3d_k3', (1, 3, 4, 5, 16), dict(kernel_size=3, order='parallel'), True),
+  )
+  def test_fast_module_matches_xla_module(self, shape, fields, train):
+    x = _random(14, shape)
+    cotangent = _random(15, shape)
+    reference = layers.CBAM(conv_impl='xla', **fields)
+    variables = reference.init(jax.random.PRNGKey(16), x)
+    if 'batch_stats' in variables:  # Non-trivial running statistics for eval mode.
+      variables = {**variables,
+                   'batch_stats': jax.tree.map(lambda v: v + 0.3, variables['batch_stats'])}
+
+    def loss(module, params, x):
+      out, _ = module.apply({**variables, 'params': params}, x, train=train,
+                            mutable=['batch_stats'])
+      return jnp.vdot(out, cotangent), out
+
+    results = {}
+    for impl in ('xla', 'shift'):  # 'auto' is 'shift' on CPU (test_auto_picks_shift_on_cpu).
+      module = layers.CBAM(conv_impl=impl, **fields)
+      results[impl] = jax.jit(jax.value_and_grad(
+          functools.partial(loss, module), argnums=(0, 1), has_aux=True))(
+              variables['params'], x)
+    chex.assert_trees_all_close(results['shift'], results['xla'], **TOL)
+
+
+def test_shift_gradient_matches_finite_differences():
+  # Guards the hand-written VJP against a sign or flip error that no comparison with a
+  # shared reference would catch.
+  planes, cotangent = _random(17, (2, 1, 4, 5)), _random(19, (1, 4, 5))
+  kernel = _random(18, (3, 3, 2, 1), 0.5)
+  loss = jax.jit(lambda p, k: jnp.vdot(spatial_conv_planes(p, k, impl='shift'), cotangent))
+  grad_planes, grad_kernel = jax.grad(loss, argnums=(0, 1))(planes, kernel)
+  eps = 1e-2
+  for argument, grad, index in ((0, grad_planes, (1, 0, 0, 4)), (1, grad_kernel, (0, 2, 1, 0))):
+    args = [planes, kernel]
+    bump = jnp.zeros_like(args[argument]).at[index].set(eps)
+    plus = loss(*[a + bump if i == argument else a for i, a in enumerate(args)])
+    minus = loss(*[a - bump if i == argument else a for i, a in enumerate(args)])
+    np.testing.assert_allclose(grad[index], (plus - minus) / (2 * eps), rtol=1e-3, atol=1e-3)
+
+
+class MeanMaxTest(chex.TestCase):
+
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(
+      ('minor', (-1,)), ('spatial', (1, 2)), ('all_but_batch', (1, 2, 3)))
+  def test_values_and_gradients_match_jnp_with_ties(self, axes):
+    # Clipped values give many tied maxima: the gradient must split evenly among them.
+    x = jnp.minimum(jnp.round(_random(20, (2, 3, 4, 5)) * 2) / 2, 0.5)
+    cot_mean = _random(21, jnp.mean(x, axis=axes).shape)
+    cot_max = _random(22, cot_mean.shape)
+
+    def loss(pool, x):
+      mean, maximum = pool(x)
+      return jnp.vdot(mean, cot_mean) + jnp.vdot(maximum, cot_max)
+
+    reference = lambda x: (jnp.mean(x, axis=axes), jnp.max(x, axis=axes))
+    fast = lambda x: mean_max(x, axes)
+    chex.assert_trees_all_close(self.variant(fast)(x), reference(x), **TOL)
+    chex.assert_trees_all_close(
+        self.variant(jax.grad(functools.partial(loss, fast)))(x),
+        jax.grad(functools.partial(loss, reference))(x), **TOL)
+    # Ties really occurred, so the split is exercised.
+    counts = jnp.sum(x == jnp.max(x, axis=axes, keepdims=True), axis=axes)
+    self.assertGreater(int(jnp.max(counts)), 1)
+
+  def test_keeps_bfloat16(self):
+    x = _random(23, (2, 3, 4)).astype(jnp.bfloat16)
+    grad = jax.grad(lambda x: jnp.sum(mean_max(x, (-1,))[1].astype(jnp.float32)))(x)
+    self.assertEqual(grad.dtype, jnp.bfloat16)
+
+
+def test_configure_cpu_refuses_once_jax_has_started():
+  from cbam_jax import perf
+  jnp.ones(1).block_until_ready()  # The backend is up, so new XLA flags would be ignored.
+  with pytest.raises(RuntimeError, match='before JAX starts'):
+    perf.configure_cpu(['--xla_cpu_use_onednn=true'])
