@@ -1,0 +1,633 @@
+"""The training job behind ``experiments/train.py``: state, optimiser, steps and the loop.
+
+Data parallel with ``jax.jit`` over a 1-D mesh (see ``experiments/distributed.py``).
+Resuming is exact: the train state (including the running sums of the epoch's train
+metrics) is checkpointed, and the input pipeline yields the same batches from any
+``(epoch, step)``, so a run killed and restarted from its latest checkpoint ends with the
+same parameters and metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from cbam_jax import models
+from experiments import checkpointing, distributed, input_pipeline
+from experiments.configs import NO_ATTENTION
+
+PyTree = Any
+
+# metrics.jsonl keys that measure speed rather than results (they differ between runs).
+TIMING_KEYS = ('images_per_sec', 'input_wait_fraction', 'epoch_seconds', 'compile_seconds',
+               'wall_time')
+METRICS_FILE = 'metrics.jsonl'
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (all replicated across devices).
+
+  Attributes:
+    step: int32 scalar, optimiser steps taken.
+    params: the model's ``'params'`` collection.
+    batch_stats: the model's ``'batch_stats'`` collection (BatchNorm running averages).
+    opt_state: the optax state.
+    epoch_sums: float32 scalars ``loss`` (sum of per-example losses), ``correct`` and
+      ``count`` since the start of the current epoch; checkpointed so that a resumed epoch
+      reports the same train metrics as an uninterrupted one.
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  epoch_sums: dict[str, jax.Array]
+
+  def to_dict(self) -> dict[str, PyTree]:
+    return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+  @classmethod
+  def from_dict(cls, tree: Mapping[str, PyTree]) -> TrainState:
+    return cls(**tree)
+
+
+def zero_epoch_sums() -> dict[str, jax.Array]:
+  return {name: jnp.zeros((), jnp.float32) for name in ('loss', 'correct', 'count')}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def attention_from_config(value: Any) -> str | None:
+  """``config.model.attention`` -> a registry name, or None for 'none'/''/None."""
+  if value is None or (isinstance(value, str) and value.strip().lower() in NO_ATTENTION):
+    return None
+  return value
+
+
+def model_fields(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """JSON-able description of the model: ``{'name': ..., field: value, ...}``.
+
+  Saved with every checkpoint; :func:`model_from_fields` rebuilds the module from it.
+  """
+  fields = config.model.to_dict()
+  if 'name' not in fields:
+    raise ValueError('config.model.name is missing; set it to one of '
+                     f'{", ".join(models.available_models())}.')
+  fields['attention'] = attention_from_config(fields.get('attention'))
+  fields['num_classes'] = int(num_classes)
+  dtype = fields.get('dtype', 'float32')
+  if dtype not in _DTYPES:
+    raise ValueError(f'config.model.dtype={dtype!r} is not supported; use one of '
+                     f'{", ".join(_DTYPES)}.')
+  return fields
+
+
+def model_from_fields(fields: Mapping[str, Any]) -> nn.Module:
+  """The module described by :func:`model_fields` (e.g. read from a checkpoint)."""
+  fields = dict(fields)
+  name = fields.pop('name')
+  fields['dtype'] = _DTYPES[fields.get('dtype', 'float32')]
+  for key, value in fields.items():  # JSON turns tuples into lists; modules want tuples.
+    if isinstance(value, list):
+      fields[key] = tuple(value)
+  try:
+    return models.create_model(name, **fields)
+  except TypeError as error:
+    raise ValueError(f'config.model has a field the model {name!r} does not take: {error}. '
+                     'Fields of config.model other than name are ResNet fields.') from error
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup, then 'cosine' to zero, 'step' decay or 'constant'."""
+  peak = config.learning_rate
+  if config.lr_reference_batch_size:
+    peak *= config.global_batch_size / config.lr_reference_batch_size
+  total_steps = config.num_epochs * steps_per_epoch
+  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0)
+  if config.schedule == 'step':
+    boundaries = {int(epoch * steps_per_epoch): config.lr_decay_factor
+                  for epoch in config.lr_decay_epochs}
+    after_warmup = optax.piecewise_constant_schedule(
+        peak, {step - warmup_steps: factor for step, factor in boundaries.items()
+               if step > warmup_steps})
+  elif config.schedule == 'constant':
+    after_warmup = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f'config.schedule={config.schedule!r} is not one of cosine, step, '
+                     'constant.')
+  if not warmup_steps:
+    return after_warmup
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, after_warmup], [warmup_steps])
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """True for kernels (2+ dims); biases and normalisation scales/offsets are not decayed."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """``(optimiser, learning-rate schedule)`` for ``config``."""
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  parts = []
+  if config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.optimizer == 'sgd':
+    if config.weight_decay:
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
+                           nesterov=bool(config.nesterov and config.momentum)))
+  elif config.optimizer == 'adamw':
+    parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+  else:
+    raise ValueError(f'config.optimizer={config.optimizer!r} is not one of sgd, adamw.')
+  return optax.chain(*parts), schedule
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy. ``logits (B, K)``, int ``labels (B,)`` -> ``(B,)``."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, label_smoothing: float) -> TrainState:
+  """One optimiser step on a global batch ``{'image': (B, H, W, C), 'label': (B,)}``."""
+
+  def loss_fn(params):
+    logits, updates = model.apply(_variables(params, state.batch_stats), batch['image'],
+                                  train=True, mutable=['batch_stats'])
+    losses = cross_entropy(logits, batch['label'], label_smoothing)
+    return jnp.mean(losses), (losses, logits, updates.get('batch_stats', {}))
+
+  (_, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  correct = jnp.sum(jnp.argmax(logits, -1) == batch['label'])
+  sums = state.epoch_sums
+  epoch_sums = {'loss': sums['loss'] + jnp.sum(losses),
+                'correct': sums['correct'] + correct.astype(jnp.float32),
+                'count': sums['count'] + jnp.float32(losses.shape[0])}
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                    opt_state=opt_state, epoch_sums=epoch_sums)
+
+
+def eval_step(params: PyTree, batch_stats: PyTree, batch: Mapping[str, jax.Array], *,
+              model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the real (``mask == 1``) examples of a batch: loss, top1, top5, count."""
+  logits = model.apply(_variables(params, batch_stats), batch['image'], train=False)
+  labels, mask = batch['label'], batch['mask']
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  in_top_k = jnp.any(top_k == labels[:, None], axis=-1)
+  return {'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+          'top1': jnp.sum((top_k[:, 0] == labels) * mask),
+          'top5': jnp.sum(in_top_k * mask),
+          'count': jnp.sum(mask)}
+
+
+def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], params: PyTree, batch_stats: PyTree,
+             batches: Iterator[Mapping[str, np.ndarray]], mesh) -> dict[str, float]:
+  """Top-1/top-5 accuracy and mean loss over every eval batch (all hosts)."""
+  totals = None
+  for local_batch in batches:
+    batch = distributed.global_batch(local_batch, mesh, ('image', 'label', 'mask'))
+    sums = eval_fn(params, batch_stats, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('The evaluation split is empty; set config.eval_split or '
+                     'config.holdout_fraction > 0.')
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'eval_loss': float(totals['loss']) / count, 'eval_top1': float(totals['top1']) / count,
+          'eval_top5': float(totals['top5']) / count}
+
+
+# --------------------------------------------------------------------------- state
+
+
+def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int) -> dict[str, PyTree]:
+  return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32),
+                    train=False)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape: Sequence[int], seed: int) -> TrainState:
+  variables = init_variables(model, image_shape, seed)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    epoch_sums=zero_epoch_sums())
+
+
+def load_pretrained(path: str) -> tuple[dict[str, PyTree], dict[str, Any] | None]:
+  """``({'params', 'batch_stats'}, model description or None)`` from a checkpoint folder.
+
+  Accepts: a folder written by ``python -m cbam_jax.convert`` (``model.json`` +
+  ``variables/``); a workdir / checkpoints folder / step folder of this trainer (its
+  latest step); or a plain orbax PyTree checkpoint of ``{'params', 'batch_stats'}``.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'config.init_from={path!r} is not a directory; point it at a '
+                            'checkpoint written by this trainer or by cbam_jax.convert.')
+  description = None
+  converted = os.path.join(path, 'variables')
+  if os.path.isfile(os.path.join(path, 'model.json')) and os.path.isdir(converted):
+    with open(os.path.join(path, 'model.json')) as f:
+      description = json.load(f).get('model')
+    path = converted
+  else:
+    directory, step = checkpointing.find_checkpoint(path)
+    if step is not None or (os.path.isdir(directory) and any(
+        name.isdigit() for name in os.listdir(directory))):
+      ckpts = checkpointing.Checkpoints(directory, read_only=True)
+      step = ckpts.latest_step() if step is None else step
+      state, meta = ckpts.restore(step, None)
+      ckpts.close()
+      return ({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
+              meta.get('model'))
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(path)
+  if 'params' not in tree:
+    raise ValueError(f'{path} holds no \'params\' entry (keys: {sorted(tree)}); expected '
+                     'a checkpoint of {\'params\', \'batch_stats\'}.')
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}, description
+
+
+def merge_pretrained(fresh: PyTree, pretrained: PyTree, what: str) -> tuple[PyTree, list[str]]:
+  """``fresh`` with every array of matching path and shape taken from ``pretrained``.
+
+  Returns:
+    ``(merged, skipped)``: ``skipped`` lists the paths kept from ``fresh`` (absent from
+    ``pretrained`` or of another shape, e.g. a classifier head for other classes).
+  """
+  flat_pretrained = {jax.tree_util.keystr(path): leaf for path, leaf in
+                     jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  skipped = []
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    source = flat_pretrained.get(key)
+    if source is None or tuple(np.shape(source)) != tuple(leaf.shape):
+      skipped.append(f'{what}{key}')
+      return leaf
+    return jnp.asarray(source, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(pick, fresh), skipped
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+  """``metrics.jsonl`` (one JSON object per epoch) and TensorBoard scalars, process 0 only."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = enabled
+    self._writer = None
+    if enabled and tensorboard:
+      self._writer = _TensorBoardWriter(os.path.join(workdir, 'tensorboard'))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines written after the checkpoint being resumed from (they are redone)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)['step'] <= step]
+    if len(kept) != len(lines):
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._writer is not None:
+      self._writer.scalars(record['step'], {k: v for k, v in record.items()
+                                            if k not in ('epoch', 'step', 'wall_time')})
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of ``<workdir>/metrics.jsonl``, in order."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class _TensorBoardWriter:
+  """Scalar event files through ``tf.summary.write`` (no ``tensorboard`` package needed)."""
+
+  def __init__(self, logdir: str):
+    import tensorflow as tf  # Heavy import; only when TensorBoard output is on.
+    from tensorflow.core.framework import summary_pb2
+
+    self._tf = tf
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+    self._writer = tf.summary.create_file_writer(logdir)
+
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    with self._writer.as_default():
+      for name, value in values.items():
+        if isinstance(value, (int, float)):
+          self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32),
+                                 step=step, metadata=self._metadata)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class _Progress:
+  """tqdm bar per epoch with loss / accuracy / images per second (process 0 only)."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = enabled
+    self._bar = None
+
+  def start(self, epoch: int, num_epochs: int, steps: int, initial: int) -> None:
+    if self.enabled:
+      import tqdm
+
+      self._bar = tqdm.tqdm(total=steps, initial=initial, desc=f'epoch {epoch}/{num_epochs}',
+                            unit='step', leave=True, dynamic_ncols=True)
+
+  def update(self, n: int, **postfix: Any) -> None:
+    if self._bar is not None:
+      if postfix:
+        self._bar.set_postfix(postfix, refresh=False)
+      self._bar.update(n)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  if config.num_epochs < 1:
+    raise ValueError(f'config.num_epochs must be >= 1; got {config.num_epochs}.')
+  if config.checkpoint_every_steps < 0:
+    raise ValueError('config.checkpoint_every_steps must be >= 0 (0 = at epoch ends only).')
+  if config.eval_every_epochs < 1:
+    raise ValueError('config.eval_every_epochs must be >= 1.')
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ValueError(f'config.label_smoothing must be in [0, 1); got {config.label_smoothing}.')
+
+
+def _check_same_model(expected: Mapping[str, Any], directory: str) -> Callable[[dict], None]:
+  def check(meta: dict) -> None:
+    saved = meta.get('model')
+    if saved is not None and saved != json.loads(json.dumps(dict(expected))):
+      raise ValueError(
+          f'The checkpoints in {directory} are of another model ({saved}) than this config '
+          f'asks for ({dict(expected)}). Use a new --workdir, or the config they were made '
+          'with.')
+  return check
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains (resuming from ``workdir`` if it holds checkpoints) and evaluates every epoch.
+
+  Args:
+    config: see ``experiments/configs/__init__.py``.
+    workdir: checkpoints, ``metrics.jsonl``, TensorBoard events and ``config.json`` go here.
+    devices: the devices to train on (default: all devices of all processes).
+
+  Returns:
+    The last epoch's metrics record, plus ``'best_eval_top1'``.
+  """
+  _check_config(config)
+  start_time = time.time()
+  mesh = distributed.make_mesh(devices)
+  distributed.check_batch_divides(config.global_batch_size, mesh, 'global_batch_size')
+  eval_batch_size = config.get('eval_batch_size') or config.global_batch_size
+  distributed.check_batch_divides(eval_batch_size, mesh, 'eval_batch_size')
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_chief = process_index == 0
+  data = input_pipeline.create_input(config, process_index=process_index,
+                                     process_count=process_count)
+  info, steps_per_epoch = data.info, data.steps_per_epoch
+  if steps_per_epoch < 1:
+    raise ValueError(f'The training split has {info.num_train} examples, fewer than one batch '
+                     f'of global_batch_size={config.global_batch_size}; lower the batch size.')
+  total_steps = config.num_epochs * steps_per_epoch
+
+  fields = model_fields(config, info.num_classes)
+  model = model_from_fields(fields)
+  tx, schedule = create_optimizer(config, steps_per_epoch)
+  replicated = distributed.replicated(mesh)
+  batch_sharding = distributed.batch_sharded(mesh)
+
+  init = jax.jit(functools.partial(create_train_state, model, tx, info.image_shape,
+                                   config.seed), out_shardings=replicated)
+  abstract_state = jax.eval_shape(init)
+  state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+      abstract_state)
+
+  os.makedirs(workdir, exist_ok=True)
+  meta = {'config': json.loads(config.to_json_best_effort()), 'model': fields,
+          'dataset': {'name': config.dataset, 'num_classes': info.num_classes,
+                      'image_shape': list(info.image_shape),
+                      'class_names': list(info.class_names)}}
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(meta, f, indent=2)
+
+  ckpts = checkpointing.Checkpoints(checkpointing.checkpoint_dir(workdir),
+                                    keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpointing)
+  restored = ckpts.restore_latest(abstract_state.to_dict(),
+                                  check_meta=_check_same_model(fields, ckpts.directory))
+  if restored is not None:
+    step, state_dict, _ = restored
+    state = TrainState.from_dict(state_dict)
+    if is_chief:
+      print(f'Resuming from step {step} ({ckpts.directory}).', flush=True)
+  else:
+    # Initialisation runs once: compile it without LLVM optimisations (5-8x faster to
+    # compile on CPU; the values are deterministic for a given setting).
+    state = init.lower().compile(compiler_options={'xla_backend_optimization_level': 0})()
+    if config.init_from:
+      state = _init_from(state, config.init_from, replicated, is_chief)
+
+  metrics_log = MetricsLog(workdir, tensorboard=config.tensorboard, enabled=is_chief)
+  start_step = int(jax.device_get(state.step))
+  metrics_log.truncate_after(start_step)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=state_shardings)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                    in_shardings=(state_shardings.params, state_shardings.batch_stats,
+                                  batch_sharding), out_shardings=replicated)
+  # Compile ahead of time, so that step timings and images/s exclude compilation.
+  compile_start = time.perf_counter()
+  batch_spec = {
+      'image': jax.ShapeDtypeStruct((config.global_batch_size, *info.image_shape), jnp.float32,
+                                    sharding=batch_sharding),
+      'label': jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32,
+                                    sharding=batch_sharding)}
+  step_fn = step_fn.lower(abstract_state, batch_spec).compile()
+  compile_seconds = time.perf_counter() - compile_start
+
+  progress = _Progress(enabled=is_chief and config.progress_bar)
+  history = read_metrics(workdir) if is_chief and os.path.exists(metrics_log.path) else []
+  best_top1 = max((r['eval_top1'] for r in history if r.get('eval_top1') is not None),
+                  default=None)
+  record: dict[str, Any] = history[-1] if history else {}
+  try:
+    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+      first_step = max(start_step - epoch * steps_per_epoch, 0)
+      if first_step == 0:
+        state = state.replace(epoch_sums=jax.device_put(zero_epoch_sums(), replicated))
+      progress.start(epoch + 1, config.num_epochs, steps_per_epoch, first_step)
+      epoch_start = time.perf_counter()
+      input_wait = 0.0
+      shown = 0  # Steps of this epoch the progress bar already counts (past first_step).
+      step = epoch * steps_per_epoch + first_step
+      # A background thread prepares the next batches while the device computes.
+      with input_pipeline.prefetch(data.train_batches(epoch, first_step),
+                                   buffer_size=2) as batches:
+        while True:
+          fetch_start = time.perf_counter()
+          local_batch = next(batches, None)
+          if local_batch is None:
+            break
+          batch = distributed.global_batch(local_batch, mesh, ('image', 'label'))
+          input_wait += time.perf_counter() - fetch_start
+          state = step_fn(state, batch)
+          step += 1
+          if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+            sums = jax.device_get(state.epoch_sums)  # Waits for the device: not every step.
+            done = step - epoch * steps_per_epoch - first_step
+            rate = done * config.global_batch_size / (time.perf_counter() - epoch_start)
+            progress.update(done - shown, loss=f'{sums["loss"] / sums["count"]:.4f}',
+                            acc=f'{sums["correct"] / sums["count"]:.3f}', img_s=f'{rate:.0f}')
+            shown = done
+          if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+              and step % steps_per_epoch != 0):
+            ckpts.save(step, state.to_dict(), meta)
+      if step != (epoch + 1) * steps_per_epoch:
+        raise RuntimeError(f'The input pipeline yielded {step - epoch * steps_per_epoch} '
+                           f'batches in epoch {epoch}; expected {steps_per_epoch}.')
+      sums = jax.device_get(state.epoch_sums)
+      epoch_seconds = time.perf_counter() - epoch_start
+      progress.close()
+      record = {'epoch': epoch + 1, 'step': step,
+                'train_loss': float(sums['loss'] / sums['count']),
+                'train_accuracy': float(sums['correct'] / sums['count']),
+                'learning_rate': float(schedule(step - 1))}
+      if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+        record.update(evaluate(eval_fn, state.params, state.batch_stats,
+                               data.eval_batches(), mesh))
+        best_top1 = max(best_top1 or 0.0, record['eval_top1'])
+      images = (step - epoch * steps_per_epoch - first_step) * config.global_batch_size
+      record.update({'images_per_sec': images / max(epoch_seconds, 1e-9),
+                     'input_wait_fraction': input_wait / max(epoch_seconds, 1e-9),
+                     'epoch_seconds': epoch_seconds, 'compile_seconds': compile_seconds,
+                     'wall_time': time.time()})
+      metrics_log.write(record)
+      if is_chief:
+        print(_epoch_line(record, config.num_epochs), flush=True)
+      # After the metrics line: a checkpoint at step S implies that line S is on disk.
+      ckpts.save(step, state.to_dict(), meta,
+                 metrics={'eval_top1': record['eval_top1']} if 'eval_top1' in record else None)
+    ckpts.wait()
+  finally:
+    progress.close()
+    ckpts.close()
+    metrics_log.close()
+
+  record = dict(record)
+  record['best_eval_top1'] = best_top1
+  if is_chief:
+    print(_summary_line(record, total_steps, time.time() - start_time), flush=True)
+  return record
+
+
+def _init_from(state: TrainState, path: str, replicated, is_chief: bool) -> TrainState:
+  pretrained, _ = load_pretrained(path)
+  params, skipped_params = merge_pretrained(state.params, pretrained['params'], 'params')
+  batch_stats, skipped_stats = merge_pretrained(state.batch_stats,
+                                                pretrained.get('batch_stats', {}), 'batch_stats')
+  skipped = skipped_params + skipped_stats
+  if len(skipped_params) == len(jax.tree.leaves(state.params)):
+    raise ValueError(f'config.init_from={path!r}: no parameter matches this model by name '
+                     'and shape; is it a checkpoint of the same architecture?')
+  if is_chief:
+    print(f'Initialised from {path}; kept the fresh init for {len(skipped)} array(s)'
+          + (f': {", ".join(skipped[:8])}' if skipped else '') + '.', flush=True)
+  return state.replace(params=jax.device_put(params, replicated),
+                       batch_stats=jax.device_put(batch_stats, replicated))
+
+
+def _epoch_line(record: Mapping[str, Any], num_epochs: int) -> str:
+  line = (f'epoch {record["epoch"]}/{num_epochs} step {record["step"]}: '
+          f'train loss {record["train_loss"]:.4f} acc {record["train_accuracy"]:.4f}')
+  if 'eval_top1' in record:
+    line += (f' | eval loss {record["eval_loss"]:.4f} top-1 {record["eval_top1"]:.4f} '
+             f'top-5 {record["eval_top5"]:.4f}')
+  return line + (f' | {record["images_per_sec"]:.0f} img/s, input wait '
+                 f'{100 * record["input_wait_fraction"]:.1f}%')
+
+
+def _summary_line(record: Mapping[str, Any], total_steps: int, seconds: float) -> str:
+  if not record.get('step'):
+    return 'Done: no epochs run.'
+  parts = [f'Done: {record["epoch"]} epochs ({total_steps} steps)']
+  if record.get('eval_top1') is not None:
+    parts.append(f'eval top-1 {100 * record["eval_top1"]:.2f}% '
+                 f'top-5 {100 * record["eval_top5"]:.2f}%')
+  if record.get('best_eval_top1') is not None:
+    parts.append(f'best top-1 {100 * record["best_eval_top1"]:.2f}%')
+  if 'images_per_sec' in record:
+    parts.append(f'last epoch {record["images_per_sec"]:.0f} img/s')
+  parts.append(f'{seconds:.1f} s in this process')
+  return ', '.join(parts) + '.'

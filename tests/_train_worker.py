@@ -1,0 +1,66 @@
+"""Runs ``train_lib.train_and_evaluate`` in a subprocess for tests/test_train.py.
+
+  python tests/_train_worker.py WORKDIR CONFIG_JSON [--devices N] [--step_delay S]
+      [--coordinator HOST:PORT --num_processes N --process_id I]
+
+CONFIG_JSON is a JSON object of config overrides applied to the smoke config. ``--step_delay``
+sleeps that many seconds before each training batch (in the input iterator, so the numbers do
+not change) to give the kill-and-resume test time to kill the process mid-epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('workdir')
+  parser.add_argument('config_json')
+  parser.add_argument('--devices', type=int, default=1)
+  parser.add_argument('--step_delay', type=float, default=0.0)
+  parser.add_argument('--coordinator', default=None)
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
+  args = parser.parse_args()
+
+  import jax
+
+  jax.config.update('jax_num_cpu_devices', args.devices)
+  from experiments import distributed
+
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from experiments import input_pipeline, train_lib
+  from experiments.configs import smoke
+
+  config = smoke.get_config()
+  config.update_from_flattened_dict(json.loads(args.config_json))
+  if args.step_delay:
+    create_input = input_pipeline.create_input
+
+    def slow_create_input(*a, **k):
+      data = create_input(*a, **k)
+      train_batches = data.train_batches
+
+      def slow_train_batches(epoch, start_step=0):
+        for batch in train_batches(epoch, start_step):
+          time.sleep(args.step_delay)
+          yield batch
+
+      data.train_batches = slow_train_batches
+      return data
+
+    input_pipeline.create_input = slow_create_input
+  train_lib.train_and_evaluate(config, args.workdir)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,376 @@
+"""The training job: configs, optimiser, loop, checkpoints, resume, evaluation, errors.
+
+Tiny models on tiny images: the cost is compilation, so most tests use ``resnet_tiny``
+without attention on 16x16 images; the smoke-config test runs the CBAM model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import checkpointing, evaluate, train_lib
+from experiments.configs import smoke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, 'tests', '_train_worker.py')
+
+# 64 train / 32 eval examples of 16x16 'shapes', batches of 16: 4 steps per epoch.
+TINY = {
+    'image_size': 16, 'shapes.num_train': 64, 'shapes.num_eval': 32, 'global_batch_size': 16,
+    'eval_batch_size': 16, 'model.attention': 'none', 'num_epochs': 2,
+    'checkpoint_every_steps': 2, 'progress_bar': False, 'tensorboard': False,
+}
+
+
+def tiny_config(**overrides):
+  config = smoke.get_config()
+  config.update_from_flattened_dict({**TINY, **overrides})
+  return config
+
+
+def final_state(workdir: str, step: int | None = None) -> dict:
+  ckpts = checkpointing.Checkpoints(checkpointing.checkpoint_dir(workdir), read_only=True)
+  step = ckpts.latest_step() if step is None else step
+  state, _ = ckpts.restore(step, None)
+  ckpts.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def results(records: list[dict]) -> list[dict]:
+  """metrics.jsonl records without the speed measurements."""
+  return [{k: v for k, v in r.items() if k not in train_lib.TIMING_KEYS} for r in records]
+
+
+def run_worker(workdir, overrides, *, devices=1, step_delay=0.0, distributed=None,
+               compilation_cache=None):
+  command = [sys.executable, WORKER, str(workdir), json.dumps({**TINY, **overrides}),
+             '--devices', str(devices), '--step_delay', str(step_delay)]
+  if distributed:
+    command += ['--coordinator', distributed[0], '--num_processes', str(distributed[1]),
+                '--process_id', str(distributed[2])]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  if compilation_cache:  # Later runs of the same program skip compilation.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=240):
+  output, _ = process.communicate(timeout=timeout)
+  assert process.returncode == 0, output[-3000:]
+  return output
+
+
+# --------------------------------------------------------------------------- unit level
+
+
+class OptimizerTest(chex.TestCase):
+
+  def test_weight_decay_masks_biases_and_norms(self):
+    params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))}, 'bn': {'scale': jnp.ones((2,)),
+              'bias': jnp.ones((2,))}, 'fc': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones((3,))}}
+    config = tiny_config(weight_decay=0.5, learning_rate=1.0, momentum=0.0,
+                         lr_reference_batch_size=0, schedule='constant')
+    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=4)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    # With zero gradients only the decay moves parameters: -lr * wd * p on kernels only.
+    chex.assert_trees_all_close(updates['conv']['kernel'], -0.5 * params['conv']['kernel'])
+    chex.assert_trees_all_close(updates['fc']['kernel'], -0.5 * params['fc']['kernel'])
+    for leaf in (updates['bn']['scale'], updates['bn']['bias'], updates['fc']['bias']):
+      chex.assert_trees_all_close(leaf, jnp.zeros_like(leaf))
+
+  def test_step_schedule_warmup_and_batch_scaling(self):
+    config = tiny_config(schedule='step', learning_rate=0.1, lr_reference_batch_size=8,
+                         global_batch_size=16, warmup_epochs=1.0, num_epochs=10,
+                         lr_decay_epochs=(3, 6), lr_decay_factor=0.1)
+    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10)
+    # Peak 0.1 * 16 / 8 = 0.2, linear warmup over epoch 1, x0.1 at epochs 3 and 6.
+    np.testing.assert_allclose(
+        [schedule(s) for s in (0, 5, 10, 29, 30, 59, 60, 99)],
+        [0.0, 0.1, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-5)
+
+  def test_cosine_schedule_ends_at_zero(self):
+    schedule = train_lib.learning_rate_schedule(
+        tiny_config(learning_rate=0.4, lr_reference_batch_size=0, warmup_epochs=0.5,
+                    num_epochs=2), steps_per_epoch=4)
+    np.testing.assert_allclose([schedule(0), schedule(2), schedule(8)], [0.0, 0.4, 0.0],
+                               atol=1e-7)
+
+  def test_adamw_and_clipping(self):
+    params = {'kernel': jnp.ones((2, 2))}
+    config = tiny_config(optimizer='adamw', grad_clip_norm=1e-3, learning_rate=0.1,
+                         lr_reference_batch_size=0, schedule='constant', weight_decay=0.0)
+    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=4)
+    updates, _ = tx.update({'kernel': jnp.full((2, 2), 100.0)}, tx.init(params), params)
+    # Adam normalises the (clipped) gradient: the first step is -lr * sign(g).
+    chex.assert_trees_all_close(updates['kernel'], jnp.full((2, 2), -0.1), rtol=1e-3)
+
+  def test_unknown_optimizer_and_schedule(self):
+    with pytest.raises(ValueError, match='optimizer'):
+      train_lib.create_optimizer(tiny_config(optimizer='lamb'), 4)
+    with pytest.raises(ValueError, match='schedule'):
+      train_lib.create_optimizer(tiny_config(schedule='linear'), 4)
+
+  def test_label_smoothing_loss(self):
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    smooth = train_lib.cross_entropy(logits, jnp.array([0]), label_smoothing=0.3)
+    targets = jnp.array([[0.8, 0.1, 0.1]])
+    expected = -jnp.sum(targets * jax.nn.log_softmax(logits))
+    chex.assert_trees_all_close(smooth, expected[None], rtol=1e-6)
+
+
+def test_model_fields_attention_none_and_dtype():
+  config = tiny_config()
+  config.model.attention = 'None'
+  config.model.dtype = 'bfloat16'
+  fields = train_lib.model_fields(config, num_classes=6)
+  assert fields['attention'] is None and fields['num_classes'] == 6
+  model = train_lib.model_from_fields(json.loads(json.dumps(fields)))
+  assert model.attention is None and model.dtype == jnp.bfloat16
+  assert model.param_dtype == jnp.float32
+  config.model.dtype = 'float8'
+  with pytest.raises(ValueError, match='dtype'):
+    train_lib.model_fields(config, 6)
+
+
+# ml_collections loads config files with importlib's deprecated load_module().
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_config_files_and_command_line_overrides():
+  for name in ('default', 'cifar10', 'imagenet', 'smoke'):
+    argv = ['prog', f'--config={REPO}/experiments/configs/{name}.py',
+            '--config.model.attention=none', '--config.num_epochs=3']
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+    values(argv)
+    config = values.config
+    assert config.num_epochs == 3
+    assert train_lib.attention_from_config(config.model.attention) is None
+  imagenet = config_flags.config_flags._LoadConfigModule(
+      'imagenet', f'{REPO}/experiments/configs/imagenet.py').get_config()
+  assert (imagenet.model.name, imagenet.global_batch_size, imagenet.num_epochs,
+          imagenet.weight_decay, imagenet.momentum) == ('resnet50', 256, 90, 1e-4, 0.9)
+
+
+def test_merge_pretrained_keeps_mismatched_shapes():
+  fresh = {'conv': {'kernel': jnp.zeros((3, 3))}, 'fc': {'kernel': jnp.zeros((4, 6))}}
+  pretrained = {'conv': {'kernel': np.ones((3, 3))}, 'fc': {'kernel': np.ones((4, 10))}}
+  merged, skipped = train_lib.merge_pretrained(fresh, pretrained, 'params')
+  np.testing.assert_array_equal(merged['conv']['kernel'], np.ones((3, 3)))
+  np.testing.assert_array_equal(merged['fc']['kernel'], np.zeros((4, 6)))
+  assert skipped == ["params['fc']['kernel']"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_batch_that_does_not_divide_over_devices(tmp_path):
+  with pytest.raises(ValueError, match=r'global_batch_size=12 does not divide over 8 devices'):
+    train_lib.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
+  with pytest.raises(ValueError, match=r'eval_batch_size=20 does not divide'):
+    train_lib.train_and_evaluate(tiny_config(eval_batch_size=20), str(tmp_path))
+
+
+def test_missing_dataset(tmp_path):
+  config = tiny_config(dataset='folder', folder=str(tmp_path / 'no_such_folder'))
+  with pytest.raises(FileNotFoundError, match='no_such_folder'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
+
+
+def test_bad_config_key_on_the_command_line(tmp_path):
+  process = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/smoke.py',
+       f'--workdir={tmp_path}', '--config.num_epoch=3'],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert process.returncode != 0
+  last_line = process.stderr.strip().splitlines()[-1]
+  assert 'Bad config override (--config.num_epoch=3)' in last_line, process.stderr[-2000:]
+  assert 'Did you mean "num_epochs"' in last_line
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_smoke_config_end_to_end(tmp_path):
+  workdir = str(tmp_path)
+  config = smoke.get_config()
+  config.progress_bar = False
+  final = train_lib.train_and_evaluate(config, workdir)
+
+  records = train_lib.read_metrics(workdir)
+  steps_per_epoch = config.shapes.num_train // config.global_batch_size
+  assert [r['epoch'] for r in records] == list(range(1, config.num_epochs + 1))
+  assert [r['step'] for r in records] == [e * steps_per_epoch for e in (1, 2)]
+  for record in records:
+    for key in ('train_loss', 'train_accuracy', 'eval_loss', 'eval_top1', 'eval_top5',
+                'learning_rate', *train_lib.TIMING_KEYS):
+      assert np.isfinite(record[key]), (key, record)
+    assert 0 <= record['eval_top1'] <= record['eval_top5'] <= 1
+    assert 0 <= record['train_accuracy'] <= 1 and record['images_per_sec'] > 0
+    assert 0 <= record['input_wait_fraction'] <= 1
+  assert final['eval_top1'] == records[-1]['eval_top1']
+  assert final['best_eval_top1'] == max(r['eval_top1'] for r in records)
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    meta = json.load(f)
+  assert meta['model']['attention'] == 'cbam' and meta['model']['num_classes'] == 6
+  # Mid-epoch checkpoints every 4 steps plus epoch ends; the last 3 (+ the best) are kept.
+  steps = checkpointing.Checkpoints(checkpointing.checkpoint_dir(workdir),
+                                    read_only=True).all_steps()
+  assert steps[-1] == config.num_epochs * steps_per_epoch and len(steps) <= 4
+
+  # Evaluation-only mode rebuilds the model from the checkpoint and agrees with training.
+  latest = evaluate.evaluate_checkpoint(workdir, 'latest')
+  assert latest['step'] == records[-1]['step']
+  np.testing.assert_allclose([latest['eval_top1'], latest['eval_top5'], latest['eval_loss']],
+                             [records[-1][k] for k in ('eval_top1', 'eval_top5', 'eval_loss')],
+                             rtol=1e-5)
+  best = evaluate.evaluate_checkpoint(workdir, 'best')
+  assert best['eval_top1'] == max(r['eval_top1'] for r in records)
+  with pytest.raises(FileNotFoundError, match='No checkpoint 3'):
+    evaluate.evaluate_checkpoint(workdir, '3')
+
+
+def test_one_step_on_mock_cifar10(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = tiny_config(dataset='cifar10', num_epochs=1, image_size=32, augment='cifar',
+                       checkpoint_every_steps=0, eval_split='test')
+  with tfds.testing.mock_data(num_examples=16):
+    final = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert final['step'] == 1 and np.isfinite(final['train_loss'])
+  assert final_state(str(tmp_path))['step'] == 1
+
+
+def test_image_folder_end_to_end(tmp_path):
+  image_lib = pytest.importorskip('PIL.Image')
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 16), ('test', 8)):
+    for label, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+      os.makedirs(tmp_path / 'images' / split / f'class{label}')
+      for i in range(count):
+        pixels = np.clip(rng.normal(colour, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+        image_lib.fromarray(pixels).save(tmp_path / 'images' / split / f'class{label}' / f'{i}.png')
+  config = tiny_config(dataset='folder', folder=str(tmp_path / 'images'), eval_split='test',
+                       num_epochs=2, learning_rate=0.1, augment='none')
+  final = train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
+  records = train_lib.read_metrics(str(tmp_path / 'work'))
+  assert [r['step'] for r in records] == [2, 4]
+  assert final['eval_top1'] == records[-1]['eval_top1'] and 0 <= final['eval_top1'] <= 1
+
+
+def _corrupt(folder):
+  for root, _, files in os.walk(folder):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x00garbage')
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoints_fall_back_and_init_from(tmp_path, capsys):
+  config = tiny_config(num_epochs=3, checkpoint_every_steps=0, async_checkpointing=False)
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  reference, records = final_state(workdir), train_lib.read_metrics(workdir)
+  checkpoints = checkpointing.checkpoint_dir(workdir)
+  assert sorted(os.listdir(checkpoints)) == ['12', '4', '8']
+  _corrupt(os.path.join(checkpoints, '12', 'state'))  # Arrays unreadable, metadata fine.
+  _corrupt(os.path.join(checkpoints, '8'))  # Nothing readable: orbax cannot even list it.
+  capsys.readouterr()
+  with pytest.warns(RuntimeWarning) as caught:
+    train_lib.train_and_evaluate(config, workdir)
+  messages = [str(w.message) for w in caught]
+  assert any('step(s) [8]' in m for m in messages), messages
+  assert any('step(s) [12]' in m and 'resuming from step 4' in m for m in messages), messages
+  assert 'Resuming from step 4' in capsys.readouterr().out
+  assert sorted(os.listdir(os.path.join(str(tmp_path / 'run'),
+                                        checkpointing.CORRUPT_SUBDIR))) == ['12', '8']
+  # Epochs 2 and 3 were trained again, to the same result.
+  chex.assert_trees_all_equal(final_state(workdir), reference)
+  assert results(train_lib.read_metrics(workdir)) == results(records)
+
+  # Fine-tuning from that workdir with lr 0 (weight decay is scaled by lr too) keeps the
+  # pretrained parameters exactly.
+  config = tiny_config(init_from=workdir, num_epochs=1, learning_rate=0.0,
+                       checkpoint_every_steps=0)
+  train_lib.train_and_evaluate(config, str(tmp_path / 'finetune'))
+  chex.assert_trees_all_equal(final_state(str(tmp_path / 'finetune'))['params'],
+                              reference['params'])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_exact(tmp_path):
+  overrides, cache = {'num_epochs': 2}, tmp_path / 'compilation_cache'
+  uninterrupted = run_worker(tmp_path / 'a', overrides, compilation_cache=cache)
+  killed = run_worker(tmp_path / 'b', overrides, step_delay=0.5, compilation_cache=cache)
+  first_checkpoint = tmp_path / 'b' / 'checkpoints' / '2'
+  deadline = time.monotonic() + 240
+  while not first_checkpoint.is_dir() and killed.poll() is None:
+    assert time.monotonic() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)
+  killed.send_signal(signal.SIGKILL)
+  killed.communicate()
+  assert killed.returncode == -signal.SIGKILL
+  assert not (tmp_path / 'b' / 'checkpoints' / '4').exists()  # Killed mid-epoch 1.
+  finish(run_worker(tmp_path / 'b', overrides, compilation_cache=cache))
+  finish(uninterrupted)
+  chex.assert_trees_all_equal(final_state(str(tmp_path / 'b')), final_state(str(tmp_path / 'a')))
+  resumed = train_lib.read_metrics(str(tmp_path / 'b'))
+  assert [r['epoch'] for r in resumed] == [1, 2]
+  assert results(resumed) == results(train_lib.read_metrics(str(tmp_path / 'a')))
+
+
+@pytest.mark.slow
+def test_same_result_on_1_device_8_devices_and_2_processes(tmp_path):
+  assert jax.device_count() == 8
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  # Two processes with 2 CPU devices each, in the background while this one trains.
+  workers = [run_worker(tmp_path / 'two_processes', {}, devices=2,
+                        distributed=(f'127.0.0.1:{port}', 2, i)) for i in range(2)]
+  train_lib.train_and_evaluate(tiny_config(), str(tmp_path / 'one'), devices=jax.devices()[:1])
+  train_lib.train_and_evaluate(tiny_config(), str(tmp_path / 'eight'))
+  outputs = [finish(worker) for worker in workers]
+  assert 'Done:' in outputs[0] and 'Done:' not in outputs[1]  # Process 0 reports.
+
+  one = final_state(str(tmp_path / 'one'))
+  assert one['step'] == 8
+  for other in ('eight', 'two_processes'):
+    # Reductions (BatchNorm statistics, gradients) are summed in another order.
+    chex.assert_trees_all_close(final_state(str(tmp_path / other)), one, atol=1e-5, rtol=1e-5)
+    assert len(train_lib.read_metrics(str(tmp_path / other))) == 2
+
+
+def test_load_pretrained_from_a_converted_checkpoint(tmp_path):
+  convert = pytest.importorskip('cbam_jax.convert')
+  from cbam_jax import models
+
+  model = models.create_model('resnet_tiny', num_classes=6)
+  # Random arrays of the right shapes (no compilation needed, unlike model.init).
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  rng = np.random.default_rng(3)
+  variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+  convert.save_converted(tmp_path, model, variables)
+  loaded, description = train_lib.load_pretrained(str(tmp_path))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
+                              jax.tree.map(np.asarray, dict(variables)))
+  assert description['num_classes'] == 6
+  with pytest.raises(FileNotFoundError, match='init_from'):
+    train_lib.load_pretrained(str(tmp_path / 'missing'))
