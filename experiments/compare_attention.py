@@ -138,14 +138,10 @@ def train_command(variant: str, workdir: str, *, config: str, epochs: int, seed:
                   extra: Sequence[str]) -> list[str]:
   """The ``experiments.train`` command line of one variant."""
   fields = variant_fields(variant)
-  if 'stage_attention' in fields:
-    # The training config has no stage_attention field of its own (config overrides must
-    # name existing fields); see the README of the comparison.
-    raise SystemExit(f'{STAGE_BAM} needs config.model.stage_attention in the training '
-                     'config; leave it out of --attention for --mode train.')
   return [sys.executable, '-m', 'experiments.train', '--config', config, '--workdir', workdir,
           f'--config.num_epochs={epochs}', f'--config.seed={seed}',
           f'--config.model.attention={fields["attention"] or "none"}',
+          f'--config.model.stage_attention={fields.get("stage_attention") or "none"}',
           '--config.progress_bar=False', '--config.tensorboard=False', *extra]
 
 

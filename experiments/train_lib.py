@@ -91,6 +91,7 @@ def model_fields(config: ml_collections.ConfigDict, num_classes: int) -> dict[st
     raise ValueError('config.model.name is missing; set it to one of '
                      f'{", ".join(models.available_models())}.')
   fields['attention'] = attention_from_config(fields.get('attention'))
+  fields['stage_attention'] = attention_from_config(fields.get('stage_attention'))
   fields['num_classes'] = int(num_classes)
   dtype = fields.get('dtype', 'float32')
   if dtype not in _DTYPES:

@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet_tiny'
   config.model.attention = 'cbam'  # A cbam_jax.attention name, or 'none' for no attention.
+  # A module after every stage but the last (BAM's placement), e.g. 'bam'; 'none' for none.
+  config.model.stage_attention = 'none'
   # Compute dtype: 'float32', or 'bfloat16' for mixed precision (parameters stay float32).
   config.model.dtype = 'float32'
 
