@@ -95,3 +95,15 @@ def check_spatial_kernel(kernel, num_spatial: int) -> None:
         f'{num_spatial} kernel dimensions for {num_spatial}-D input; got '
         f'{tuple(kernel.shape)}. Re-initialise the module for this input rank.')
   check_kernel_size(tuple(int(k) for k in kernel.shape[:-2]))
+
+
+def spatial_kernel_size(kernel_size, num_spatial: int) -> tuple[int, ...]:
+  """Checks ``kernel_size`` (an int or one per spatial dim) and returns one int per dim."""
+  check_kernel_size(kernel_size)
+  sizes = (tuple(int(k) for k in kernel_size) if isinstance(kernel_size, Sequence)
+           else (int(kernel_size),) * num_spatial)
+  if len(sizes) != num_spatial:
+    raise ValueError(
+        f'kernel_size {kernel_size!r} has {len(sizes)} entries but the input has '
+        f'{num_spatial} spatial dimensions; pass an int or one size per dimension.')
+  return sizes

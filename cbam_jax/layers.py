@@ -157,22 +157,14 @@ class SpatialAttention(nn.Module):
   def attention_map(self, x: Array, train: bool = False) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``; sown as ``spatial_map``."""
     _validation.check_features(x, batched=True)
-    _validation.check_kernel_size(self.kernel_size)
-    num_spatial = x.ndim - 2
-    kernel_size = (tuple(int(k) for k in self.kernel_size)
-                   if isinstance(self.kernel_size, Sequence)
-                   else (int(self.kernel_size),) * num_spatial)
-    if len(kernel_size) != num_spatial:
-      raise ValueError(
-          f'kernel_size {self.kernel_size!r} has {len(kernel_size)} entries but the input '
-          f'has {num_spatial} spatial dimensions; pass an int or one size per dimension.')
+    kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     if self.has_variable('params', 'conv_kernel'):
       # Checked here so that a clear message beats Flax's ScopeParamShapeError.
       stored = tuple(self.get_variable('params', 'conv_kernel').shape)
       if stored != (*kernel_size, 2, 1):
         raise ValueError(
             f'{type(self).__name__} was initialised with a conv kernel of shape {stored} '
-            f'({len(stored) - 2} spatial dimensions) but got {num_spatial}-D input of shape '
+            f'({len(stored) - 2} spatial dimensions) but got {x.ndim - 2}-D input of shape '
             f'{tuple(x.shape)} needing {(*kernel_size, 2, 1)}. Re-initialise the module for '
             'this input rank, or check kernel_size and channel_axis.')
     params = {'conv_kernel': self.param('conv_kernel', self.kernel_init,

@@ -90,15 +90,7 @@ class LightSpatialAttention(_base.AttentionModule):
   @nn.compact
   def attention_map(self, x: Array, train: bool = False) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
-    _validation.check_kernel_size(self.kernel_size)
-    num_spatial = x.ndim - 2
-    kernel_size = (tuple(int(k) for k in self.kernel_size)
-                   if isinstance(self.kernel_size, Sequence)
-                   else (int(self.kernel_size),) * num_spatial)
-    if len(kernel_size) != num_spatial:
-      raise ValueError(
-          f'kernel_size {self.kernel_size!r} has {len(kernel_size)} entries but the input '
-          f'has {num_spatial} spatial dimensions; pass an int or one size per dimension.')
+    kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     _base.check_stored_shape(self, ('conv_kernel',), (*kernel_size, 1, 1), x)
     kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 1, 1),
                         self.param_dtype)

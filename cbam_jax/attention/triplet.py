@@ -37,11 +37,7 @@ class ZPoolGate(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    _validation.check_kernel_size(self.kernel_size)
-    kernel_size = (tuple(int(k) for k in self.kernel_size)
-                   if isinstance(self.kernel_size, Sequence) else (int(self.kernel_size),) * 2)
-    if len(kernel_size) != 2:
-      raise ValueError(f'kernel_size must be an int or a pair, got {self.kernel_size!r}.')
+    kernel_size = _validation.spatial_kernel_size(self.kernel_size, 2)
     kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 2, 1),
                         self.param_dtype)
     # functional.spatial_logits pools [mean; max]: swap the kernel's inputs to match.
