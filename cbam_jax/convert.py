@@ -43,11 +43,11 @@ import numpy as np
 from cbam_jax import _validation
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
+from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention, _hidden_size
 from cbam_jax.models import BasicBlock, Bottleneck, ResNet, head_kernel_init
 
 __all__ = [
-    'SOURCES', 'ConversionReport', 'TimmSqueezeExcitation', 'from_pytorch', 'load_converted',
+    'SOURCES', 'ConversionReport', 'from_pytorch', 'load_converted',
     'load_state_dict', 'main', 'model_config', 'model_from_config', 'save_converted',
 ]
 
@@ -63,36 +63,10 @@ _LAYER_KEY = re.compile(r'^layer(\d+)\.(\d+)\.')
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
 
 
-def _make_divisible(value: float, divisor: int) -> int:
-  # timm.layers.make_divisible(value, divisor, round_limit=0.), as its SE and CBAM use it.
-  return max(divisor, int(value + divisor / 2) // divisor * divisor)
-
-
-class TimmSqueezeExcitation(SqueezeExcitation):
-  """timm's ``SEModule``: SE with hidden size ``make_divisible(C / reduction_ratio, 8)``.
-
-  timm rounds the hidden size to a multiple of ``hidden_divisor`` (at least
-  ``hidden_divisor``), e.g. 8 hidden units for 64 channels where ``C // 16`` gives 4.
-  Parameters are laid out as :class:`cbam_jax.attention.SqueezeExcitation`'s.
-  """
-
-  hidden_divisor: int = 8
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    channels = x.shape[self.channel_axis]
-    hidden = _make_divisible(channels / self.reduction_ratio, self.hidden_divisor)
-    return ChannelAttention(
-        hidden_features=hidden, pool_types=('avg',), mlp_bias=self.mlp_bias,
-        activation=self.activation, gate=self.gate, channel_axis=self.channel_axis,
-        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-        kernel_init=self.kernel_init, bias_init=self.bias_init, name='channel')(x, train)
-
-
 # Attention module classes that a model config (JSON) may name.
 _ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
     'CBAM': CBAM, 'ChannelAttention': ChannelAttention, 'SpatialAttention': SpatialAttention,
-    'SqueezeExcitation': SqueezeExcitation, 'TimmSqueezeExcitation': TimmSqueezeExcitation,
+    'SqueezeExcitation': SqueezeExcitation,
     'BottleneckAttention': BottleneckAttention,
 }
 
@@ -229,9 +203,9 @@ def _hidden_rule(pairs: Sequence[tuple[int, int]], rules: Sequence[str],
                  what: str) -> tuple[str, float]:
   """The first (rule, reduction ratio) that gives every ``(channels, hidden)`` pair."""
   sizes = {
-      'floor': lambda c, r: max(1, int(c // r)),
-      'round': lambda c, r: max(1, int(c / r + 0.5)),
-      'divisible8': lambda c, r: _make_divisible(c / r, 8),
+      'floor': lambda c, r: _hidden_size(c, r, None, 'floor'),
+      'round': lambda c, r: _hidden_size(c, r, None, 'round'),
+      'divisible8': lambda c, r: _hidden_size(c, r, None, 'round', hidden_divisor=8),
   }
   channels, hidden = max(pairs)
   for ratio in dict.fromkeys((16, channels / hidden)):  # The default first, then the data's.
@@ -300,9 +274,10 @@ def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
 
   if squeeze:
     fields: dict[str, Any] = dict(reduction_ratio=ratio, mlp_bias=mlp_bias)
-    if rule == 'divisible8':
-      return functools.partial(TimmSqueezeExcitation, **{**fields, **attention_fields})
-    fields['hidden_rounding'] = rule
+    if rule == 'divisible8':  # timm's SEModule: make_divisible(C / r, 8).
+      fields.update(hidden_rounding='round', hidden_divisor=8)
+    else:
+      fields['hidden_rounding'] = rule
     return functools.partial(SqueezeExcitation, **{**fields, **attention_fields})
 
   spatial = [b + spatial_key for b in blocks if b + spatial_key in arrays]

@@ -42,7 +42,7 @@ def _from_channels_last(x: Array, channel_axis: int) -> Array:
 
 
 def _hidden_size(channels: int, reduction_ratio: float, hidden_features: int | None,
-                 hidden_rounding: str) -> int:
+                 hidden_rounding: str, hidden_divisor: int = 1) -> int:
   if hidden_features is not None:
     if hidden_features < 1:
       raise ValueError(f'hidden_features must be >= 1, got {hidden_features}.')
@@ -50,9 +50,16 @@ def _hidden_size(channels: int, reduction_ratio: float, hidden_features: int | N
   if reduction_ratio <= 0:
     raise ValueError(f'reduction_ratio must be positive, got {reduction_ratio}.')
   _validation.check_choice('hidden_rounding', hidden_rounding, ('floor', 'round'))
+  if not isinstance(hidden_divisor, int) or hidden_divisor < 1:
+    raise ValueError(f'hidden_divisor must be a positive int, got {hidden_divisor!r}.')
   if hidden_rounding == 'floor':  # Official code: C // r.
+    if hidden_divisor != 1:
+      raise ValueError(f'hidden_divisor={hidden_divisor} needs hidden_rounding=\'round\' '
+                       '(timm\'s make_divisible); \'floor\' is the official C // r.')
     return max(1, int(channels // reduction_ratio))
-  return max(1, int(channels / reduction_ratio + 0.5))  # timm's make_divisible(C/r, 1).
+  # timm's make_divisible(C / r, hidden_divisor): the nearest multiple, at least one.
+  value = channels / reduction_ratio
+  return max(hidden_divisor, int(value + hidden_divisor / 2) // hidden_divisor * hidden_divisor)
 
 
 class ChannelAttention(nn.Module):
@@ -62,7 +69,9 @@ class ChannelAttention(nn.Module):
     reduction_ratio: hidden size is ``max(1, C // reduction_ratio)``.
     hidden_features: explicit hidden size; overrides ``reduction_ratio``.
     hidden_rounding: ``'floor'`` (official, ``C // r``) or ``'round'`` (timm,
-      ``round(C / r)``).
+      ``make_divisible(C / r, hidden_divisor)``: the nearest multiple of ``hidden_divisor``).
+    hidden_divisor: with ``'round'``, the hidden size is a multiple of this (timm: 1 for
+      CBAM, 8 for its SE module, so 64 channels get 8 hidden units, not 4).
     pool_types: any of ``'avg'``, ``'max'``, ``'lp'``, ``'lse'``.
     mlp_bias: biases in both MLP layers (official: True, timm: False).
     activation: hidden non-linearity.
@@ -73,6 +82,7 @@ class ChannelAttention(nn.Module):
   reduction_ratio: float = 16
   hidden_features: int | None = None
   hidden_rounding: str = 'floor'
+  hidden_divisor: int = 1
   pool_types: Sequence[str] = ('avg', 'max')
   mlp_bias: bool = True
   activation: Callable[[Array], Array] = nn.relu
@@ -91,7 +101,7 @@ class ChannelAttention(nn.Module):
     _validation.check_pool_types(self.pool_types)
     channels = x.shape[-1]
     hidden = _hidden_size(channels, self.reduction_ratio, self.hidden_features,
-                          self.hidden_rounding)
+                          self.hidden_rounding, self.hidden_divisor)
     if self.has_variable('params', 'fc1_kernel'):
       _validation.check_channels(x, self.get_variable('params', 'fc1_kernel').shape[0],
                                  type(self).__name__)
@@ -215,6 +225,7 @@ class CBAM(nn.Module):
   reduction_ratio: float = 16
   hidden_features: int | None = None
   hidden_rounding: str = 'floor'
+  hidden_divisor: int = 1
   pool_types: Sequence[str] = ('avg', 'max')
   mlp_bias: bool = True
   activation: Callable[[Array], Array] = nn.relu
@@ -246,8 +257,8 @@ class CBAM(nn.Module):
     if self.use_channel:
       self.channel = ChannelAttention(
           reduction_ratio=self.reduction_ratio, hidden_features=self.hidden_features,
-          hidden_rounding=self.hidden_rounding, pool_types=self.pool_types,
-          mlp_bias=self.mlp_bias, activation=self.activation, **shared)
+          hidden_rounding=self.hidden_rounding, hidden_divisor=self.hidden_divisor,
+          pool_types=self.pool_types, mlp_bias=self.mlp_bias, activation=self.activation, **shared)
     if self.use_spatial:
       self.spatial = SpatialAttention(
           kernel_size=self.kernel_size, spatial_norm=self.spatial_norm,

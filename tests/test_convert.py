@@ -69,8 +69,8 @@ PARITY_CASES = [
     ('official_no_spatial', 'official', 16, 'CBAM'),
     ('official_bam', 'official', 16, None),  # BAM after stages 1 and 2.  # 3 stages: 16 -> 4x4.
     ('timm_cbam_basic', 'timm', 64, 'CBAM'),
-    ('timm_se_bottleneck', 'timm', 64, 'TimmSqueezeExcitation'),
-    ('timm_se_basic', 'timm', 48, 'TimmSqueezeExcitation'),
+    ('timm_se_bottleneck', 'timm', 64, 'SqueezeExcitation'),
+    ('timm_se_basic', 'timm', 48, 'SqueezeExcitation'),
     ('torchvision_basic', 'torchvision', 40, None),
 ]
 
@@ -125,7 +125,10 @@ def test_inferred_architecture():
 
 def test_timm_se_hidden_sizes_follow_make_divisible():
   # timm: hidden = make_divisible(C / 16, 8): 16 -> 8, 32 -> 8, 64 -> 8 (C // 16 = 1, 2, 4).
-  _, variables = convert.from_pytorch(reference('timm_se_basic').state_dict(), 'timm')
+  _, variables, report = convert.from_pytorch(reference('timm_se_basic').state_dict(), 'timm',
+                                              return_report=True)
+  fields = report.config['attention']['fields']
+  assert (fields['hidden_rounding'], fields['hidden_divisor']) == ('round', 8)
   hidden = [variables['params'][block]['attention']['channel']['fc1_kernel'].shape
             for block in ('layer1_0', 'layer2_0', 'layer3_0')]
   assert hidden == [(16, 8), (32, 8), (64, 8)]

@@ -389,6 +389,20 @@ class ErrorTest(parameterized.TestCase):
       self.init(small(CBAM, hidden_features=0), SHAPES[2])
     with pytest.raises(ValueError, match='reduction_ratio must be positive'):
       self.init(small(CBAM, reduction_ratio=0), SHAPES[2])
+    with pytest.raises(ValueError, match="hidden_divisor=8 needs hidden_rounding='round'"):
+      self.init(small(CBAM, hidden_divisor=8), SHAPES[2])
+    with pytest.raises(ValueError, match='hidden_divisor must be a positive int'):
+      self.init(small(CBAM, hidden_rounding='round', hidden_divisor=0), SHAPES[2])
+
+  @parameterized.parameters((16, 1, 1), (64, 1, 4), (72, 1, 5), (88, 1, 6), (64, 8, 8),
+                            (200, 8, 16), (16, 8, 8), (8, 4, 4))
+  def test_hidden_divisor_follows_timm_make_divisible(self, channels, divisor, hidden):
+    # timm.layers.make_divisible(C / 16, divisor): 72 / 16 = 4.5 rounds up to 5, 200 / 16 =
+    # 12.5 goes to the nearest multiple of 8 (16), and never below the divisor.
+    module = ChannelAttention(reduction_ratio=16, hidden_rounding='round',
+                              hidden_divisor=divisor)
+    variables = self.init(module, (1, 2, 2, channels))
+    self.assertEqual(variables['params']['fc1_kernel'].shape, (channels, hidden))
 
   def test_no_branch(self):
     with pytest.raises(ValueError, match='use_channel=False and use_spatial=False'):
