@@ -129,7 +129,7 @@ def _dataset_normalization(config) -> tuple[np.ndarray, np.ndarray, Any]:
   data = None
   if mean is None or std is None:  # Computed from the training images (shapes, folders).
     data = input_pipeline.create_input(config)
-    mean, std = data._mean, data._std  # noqa: SLF001 - no public accessor yet.
+    mean, std = data.mean, data.std
   return np.asarray(mean, np.float32), np.asarray(std, np.float32), data
 
 

@@ -129,6 +129,20 @@ def test_eval_is_deterministic_and_unaugmented():
   np.testing.assert_allclose(images * 255.0, raw['image'][96:], atol=1e-3)
 
 
+def test_mean_and_std_are_the_normalisation_of_the_batches():
+  # Computed from the training images (shapes has no fixed statistics); visualisation
+  # un-normalises with these, so they must be what the batches were normalised with.
+  config = shapes_config(augment='cifar')
+  data = ip.create_input(config)
+  assert data.mean.shape == data.std.shape == (3,)
+  assert data.mean.dtype == data.std.dtype == np.float32
+  raw = ip.shapes_lib.generate(136, seed=config.shapes.seed, image_size=16)
+  images = np.concatenate([b['image'] for b in data.eval_batches()])[:40]
+  np.testing.assert_allclose(images * data.std + data.mean, raw['image'][96:] / 255.0,
+                             atol=1e-5)
+  assert not np.allclose(data.mean, 0.0)
+
+
 # -- augmentations ------------------------------------------------------------------------------
 
 

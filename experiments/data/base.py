@@ -24,6 +24,8 @@ class Input(Protocol):
   """The interface every pipeline implements (see experiments.input_pipeline)."""
 
   info: DatasetInfo
+  mean: np.ndarray  # (C,) per-channel normalisation the batches carry, in [0, 1] units
+  std: np.ndarray  # (C,)
   steps_per_epoch: int
   local_batch_size: int
   eval_steps: int

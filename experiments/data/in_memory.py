@@ -61,8 +61,8 @@ class ArrayInput:
     self._kind = augment.check_kind(augment_kind)
     self._train, self._eval = train, eval
     self._image_size = image_size
-    self._mean = np.asarray(mean, np.float32)
-    self._std = np.asarray(std, np.float32)
+    self.mean = np.asarray(mean, np.float32)
+    self.std = np.asarray(std, np.float32)
     self._seed = int(seed)
     self.global_batch_size = global_batch_size
     self.eval_batch_size = eval_batch_size
@@ -98,7 +98,7 @@ class ArrayInput:
   ) -> dict[str, np.ndarray]:
     images = augment.apply(data['image'][index], params, self._image_size)
     batch = {
-      'image': augment.normalize(images, self._mean, self._std),
+      'image': augment.normalize(images, self.mean, self.std),
       'label': data['label'][index].astype(np.int32),
     }
     if self._has_box:

@@ -53,8 +53,8 @@ class StreamingInput:
     )
     self._image_size = _get(config, 'image_size', defaults['image_size'])
     self._kind = augment.check_kind(_get(config, 'augment', defaults['augment']))
-    self._mean = np.asarray(_get(config, 'mean', defaults['mean']), np.float32)
-    self._std = np.asarray(_get(config, 'std', defaults['std']), np.float32)
+    self.mean = np.asarray(_get(config, 'mean', defaults['mean']), np.float32)
+    self.std = np.asarray(_get(config, 'std', defaults['std']), np.float32)
     self._seed = int(_get(config, 'seed', 0))
     self._shuffle_buffer = int(_get(config, 'shuffle_buffer', 16_384))
     threads = _get(config, 'streaming_threads')
@@ -173,7 +173,7 @@ class StreamingInput:
   def _normalize(self, image):
     tf = self._tf
     image = tf.cast(image, tf.float32) / 255.0
-    return (image - self._mean) / self._std
+    return (image - self.mean) / self.std
 
   def _numpy(self, ds, keys):
     for values in ds.as_numpy_iterator():
