@@ -82,6 +82,23 @@ class SpatialConvPlanesTest(parameterized.TestCase):
                               impl='xla')
     chex.assert_trees_all_close(out.astype(jnp.float32), ref, atol=0.1, rtol=0.02)
 
+  def test_nan_kernel_propagates_like_xla(self):
+    # The shift conv's loop runs twice when the kernel's first tap is NaN (see
+    # _spatial_conv._computed_once); the numbers must still be the reference's.
+    planes = _random(8, (2, 2, 5, 6))
+    cotangent = _random(9, (2, 5, 6))
+    for index in ((0, 0, 0, 0), (1, 2, 1, 0)):
+      kernel = _random(10, (3, 3, 2, 1)).at[index].set(jnp.nan)
+      (_, grads_ref), out_ref = _value_and_grads(
+          functools.partial(spatial_conv_planes, impl='xla'), planes, kernel, cotangent)
+      (_, grads), out = jax.jit(functools.partial(
+          _value_and_grads, functools.partial(spatial_conv_planes, impl='shift')))(
+              planes, kernel, cotangent)
+      self.assertTrue(np.isnan(out).any())
+      for got, want in ((out, out_ref), *zip(grads, grads_ref, strict=True)):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
+
   def test_unknown_impl_is_rejected(self):
     with self.assertRaisesRegex(ValueError, 'impl'):
       spatial_conv_planes(jnp.zeros((2, 1, 4, 4)), jnp.zeros((3, 3, 2, 1)), impl='fft')
