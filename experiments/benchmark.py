@@ -416,6 +416,7 @@ def environment() -> dict[str, Any]:
       'torch': None if torch is None else torch.__version__,
       'torch_threads': None if torch is None else torch.get_num_threads(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'command': 'python -m experiments.benchmark ' + ' '.join(sys.argv[1:]),
   }
 
@@ -525,4 +526,7 @@ def _jsonable(value: Any) -> Any:
 
 
 if __name__ == '__main__':
+  from cbam_jax import perf
+
+  perf.reexec_with_cpu_env()  # What experiments.train runs with (huge pages for malloc).
   main()
