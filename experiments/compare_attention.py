@@ -15,11 +15,6 @@ Modes:
   python -m experiments.compare_attention --attention none,se,cbam --batch_size 64
   python -m experiments.compare_attention --mode train --epochs 3 \
       --workdir_root /tmp/compare --attention none,se,eca,cbam
-  python -m experiments.compare_attention --mode quick_train --epochs 10
-
-* ``quick_train``: the same comparison with a minimal built-in loop (see
-  :func:`quick_train`) that decodes the image-folder tarball with Pillow, for machines
-  without TensorFlow (e.g. accelerator boxes).
 
 ``bam@stages`` is BAM at the stage transitions (``stage_attention='bam'``, its paper's
 placement); every other name is the module in every residual block (``attention=name``).
@@ -28,7 +23,6 @@ placement); every other name is the module in every residual block (``attention=
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -191,159 +185,13 @@ def format_train_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-# --------------------------------------------------------------------------- quick train
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-def load_image_folder_tarball(path: str, holdout_fraction: float, seed: int,
-                              limit: int | None = None):
-  """(train_x, train_y, eval_x, eval_y) uint8 NHWC / int32 from an image-folder .tar.gz.
-
-  Decodes with Pillow (no TensorFlow). The holdout is stratified: ``holdout_fraction`` of
-  each class, chosen by ``seed``.
-  """
-  import io
-  import tarfile
-
-  import numpy as np
-  from PIL import Image
-
-  images: dict[str, list] = {}
-  with tarfile.open(path) as tar:
-    for member in tar:
-      parts = member.name.split('/')
-      if not member.isfile() or len(parts) < 3 or not parts[-1].lower().endswith('.jpg'):
-        continue
-      data = tar.extractfile(member).read()
-      images.setdefault(parts[-2], []).append((parts[-1], data))
-  classes = sorted(images)
-  rng = np.random.default_rng(seed)
-  splits: dict[str, list] = {'train': [], 'eval': []}
-  for label, name in enumerate(classes):
-    files = sorted(images[name])[:limit]
-    order = rng.permutation(len(files))
-    num_eval = int(round(holdout_fraction * len(files)))
-    for rank, index in enumerate(order):
-      splits['eval' if rank < num_eval else 'train'].append((files[index][1], label))
-
-  def decode(pairs):
-    x = np.stack([np.asarray(Image.open(io.BytesIO(d)).convert('RGB')) for d, _ in pairs])
-    return x, np.asarray([label for _, label in pairs], np.int32)
-
-  return (*decode(splits['train']), *decode(splits['eval']))
-
-
-def quick_train(variants: Sequence[str], *, tarball: str, epochs: int, batch_size: int,
-                learning_rate: float, weight_decay: float, seed: int, limit: int | None,
-                deadline_s: float, results_path: str | None) -> list[dict[str, Any]]:
-  """A minimal, self-contained CIFAR loop (no TensorFlow) for machines without the training
-  stack: SGD with Nesterov momentum 0.9, 1 warm-up epoch then cosine decay, L2 weight decay
-  on kernels, random crop (zero padding 4) and flip. Same data order, init and schedule for
-  every variant. Stops starting new variants after ``deadline_s``."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  from cbam_jax import models
-
-  start_all = time.perf_counter()
-  train_x, train_y, eval_x, eval_y = load_image_folder_tarball(tarball, 0.1, seed, limit)
-  print(f'data: {len(train_x)} train / {len(eval_x)} held-out images, '
-        f'{time.perf_counter() - start_all:.0f} s', flush=True)
-  mean = jnp.asarray(CIFAR_MEAN) * 255
-  std = jnp.asarray(CIFAR_STD) * 255
-  train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
-  eval_x, eval_y = jax.device_put(eval_x), jax.device_put(eval_y)
-  steps_per_epoch = len(train_x) // batch_size
-  total_steps = epochs * steps_per_epoch
-
-  def augment(key, images):
-    crop_key, flip_key = jax.random.split(key)
-    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    offsets = jax.random.randint(crop_key, (images.shape[0], 2), 0, 9)
-    crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (32, 32, 3)))(
-        padded, offsets)
-    flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
-    return jnp.where(flip, crops[:, :, ::-1], crops)
-
-  def normalize(images):
-    return (images.astype(jnp.float32) - mean) / std
-
-  rows = []
-  for variant in variants:
-    if time.perf_counter() - start_all > deadline_s:
-      print(f'deadline reached: skipping {variant}', flush=True)
-      rows.append({'attention': variant, 'skipped': True})
-      continue
-    model = models.create_model('resnet20', **variant_fields(variant))
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
-    params, batch_stats = variables['params'], variables.get('batch_stats', {})
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, steps_per_epoch, max(total_steps, steps_per_epoch + 1))
-    kernels_only = jax.tree.map(lambda p: p.ndim > 1, params)
-    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=kernels_only),
-                     optax.sgd(schedule, momentum=0.9, nesterov=True))
-    opt_state = tx.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(params, batch_stats, opt_state, key, index, model=model, tx=tx):
-      images = normalize(augment(key, train_x[index]))
-      labels = train_y[index]
-
-      def loss_fn(params):
-        logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                                      train=True, mutable=['batch_stats'])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, updates.get('batch_stats', {})
-
-      (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    @jax.jit
-    def eval_correct(params, batch_stats, images, labels, model=model):
-      logits = model.apply({'params': params, 'batch_stats': batch_stats}, normalize(images),
-                           train=False)
-      return jnp.sum(jnp.argmax(logits, -1) == labels)
-
-    key = jax.random.key(seed + 1)
-    started = time.perf_counter()
-    history, compile_s = [], None
-    for epoch in range(epochs):
-      key, perm_key = jax.random.split(key)
-      order = jax.random.permutation(perm_key, len(train_x))
-      for step in range(steps_per_epoch):
-        key, step_key = jax.random.split(key)
-        index = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
-        params, batch_stats, opt_state, loss = train_step(params, batch_stats, opt_state,
-                                                          step_key, index)
-        if compile_s is None:
-          jax.block_until_ready(loss)
-          compile_s = time.perf_counter() - started
-      correct = sum(int(eval_correct(params, batch_stats, eval_x[i:i + 1000],
-                                     eval_y[i:i + 1000]))
-                    for i in range(0, len(eval_x), 1000))
-      history.append(correct / len(eval_x))
-      print(f'{variant} epoch {epoch + 1}: loss {float(loss):.3f} held-out top-1 '
-            f'{100 * history[-1]:.2f}%', flush=True)
-    rows.append({'attention': variant, 'epochs': epochs, 'best_top1': max(history),
-                 'last_top1': history[-1], 'last_loss': None, 'history': history,
-                 'compile_s': compile_s, 'seconds': time.perf_counter() - started})
-    if results_path:
-      with open(results_path, 'w') as f:
-        json.dump(rows, f, indent=1)
-  return rows
-
-
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', choices=('table', 'train', 'quick_train'), default='table')
+  parser.add_argument('--mode', choices=('table', 'train'), default='table')
   parser.add_argument('--attention', default='all',
                       help='"all" or a comma-separated list (none, registry names, '
                       f'{STAGE_BAM}).')
@@ -357,16 +205,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--config', default=DEFAULT_CONFIG, help='train mode.')
   parser.add_argument('--epochs', type=int, default=3, help='train mode.')
   parser.add_argument('--seed', type=int, default=0, help='train mode.')
-  parser.add_argument('--tarball', default=os.path.join(
-      os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10-jpeg-train.tar.gz'),
-                      help='quick_train mode: the image-folder .tar.gz.')
-  parser.add_argument('--batch', type=int, default=128, help='quick_train mode.')
-  parser.add_argument('--learning_rate', type=float, default=0.1, help='quick_train mode.')
-  parser.add_argument('--weight_decay', type=float, default=5e-4, help='quick_train mode.')
-  parser.add_argument('--limit_per_class', type=int, default=None,
-                      help='quick_train mode: images per class (smoke tests).')
-  parser.add_argument('--deadline_s', type=float, default=float('inf'),
-                      help='quick_train mode: start no new variant after this many seconds.')
   parser.add_argument('--train_flag', action='append', default=[],
                       help='train mode: extra flag for experiments.train, repeatable, e.g. '
                       '--train_flag=--config.global_batch_size=256.')
@@ -382,13 +220,6 @@ def main(argv: Sequence[str] | None = None) -> None:
           f'{args.image_size}x{args.image_size}x3, {jax.devices()[0].device_kind} '
           f'({jax.default_backend()}, {len(jax.devices())} device(s) visible, 1 used)')
     print(format_table(rows))
-  elif args.mode == 'quick_train':
-    rows = quick_train(variants, tarball=args.tarball, epochs=args.epochs,
-                       batch_size=args.batch, learning_rate=args.learning_rate,
-                       weight_decay=args.weight_decay, seed=args.seed,
-                       limit=args.limit_per_class, deadline_s=args.deadline_s,
-                       results_path=args.json)
-    print(format_train_table(rows))
   else:
     rows = run_training(variants, root=args.workdir_root, config=args.config,
                         epochs=args.epochs, seed=args.seed, extra=args.train_flag)
