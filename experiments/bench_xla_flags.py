@@ -1,12 +1,13 @@
-"""Which XLA:CPU flags and layouts speed up convolution-heavy training? Side by side.
+"""Which XLA:CPU flags and process settings speed up convolution-heavy training? Side by side.
 
-  python -m experiments.bench_xla_flags [--tiny] [--out DIR]
+  python -m experiments.bench_xla_flags [--tiny] [--out DIR] [--flags NAME ...]
 
-Every flag set runs in a fresh subprocess (XLA reads ``XLA_FLAGS`` once, when the backend
-starts) and times the same workloads: a ResNet-20 style 3x3 convolution forward+backward
-in NHWC and NCHW, the CBAM 7x7 2->1 convolution through ``lax.conv``, the CBAM module
-forward+backward and a CIFAR ResNet-20 (+CBAM) training step. The numbers of every flag set
-are divided by those of the default set measured in the same run.
+Every setting runs in a fresh subprocess (XLA reads ``XLA_FLAGS`` once, when the backend
+starts, and glibc its ``GLIBC_TUNABLES`` when the process starts; ``default`` runs with
+neither, whatever this process has) and times the same workloads: a ResNet-20 style 3x3
+convolution forward+backward in NHWC and NCHW, the CBAM 7x7 2->1 convolution through
+``lax.conv``, the CBAM module forward+backward and a CIFAR ResNet-20 (+CBAM) training step.
+The numbers of every setting are divided by those of the default set measured in the same run.
 """
 
 from __future__ import annotations
@@ -20,17 +21,41 @@ import subprocess
 import sys
 import time
 
+# name -> environment of the worker. XLA_FLAGS is appended to the caller's own.
 FLAG_SETS = {
-    'default': '',
-    'onednn': '--xla_cpu_use_onednn=true',
-    'onednn_fusions': ('--xla_cpu_use_onednn=true '
-                       '--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce'),
-    'no_xnnpack': '--xla_cpu_use_xnnpack=false',
-    'xnn_graph_greedy': '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY',
-    'vector_512': '--xla_cpu_prefer_vector_width=512',
-    'eigen_single_thread': '--xla_cpu_multi_thread_eigen=false',
-    'fast_math': '--xla_cpu_enable_fast_math=true',
+    'default': {},
+    'onednn': {'XLA_FLAGS': '--xla_cpu_use_onednn=true'},
+    'onednn_fusions': {'XLA_FLAGS': '--xla_cpu_use_onednn=true '
+                                    '--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce'},
+    'no_xnnpack': {'XLA_FLAGS': '--xla_cpu_use_xnnpack=false'},
+    'xnn_graph_greedy': {
+        'XLA_FLAGS': '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY'},
+    # YNNPACK runs XLA:CPU's reductions and dots by default; these move its boundary.
+    'ynn_no_reduce': {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=-reduce'},
+    'ynn_convolution': {
+        'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'},
+    'vector_512': {'XLA_FLAGS': '--xla_cpu_prefer_vector_width=512'},
+    'eigen_single_thread': {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'},
+    'fast_math': {'XLA_FLAGS': '--xla_cpu_enable_fast_math=true'},
+    # Transparent huge pages for malloc: what cbam_jax.perf.reexec_with_cpu_env sets.
+    'huge_pages': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
 }
+
+
+def worker_env(name: str, environ: dict[str, str]) -> dict[str, str]:
+  """The environment of setting ``name``'s worker, given the caller's ``environ``."""
+  settings = FLAG_SETS[name]
+  env = {k: v for k, v in environ.items() if k not in ('GLIBC_TUNABLES', 'XLA_FLAGS')}
+  env.update({k: v for k, v in settings.items() if k != 'XLA_FLAGS'})
+  flags = f'{environ.get("XLA_FLAGS", "")} {settings.get("XLA_FLAGS", "")}'.strip()
+  if flags:
+    env['XLA_FLAGS'] = flags
+  return env
+
+
+def _label(name: str) -> str:
+  settings = FLAG_SETS[name]
+  return ' '.join(f'{k}={v}' if k != 'XLA_FLAGS' else v for k, v in settings.items()) or '(none)'
 
 
 def _worker(tiny: bool, repeats: int) -> dict[str, float]:
@@ -126,11 +151,9 @@ def main(argv=None) -> dict:
     return {}
 
   results = {}
-  for name in args.flags or list(FLAG_SETS):
-    flags = f'{os.environ.get("XLA_FLAGS", "")} {FLAG_SETS[name]}'.strip()
-    env = dict(os.environ, XLA_FLAGS=flags)
-    if not flags:
-      env.pop('XLA_FLAGS')
+  names = list(dict.fromkeys(['default', *(args.flags or FLAG_SETS)]))  # The baseline first.
+  for name in names:
+    env = worker_env(name, dict(os.environ))
     command = [sys.executable, '-m', 'experiments.bench_xla_flags', '--worker',
                '--repeats', str(args.repeats)] + (['--tiny'] if args.tiny else [])
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -147,7 +170,7 @@ def main(argv=None) -> dict:
       lines.append(f'| {name} | error: {row["error"]} |')
       continue
     cells = [f'{row[k]:.1f} ({row[k] / base[k]:.2f}x)' if k in row else '-' for k in base]
-    lines.append(f'| `{FLAG_SETS[name] or "(none)"}` | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| `{_label(name)}` | ' + ' | '.join(cells) + ' |')
   table = '\n'.join(lines)
   print(table)
   if args.out:

@@ -52,3 +52,15 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
 def test_bad_shape_is_rejected():
   with pytest.raises(SystemExit):
     benchmark.main(['--shape', '2,8,8'])
+
+
+def test_xla_flag_study_worker_environments():
+  from experiments import bench_xla_flags as study
+  caller = {'PATH': '/bin', 'XLA_FLAGS': '--xla_dump_to=/tmp/d',
+            'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  # The baseline runs without the caller's glibc tunables but keeps its XLA flags.
+  assert study.worker_env('default', caller) == {'PATH': '/bin',
+                                                 'XLA_FLAGS': '--xla_dump_to=/tmp/d'}
+  assert study.worker_env('huge_pages', caller)['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+  onednn = study.worker_env('onednn', {'PATH': '/bin'})
+  assert onednn == {'PATH': '/bin', 'XLA_FLAGS': '--xla_cpu_use_onednn=true'}
