@@ -288,3 +288,22 @@ def test_reexec_with_cpu_env_restarts_once(monkeypatch):
   monkeypatch.setattr(perf, 'cpu_env_updates', lambda: {})
   perf.reexec_with_cpu_env()  # Nothing to change (e.g. the restarted process): no exec.
   assert len(calls) == 1
+
+
+def test_computed_once_is_fn_under_jit_vmap_and_nested_gradients():
+  from cbam_jax._fusion import computed_once
+
+  def fn(x, w):
+    return jnp.sin(x) * w
+
+  def once(x, w):
+    return computed_once(fn, x, w)
+
+  x, w = _random(30, (3, 4)), _random(31, (4,))
+  for transform in (lambda f: f, jax.jit, lambda f: jax.vmap(f, in_axes=(0, None))):
+    chex.assert_trees_all_close(transform(once)(x, w), transform(fn)(x, w))
+  second = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(f(x, w) ** 2))(x)))
+  chex.assert_trees_all_close(jax.jit(second(once))(x), second(fn)(x), atol=1e-6)
+  nan_w = w.at[0].set(jnp.nan)  # The last argument's NaN makes the loop run twice.
+  np.testing.assert_array_equal(np.isnan(jax.jit(once)(x, nan_w)), np.isnan(fn(x, nan_w)))
+  assert 'while' in str(jax.make_jaxpr(once)(x, w))  # The loop is what XLA cannot fuse across.
