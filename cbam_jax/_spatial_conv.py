@@ -16,6 +16,10 @@ computes the same sums differently:
   axis, whose diagonals hold the sums over the last kernel dim. Autodiff of the forward
   instead produces ~100 separate full reductions, which XLA:CPU runs ~10x slower.
 
+Each correlation runs inside :func:`cbam_jax._fusion.computed_once`: left to itself, XLA
+fused it into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
+padding) and recomputed all its taps there.
+
 Both give the conv's numbers up to float32 rounding (summation order differs; the tests
 hold them to 1e-5). The products are formed and accumulated in float32 whatever the input
 dtype.
