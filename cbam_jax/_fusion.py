@@ -5,6 +5,9 @@ That is right for cheap producers and badly wrong for the spatial conv's correla
 (``prod(kernel_size) * C_in`` multiply-adds per element) or a broadcast maximum compared
 against every input element. ``lax.optimization_barrier`` would stop it, but XLA:CPU's
 pipeline removes barriers before fusion; a loop body is a boundary it keeps.
+
+Only the CPU fast paths (``conv_impl='shift'``, chosen by ``'auto'`` on CPU) use it: on an
+accelerator each loop trip would cost a device-to-host copy of the loop condition.
 """
 
 from __future__ import annotations
