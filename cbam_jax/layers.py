@@ -50,7 +50,7 @@ def _hidden_size(channels: int, reduction_ratio: float, hidden_features: int | N
   if reduction_ratio <= 0:
     raise ValueError(f'reduction_ratio must be positive, got {reduction_ratio}.')
   _validation.check_choice('hidden_rounding', hidden_rounding, ('floor', 'round'))
-  if not isinstance(hidden_divisor, int) or hidden_divisor < 1:
+  if isinstance(hidden_divisor, bool) or not isinstance(hidden_divisor, int) or hidden_divisor < 1:
     raise ValueError(f'hidden_divisor must be a positive int, got {hidden_divisor!r}.')
   if hidden_rounding == 'floor':  # Official code: C // r.
     if hidden_divisor != 1:

@@ -391,8 +391,9 @@ class ErrorTest(parameterized.TestCase):
       self.init(small(CBAM, reduction_ratio=0), SHAPES[2])
     with pytest.raises(ValueError, match="hidden_divisor=8 needs hidden_rounding='round'"):
       self.init(small(CBAM, hidden_divisor=8), SHAPES[2])
-    with pytest.raises(ValueError, match='hidden_divisor must be a positive int'):
-      self.init(small(CBAM, hidden_rounding='round', hidden_divisor=0), SHAPES[2])
+    for bad in (0, 8.0, True):
+      with pytest.raises(ValueError, match='hidden_divisor must be a positive int'):
+        self.init(small(CBAM, hidden_rounding='round', hidden_divisor=bad), SHAPES[2])
 
   @parameterized.parameters((16, 1, 1), (64, 1, 4), (72, 1, 5), (88, 1, 6), (64, 8, 8),
                             (200, 8, 16), (16, 8, 8), (8, 4, 4))
