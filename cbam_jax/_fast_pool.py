@@ -67,14 +67,12 @@ def _mean_max_bwd(axes, residuals, cotangents):
     # (4.2 ms -> 0.85 ms for this backward at (128, 32, 32, 16)). The tie count is a
     # matrix-vector product (exact: small integers in float32), which XLA:CPU runs at
     # memory speed, unlike a fused reduction.
+    # No flattening to 2-D: reshapes that merge an explicitly sharded batch axis fail.
     maximum = computed_once(lambda m: m, maximum)
-    rows = (-1, 1)
-    x_2d = x.reshape(-1, x.shape[-1])
-    at_max = x_2d == maximum.reshape(rows)
+    at_max = x == maximum[..., None]
     count = jnp.dot(at_max.astype(jnp.float32), jnp.ones((x.shape[-1],), jnp.float32))
-    grad = (grad_mean / size).reshape(rows) + jnp.where(
-        at_max, (grad_max.reshape(-1) / count).reshape(rows), 0)
-    return (grad.reshape(x.shape).astype(x.dtype),)
+    grad = (grad_mean / size)[..., None] + jnp.where(at_max, (grad_max / count)[..., None], 0)
+    return (grad.astype(x.dtype),)
   expand = lambda v: jnp.expand_dims(v, axes)
   at_max = x == expand(maximum)
   # Same expressions as JAX's rules: mean -> g / n; max -> g * indicator / count.

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cbam_jax._fusion import computed_once
+from cbam_jax._fusion import computed_once, replicated_if_explicit
 
 IMPLS = ('auto', 'xla', 'shift')
 
@@ -139,7 +139,9 @@ def _kernel_grad(planes: jax.Array, grad: jax.Array,
     contract = tuple(range(1, lhs.ndim - 1))
     products = lax.dot_general(
         lhs, grad_blocks, ((contract, tuple(range(grad_blocks.ndim - 1))), ((), ())),
-        precision=lax.Precision.HIGHEST)  # (C, block + k - 1, block)
+        precision=lax.Precision.HIGHEST,
+        # Contracts the batch: under explicit sharding JAX asks where the sum should live.
+        out_sharding=replicated_if_explicit(lhs))  # (C, block + k - 1, block)
     # dK[offset, j, c] is the j-th diagonal: sum_x products[c, x + j, x].
     diagonals = jnp.stack([
         jnp.trace(products, offset=-j, axis1=1, axis2=2) for j in range(k_last)], axis=-1)

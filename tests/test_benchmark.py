@@ -37,15 +37,23 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
     assert 'vs_torch_cl' in head
 
   (model,) = saved['models']
-  assert {'jax_plain', 'jax_cbam'} <= set(model['impls'])
+  assert {'jax_plain', 'jax_cbam', 'jax_nn_conv_plain', 'jax_nn_conv_cbam'} <= set(model['impls'])
+  assert model['jax_vs_nn_conv']['cbam'] == pytest.approx(
+      model['impls']['jax_cbam']['ms'] / model['impls']['jax_nn_conv_cbam']['ms'])
   assert model['cbam_overhead']['jax'] == pytest.approx(
       model['impls']['jax_cbam']['ms'] / model['impls']['jax_plain']['ms'])
+  (conv,) = saved['convs']
+  assert set(conv['passes']) == {'forward', 'input_grad', 'kernel_grad'}
+  for values in conv['passes'].values():
+    assert values['jax'] > 0
+    if 'torch_cl' in values:
+      assert values['jax_vs_torch_cl'] == pytest.approx(values['jax'] / values['torch_cl'])
   (memory,) = saved['memory']
   assert memory['cbam']['peak_mb'] > 0 and memory['plain']['peak_mb'] > 0
 
   markdown = (tmp_path / 'results.md').read_text()
   assert '| 2x8x8x32 | forward |' in markdown
-  assert 'Training step' in markdown and 'memory' in markdown
+  assert 'Training step' in markdown and 'memory' in markdown and 'conv passes' in markdown
   assert results['module'][0]['floor_ms'] == saved['module'][0]['floor_ms']
 
 
@@ -64,3 +72,24 @@ def test_xla_flag_study_worker_environments():
   assert study.worker_env('huge_pages', caller)['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
   onednn = study.worker_env('onednn', {'PATH': '/bin'})
   assert onednn == {'PATH': '/bin', 'XLA_FLAGS': '--xla_cpu_use_onednn=true'}
+
+
+def test_interleaved_timing_is_round_robin_with_medians(monkeypatch):
+  clock, log = [0.0], []
+  monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock[0])
+  monkeypatch.setattr(benchmark, '_WARM_S', 0.02)
+
+  def fake_call(name, seconds):
+    def call():
+      log.append(name)
+      clock[0] += seconds.pop(0)
+    return call
+
+  # Untimed calls run until _WARM_S has passed: one of 30 ms, or two of 15 ms. Then the
+  # timed call: a takes 1, 5 and 2 ms; b 3 ms each time.
+  calls = {'a': fake_call('a', [0.03, 1e-3, 0.015, 0.015, 5e-3, 0.03, 2e-3]),
+           'b': fake_call('b', [0.03, 3e-3] * 3)}
+  medians = benchmark.interleaved_median_ms(calls, repeats=3)
+  # Round i of every call before round i + 1 of any.
+  assert log == ['a', 'a', 'b', 'b', 'a', 'a', 'a', 'b', 'b', 'a', 'a', 'b', 'b']
+  assert medians == pytest.approx({'a': 2.0, 'b': 3.0})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import chex
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,3 +308,40 @@ def test_computed_once_is_fn_under_jit_vmap_and_nested_gradients():
   nan_w = w.at[0].set(jnp.nan)  # The last argument's NaN makes the loop run twice.
   np.testing.assert_array_equal(np.isnan(jax.jit(once)(x, nan_w)), np.isnan(fn(x, nan_w)))
   assert 'while' in str(jax.make_jaxpr(once)(x, w))  # The loop is what XLA cannot fuse across.
+
+
+def test_fast_paths_under_explicit_sharding():
+  # computed_once's probe and the kernel-gradient matmul must work when the batch is
+  # explicitly sharded (jax.make_mesh with Explicit axes): same numbers as unsharded.
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+  from cbam_jax.conv import MaterializedInputConv
+
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+  x = jax.random.normal(jax.random.key(0), (16, 9, 7, 12))
+  sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec('data')))
+  module = layers.CBAM(spatial_norm=True, reduction_ratio=4, conv_impl='shift')
+  variables = module.init(jax.random.key(1), x)
+
+  def loss(params, x):
+    out, _ = module.apply({**variables, 'params': params}, x, train=True,
+                          mutable=['batch_stats'])
+    return jnp.sum(out ** 2)  # Positive terms: the sharded sum's order barely matters.
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  expected = step(variables['params'], x)
+  with jax.set_mesh(mesh):
+    got = step(variables['params'], sharded)
+  assert jax.typeof(got[1][1]).sharding.spec[0] == 'data'
+  for got_leaf, expected_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
+                                     strict=True):
+    # Relative to each leaf's largest entry: sharded sums add in another order.
+    scale = float(jnp.max(jnp.abs(expected_leaf)))
+    np.testing.assert_allclose(got_leaf, expected_leaf, rtol=0, atol=1e-5 * scale)
+
+  conv = MaterializedInputConv(4, (3, 3), materialize_input=True)
+  conv_vars = conv.init(jax.random.key(2), x)
+  with jax.set_mesh(mesh):
+    out = jax.jit(conv.apply)(conv_vars, sharded)
+  expected = flax.linen.Conv(4, (3, 3)).apply(conv_vars, x)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

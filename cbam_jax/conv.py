@@ -1,0 +1,52 @@
+"""A drop-in ``nn.Conv`` that trains faster on XLA:CPU.
+
+A conv's kernel gradient contracts over the batch, so XLA:CPU first transposes the conv's
+input from ``(N, H, W, C)`` to ``(C, H, W, N)``. XLA fuses the elementwise ops that produce
+that input (BatchNorm, ReLU, the residual sum, a CBAM gate) into the transpose, which then
+recomputes them element by element in a cache-hostile order instead of reading the values
+the forward pass already wrote (several times as long as a plain transpose, in per-op
+profiles of the ResNet-20 step). :class:`MaterializedInputConv` hands the
+conv its input through :func:`cbam_jax._fusion.computed_once`, a fusion boundary, so the
+transpose is a plain one. The numbers are those of ``nn.Conv``; only the schedule changes.
+
+Measured with ``python -m experiments.benchmark --only models`` (2-core CPU, side by side
+with ``nn.Conv``): see the README's performance section.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from cbam_jax._fusion import computed_once
+
+__all__ = ['MaterializedInputConv']
+
+
+class MaterializedInputConv(nn.Conv):
+  """``nn.Conv`` whose input is read from its own buffer, never recomputed, on CPU.
+
+  Same fields, parameters and numbers as ``nn.Conv``, plus:
+
+  Attributes:
+    materialize_input: ``None`` (default) materialises on the CPU backend only: on an
+      accelerator the fusion boundary (a one-trip loop) would cost a host round trip per
+      conv and the GPU/TPU compilers do not have the slow transpose. ``True``/``False``
+      force it on or off.
+  """
+
+  materialize_input: bool | None = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    materialize = self.materialize_input
+    if materialize is None:
+      materialize = jax.default_backend() == 'cpu'
+    if materialize:
+      inputs = computed_once(lambda value: value, inputs)
+    # nn.Conv's own method, not the Flax-wrapped one, so that capture_intermediates records
+    # this call once (as for nn.Conv), not twice.
+    return _CONV_CALL(self, inputs)
+
+
+_CONV_CALL = getattr(nn.Conv.__call__, '__wrapped__', nn.Conv.__call__)

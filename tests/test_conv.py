@@ -1,0 +1,110 @@
+"""MaterializedInputConv: nn.Conv's numbers and parameters, with its input materialised."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from cbam_jax import models
+from cbam_jax.conv import MaterializedInputConv
+
+KEY = jax.random.key(0, impl='rbg')
+
+
+def _loss(conv_module, params, x, scale):
+  # An elementwise producer and consumer around the conv: what XLA would fuse into the
+  # kernel-gradient transpose, and what the materialised input must not change.
+  y = conv_module.apply({'params': params}, jax.nn.relu(x * scale + 0.1))
+  return jnp.sum(jnp.tanh(y) ** 2)
+
+
+class MaterializedInputConvTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      dict(materialize=None, kernel=(3, 3), strides=1, use_bias=False),
+      dict(materialize=True, kernel=(3, 3), strides=2, use_bias=True),
+      dict(materialize=True, kernel=(1, 1), strides=1, use_bias=False),
+      dict(materialize=False, kernel=(3, 3), strides=1, use_bias=True),
+  )
+  def test_outputs_and_gradients_equal_nn_conv(self, materialize, kernel, strides, use_bias):
+    fields = dict(features=5, kernel_size=kernel, strides=strides, use_bias=use_bias,
+                  padding='SAME')
+    reference = nn.Conv(**fields)
+    fast = MaterializedInputConv(materialize_input=materialize, **fields)
+    x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
+    scale = jnp.linspace(0.5, 1.5, 4)
+    params = reference.init(KEY, x)['params']
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, fast.init(KEY, x)['params'])
+
+    value_and_grads = lambda module: self.variant(jax.value_and_grad(
+        functools.partial(_loss, module), argnums=(0, 1, 2)))(params, x, scale)
+    expected, got = value_and_grads(reference), value_and_grads(fast)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+
+  def test_gradients_of_gradients_equal_nn_conv(self):
+    fields = dict(features=3, kernel_size=(3, 3), padding='SAME')
+    reference, fast = nn.Conv(**fields), MaterializedInputConv(materialize_input=True, **fields)
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2))
+    scale = jnp.array([0.7, 1.3])
+    params = reference.init(KEY, x)['params']
+
+    def grad_norm(module, x):
+      grads = jax.grad(functools.partial(_loss, module), argnums=0)(params, x, scale)
+      return sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))
+
+    chex.assert_trees_all_close(jax.jit(jax.grad(functools.partial(grad_norm, fast)))(x),
+                                jax.grad(functools.partial(grad_norm, reference))(x),
+                                rtol=1e-4, atol=1e-6)
+
+  @parameterized.parameters((None, True), (True, True), (False, False))
+  def test_materialises_through_a_loop_on_cpu_only_when_asked(self, materialize, has_loop):
+    assert jax.default_backend() == 'cpu'
+    module = MaterializedInputConv(2, (3, 3), materialize_input=materialize)
+    x = jnp.ones((1, 5, 5, 2))
+    params = module.init(KEY, x)
+    text = jax.jit(module.apply).lower(params, x).as_text()
+    self.assertEqual('stablehlo.while' in text, has_loop)
+
+  def test_bfloat16(self):
+    module = MaterializedInputConv(4, (3, 3), dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(3), (2, 6, 6, 3)).astype(jnp.bfloat16)
+    variables = module.init(KEY, x)
+    out = jax.jit(module.apply)(variables, x)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    expected = nn.Conv(4, (3, 3), dtype=jnp.bfloat16).apply(variables, x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+
+
+def test_resnet_uses_it_with_nn_conv_numbers():
+  assert models.ResNet.conv is MaterializedInputConv
+  model = models.ResNetTiny(attention='cbam', num_classes=3)
+  reference = models.ResNetTiny(attention='cbam', num_classes=3, conv=nn.Conv)
+  x = jax.random.normal(jax.random.key(4), (4, 8, 8, 3))
+  variables = reference.init(KEY, x)
+  chex.assert_trees_all_equal_structs(variables, model.init(KEY, x))
+
+  def loss(module, params):
+    logits, _ = module.apply({**variables, 'params': params}, x, train=True,
+                             mutable=['batch_stats'])
+    return jnp.mean(logits ** 2)
+
+  chex.assert_trees_all_close(
+      jax.jit(jax.value_and_grad(functools.partial(loss, model)))(variables['params']),
+      jax.jit(jax.value_and_grad(functools.partial(loss, reference)))(variables['params']),
+      rtol=1e-5, atol=1e-6)
+
+
+def test_capture_intermediates_records_one_call_like_nn_conv():
+  x = jnp.ones((1, 4, 4, 2))
+  for module in (MaterializedInputConv(3, (3, 3)), nn.Conv(3, (3, 3))):
+    variables = module.init(KEY, x)
+    out, state = module.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+    (captured,) = state['intermediates']['__call__']
+    np.testing.assert_array_equal(captured, out)
