@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import chex
 import flax.linen
@@ -345,3 +346,17 @@ def test_fast_paths_under_explicit_sharding():
     out = jax.jit(conv.apply)(conv_vars, sharded)
   expected = flax.linen.Conv(4, (3, 3)).apply(conv_vars, x)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_importing_perf_does_not_import_jax():
+  # Scripts re-exec with perf.reexec_with_cpu_env() before their heavy imports; importing
+  # perf (and so the cbam_jax package) must not already have loaded JAX.
+  import subprocess
+  import sys
+
+  code = ('import sys; from cbam_jax import perf; import cbam_jax; '
+          'assert "jax" not in sys.modules, "jax imported"; '
+          'from cbam_jax import CBAM; assert "jax" in sys.modules; print(CBAM.__name__)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert out.stdout.strip() == 'CBAM'
