@@ -6,8 +6,9 @@ That is right for cheap producers and badly wrong for the spatial conv's correla
 against every input element. ``lax.optimization_barrier`` would stop it, but XLA:CPU's
 pipeline removes barriers before fusion; a loop body is a boundary it keeps.
 
-Only the CPU fast paths (``conv_impl='shift'``, chosen by ``'auto'`` on CPU) use it: on an
-accelerator each loop trip would cost a device-to-host copy of the loop condition.
+Only CPU paths use it (the ``'shift'`` spatial conv and its pools, and
+:class:`cbam_jax.conv.MaterializedInputConv`), each switched on by :func:`boundary_pays_off`:
+on an accelerator each loop trip would cost a device-to-host copy of the loop condition.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ['computed_once', 'replicated_if_explicit']
+__all__ = ['boundary_pays_off', 'computed_once', 'replicated_if_explicit']
+
+
+def boundary_pays_off() -> bool:
+  """Whether :func:`computed_once` is worth its loop: on the CPU backend only."""
+  return jax.default_backend() == 'cpu'
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -26,8 +32,9 @@ def computed_once(fn, *args):
   """``fn(*args)``, written to its own buffer that consumers read instead of recomputing.
 
   ``fn`` runs in the body of a loop that runs once; the trip count depends on the data
-  (twice when the last argument's first element is NaN, with the same result) so that XLA
-  cannot unroll and inline it; this works under explicit sharding too. The spatial conv's
+  (twice when the last argument's first element, or under explicit sharding the sum of its
+  first elements per shard, is NaN; with the same result) so that XLA cannot unroll and
+  inline it. The spatial conv's
   correlations: official CBAM forward+backward at ``(128, 32, 32, 16)`` 11.8 ms -> 6.2 ms on CPU.
 
   Differentiating it differentiates ``fn`` directly (the custom JVP), so gradients of

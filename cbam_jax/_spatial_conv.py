@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cbam_jax._fusion import computed_once, replicated_if_explicit
+from cbam_jax._fusion import boundary_pays_off, computed_once, replicated_if_explicit
 
 IMPLS = ('auto', 'xla', 'shift')
 
@@ -55,7 +55,7 @@ def resolve_impl(impl: str) -> str:
   from cbam_jax._validation import check_choice
   check_choice('spatial conv impl', impl, IMPLS)
   if impl == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'xla'
+    return 'shift' if boundary_pays_off() else 'xla'
   return impl
 
 

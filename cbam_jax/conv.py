@@ -7,7 +7,9 @@ recomputes them element by element in a cache-hostile order instead of reading t
 the forward pass already wrote (several times as long as a plain transpose, in per-op
 profiles of the ResNet-20 step). :class:`MaterializedInputConv` hands the
 conv its input through :func:`cbam_jax._fusion.computed_once`, a fusion boundary, so the
-transpose is a plain one. The numbers are those of ``nn.Conv``; only the schedule changes.
+transpose is a plain one. Where one input feeds several convs (a block's first conv and its
+projection shortcut), XLA keeps a single copy. The numbers are those of ``nn.Conv``; only
+the schedule changes.
 
 Measured with ``python -m experiments.benchmark --only models`` (2-core CPU, side by side
 with ``nn.Conv``): see the README's performance section.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from cbam_jax._fusion import computed_once
+from cbam_jax._fusion import boundary_pays_off, computed_once
 
 __all__ = ['MaterializedInputConv']
 
@@ -40,8 +42,11 @@ class MaterializedInputConv(nn.Conv):
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     materialize = self.materialize_input
+    if not (materialize is None or isinstance(materialize, bool)):
+      raise TypeError(f'materialize_input must be None (CPU only), True or False, got '
+                      f'{materialize!r}.')
     if materialize is None:
-      materialize = jax.default_backend() == 'cpu'
+      materialize = boundary_pays_off()
     if materialize:
       inputs = computed_once(lambda value: value, inputs)
     # nn.Conv's own method, not the Flax-wrapped one, so that capture_intermediates records

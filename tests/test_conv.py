@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import chex
 import flax.linen as nn
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
+from cbam_jax import conv as conv_module
 from cbam_jax import models
 from cbam_jax.conv import MaterializedInputConv
 
@@ -71,6 +73,20 @@ class MaterializedInputConvTest(chex.TestCase, parameterized.TestCase):
     params = module.init(KEY, x)
     text = jax.jit(module.apply).lower(params, x).as_text()
     self.assertEqual('stablehlo.while' in text, has_loop)
+
+  def test_default_leaves_accelerators_alone(self):
+    # On GPU/TPU the loop would cost a host round trip per conv: None means plain nn.Conv.
+    module = MaterializedInputConv(2, (3, 3))
+    x = jnp.ones((1, 5, 5, 2))
+    params = module.init(KEY, x)
+    with mock.patch.object(conv_module, 'boundary_pays_off', return_value=False):
+      text = jax.jit(module.apply).lower(params, x).as_text()
+    self.assertNotIn('stablehlo.while', text)
+
+  def test_bad_materialize_input_is_rejected(self):
+    module = MaterializedInputConv(2, (3, 3), materialize_input='yes')
+    with self.assertRaisesRegex(TypeError, 'materialize_input must be None'):
+      module.init(KEY, jnp.ones((1, 5, 5, 2)))
 
   def test_bfloat16(self):
     module = MaterializedInputConv(4, (3, 3), dtype=jnp.bfloat16)
