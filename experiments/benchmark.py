@@ -9,6 +9,11 @@ row timed in interleaved rounds, each timed call after 25 ms of untimed calls of
 (:func:`interleaved_median_ms`); compile time is reported separately. Machines here are
 shared and noisy, so compare the ratios inside one run rather than milliseconds across runs.
 
+The same command runs on a GPU: JAX then uses it, and PyTorch runs on the same GPU (each
+call followed by ``torch.cuda.synchronize``; cuDNN autotuning on; TF32 for float32 convs and
+matmuls, as JAX does by default there), or not at all if its build has no CUDA: JAX on a
+GPU is never compared with PyTorch on the CPU.
+
 Module rows (``--only module``): the official CBAM (``CBAM(spatial_norm=True)``: channel
 MLP with biases, reduction 16, 7x7 spatial conv + BatchNorm) is the headline; its forward
 is timed in eval mode (running BatchNorm statistics, as at inference) and forward+backward
@@ -27,10 +32,11 @@ Against it, in the same run:
   ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
-backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224),
-each with and without CBAM in every block, JAX and PyTorch. JAX runs twice: with the
-models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`) and with plain
-``nn.Conv``, to show what materialising conv inputs buys on this backend. Memory rows (``--only
+backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224;
+64 on an accelerator), each with and without CBAM in every block, JAX and PyTorch. On CPU
+JAX runs twice: with the models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`)
+and with plain ``nn.Conv``, to show what materialising conv inputs buys; elsewhere the two
+are the same program. Memory rows (``--only
 memory``): XLA's buffer assignment for the same training steps (``memory_analysis()`` of
 the compiled step: arguments + outputs + temporaries - aliased, an upper bound of the peak;
 XLA:CPU's own ``peak_memory_in_bytes`` only counts the arguments).
@@ -43,6 +49,7 @@ training step loses its time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -60,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbam_jax import layers, models
+from cbam_jax import _fusion, layers, models
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
 
@@ -68,8 +75,10 @@ MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 
                  (32, 56, 56, 64), (128, 32, 32, 16))
 TINY_MODULE_SHAPES = ((2, 8, 8, 32),)
 
-# name, create_model fields, batch, image size.
+# name, create_model fields, batch, image size. CPU: ResNet-50 at a small batch; on an
+# accelerator the batch a GPU trains it at.
 MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 8, 224))
+ACCELERATOR_MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 64, 224))
 TINY_MODEL_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
 
 # The 3x3 convs of CIFAR ResNet-20 at batch 128, (B, H, W, C_in, C_out).
@@ -186,13 +195,59 @@ def _usable_cpus() -> int:
 _TORCH_THREADS = [_usable_cpus()]
 
 
-def _torch() -> Any | None:
+def torch_device(torch: Any, backend: str) -> str | None:
+  """The torch device that runs beside JAX's ``backend``, or ``None`` if torch has none.
+
+  Only the same kind of chip is a fair comparison: JAX on a GPU is never timed against
+  PyTorch on the CPU.
+  """
+  if backend == 'cpu':
+    return 'cpu'
+  if backend in ('gpu', 'cuda', 'rocm') and torch.cuda.is_available():
+    return 'cuda'  # ROCm builds of torch call their GPUs 'cuda' too.
+  return None
+
+
+class TorchSide:
+  """PyTorch on the device beside JAX's: where to put tensors and how to block on them."""
+
+  def __init__(self, torch: Any, device: str):
+    self.torch, self.device = torch, device
+
+  def blocking(self, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` that returns only once its GPU work is done (CUDA launches are async)."""
+    if self.device == 'cpu':
+      return call
+    synchronize = self.torch.cuda.synchronize
+
+    def blocking_call():
+      out = call()
+      synchronize()
+      return out
+
+    return blocking_call
+
+
+def _torch() -> TorchSide | None:
+  """PyTorch set up for the comparison, or ``None`` (not installed, or no matching device)."""
   try:
     import torch
   except ImportError:
     return None
-  torch.set_num_threads(_TORCH_THREADS[0])
-  return torch
+  device = torch_device(torch, jax.default_backend())
+  if device is None:
+    print(f'PyTorch has no {jax.default_backend()} device: its columns are left out.',
+          flush=True)
+    return None
+  if device == 'cpu':
+    torch.set_num_threads(_TORCH_THREADS[0])
+  else:
+    # What a speed-minded PyTorch user sets, and JAX's float32 default on these GPUs: TF32
+    # tensor cores for convolutions (cuDNN's default) and matmuls (torch's is full float32).
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision('high')
+  return TorchSide(torch, device)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -238,17 +293,20 @@ def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
   return step
 
 
-def _torch_module_calls(torch: Any, shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
+def _torch_module_calls(side: TorchSide,
+                        shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
   from experiments import bench_torch
+  torch, device = side.torch, side.device
   batch, height, width, channels = shape
   calls = {}
   for name, memory_format in (('torch_cl', torch.channels_last),
                               ('torch_nchw', torch.contiguous_format)):
     # One module in eval mode for the forward, one in train mode for fwd+bwd: the calls
     # are interleaved, so neither may switch the other's mode.
-    eval_module = bench_torch.CBAM(channels).to(memory_format=memory_format).eval()
-    train_module = bench_torch.CBAM(channels).to(memory_format=memory_format).train()
-    x = torch.randn(batch, channels, height, width).contiguous(memory_format=memory_format)
+    eval_module = bench_torch.CBAM(channels).to(device, memory_format=memory_format).eval()
+    train_module = bench_torch.CBAM(channels).to(device, memory_format=memory_format).train()
+    x = torch.randn(batch, channels, height, width, device=device).contiguous(
+        memory_format=memory_format)
     cotangent = torch.randn_like(x)
     x_grad = x.clone().requires_grad_(True)
 
@@ -261,14 +319,14 @@ def _torch_module_calls(torch: Any, shape: Sequence[int]) -> dict[str, Callable[
       x_grad.grad = None
       module(x_grad).backward(cotangent)
 
-    calls[f'{name}/forward'] = forward
-    calls[f'{name}/fwd_bwd'] = fwd_bwd
+    calls[f'{name}/forward'] = side.blocking(forward)
+    calls[f'{name}/fwd_bwd'] = side.blocking(fwd_bwd)
   return calls
 
 
 def run_module(shapes: Sequence[Sequence[int]], repeats: int,
                tiny: bool = False) -> list[dict[str, Any]]:
-  torch = _torch()
+  side = _torch()
   rows = []
   for shape in shapes:
     key = jax.random.PRNGKey(0)
@@ -278,7 +336,7 @@ def run_module(shapes: Sequence[Sequence[int]], repeats: int,
     for name, (module, variables) in _jax_module_cases(x, key, tiny).items():
       jax_calls[f'{name}/forward'] = jax_call(_forward_fn(module), [variables, x])
       jax_calls[f'{name}/fwd_bwd'] = jax_call(_fwd_bwd_fn(module), [variables, x, cotangent])
-    torch_calls = {} if torch is None else _torch_module_calls(torch, shape)
+    torch_calls = {} if side is None else _torch_module_calls(side, shape)
     times = time_calls(jax_calls, torch_calls, repeats)
     row: dict[str, Any] = {'shape': list(shape), 'bytes': int(x.nbytes),
                            'floor_ms': 2 * times.pop('floor')['ms'], 'impls': {}}
@@ -340,18 +398,20 @@ def _jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, b
   return _jax_train_step(model, optimizer), args
 
 
-def _torch_model_step(torch: Any, name: str, fields: dict[str, Any], attention: bool,
+def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attention: bool,
                       batch: int, size: int, channels_last: bool) -> Callable[[], None]:
   from experiments import bench_torch
+  torch, device = side.torch, side.device
   if name == 'resnet20':
     stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
   else:
     stages, stem, classes = fields.get('stage_sizes', (3, 4, 6, 3)), 'imagenet', 1000
   model = bench_torch.ResNet(stages, stem=stem, attention=attention, num_classes=classes)
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  model = model.to(memory_format=memory_format).train()
-  images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
-  labels = torch.randint(0, classes, (batch,))
+  model = model.to(device, memory_format=memory_format).train()
+  images = torch.randn(batch, 3, size, size, device=device).contiguous(
+      memory_format=memory_format)
+  labels = torch.randint(0, classes, (batch,), device=device)
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
   def step():
@@ -360,28 +420,32 @@ def _torch_model_step(torch: Any, name: str, fields: dict[str, Any], attention: 
     loss.backward()
     optimizer.step()
 
-  return step
+  return side.blocking(step)
 
 
 def run_models(cases, repeats: int) -> list[dict[str, Any]]:
-  torch = _torch()
+  side = _torch()
+  # The models' default conv (MaterializedInputConv) beside plain nn.Conv; where it
+  # materialises nothing (accelerators) the two are one program, timed once.
+  conv_cases = [('jax', {})]
+  if _fusion.boundary_pays_off():
+    conv_cases.append(('jax_nn_conv', {'conv': nn.Conv}))
   rows = []
   for name, fields, batch, size in cases:
     row: dict[str, Any] = {'model': name, 'fields': fields, 'batch': batch, 'image_size': size}
     jax_calls, torch_calls = {}, {}
     for attention in (None, 'cbam'):
       tag = 'cbam' if attention else 'plain'
-      # The models' default conv (MaterializedInputConv) and plain nn.Conv, side by side.
-      for prefix, conv_fields in (('jax', {}), ('jax_nn_conv', {'conv': nn.Conv})):
+      for prefix, conv_fields in conv_cases:
         case_fields = {**fields, **conv_fields}
         step, args = _jax_model_setup(name, case_fields, attention, batch, size)
         jax_calls[f'{prefix}_{tag}'] = jax_call(
             step, args, donate=(0, 1, 2),
             cache_key=(name, repr(case_fields), attention, batch, size))
-      if torch is not None:
+      if side is not None:
         for layout, channels_last in (('cl', True), ('nchw', False)):
           torch_calls[f'torch_{layout}_{tag}'] = _torch_model_step(
-              torch, name, fields, attention is not None, batch, size, channels_last)
+              side, name, fields, attention is not None, batch, size, channels_last)
     row['impls'] = time_calls(jax_calls, torch_calls, repeats)
     for times in row['impls'].values():
       times['images_per_s'] = batch / (times['ms'] * 1e-3)
@@ -391,7 +455,7 @@ def run_models(cases, repeats: int) -> list[dict[str, Any]]:
         for prefix in ('jax', 'jax_nn_conv', 'torch_cl', 'torch_nchw')
         if f'{prefix}_cbam' in impls}
     row['jax_vs_nn_conv'] = {tag: impls[f'jax_{tag}']['ms'] / impls[f'jax_nn_conv_{tag}']['ms']
-                             for tag in ('plain', 'cbam')}
+                             for tag in ('plain', 'cbam') if f'jax_nn_conv_{tag}' in impls}
     row['jax_vs_torch'] = {
         f'{layout}_{tag}': impls[f'jax_{tag}']['ms'] / impls[f'torch_{layout}_{tag}']['ms']
         for layout in ('cl', 'nchw') for tag in ('plain', 'cbam')
@@ -437,7 +501,8 @@ def run_memory(cases) -> list[dict[str, Any]]:
 
 def run_convs(cases, repeats: int) -> list[dict[str, Any]]:
   """Forward, input gradient and kernel gradient of a 3x3 conv, JAX NHWC vs torch CL."""
-  torch = _torch()
+  side = _torch()
+  torch = None if side is None else side.torch
   from jax import lax
 
   def conv(x, w):
@@ -457,20 +522,22 @@ def run_convs(cases, repeats: int) -> list[dict[str, Any]]:
                                     [g, x, w]),
     }
     torch_calls = {}
-    if torch is not None:
+    if side is not None:
       cl = torch.channels_last
-      tx = torch.randn(batch, c_in, height, width).contiguous(memory_format=cl)
-      tw = torch.randn(c_out, c_in, 3, 3).contiguous(memory_format=cl)
-      tg = torch.randn(batch, c_out, height, width).contiguous(memory_format=cl)
+      randn = functools.partial(torch.randn, device=side.device)
+      tx = randn(batch, c_in, height, width).contiguous(memory_format=cl)
+      tw = randn(c_out, c_in, 3, 3).contiguous(memory_format=cl)
+      tg = randn(batch, c_out, height, width).contiguous(memory_format=cl)
 
       def backward(mask, tx=tx, tw=tw, tg=tg):
         return lambda: torch.ops.aten.convolution_backward(
             tg, tx, tw, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
 
       torch_calls = {
-          'torch_cl/forward': lambda tx=tx, tw=tw: torch.nn.functional.conv2d(tx, tw, padding=1),
-          'torch_cl/input_grad': backward([True, False, False]),
-          'torch_cl/kernel_grad': backward([False, True, False]),
+          'torch_cl/forward': side.blocking(
+              lambda tx=tx, tw=tw: torch.nn.functional.conv2d(tx, tw, padding=1)),
+          'torch_cl/input_grad': side.blocking(backward([True, False, False])),
+          'torch_cl/kernel_grad': side.blocking(backward([False, True, False])),
       }
     times = time_calls(jax_calls, torch_calls, repeats)
     row: dict[str, Any] = {'shape': [batch, height, width, c_in, c_out], 'passes': {}}
@@ -499,12 +566,16 @@ def environment() -> dict[str, Any]:
                 if line.startswith('Model name')), cpu)
   except OSError:
     pass
-  torch = _torch()
+  side = _torch()
+  on_cuda = side is not None and side.device == 'cuda'
   return {
       'cpu': cpu, 'cpu_count': _usable_cpus(), 'python': platform.python_version(),
       'jax': jax.__version__, 'backend': jax.default_backend(),
-      'torch': None if torch is None else torch.__version__,
-      'torch_threads': None if torch is None else torch.get_num_threads(),
+      'device': jax.devices()[0].device_kind,
+      'torch': None if side is None else side.torch.__version__,
+      'torch_device': None if side is None else side.device,
+      'torch_device_name': side.torch.cuda.get_device_name() if on_cuda else None,
+      'torch_threads': None if side is None else side.torch.get_num_threads(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'command': 'python -m experiments.benchmark ' + ' '.join(sys.argv[1:]),
@@ -518,7 +589,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def to_markdown(results: dict[str, Any]) -> str:
   env = results['environment']
   lines = [f'Command: `{env["command"]}`  ', f'CPU: {env["cpu"]} ({env["cpu_count"]} cores), '
-           f'jax {env["jax"]}, torch {env["torch"] or "not installed"}', '']
+           f'jax {env["jax"]}, torch {env["torch"] or "not installed or no matching device"}'
+           + ('' if env['backend'] == 'cpu' else
+              f'  \nDevice: {env["device"]} (JAX {env["backend"]}, torch '
+              f'{env["torch_device_name"] or "-"}; float32 matmuls and convs in TF32 on both)'),
+           '']
   if results.get('module'):
     lines += ['### CBAM module (official: spatial BN; forward eval, fwd+bwd train), ms', '',
               '| shape | mode | floor | cbam_jax | xla conv | paper | naive Flax | torch CL '
@@ -594,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.error('--repeats must be >= 1')
   sections = args.only or list(SECTIONS)
   module_shapes = args.shapes or (TINY_MODULE_SHAPES if args.tiny else MODULE_SHAPES)
-  model_cases = TINY_MODEL_CASES if args.tiny else MODEL_CASES
+  model_cases = (TINY_MODEL_CASES if args.tiny else
+                 MODEL_CASES if jax.default_backend() == 'cpu' else ACCELERATOR_MODEL_CASES)
   if args.model:
     model_cases = tuple(case for case in model_cases if case[0] in args.model)
   if args.tiny:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -93,3 +94,63 @@ def test_interleaved_timing_is_round_robin_with_medians(monkeypatch):
   # Round i of every call before round i + 1 of any.
   assert log == ['a', 'a', 'b', 'b', 'a', 'a', 'a', 'b', 'b', 'a', 'a', 'b', 'b']
   assert medians == pytest.approx({'a': 2.0, 'b': 3.0})
+
+
+class _FakeCuda:
+  """The slice of ``torch.cuda`` the benchmark uses, counting synchronisations."""
+
+  def __init__(self, available: bool):
+    self.available, self.synchronized = available, 0
+
+  def is_available(self) -> bool:
+    return self.available
+
+  def synchronize(self) -> None:
+    self.synchronized += 1
+
+
+def _fake_torch(cuda_available: bool):
+  import types
+  fake = types.SimpleNamespace(cuda=_FakeCuda(cuda_available), __version__='0.fake')
+  fake.set_num_threads = lambda n: None
+  return fake
+
+
+@pytest.mark.parametrize('backend, cuda, expected', [
+    ('cpu', False, 'cpu'), ('cpu', True, 'cpu'),  # JAX on CPU: torch on CPU, GPU or not.
+    ('gpu', True, 'cuda'), ('rocm', True, 'cuda'),
+    ('gpu', False, None),  # Never JAX on a GPU against torch on the CPU.
+    ('tpu', True, None),
+])
+def test_torch_runs_on_the_same_kind_of_device_as_jax(backend, cuda, expected):
+  assert benchmark.torch_device(_fake_torch(cuda), backend) == expected
+
+
+def test_torch_columns_are_dropped_when_torch_cannot_use_jaxs_device(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, 'torch', _fake_torch(cuda_available=False))
+  monkeypatch.setattr(benchmark.jax, 'default_backend', lambda: 'gpu')
+  assert benchmark._torch() is None
+  assert 'no gpu device' in capsys.readouterr().out
+
+
+def test_torch_calls_on_a_gpu_block_until_the_work_is_done():
+  fake = _fake_torch(cuda_available=True)
+  calls = []
+  on_gpu = benchmark.TorchSide(fake, 'cuda').blocking(lambda: calls.append(1) or 'out')
+  assert on_gpu() == 'out' and on_gpu() == 'out'
+  assert calls == [1, 1] and fake.cuda.synchronized == 2
+  on_cpu = benchmark.TorchSide(fake, 'cpu').blocking(lambda: 'out')
+  assert on_cpu() == 'out' and fake.cuda.synchronized == 2
+
+
+@pytest.mark.slow
+def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch):
+  # What an accelerator looks like to the benchmark: MaterializedInputConv is nn.Conv.
+  monkeypatch.setattr(benchmark._fusion, 'boundary_pays_off', lambda: False)
+  (row,) = benchmark.run_models(benchmark.TINY_MODEL_CASES, repeats=1)
+  assert {'jax_plain', 'jax_cbam'} <= set(row['impls'])
+  assert not any(name.startswith('jax_nn_conv') for name in row['impls'])
+  assert row['jax_vs_nn_conv'] == {}
+  markdown = benchmark.to_markdown({'environment': benchmark.environment(), 'models': [row]})
+  model_line = next(line for line in markdown.splitlines() if line.startswith('| resnet20'))
+  assert model_line.split(' | ')[4:6] == ['-', '-']  # The nn.Conv columns.
