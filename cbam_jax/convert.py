@@ -41,9 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax import _validation
+from cbam_jax import attention as attention_registry
+from cbam_jax import functional as F
+from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention, _hidden_size
+from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
 from cbam_jax.models import BasicBlock, Bottleneck, ResNet, head_kernel_init
 
 __all__ = [
@@ -203,9 +206,9 @@ def _hidden_rule(pairs: Sequence[tuple[int, int]], rules: Sequence[str],
                  what: str) -> tuple[str, float]:
   """The first (rule, reduction ratio) that gives every ``(channels, hidden)`` pair."""
   sizes = {
-      'floor': lambda c, r: _hidden_size(c, r, None, 'floor'),
-      'round': lambda c, r: _hidden_size(c, r, None, 'round'),
-      'divisible8': lambda c, r: _hidden_size(c, r, None, 'round', hidden_divisor=8),
+      'floor': lambda c, r: F.hidden_size(c, r, None, 'floor'),
+      'round': lambda c, r: F.hidden_size(c, r, None, 'round'),
+      'divisible8': lambda c, r: F.hidden_size(c, r, None, 'round', hidden_divisor=8),
   }
   channels, hidden = max(pairs)
   for ratio in dict.fromkeys((16, channels / hidden)):  # The default first, then the data's.
@@ -275,7 +278,9 @@ def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
   if squeeze:
     fields: dict[str, Any] = dict(reduction_ratio=ratio, mlp_bias=mlp_bias)
     if rule == 'divisible8':  # timm's SEModule: make_divisible(C / r, 8).
-      fields.update(hidden_rounding='round', hidden_divisor=8)
+      se_preset = presets.fields('timm', 'se')
+      fields.update(hidden_rounding=se_preset['hidden_rounding'],
+                    hidden_divisor=se_preset['hidden_divisor'])
     else:
       fields['hidden_rounding'] = rule
     return functools.partial(SqueezeExcitation, **{**fields, **attention_fields})
@@ -297,8 +302,8 @@ def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
         spatial_norm=has_norm,
         use_bias=any(b + spatial_bias in arrays for b in blocks),
         # PyTorch momentum m is Flax momentum 1 - m: official BasicConv 0.01, timm 0.1.
-        norm_momentum=0.99 if source == 'official' else 0.9,
-        norm_epsilon=1e-5)
+        norm_momentum=presets.fields(source, 'cbam')['norm_momentum'],
+        norm_epsilon=presets.fields(source, 'cbam')['norm_epsilon'])
   return functools.partial(CBAM, **{**fields, **attention_fields})
 
 
@@ -477,8 +482,8 @@ def _attention_layout(source: str, model: ResNet) -> str | None:
     return None
   if source == 'official':
     return 'official'
-  factory = model.attention.func if isinstance(model.attention, functools.partial) else None
-  return 'timm_cbam' if factory is CBAM else 'timm_se'
+  # The converter builds timm attention as a partial of a registered class.
+  return f'timm_{attention_registry.name_of(model.attention)}'
 
 
 def _source_hint(unexpected: Sequence[str], source: str) -> str:
