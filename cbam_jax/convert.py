@@ -50,11 +50,12 @@ from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
 from cbam_jax.models import BasicBlock, Bottleneck, ResNet, head_kernel_init
 
 __all__ = [
-    'SOURCES', 'ConversionReport', 'from_pytorch', 'load_converted',
+    'APIS', 'SOURCES', 'ConversionReport', 'from_pytorch', 'load_converted',
     'load_state_dict', 'main', 'model_config', 'model_from_config', 'save_converted',
 ]
 
 SOURCES = ('official', 'timm', 'torchvision')
+APIS = ('linen', 'nnx')
 FORMAT = 'cbam_jax.convert/1'
 MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
@@ -508,7 +509,8 @@ def from_pytorch(
     attention_fields: Mapping[str, Any] | None = None,
     rng: int | jax.Array = 0,
     return_report: bool = False,
-) -> tuple[ResNet, dict[str, Any]] | tuple[ResNet, dict[str, Any], ConversionReport]:
+    api: str = 'linen',
+) -> Any:
   """A :class:`cbam_jax.models.ResNet` and its Flax variables from PyTorch weights.
 
   Args:
@@ -529,16 +531,21 @@ def from_pytorch(
     rng: PRNG key, or an int seed of an ``'rbg'`` key, for the variables without
       PyTorch counterpart.
     return_report: also return a :class:`ConversionReport`.
+    api: ``'linen'`` or ``'nnx'``.
 
   Returns:
-    ``(model, variables)`` with ``variables = {'params': ..., 'batch_stats': ...}`` (float32),
-    for ``model.apply(variables, images_nhwc)``; plus the report if asked.
+    With ``api='linen'``: ``(model, variables)`` with ``variables = {'params': ...,
+    'batch_stats': ...}`` (float32), for ``model.apply(variables, images_nhwc)``. With
+    ``api='nnx'``: the :class:`cbam_jax.nnx.models.ResNet` holding those weights (in
+    training mode, as every new NNX module; call ``model.eval()`` for inference). Plus
+    the report if asked.
 
   Raises:
     ValueError: unknown source; architecture that cannot be inferred; with ``strict``,
       missing or unexpected keys (all listed); a shape that does not match.
   """
   _validation.check_choice('source', source, SOURCES)
+  _validation.check_choice('api', api, APIS)
   arrays = _prepare(state_dict)
   model, in_channels = _infer_model(arrays, source, attention, dict(attention_fields or {}))
   layout = _attention_layout(source, model)
@@ -597,13 +604,18 @@ def from_pytorch(
     leaves = [fresh[i] if leaf is None else leaf for i, leaf in enumerate(leaves)]
   variables = jax.tree_util.tree_unflatten(treedef, leaves)
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  converted: tuple[Any, ...] = (model, variables)
+  if api == 'nnx':
+    from cbam_jax.nnx.transfer import from_linen  # NNX only when asked for.
+
+    converted = (from_linen(model, variables),)
   if not return_report:
-    return model, variables
+    return converted if len(converted) > 1 else converted[0]
   report = ConversionReport(
       source=source, config=model_config(model, in_channels=in_channels),
       loaded_keys=tuple(loaded), new_keys=tuple(new), missing_keys=tuple(missing),
       unexpected_keys=tuple(unexpected))
-  return model, variables, report
+  return (*converted, report)
 
 
 # ----------------------------------------------------------------------------------------------
