@@ -4,7 +4,8 @@
 the keyword fields are those of the linen twin (:class:`cbam_jax.CBAM`), with the same
 defaults. Modules start in training mode (``model.eval()`` / ``model.train()`` switch
 BatchNorm); attention maps are recorded as ``nnx.Intermediate`` under ``nnx.capture``.
-:mod:`cbam_jax.nnx.transfer` moves weights between the two APIs.
+:func:`create_model` builds the linen zoo's ResNets; :func:`to_linen`, :func:`from_linen`
+and :func:`load_linen` move weights between the two APIs. See docs/nnx.md.
 """
 
 from cbam_jax.nnx.attention import (
@@ -24,9 +25,12 @@ from cbam_jax.nnx.attention import (
                                     resolve,
 )
 from cbam_jax.nnx.layers import CBAM, ChannelAttention, SpatialAttention
+from cbam_jax.nnx.models import ResNet, available_models, count_params, create_model
+from cbam_jax.nnx.transfer import from_linen, load_linen, to_linen
 
 __all__ = ['CBAM', 'BottleneckAttention', 'ChannelAttention', 'ConcurrentSpatialChannelSE',
            'CoordinateAttention', 'EfficientChannelAttention', 'LightCBAM',
            'LightChannelAttention', 'LightSpatialAttention', 'SimAM', 'SpatialAttention',
            'SpatialSqueezeExcitation', 'SqueezeExcitation', 'TripletAttention', 'available',
-           'create', 'resolve']
+           'create', 'resolve', 'ResNet', 'available_models', 'count_params', 'create_model',
+           'from_linen', 'load_linen', 'to_linen']
