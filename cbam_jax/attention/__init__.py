@@ -2,7 +2,9 @@
 
 ``create(name, **kwargs)`` returns a linen module that maps ``(B, *spatial, C)`` features
 to refined features of the same shape and dtype, called as ``module(x, train=False)``.
-The models' ``attention=`` argument accepts the same names.
+The models' ``attention=`` argument accepts the same names. :mod:`cbam_jax.attention.presets`
+names the paper's, the official code's and timm's fields of each; :mod:`cbam_jax.nnx` has
+every member as a Flax NNX module under the same name.
 
 ==========  ==========================================================  ===========
 name        module                                                      spatial dims
