@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = '0.1.0'
 
 _SUBMODULES = frozenset({'attention', 'conv', 'convert', 'functional', 'inspect', 'layers',
-                         'models', 'perf'})
+                         'models', 'nnx', 'perf'})
 _LAYERS = frozenset({'CBAM', 'ChannelAttention', 'SpatialAttention'})
 
 __all__ = ['CBAM', 'ChannelAttention', 'SpatialAttention', 'conv', 'functional', 'models',

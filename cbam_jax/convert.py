@@ -41,17 +41,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbam_jax import _validation
+from cbam_jax import attention as attention_registry
+from cbam_jax import functional as F
+from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention, _hidden_size
+from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
 from cbam_jax.models import BasicBlock, Bottleneck, ResNet, head_kernel_init
 
 __all__ = [
-    'SOURCES', 'ConversionReport', 'from_pytorch', 'load_converted',
+    'APIS', 'SOURCES', 'ConversionReport', 'from_pytorch', 'load_converted',
     'load_state_dict', 'main', 'model_config', 'model_from_config', 'save_converted',
 ]
 
 SOURCES = ('official', 'timm', 'torchvision')
+APIS = ('linen', 'nnx')
 FORMAT = 'cbam_jax.convert/1'
 MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
@@ -203,9 +207,9 @@ def _hidden_rule(pairs: Sequence[tuple[int, int]], rules: Sequence[str],
                  what: str) -> tuple[str, float]:
   """The first (rule, reduction ratio) that gives every ``(channels, hidden)`` pair."""
   sizes = {
-      'floor': lambda c, r: _hidden_size(c, r, None, 'floor'),
-      'round': lambda c, r: _hidden_size(c, r, None, 'round'),
-      'divisible8': lambda c, r: _hidden_size(c, r, None, 'round', hidden_divisor=8),
+      'floor': lambda c, r: F.hidden_size(c, r, None, 'floor'),
+      'round': lambda c, r: F.hidden_size(c, r, None, 'round'),
+      'divisible8': lambda c, r: F.hidden_size(c, r, None, 'round', hidden_divisor=8),
   }
   channels, hidden = max(pairs)
   for ratio in dict.fromkeys((16, channels / hidden)):  # The default first, then the data's.
@@ -275,7 +279,9 @@ def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
   if squeeze:
     fields: dict[str, Any] = dict(reduction_ratio=ratio, mlp_bias=mlp_bias)
     if rule == 'divisible8':  # timm's SEModule: make_divisible(C / r, 8).
-      fields.update(hidden_rounding='round', hidden_divisor=8)
+      se_preset = presets.fields('timm', 'se')
+      fields.update(hidden_rounding=se_preset['hidden_rounding'],
+                    hidden_divisor=se_preset['hidden_divisor'])
     else:
       fields['hidden_rounding'] = rule
     return functools.partial(SqueezeExcitation, **{**fields, **attention_fields})
@@ -297,8 +303,8 @@ def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
         spatial_norm=has_norm,
         use_bias=any(b + spatial_bias in arrays for b in blocks),
         # PyTorch momentum m is Flax momentum 1 - m: official BasicConv 0.01, timm 0.1.
-        norm_momentum=0.99 if source == 'official' else 0.9,
-        norm_epsilon=1e-5)
+        norm_momentum=presets.fields(source, 'cbam')['norm_momentum'],
+        norm_epsilon=presets.fields(source, 'cbam')['norm_epsilon'])
   return functools.partial(CBAM, **{**fields, **attention_fields})
 
 
@@ -477,8 +483,8 @@ def _attention_layout(source: str, model: ResNet) -> str | None:
     return None
   if source == 'official':
     return 'official'
-  factory = model.attention.func if isinstance(model.attention, functools.partial) else None
-  return 'timm_cbam' if factory is CBAM else 'timm_se'
+  # The converter builds timm attention as a partial of a registered class.
+  return f'timm_{attention_registry.name_of(model.attention)}'
 
 
 def _source_hint(unexpected: Sequence[str], source: str) -> str:
@@ -503,7 +509,8 @@ def from_pytorch(
     attention_fields: Mapping[str, Any] | None = None,
     rng: int | jax.Array = 0,
     return_report: bool = False,
-) -> tuple[ResNet, dict[str, Any]] | tuple[ResNet, dict[str, Any], ConversionReport]:
+    api: str = 'linen',
+) -> Any:
   """A :class:`cbam_jax.models.ResNet` and its Flax variables from PyTorch weights.
 
   Args:
@@ -524,16 +531,21 @@ def from_pytorch(
     rng: PRNG key, or an int seed of an ``'rbg'`` key, for the variables without
       PyTorch counterpart.
     return_report: also return a :class:`ConversionReport`.
+    api: ``'linen'`` or ``'nnx'``.
 
   Returns:
-    ``(model, variables)`` with ``variables = {'params': ..., 'batch_stats': ...}`` (float32),
-    for ``model.apply(variables, images_nhwc)``; plus the report if asked.
+    With ``api='linen'``: ``(model, variables)`` with ``variables = {'params': ...,
+    'batch_stats': ...}`` (float32), for ``model.apply(variables, images_nhwc)``. With
+    ``api='nnx'``: the :class:`cbam_jax.nnx.models.ResNet` holding those weights (in
+    training mode, as every new NNX module; call ``model.eval()`` for inference). Plus
+    the report if asked.
 
   Raises:
     ValueError: unknown source; architecture that cannot be inferred; with ``strict``,
       missing or unexpected keys (all listed); a shape that does not match.
   """
   _validation.check_choice('source', source, SOURCES)
+  _validation.check_choice('api', api, APIS)
   arrays = _prepare(state_dict)
   model, in_channels = _infer_model(arrays, source, attention, dict(attention_fields or {}))
   layout = _attention_layout(source, model)
@@ -592,13 +604,18 @@ def from_pytorch(
     leaves = [fresh[i] if leaf is None else leaf for i, leaf in enumerate(leaves)]
   variables = jax.tree_util.tree_unflatten(treedef, leaves)
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  converted: tuple[Any, ...] = (model, variables)
+  if api == 'nnx':
+    from cbam_jax.nnx.transfer import from_linen  # NNX only when asked for.
+
+    converted = (from_linen(model, variables),)
   if not return_report:
-    return model, variables
+    return converted if len(converted) > 1 else converted[0]
   report = ConversionReport(
       source=source, config=model_config(model, in_channels=in_channels),
       loaded_keys=tuple(loaded), new_keys=tuple(new), missing_keys=tuple(missing),
       unexpected_keys=tuple(unexpected))
-  return model, variables, report
+  return (*converted, report)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,10 +42,13 @@ Activation = Callable[[Array], Array]
 
 POOL_TYPES = ('avg', 'max', 'lp', 'lse')
 ORDERS = ('channel_first', 'spatial_first', 'parallel')
+HIDDEN_ROUNDINGS = ('floor', 'round')
 
 __all__ = [
     'POOL_TYPES',
     'ORDERS',
+    'HIDDEN_ROUNDINGS',
+    'hidden_size',
     'global_pool',
     'channel_pool',
     'shared_mlp',
@@ -55,7 +58,42 @@ __all__ = [
     'spatial_attention',
     'spatial_conv',
     'cbam',
+    'gate_in_order',
+    'apply_gate',
 ]
+
+
+def hidden_size(channels: int, reduction_ratio: float = 16, hidden_features: int | None = None,
+                hidden_rounding: str = 'floor', hidden_divisor: int = 1) -> int:
+  """The bottleneck width of a ``C -> hidden -> C`` attention MLP.
+
+  Args:
+    channels: ``C``.
+    reduction_ratio: ``r``.
+    hidden_features: an explicit width (>= 1); overrides the rest.
+    hidden_rounding: ``'floor'`` (the official code: ``max(1, C // r)``) or ``'round'``
+      (timm's ``make_divisible(C / r, hidden_divisor)``: the nearest multiple, at least one).
+    hidden_divisor: with ``'round'``, the width is a multiple of this.
+
+  Returns:
+    The hidden width, a positive int.
+  """
+  if hidden_features is not None:
+    if hidden_features < 1:
+      raise ValueError(f'hidden_features must be >= 1, got {hidden_features}.')
+    return hidden_features
+  if reduction_ratio <= 0:
+    raise ValueError(f'reduction_ratio must be positive, got {reduction_ratio}.')
+  _validation.check_choice('hidden_rounding', hidden_rounding, HIDDEN_ROUNDINGS)
+  if isinstance(hidden_divisor, bool) or not isinstance(hidden_divisor, int) or hidden_divisor < 1:
+    raise ValueError(f'hidden_divisor must be a positive int, got {hidden_divisor!r}.')
+  if hidden_rounding == 'floor':  # Official code: C // r.
+    if hidden_divisor != 1:
+      raise ValueError(f'hidden_divisor={hidden_divisor} needs hidden_rounding=\'round\' '
+                       '(timm\'s make_divisible); \'floor\' is the official C // r.')
+    return max(1, int(channels // reduction_ratio))
+  value = channels / reduction_ratio
+  return max(hidden_divisor, int(value + hidden_divisor / 2) // hidden_divisor * hidden_divisor)
 
 
 def global_pool(x: Array, kind: str) -> Array:
@@ -271,25 +309,62 @@ def cbam(
     spatial_map (*spatial,))`` in float32.
   """
   _validation.check_choice('order', order, ORDERS)
+  maps = {}
 
-  def channel(inp):
-    return channel_attention(channel_params, inp, pool_types=pool_types,
-                             activation=activation, gate=gate, dtype=dtype,
-                             precision=precision, return_map=True)
+  def channel_gate(inp):
+    _, maps['channel'] = channel_attention(channel_params, inp, pool_types=pool_types,
+                                           activation=activation, gate=gate, dtype=dtype,
+                                           precision=precision, return_map=True)
+    return maps['channel']
 
-  def spatial(inp):
-    return spatial_attention(spatial_params, inp, normalize=normalize, gate=gate,
-                             dtype=dtype, precision=precision, impl=impl,
-                             return_map=True)
+  def spatial_gate(inp):
+    _, maps['spatial'] = spatial_attention(spatial_params, inp, normalize=normalize, gate=gate,
+                                           dtype=dtype, precision=precision, impl=impl,
+                                           return_map=True)
+    return maps['spatial'][..., None]
 
+  out = gate_in_order(x, channel_gate, spatial_gate, order=order)[0]
+  return (out, (maps['channel'], maps['spatial'])) if return_maps else out
+
+
+def gate_in_order(
+    x: Array,
+    channel_gate: Callable[[Array], Array] | None,
+    spatial_gate: Callable[[Array], Array] | None,
+    *,
+    order: str = 'channel_first',
+) -> tuple[Array, Array | None, Array | None]:
+  """CBAM's composition of its two gates, for one example or a batch.
+
+  Args:
+    x: features.
+    channel_gate, spatial_gate: ``inp -> map`` broadcastable against ``inp``; ``None``
+      switches that branch off (then ``order`` does not matter).
+    order: see :func:`cbam`.
+
+  Returns:
+    The refined features in ``x.dtype`` and the two maps as the gates returned them
+    (``None`` for a branch that is off).
+  """
+  _validation.check_choice('order', order, ORDERS)
+  if spatial_gate is None:
+    channel_map = channel_gate(x)
+    return apply_gate(x, channel_map), channel_map, None
+  if channel_gate is None:
+    spatial_map = spatial_gate(x)
+    return apply_gate(x, spatial_map), None, spatial_map
   if order == 'channel_first':
-    refined, channel_map = channel(x)
-    out, spatial_map = spatial(refined)
+    channel_map = channel_gate(x)
+    refined = apply_gate(x, channel_map)
+    spatial_map = spatial_gate(refined)
+    out = apply_gate(refined, spatial_map)
   elif order == 'spatial_first':
-    refined, spatial_map = spatial(x)
-    out, channel_map = channel(refined)
+    spatial_map = spatial_gate(x)
+    refined = apply_gate(x, spatial_map)
+    channel_map = channel_gate(refined)
+    out = apply_gate(refined, channel_map)
   else:
-    _, channel_map = channel(x)
-    _, spatial_map = spatial(x)
-    out = apply_gate(x, channel_map * spatial_map[..., None])
-  return (out, (channel_map, spatial_map)) if return_maps else out
+    channel_map = channel_gate(x)
+    spatial_map = spatial_gate(x)
+    out = apply_gate(x, channel_map * spatial_map)
+  return out, channel_map, spatial_map

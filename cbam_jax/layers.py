@@ -6,63 +6,129 @@ accepts other layouts (``1`` for NCHW) and gives exactly the transposed result.
 
 Attention maps are sown into the ``'intermediates'`` collection, float32 in [0, 1]:
 ``channel_map`` with shape ``(B, C)`` and ``spatial_map`` with shape ``(B, *spatial)``.
+
+The batched maps (:func:`channel_attention_map`, :func:`spatial_attention_map`), the
+parameter shapes and the field checks are module-level functions: the NNX modules
+(:mod:`cbam_jax.nnx`) call the same ones.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
+from cbam_jax._base import (
+  AttentionModule,
+  Initializer,
+  batch_norm,
+  channel_map_shape,
+  check_spatial_kernel_shape,
+  default_kernel_init,
+  torch_default_kernel_init,
+)
 from cbam_jax._fast_spatial import batched_spatial_logits
 
 Array = jax.Array
 Dtype = Any
-Initializer = Callable[..., Array]
+Params = Mapping[str, Array]
+# name -> ('kernel' | 'bias', shape): which initialiser and shape each parameter gets.
+ParamShapes = dict[str, tuple[str, tuple[int, ...]]]
 
-default_kernel_init = nn.initializers.lecun_normal()
-# PyTorch's default for Linear and Conv: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+__all__ = ['ChannelAttention', 'SpatialAttention', 'CBAM', 'channel_attention_map',
+           'channel_param_shapes', 'spatial_attention_map', 'spatial_param_shapes',
+           'default_kernel_init', 'torch_default_kernel_init']
 
-__all__ = ['ChannelAttention', 'SpatialAttention', 'CBAM']
-
-
-def _to_channels_last(x: Array, channel_axis: int) -> Array:
-  return jnp.moveaxis(x, channel_axis, -1)
-
-
-def _from_channels_last(x: Array, channel_axis: int) -> Array:
-  return jnp.moveaxis(x, -1, channel_axis)
-
-
-def _hidden_size(channels: int, reduction_ratio: float, hidden_features: int | None,
-                 hidden_rounding: str, hidden_divisor: int = 1) -> int:
-  if hidden_features is not None:
-    if hidden_features < 1:
-      raise ValueError(f'hidden_features must be >= 1, got {hidden_features}.')
-    return hidden_features
-  if reduction_ratio <= 0:
-    raise ValueError(f'reduction_ratio must be positive, got {reduction_ratio}.')
-  _validation.check_choice('hidden_rounding', hidden_rounding, ('floor', 'round'))
-  if isinstance(hidden_divisor, bool) or not isinstance(hidden_divisor, int) or hidden_divisor < 1:
-    raise ValueError(f'hidden_divisor must be a positive int, got {hidden_divisor!r}.')
-  if hidden_rounding == 'floor':  # Official code: C // r.
-    if hidden_divisor != 1:
-      raise ValueError(f'hidden_divisor={hidden_divisor} needs hidden_rounding=\'round\' '
-                       '(timm\'s make_divisible); \'floor\' is the official C // r.')
-    return max(1, int(channels // reduction_ratio))
-  # timm's make_divisible(C / r, hidden_divisor): the nearest multiple, at least one.
-  value = channels / reduction_ratio
-  return max(hidden_divisor, int(value + hidden_divisor / 2) // hidden_divisor * hidden_divisor)
+# CBAM's fields that belong to each branch; the rest (SHARED_FIELDS) go to both.
+CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'hidden_divisor',
+                  'pool_types', 'mlp_bias', 'activation')
+SPATIAL_FIELDS = ('kernel_size', 'spatial_norm', 'use_bias', 'norm_momentum', 'norm_epsilon',
+                  'norm_scale_init', 'conv_impl')
+SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
-class ChannelAttention(nn.Module):
+def channel_param_shapes(channels: int, hidden: int, mlp_bias: bool) -> ParamShapes:
+  """The channel branch's parameters (see :func:`cbam_jax.functional.shared_mlp`)."""
+  shapes = {'fc1_kernel': ('kernel', (channels, hidden)),
+            'fc2_kernel': ('kernel', (hidden, channels))}
+  if mlp_bias:
+    shapes.update(fc1_bias=('bias', (hidden,)), fc2_bias=('bias', (channels,)))
+  return shapes
+
+
+def spatial_use_bias(spatial_norm: bool, use_bias: bool | None) -> bool:
+  """``use_bias=None`` means a conv bias only without the spatial BatchNorm."""
+  return (not spatial_norm) if use_bias is None else use_bias
+
+
+def spatial_param_shapes(kernel_size: Sequence[int], use_bias: bool,
+                         in_channels: int = 2) -> ParamShapes:
+  """The spatial branch's conv (see :func:`cbam_jax.functional.spatial_logits`)."""
+  shapes = {'conv_kernel': ('kernel', (*kernel_size, in_channels, 1))}
+  if use_bias:
+    shapes['conv_bias'] = ('bias', (1,))
+  return shapes
+
+
+def channel_attention_map(params: Params, x: Array, *, pool_types: Sequence[str],
+                          activation: Callable[[Array], Array],
+                          gate: Callable[[Array], Array], dtype: Dtype | None = None,
+                          precision: Any = None) -> Array:
+  """``gate(sum_p MLP(pool_p(x)))`` of a channels-last batch ``(B, *spatial, C)``: ``(B, C)``
+  float32."""
+  logits = jax.vmap(functools.partial(
+      F.channel_logits, pool_types=tuple(pool_types), activation=activation, dtype=dtype,
+      precision=precision), in_axes=(None, 0))(params, x)
+  return gate(logits)
+
+
+def spatial_attention_map(params: Params, x: Array, *, norm: Callable[[Array], Array] | None,
+                          gate: Callable[[Array], Array], dtype: Dtype | None = None,
+                          precision: Any = None, impl: str = 'auto') -> Array:
+  """``gate(norm(conv_k([mean_c; max_c])))`` of a channels-last batch: ``(B, *spatial)``
+  float32. ``norm`` (a BatchNorm over a trailing feature axis of size 1) may be ``None``."""
+  # Same numbers as vmap(F.spatial_logits); pools into channel-major planes, the layout
+  # the CPU 'shift' conv is fast on.
+  logits = batched_spatial_logits(params, x, dtype=dtype, precision=precision, impl=impl)
+  if norm is not None:
+    logits = norm(logits[..., None])[..., 0]
+  return gate(logits)
+
+
+def check_cbam_fields(order: str, use_channel: bool, use_spatial: bool) -> None:
+  _validation.check_choice('order', order, F.ORDERS)
+  if not (use_channel or use_spatial):
+    raise ValueError('CBAM with use_channel=False and use_spatial=False does nothing; '
+                     'enable at least one branch.')
+
+
+def cbam_in_order(x: Array, channel_map: Callable[[Array], Array] | None,
+                  spatial_map: Callable[[Array], Array] | None, order: str) -> Array:
+  """CBAM's composition of a batch ``x`` ``(B, *spatial, C)`` from the two branches' maps
+  (``(B, C)`` and ``(B, *spatial)``; ``None`` switches a branch off)."""
+
+  def channel_gate(inp):
+    return channel_map_shape(channel_map(inp), inp)
+
+  def spatial_gate(inp):
+    return spatial_map(inp)[..., None]
+
+  return F.gate_in_order(x, channel_gate if channel_map else None,
+                         spatial_gate if spatial_map else None, order=order)[0]
+
+
+def _declare(module: nn.Module, shapes: ParamShapes) -> dict[str, Array]:
+  inits = {'kernel': module.kernel_init, 'bias': module.bias_init}
+  return {name: module.param(name, inits[kind], shape, module.param_dtype)
+          for name, (kind, shape) in shapes.items()}
+
+
+class ChannelAttention(AttentionModule):
   """``x * gate(sum_p MLP(pool_p(x)))`` with ONE MLP shared by every pool type.
 
   Attributes:
@@ -76,7 +142,8 @@ class ChannelAttention(nn.Module):
     mlp_bias: biases in both MLP layers (official: True, timm: False).
     activation: hidden non-linearity.
     gate: the map's squashing function.
-    channel_axis: the channel axis of the input.
+    The remaining fields (``channel_axis``, ``dtype``, ...) are
+    :class:`cbam_jax._base.AttentionModule`'s.
   """
 
   reduction_ratio: float = 16
@@ -87,12 +154,6 @@ class ChannelAttention(nn.Module):
   mlp_bias: bool = True
   activation: Callable[[Array], Array] = nn.relu
   gate: Callable[[Array], Array] = nn.sigmoid
-  channel_axis: int = -1
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def attention_map(self, x: Array) -> Array:
@@ -100,40 +161,24 @@ class ChannelAttention(nn.Module):
     _validation.check_features(x, batched=True)
     _validation.check_pool_types(self.pool_types)
     channels = x.shape[-1]
-    hidden = _hidden_size(channels, self.reduction_ratio, self.hidden_features,
-                          self.hidden_rounding, self.hidden_divisor)
+    hidden = F.hidden_size(channels, self.reduction_ratio, self.hidden_features,
+                           self.hidden_rounding, self.hidden_divisor)
     if self.has_variable('params', 'fc1_kernel'):
       _validation.check_channels(x, self.get_variable('params', 'fc1_kernel').shape[0],
                                  type(self).__name__)
-    params = {
-        'fc1_kernel': self.param('fc1_kernel', self.kernel_init, (channels, hidden),
-                                 self.param_dtype),
-        'fc2_kernel': self.param('fc2_kernel', self.kernel_init, (hidden, channels),
-                                 self.param_dtype),
-    }
-    if self.mlp_bias:
-      params['fc1_bias'] = self.param('fc1_bias', self.bias_init, (hidden,),
-                                      self.param_dtype)
-      params['fc2_bias'] = self.param('fc2_bias', self.bias_init, (channels,),
-                                      self.param_dtype)
-    logits = jax.vmap(functools.partial(
-        F.channel_logits, pool_types=tuple(self.pool_types), activation=self.activation,
-        dtype=self.dtype, precision=self.precision), in_axes=(None, 0))(params, x)
-    channel_map = self.gate(logits)
+    params = _declare(self, channel_param_shapes(channels, hidden, self.mlp_bias))
+    channel_map = channel_attention_map(
+        params, x, pool_types=self.pool_types, activation=self.activation, gate=self.gate,
+        dtype=self.dtype, precision=self.precision)
     self.sow('intermediates', 'channel_map', channel_map)
     return channel_map
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
+  def refine(self, x: Array, train: bool) -> Array:
     del train  # No BatchNorm in this branch; kept so every attention module is called alike.
-    _validation.check_features(x, batched=True, channel_axis=self.channel_axis)
-    x = _to_channels_last(x, self.channel_axis)
-    channel_map = self.attention_map(x)
-    out = F.apply_gate(x, channel_map.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:]))
-    return _from_channels_last(out, self.channel_axis)
+    return F.apply_gate(x, channel_map_shape(self.attention_map(x), x))
 
 
-class SpatialAttention(nn.Module):
+class SpatialAttention(AttentionModule):
   """``x * gate(norm(conv_k([mean_c(x); max_c(x)])))``.
 
   Attributes:
@@ -145,6 +190,7 @@ class SpatialAttention(nn.Module):
     norm_epsilon: BatchNorm epsilon (1e-5 in both references).
     norm_scale_init: initialiser of the BatchNorm scale. The official ResNet sets it to
       zeros so every spatial gate starts at sigmoid(0) = 0.5.
+    gate: the map's squashing function.
     conv_impl: ``'auto'``, ``'xla'`` or ``'shift'``; all give the same numbers.
   """
 
@@ -155,13 +201,7 @@ class SpatialAttention(nn.Module):
   norm_epsilon: float = 1e-5
   norm_scale_init: Initializer = nn.initializers.ones_init()
   gate: Callable[[Array], Array] = nn.sigmoid
-  channel_axis: int = -1
   conv_impl: str = 'auto'
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def attention_map(self, x: Array, train: bool = False) -> Array:
@@ -170,48 +210,33 @@ class SpatialAttention(nn.Module):
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     if self.has_variable('params', 'conv_kernel'):
       # Checked here so that a clear message beats Flax's ScopeParamShapeError.
-      stored = tuple(self.get_variable('params', 'conv_kernel').shape)
-      if stored != (*kernel_size, 2, 1):
-        raise ValueError(
-            f'{type(self).__name__} was initialised with a conv kernel of shape {stored} '
-            f'({len(stored) - 2} spatial dimensions) but got {x.ndim - 2}-D input of shape '
-            f'{tuple(x.shape)} needing {(*kernel_size, 2, 1)}. Re-initialise the module for '
-            'this input rank, or check kernel_size and channel_axis.')
-    params = {'conv_kernel': self.param('conv_kernel', self.kernel_init,
-                                        (*kernel_size, 2, 1), self.param_dtype)}
-    use_bias = (not self.spatial_norm) if self.use_bias is None else self.use_bias
-    if use_bias:
-      params['conv_bias'] = self.param('conv_bias', self.bias_init, (1,), self.param_dtype)
-    # Same numbers as vmap(F.spatial_logits); pools into channel-major planes, the layout
-    # the CPU 'shift' conv is fast on.
-    logits = batched_spatial_logits(params, x, dtype=self.dtype, precision=self.precision,
-                                    impl=self.conv_impl)
+      check_spatial_kernel_shape(type(self).__name__,
+                                 self.get_variable('params', 'conv_kernel').shape,
+                                 kernel_size, 2, x)
+    params = _declare(self, spatial_param_shapes(
+        kernel_size, spatial_use_bias(self.spatial_norm, self.use_bias)))
+    norm = None
     if self.spatial_norm:
       # float32 statistics whatever the compute dtype: they feed the sigmoid directly.
       # Two-pass variance (not E[x^2] - E[x]^2): logits have |mean| >> std after the
       # conv, and the one-pass form then drifts ~1e-4 from PyTorch in training.
-      logits = nn.BatchNorm(
-          use_running_average=not train, momentum=self.norm_momentum,
-          epsilon=self.norm_epsilon, dtype=jnp.float32, param_dtype=self.param_dtype,
-          scale_init=self.norm_scale_init, use_fast_variance=False,
-          name='norm')(logits[..., None])[..., 0]
-    spatial_map = self.gate(logits)
+      norm = batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
+                        'norm', self.norm_scale_init)
+    spatial_map = spatial_attention_map(params, x, norm=norm, gate=self.gate,
+                                        dtype=self.dtype, precision=self.precision,
+                                        impl=self.conv_impl)
     self.sow('intermediates', 'spatial_map', spatial_map)
     return spatial_map
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
-    _validation.check_features(x, batched=True, channel_axis=self.channel_axis)
-    x = _to_channels_last(x, self.channel_axis)
-    out = F.apply_gate(x, self.attention_map(x, train)[..., None])
-    return _from_channels_last(out, self.channel_axis)
+  def refine(self, x: Array, train: bool) -> Array:
+    return F.apply_gate(x, self.attention_map(x, train)[..., None])
 
 
-class CBAM(nn.Module):
+class CBAM(AttentionModule):
   """Convolutional Block Attention Module (Woo et al., ECCV 2018).
 
   Defaults follow the paper. ``CBAM(spatial_norm=True)`` is the official code's module;
-  see the README's options table for timm's.
+  :mod:`cbam_jax.attention.presets` names the official and timm configurations.
 
   Attributes:
     order: ``'channel_first'`` (paper), ``'spatial_first'`` or ``'parallel'`` (both maps
@@ -239,55 +264,20 @@ class CBAM(nn.Module):
   order: str = 'channel_first'
   use_channel: bool = True
   use_spatial: bool = True
-  channel_axis: int = -1
   conv_impl: str = 'auto'
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = nn.initializers.zeros_init()
 
   def setup(self):
-    _validation.check_choice('order', self.order, F.ORDERS)
-    if not (self.use_channel or self.use_spatial):
-      raise ValueError('CBAM with use_channel=False and use_spatial=False does nothing; '
-                       'enable at least one branch.')
-    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                  kernel_init=self.kernel_init, bias_init=self.bias_init, gate=self.gate)
+    check_cbam_fields(self.order, self.use_channel, self.use_spatial)
+    shared = {name: getattr(self, name) for name in SHARED_FIELDS}
     if self.use_channel:
       self.channel = ChannelAttention(
-          reduction_ratio=self.reduction_ratio, hidden_features=self.hidden_features,
-          hidden_rounding=self.hidden_rounding, hidden_divisor=self.hidden_divisor,
-          pool_types=self.pool_types, mlp_bias=self.mlp_bias, activation=self.activation, **shared)
+          **{name: getattr(self, name) for name in CHANNEL_FIELDS}, **shared)
     if self.use_spatial:
       self.spatial = SpatialAttention(
-          kernel_size=self.kernel_size, spatial_norm=self.spatial_norm,
-          use_bias=self.use_bias, norm_momentum=self.norm_momentum,
-          norm_epsilon=self.norm_epsilon, norm_scale_init=self.norm_scale_init,
-          conv_impl=self.conv_impl, **shared)
+          **{name: getattr(self, name) for name in SPATIAL_FIELDS}, **shared)
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
-    _validation.check_features(x, batched=True, channel_axis=self.channel_axis)
-    x = _to_channels_last(x, self.channel_axis)
-    batch_and_ones = x.shape[:1] + (1,) * (x.ndim - 2)
-
-    def channel_gate(inp):
-      return self.channel.attention_map(inp).reshape(batch_and_ones + x.shape[-1:])
-
-    def spatial_gate(inp):
-      return self.spatial.attention_map(inp, train)[..., None]
-
-    if not self.use_spatial:
-      out = F.apply_gate(x, channel_gate(x))
-    elif not self.use_channel:
-      out = F.apply_gate(x, spatial_gate(x))
-    elif self.order == 'channel_first':
-      refined = F.apply_gate(x, channel_gate(x))
-      out = F.apply_gate(refined, spatial_gate(refined))
-    elif self.order == 'spatial_first':
-      refined = F.apply_gate(x, spatial_gate(x))
-      out = F.apply_gate(refined, channel_gate(refined))
-    else:
-      out = F.apply_gate(x, channel_gate(x) * spatial_gate(x))
-    return _from_channels_last(out, self.channel_axis)
+  def refine(self, x: Array, train: bool) -> Array:
+    return cbam_in_order(
+        x, self.channel.attention_map if self.use_channel else None,
+        functools.partial(self.spatial.attention_map, train=train) if self.use_spatial
+        else None, self.order)

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 
 from cbam_jax import _validation
 from cbam_jax import attention as attention_registry
+from cbam_jax.attention import presets
 from cbam_jax.conv import MaterializedInputConv
-from cbam_jax.layers import CBAM, SpatialAttention
 
 Array = jax.Array
 Dtype = Any
@@ -67,13 +67,13 @@ __all__ = [
 ]
 
 
-def _padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   # Symmetric k // 2 padding like PyTorch's Conv2d(padding=k // 2). Flax's 'SAME' pads
   # (0, 1) for stride 2 on even sizes, which would break weight conversion parity.
   return ((kernel_size // 2, kernel_size // 2),) * 2
 
 
-def _pad_shortcut(x: Array, features: int, strides: int) -> Array:
+def pad_shortcut(x: Array, features: int, strides: int) -> Array:
   """He et al. option A: subsample by ``strides`` and zero-pad channels up to ``features``.
 
   Channels are padded equally on both sides (extra one after), as in the widely used
@@ -86,6 +86,9 @@ def _pad_shortcut(x: Array, features: int, strides: int) -> Array:
         f"shortcut='pad' cannot reduce channels ({x.shape[-1]} -> {features}); use "
         "shortcut='projection'.")
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+_pad_shortcut = pad_shortcut  # The name tests/test_models.py reads.
 
 
 class BasicBlock(nn.Module):
@@ -108,10 +111,10 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     residual = x
-    y = self.conv(self.features, (3, 3), self.strides, padding=_padding(3), name='conv1')(x)
+    y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
-    y = self.conv(self.features, (3, 3), padding=_padding(3), name='conv2')(y)
-    y = self.norm(name='bn2', **_last_norm_kwargs(self.zero_init_residual))(y)
+    y = self.conv(self.features, (3, 3), padding=same_padding(3), name='conv2')(y)
+    y = self.norm(name='bn2', **last_norm_kwargs(self.zero_init_residual))(y)
     if self.attention is not None:
       y = self.attention(name='attention')(y, train=train)
     residual = _shortcut(self, residual, self.features, self.strides)
@@ -140,17 +143,17 @@ class Bottleneck(nn.Module):
     residual = x
     y = self.conv(self.features, (1, 1), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
-    y = self.conv(self.features, (3, 3), self.strides, padding=_padding(3), name='conv2')(y)
+    y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv2')(y)
     y = self.act(self.norm(name='bn2')(y))
     y = self.conv(self.features * self.expansion, (1, 1), name='conv3')(y)
-    y = self.norm(name='bn3', **_last_norm_kwargs(self.zero_init_residual))(y)
+    y = self.norm(name='bn3', **last_norm_kwargs(self.zero_init_residual))(y)
     if self.attention is not None:
       y = self.attention(name='attention')(y, train=train)
     residual = _shortcut(self, residual, self.features * self.expansion, self.strides)
     return self.act(residual + y)
 
 
-def _last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
+def last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
   # Zero-init of the last BN scale makes every block start as the identity (Goyal et al.).
   return {'scale_init': nn.initializers.zeros_init()} if zero_init_residual else {}
 
@@ -160,7 +163,7 @@ def _shortcut(block: BasicBlock | Bottleneck, x: Array, features: int, strides: 
   if strides == 1 and x.shape[-1] == features:
     return x
   if block.shortcut == 'pad':
-    return _pad_shortcut(x, features, strides)
+    return pad_shortcut(x, features, strides)
   x = block.conv(features, (1, 1), strides, name='downsample_conv')(x)
   return block.norm(name='downsample_bn')(x)
 
@@ -184,18 +187,18 @@ def _with_supported_fields(factory: Callable[..., nn.Module],
   return functools.partial(factory, **fields) if fields else factory
 
 
-def _official_fields(factory: Callable[..., nn.Module],
-                     zero_init_spatial_gate: bool) -> dict[str, Any]:
-  """The official CBAM configuration for the registry's CBAM and spatial modules."""
-  gate_scale_init = (nn.initializers.zeros_init() if zero_init_spatial_gate
-                     else nn.initializers.ones_init())
-  if factory is CBAM:
-    return dict(reduction_ratio=16, mlp_bias=True, spatial_norm=True,
-                norm_momentum=0.99, norm_epsilon=1e-5, norm_scale_init=gate_scale_init)
-  if factory is SpatialAttention:
-    return dict(spatial_norm=True, norm_momentum=0.99, norm_epsilon=1e-5,
-                norm_scale_init=gate_scale_init)
-  return {}
+# The models' configuration of the registry's modules: the official CBAM code's.
+MODEL_PRESET = 'official'
+
+
+def preset_fields(name: str, zero_init_spatial_gate: bool, preset: str = MODEL_PRESET
+                  ) -> dict[str, Any]:
+  """The fields the models give the attention registered as ``name``: ``preset``'s, with
+  the spatial BatchNorm scale zero-initialised only when ``zero_init_spatial_gate``."""
+  fields = presets.fields(preset, name)
+  if 'norm_scale_init' in fields and not zero_init_spatial_gate:
+    fields['norm_scale_init'] = nn.initializers.ones_init()
+  return fields
 
 
 def resolve_attention(spec: AttentionSpec, *, dtype: Dtype, param_dtype: Dtype,
@@ -214,7 +217,7 @@ def resolve_attention(spec: AttentionSpec, *, dtype: Dtype, param_dtype: Dtype,
     return None
   if isinstance(spec, str):
     factory = attention_registry.resolve(spec)
-    fields = _official_fields(factory, zero_init_spatial_gate)
+    fields = preset_fields(spec, zero_init_spatial_gate)
   elif callable(spec):
     factory, fields = spec, {}
   else:
@@ -290,11 +293,11 @@ class ResNet(nn.Module):
     stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
 
     if self.stem == 'imagenet':
-      x = conv(self.num_filters, (7, 7), (2, 2), padding=_padding(7), name='conv1')(x)
+      x = conv(self.num_filters, (7, 7), (2, 2), padding=same_padding(7), name='conv1')(x)
       x = self.act(norm(name='bn1')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(3))  # -inf padding.
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=same_padding(3))  # -inf padding.
     else:
-      x = conv(self.num_filters, (3, 3), padding=_padding(3), name='conv1')(x)
+      x = conv(self.num_filters, (3, 3), padding=same_padding(3), name='conv1')(x)
       x = self.act(norm(name='bn1')(x))
 
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -315,19 +318,27 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
   def _check(self, x: Array) -> None:
-    _validation.check_choice('stem', self.stem, STEMS)
-    _validation.check_choice('shortcut', self.shortcut, SHORTCUTS)
-    if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
-      raise ValueError(f'stage_sizes must be positive block counts, got {self.stage_sizes!r}.')
-    shape = getattr(x, 'shape', None)
-    if shape is None or len(shape) != 4:
-      raise ValueError(
-          f'ResNet expects NHWC images of shape (B, H, W, C); got '
-          f'{None if shape is None else tuple(shape)}. Add a batch axis with x[None] or '
-          'transpose NCHW input with x.transpose(0, 2, 3, 1).')
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f'ResNet expects floating-point images, got {x.dtype}; convert with '
-                      'x.astype(jnp.float32) (and scale integer images to [0, 1]).')
+    check_resnet_fields(self.stem, self.shortcut, self.stage_sizes)
+    check_images(x)
+
+
+def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int]) -> None:
+  _validation.check_choice('stem', stem, STEMS)
+  _validation.check_choice('shortcut', shortcut, SHORTCUTS)
+  if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
+    raise ValueError(f'stage_sizes must be positive block counts, got {stage_sizes!r}.')
+
+
+def check_images(x: Array) -> None:
+  shape = getattr(x, 'shape', None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(
+        f'ResNet expects NHWC images of shape (B, H, W, C); got '
+        f'{None if shape is None else tuple(shape)}. Add a batch axis with x[None] or '
+        'transpose NCHW input with x.transpose(0, 2, 3, 1).')
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f'ResNet expects floating-point images, got {x.dtype}; convert with '
+                    'x.astype(jnp.float32) (and scale integer images to [0, 1]).')
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
@@ -363,18 +374,22 @@ def available_models() -> tuple[str, ...]:
   return tuple(_MODELS)
 
 
+def model_factory(name: str) -> Callable[..., ResNet]:
+  """The ``functools.partial`` of :class:`ResNet` called ``name``; a clear error otherwise."""
+  try:
+    return _MODELS[name]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f'Unknown model {name!r}. Valid names: {", ".join(_MODELS)}.') from None
+
+
 def create_model(name: str, **fields: Any) -> ResNet:
   """The model called ``name`` (e.g. ``'resnet50'``) with ``fields`` overriding defaults.
 
   CIFAR models (``resnet20`` ... ``resnet110``, ``cifar_resnet18``, ``resnet_tiny``)
   default to ``num_classes=10``; ImageNet ones to 1000.
   """
-  try:
-    factory = _MODELS[name]
-  except (KeyError, TypeError):
-    raise ValueError(
-        f'Unknown model {name!r}. Valid names: {", ".join(_MODELS)}.') from None
-  return factory(**fields)
+  return model_factory(name)(**fields)
 
 
 def count_params(variables: Mapping[str, Any]) -> int:

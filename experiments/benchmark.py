@@ -2,6 +2,7 @@
 
   python -m experiments.benchmark                      # everything (~10 min on 2 cores)
   python -m experiments.benchmark --only module        # module | models | memory | convs
+  python -m experiments.benchmark --only nnx           # NNX vs linen (not in the default run)
   python -m experiments.benchmark --tiny --out /tmp/b  # CI: tiny shapes, seconds
 
 Times are medians over ``--repeats`` calls after compilation, the implementations of a
@@ -41,6 +42,12 @@ memory``): XLA's buffer assignment for the same training steps (``memory_analysi
 the compiled step: arguments + outputs + temporaries - aliased, an upper bound of the peak;
 XLA:CPU's own ``peak_memory_in_bytes`` only counts the arguments).
 
+NNX rows (``--only nnx``, not part of the default run): the CBAM ResNet-20 training step
+(batch 128) of :mod:`cbam_jax.nnx` (``nnx.Optimizer``), compiled with ``nnx.jit`` (NNX's
+recommended API) and as ``nnx.split`` / ``jax.jit`` / ``nnx.merge`` (the functional
+pattern, state donated), against the linen step of the models section, timed in the same
+interleaved rounds; and the peak step memory of each (buffer assignment, as above).
+
 Conv rows (``--only convs``): the forward, input gradient and kernel gradient of ResNet-20's
 3x3 convs, each pass alone, JAX (NHWC) against torch channels-last: where XLA:CPU's
 training step loses its time.
@@ -70,6 +77,8 @@ import optax
 from cbam_jax import _fusion, layers, models
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
+# Sections run only when asked for with --only.
+EXTRA_SECTIONS = ('nnx',)
 
 MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048),
                  (32, 56, 56, 64), (128, 32, 32, 16))
@@ -466,6 +475,22 @@ def run_models(cases, repeats: int) -> list[dict[str, Any]]:
   return rows
 
 
+def step_memory(compiled: Any) -> dict[str, float]:
+  """MB from XLA's buffer assignment of a compiled step (``memory_analysis()``)."""
+  stats = compiled.memory_analysis()
+  # XLA:CPU reports no real peak (peak_memory_in_bytes is the argument size there), so
+  # the peak is bounded by everything live at once: arguments + outputs + temporaries.
+  live = (stats.argument_size_in_bytes + stats.output_size_in_bytes +
+          stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return {
+      'peak_mb': live / 2**20,
+      'xla_peak_mb': getattr(stats, 'peak_memory_in_bytes', 0) / 2**20,
+      'temp_mb': stats.temp_size_in_bytes / 2**20,
+      'argument_mb': stats.argument_size_in_bytes / 2**20,
+      'output_mb': stats.output_size_in_bytes / 2**20,
+  }
+
+
 def run_memory(cases) -> list[dict[str, Any]]:
   rows = []
   for name, fields, batch, size in cases:
@@ -474,19 +499,8 @@ def run_memory(cases) -> list[dict[str, Any]]:
       step, args = _jax_model_setup(name, fields, attention, batch, size)
       compiled, _ = compile_jax(step, args, (0, 1, 2),
                                 cache_key=(name, repr(fields), attention, batch, size))
-      stats = compiled.memory_analysis()
       tag = 'cbam' if attention else 'plain'
-      # XLA:CPU reports no real peak (peak_memory_in_bytes is the argument size there), so
-      # the peak is bounded by everything live at once: arguments + outputs + temporaries.
-      live = (stats.argument_size_in_bytes + stats.output_size_in_bytes +
-              stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-      row[tag] = {
-          'peak_mb': live / 2**20,
-          'xla_peak_mb': getattr(stats, 'peak_memory_in_bytes', 0) / 2**20,
-          'temp_mb': stats.temp_size_in_bytes / 2**20,
-          'argument_mb': stats.argument_size_in_bytes / 2**20,
-          'output_mb': stats.output_size_in_bytes / 2**20,
-      }
+      row[tag] = step_memory(compiled)
     row['cbam_ratio'] = (row['cbam']['peak_mb'] / row['plain']['peak_mb']
                          if row['plain']['peak_mb'] else None)
     rows.append(row)
@@ -556,6 +570,101 @@ def run_convs(cases, repeats: int) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------
 # Report.
+
+
+
+# ----------------------------------------------------------------------------------------------
+# NNX against linen: the same CBAM training step.
+
+NNX_CASES = (('resnet20', {}, 128, 32),)
+TINY_NNX_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
+
+
+def _nnx_setup(name: str, fields: dict[str, Any], batch: int, size: int):
+  """An NNX CBAM model with its optimizer (same SGD as the linen step) and the batch."""
+  from flax import nnx
+
+  from cbam_jax.nnx import models as nnx_models
+
+  model = nnx_models.create_model(name, attention='cbam', rngs=nnx.Rngs(2), **fields)
+  images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+  labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, model.num_classes)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+  return model, optimizer, images, labels
+
+
+def _nnx_train_step(model, optimizer, images, labels):
+  from flax import nnx
+
+  def loss_fn(model):
+    logits = model(images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def _nnx_jit_call(model, optimizer, images, labels):
+  """nnx.jit: the module and optimizer are updated in place. ``((call, compile_s), memory)``."""
+  from flax import nnx
+
+  step = nnx.jit(_nnx_train_step, donate_argnums=(0, 1))
+  start = time.perf_counter()
+  compiled = step.lower(model, optimizer, images, labels).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(step(model, optimizer, images, labels))  # Traced once, cached.
+  return ((lambda: jax.block_until_ready(step(model, optimizer, images, labels)), compile_s),
+          step_memory(compiled))
+
+
+def _nnx_split_call(model, optimizer, images, labels, cache_key):
+  """nnx.split / jax.jit / nnx.merge: one pure function of the donated state."""
+  from flax import nnx
+
+  graphdef, state = nnx.split((model, optimizer))
+
+  def functional_step(state, images, labels):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss = _nnx_train_step(model, optimizer, images, labels)
+    return nnx.state((model, optimizer)), loss
+
+  args = [state, images, labels]
+  call = jax_call(functional_step, args, donate=(0,), cache_key=cache_key)
+  return call, step_memory(compile_jax(functional_step, args, (0,), cache_key=cache_key)[0])
+
+
+def run_nnx(cases, repeats: int) -> list[dict[str, Any]]:
+
+  rows = []
+  for name, fields, batch, size in cases:
+    row: dict[str, Any] = {'model': name, 'fields': fields, 'batch': batch, 'image_size': size,
+                           'attention': 'cbam'}
+    linen_step, linen_args = _jax_model_setup(name, fields, 'cbam', batch, size)
+    linen_key = (name, repr(fields), 'cbam', batch, size)
+    calls = {'linen': jax_call(linen_step, linen_args, donate=(0, 1, 2), cache_key=linen_key)}
+    memory = {'linen': step_memory(compile_jax(linen_step, linen_args, (0, 1, 2),
+                                               cache_key=linen_key)[0])}
+
+    nnx_key = ('nnx', name, repr(fields), batch, size)
+    calls['nnx_jit'], memory['nnx_jit'] = _nnx_jit_call(*_nnx_setup(name, fields, batch, size))
+    calls['nnx_split'], memory['nnx_split'] = _nnx_split_call(
+        *_nnx_setup(name, fields, batch, size), cache_key=nnx_key)
+    row['impls'] = time_calls(calls, {}, repeats)
+    for impl, times in row['impls'].items():
+      times['images_per_s'] = batch / (times['ms'] * 1e-3)
+      times['peak_mb'] = memory[impl]['peak_mb']
+    linen = row['impls']['linen']
+    row['vs_linen'] = {impl: {'time': times['ms'] / linen['ms'],
+                              'peak_memory': times['peak_mb'] / linen['peak_mb']}
+                       for impl, times in row['impls'].items() if impl != 'linen'}
+    row['targets_met'] = {impl: ratios['time'] <= 1.05 and abs(ratios['peak_memory'] - 1) <= 0.05
+                          for impl, ratios in row['vs_linen'].items()}
+    rows.append(row)
+    print(f'{name} b{batch} {size}px CBAM: ' + ' | '.join(
+        f'{k} {v["ms"]:.1f} ms {v["peak_mb"]:.0f} MB' for k, v in row['impls'].items()),
+        flush=True)
+  return rows
 
 
 def environment() -> dict[str, Any]:
@@ -640,6 +749,20 @@ def to_markdown(results: dict[str, Any]) -> str:
                      f'{_fmt(values["jax"])} | {_fmt(values.get("torch_cl"))} | '
                      f'{_fmt(values.get("jax_vs_torch_cl"))} |')
     lines.append('')
+  if results.get('nnx'):
+    lines += ['### NNX vs linen: CBAM training step (SGD momentum), ms and peak MB', '',
+              '| model | batch | linen | nnx.jit | split/jit/merge | nnx.jit / linen time '
+              '| split / linen time | nnx.jit / linen memory | split / linen memory |',
+              '|' + '---|' * 9]
+    for row in results['nnx']:
+      impls, ratios = row['impls'], row['vs_linen']
+      cell = lambda name, impls=impls: f'{impls[name]["ms"]:.1f} ({impls[name]["peak_mb"]:.0f})'
+      lines.append('| ' + ' | '.join([
+          f'{row["model"]} {row["image_size"]}px', str(row['batch']), cell('linen'),
+          cell('nnx_jit'), cell('nnx_split'), _fmt(ratios['nnx_jit']['time']),
+          _fmt(ratios['nnx_split']['time']), _fmt(ratios['nnx_jit']['peak_memory'], 3),
+          _fmt(ratios['nnx_split']['peak_memory'], 3)]) + ' |')
+    lines.append('')
   if results.get('memory'):
     lines += ['### Training-step memory (XLA buffer assignment), MB', '',
               '| model | batch | peak | peak with CBAM | ratio |', '|---|---|---|---|---|']
@@ -655,8 +778,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--tiny', action='store_true', help='tiny shapes and models (CI)')
   parser.add_argument('--out', type=pathlib.Path, help='write results.json and results.md here')
-  parser.add_argument('--only', action='append', choices=SECTIONS,
-                      help='run only this section (repeatable); default: all')
+  parser.add_argument('--only', action='append', choices=SECTIONS + EXTRA_SECTIONS,
+                      help='run only this section (repeatable); default: all but '
+                           f'{", ".join(EXTRA_SECTIONS)}')
   parser.add_argument('--repeats', type=int, default=None,
                       help='timed calls per case (default 10, 2 with --tiny)')
   parser.add_argument('--shape', action='append', type=_shape, dest='shapes',
@@ -688,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results['convs'] = run_convs(TINY_CONV_CASES if args.tiny else CONV_CASES, repeats)
   if 'memory' in sections:
     results['memory'] = run_memory(model_cases)
+  if 'nnx' in sections:
+    results['nnx'] = run_nnx(TINY_NNX_CASES if args.tiny else NNX_CASES, repeats)
   markdown = to_markdown(results)
   print(markdown)
   if args.out is not None:

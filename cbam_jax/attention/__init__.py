@@ -2,7 +2,9 @@
 
 ``create(name, **kwargs)`` returns a linen module that maps ``(B, *spatial, C)`` features
 to refined features of the same shape and dtype, called as ``module(x, train=False)``.
-The models' ``attention=`` argument accepts the same names.
+The models' ``attention=`` argument accepts the same names. :mod:`cbam_jax.attention.presets`
+names the paper's, the official code's and timm's fields of each; :mod:`cbam_jax.nnx` has
+every member as a Flax NNX module under the same name.
 
 ==========  ==========================================================  ===========
 name        module                                                      spatial dims
@@ -23,11 +25,13 @@ name        module                                                      spatial 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 
+from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.coord import CoordinateAttention
 from cbam_jax.attention.eca import EfficientChannelAttention, eca_kernel_size
@@ -62,6 +66,19 @@ def create(name: str, **kwargs: Any) -> nn.Module:
   return resolve(name)(**kwargs)
 
 
+def name_of(factory: Any) -> str:
+  """The registry name of ``factory`` (a registered class or a ``functools.partial`` of
+  one); a clear error otherwise."""
+  cls = factory
+  while isinstance(cls, functools.partial):
+    cls = cls.func
+  for name, registered in _REGISTRY.items():
+    if registered is cls:
+      return name
+  raise ValueError(f'{factory!r} is not a registered attention module; registered: '
+                   f'{", ".join(available())}.')
+
+
 def resolve(name: str) -> ModuleFactory:
   """The factory registered under ``name``; a clear error listing the names otherwise."""
   try:
@@ -84,7 +101,8 @@ register('triplet', TripletAttention)
 register('simam', SimAM)
 register('lcbam', LightCBAM)
 
-__all__ = ['available', 'create', 'register', 'resolve', 'BottleneckAttention', 'CBAM',
+__all__ = ['available', 'create', 'name_of', 'presets', 'register', 'resolve',
+           'BottleneckAttention', 'CBAM',
            'ChannelAttention', 'ConcurrentSpatialChannelSE', 'CoordinateAttention',
            'EfficientChannelAttention', 'LightCBAM', 'LightChannelAttention',
            'LightSpatialAttention', 'SimAM', 'SpatialAttention', 'SpatialSqueezeExcitation',

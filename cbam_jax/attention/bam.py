@@ -17,7 +17,7 @@ BatchNorm at the end of each branch that the official code does not have:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,11 +26,58 @@ import jax.numpy as jnp
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
-from cbam_jax.layers import _hidden_size
 
 Array = jax.Array
+Layer = Callable[[Array], Array]
 
 COMBINES = ('sum', 'product')
+
+
+def check_bam_fields(combine: str, dilated_kernel_size: int, dilation: int) -> None:
+  _validation.check_choice('combine', combine, COMBINES)
+  _validation.check_kernel_size(dilated_kernel_size)
+  _base.check_positive_int('dilation', dilation)
+
+
+def bam_channel_logits(params: F.Params, x: Array, *, hidden_norm: Layer,
+                       output_norm: Layer | None, activation: Layer, dtype=None,
+                       precision=None) -> Array:
+  """``MLP(GAP(x))`` with ``hidden_norm`` after the hidden layer: ``(B, C)`` float32 logits."""
+
+  def norm_then_activation(h: Array) -> Array:
+    return activation(hidden_norm(h)).astype(h.dtype)
+
+  logits = F.shared_mlp(params, _base.spatial_pool(x, 'avg'), activation=norm_then_activation,
+                        dtype=dtype, precision=precision)
+  if output_norm is not None:
+    logits = output_norm(logits)
+  return logits
+
+
+def bam_spatial_logits(x: Array, *, reduce_conv: Layer, reduce_norm: Layer,
+                       dilated: Sequence[tuple[Layer, Layer]], final_conv: Layer,
+                       output_norm: Layer | None, activation: Layer) -> Array:
+  """Reduce, dilated ``(conv, norm)`` pairs, project to one channel: ``(B, *spatial)``
+  float32 logits."""
+  y = activation(reduce_norm(reduce_conv(x)))
+  for conv, norm in dilated:
+    y = activation(norm(conv(y)))
+  y = final_conv(y).astype(jnp.float32)
+  if output_norm is not None:
+    y = output_norm(y)
+  return y[..., 0]
+
+
+def bam_refine(x: Array, channel_logits: Array, spatial_logits: Array, *, combine: str,
+               gate: Layer) -> Array:
+  """``x * (1 + gate(Mc (+|*) Ms))``."""
+  channel_part = _base.channel_map_shape(channel_logits, x)
+  spatial_part = spatial_logits[..., None]
+  if combine == 'sum':
+    logits = channel_part + spatial_part
+  else:
+    logits = channel_part * spatial_part
+  return F.apply_gate(x, 1 + gate(logits))
 
 
 class _BAMBranch(nn.Module):
@@ -67,16 +114,10 @@ class BAMChannelGate(_BAMBranch):
                                  self.param_dtype),
         'fc2_bias': self.param('fc2_bias', self.bias_init, (channels,), self.param_dtype),
     }
-    hidden_norm = self._norm(train, 'norm')
-
-    def norm_then_activation(h: Array) -> Array:
-      return self.activation(hidden_norm(h)).astype(h.dtype)
-
-    logits = F.shared_mlp(params, _base.spatial_pool(x, 'avg'),
-                          activation=norm_then_activation, dtype=self.dtype,
-                          precision=self.precision)
-    if self.output_norm:
-      logits = self._norm(train, 'output_norm')(logits)
+    logits = bam_channel_logits(
+        params, x, hidden_norm=self._norm(train, 'norm'),
+        output_norm=self._norm(train, 'output_norm') if self.output_norm else None,
+        activation=self.activation, dtype=self.dtype, precision=self.precision)
     self.sow('intermediates', 'channel_logits', logits)
     return logits
 
@@ -96,16 +137,15 @@ class BAMSpatialGate(_BAMBranch):
     conv = functools.partial(
         nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
         kernel_init=self.kernel_init, bias_init=self.bias_init)
-    y = conv(self.hidden, (1,) * num_spatial, name='reduce_conv')(x)
-    y = self.activation(self._norm(train, 'reduce_norm')(y))
-    for i in range(self.num_dilated_convs):
-      y = conv(self.hidden, (self.dilated_kernel_size,) * num_spatial, padding='SAME',
-               kernel_dilation=(self.dilation,) * num_spatial, name=f'dilated_conv{i}')(y)
-      y = self.activation(self._norm(train, f'dilated_norm{i}')(y))
-    y = conv(1, (1,) * num_spatial, name='final_conv')(y).astype(jnp.float32)
-    if self.output_norm:
-      y = self._norm(train, 'output_norm')(y)
-    logits = y[..., 0]
+    dilated = [(conv(self.hidden, (self.dilated_kernel_size,) * num_spatial, padding='SAME',
+                     kernel_dilation=(self.dilation,) * num_spatial, name=f'dilated_conv{i}'),
+                self._norm(train, f'dilated_norm{i}')) for i in range(self.num_dilated_convs)]
+    logits = bam_spatial_logits(
+        x, reduce_conv=conv(self.hidden, (1,) * num_spatial, name='reduce_conv'),
+        reduce_norm=self._norm(train, 'reduce_norm'), dilated=dilated,
+        final_conv=conv(1, (1,) * num_spatial, name='final_conv'),
+        output_norm=self._norm(train, 'output_norm') if self.output_norm else None,
+        activation=self.activation)
     self.sow('intermediates', 'spatial_logits', logits)
     return logits
 
@@ -150,12 +190,9 @@ class BottleneckAttention(_base.AttentionModule):
 
   @nn.compact
   def refine(self, x: Array, train: bool) -> Array:
-    _validation.check_choice('combine', self.combine, COMBINES)
-    _validation.check_kernel_size(self.dilated_kernel_size)
-    if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation < 1:
-      raise ValueError(f'dilation must be a positive int, got {self.dilation!r}.')
-    hidden = _hidden_size(x.shape[-1], self.reduction_ratio, self.hidden_features,
-                          self.hidden_rounding)
+    check_bam_fields(self.combine, self.dilated_kernel_size, self.dilation)
+    hidden = F.hidden_size(x.shape[-1], self.reduction_ratio, self.hidden_features,
+                           self.hidden_rounding)
     shared = dict(hidden=hidden, activation=self.activation, output_norm=self.output_norm,
                   norm_momentum=self.norm_momentum, norm_epsilon=self.norm_epsilon,
                   dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
@@ -164,10 +201,4 @@ class BottleneckAttention(_base.AttentionModule):
     spatial_logits = BAMSpatialGate(
         num_dilated_convs=self.num_dilated_convs, dilation=self.dilation,
         dilated_kernel_size=self.dilated_kernel_size, **shared, name='spatial')(x, train)
-    channel_part = _base.channel_map_shape(channel_logits, x)
-    spatial_part = spatial_logits[..., None]
-    if self.combine == 'sum':
-      logits = channel_part + spatial_part
-    else:
-      logits = channel_part * spatial_part
-    return F.apply_gate(x, 1 + self.gate(logits))
+    return bam_refine(x, channel_logits, spatial_logits, combine=self.combine, gate=self.gate)

@@ -15,6 +15,38 @@ from cbam_jax.attention import _base
 Array = jax.Array
 
 
+Layer = Callable[[Array], Array]
+
+
+def coord_hidden_size(channels: int, reduction_ratio: float, min_hidden: int,
+                      hidden_features: int | None) -> int:
+  """``max(min_hidden, C // reduction_ratio)``, or ``hidden_features``."""
+  if hidden_features is not None:
+    if hidden_features < 1:
+      raise ValueError(f'hidden_features must be >= 1, got {hidden_features}.')
+    return hidden_features
+  _base.check_positive('reduction_ratio', reduction_ratio)
+  return max(min_hidden, int(channels // reduction_ratio))
+
+
+def coord_attention(x: Array, *, conv1: Layer, bn1: Layer, conv_h: Layer, conv_w: Layer,
+                    activation: Layer, gate: Layer) -> tuple[Array, Array, Array]:
+  """Coordinate attention of a channels-last ``(B, H, W, C)`` batch from its four layers.
+
+  Returns:
+    The refined features, ``height_map`` ``(B, H, C)`` and ``width_map`` ``(B, W, C)``.
+  """
+  height = x.shape[1]
+  x32 = x.astype(jnp.float32)
+  pooled = jnp.concatenate([jnp.mean(x32, axis=2), jnp.mean(x32, axis=1)], axis=1)
+  y = activation(bn1(conv1(pooled)))  # (B, H + W, hidden)
+  y_h, y_w = y[:, :height], y[:, height:]
+  height_map = gate(conv_h(y_h).astype(jnp.float32))
+  width_map = gate(conv_w(y_w).astype(jnp.float32))
+  out = F.apply_gate(x, height_map[:, :, None, :] * width_map[:, None, :, :])
+  return out, height_map, width_map
+
+
 class CoordinateAttention(_base.AttentionModule):
   """``x * a_h * a_w`` with direction-aware gates from pooling along H and along W.
 
@@ -51,27 +83,19 @@ class CoordinateAttention(_base.AttentionModule):
 
   @nn.compact
   def refine(self, x: Array, train: bool) -> Array:
-    _, height, width, channels = x.shape
-    if self.hidden_features is not None:
-      if self.hidden_features < 1:
-        raise ValueError(f'hidden_features must be >= 1, got {self.hidden_features}.')
-      hidden = self.hidden_features
-    else:
-      _base.check_positive('reduction_ratio', self.reduction_ratio)
-      hidden = max(self.min_hidden, int(channels // self.reduction_ratio))
+    channels = x.shape[-1]
+    hidden = coord_hidden_size(channels, self.reduction_ratio, self.min_hidden,
+                               self.hidden_features)
     _base.check_stored_shape(self, ('conv1', 'kernel'), (channels, hidden), x)
     dense = functools.partial(
         nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
         kernel_init=self.kernel_init, bias_init=self.bias_init)
-    x32 = x.astype(jnp.float32)
-    pooled = jnp.concatenate([jnp.mean(x32, axis=2), jnp.mean(x32, axis=1)], axis=1)
-    y = dense(hidden, name='conv1')(pooled)  # (B, H + W, hidden)
-    norm = _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
-                            'bn1')
-    y = self.activation(norm(y))
-    y_h, y_w = y[:, :height], y[:, height:]
-    height_map = self.gate(dense(channels, name='conv_h')(y_h).astype(jnp.float32))
-    width_map = self.gate(dense(channels, name='conv_w')(y_w).astype(jnp.float32))
+    out, height_map, width_map = coord_attention(
+        x, conv1=dense(hidden, name='conv1'),
+        bn1=_base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
+                             'bn1'),
+        conv_h=dense(channels, name='conv_h'), conv_w=dense(channels, name='conv_w'),
+        activation=self.activation, gate=self.gate)
     self.sow('intermediates', 'height_map', height_map)
     self.sow('intermediates', 'width_map', width_map)
-    return F.apply_gate(x, height_map[:, :, None, :] * width_map[:, None, :, :])
+    return out

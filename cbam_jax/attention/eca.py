@@ -27,6 +27,36 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
   return t if t % 2 else t + 1
 
 
+def eca_kernel_size_for(channels: int, kernel_size: int | None, gamma: float,
+                        beta: float) -> int:
+  """The checked size of the channel convolution: ``kernel_size``, or adapted to ``C``."""
+  if kernel_size is None:
+    size = eca_kernel_size(channels, gamma, beta)
+  else:
+    size = kernel_size
+    if isinstance(size, bool) or not isinstance(size, int):
+      raise ValueError(f'ECA kernel_size must be one odd int (or None to adapt it to the '
+                       f'channel count), got {size!r}.')
+  _validation.check_kernel_size(size)
+  return size
+
+
+def eca_attention_map(kernel: Array, x: Array, *, gate: Callable[[Array], Array],
+                      dtype=None, precision=None) -> Array:
+  """``gate(conv1d_k(GAP(x)))`` across channels of a channels-last batch: ``(B, C)`` float32.
+
+  ``kernel``: ``(k, 1, 1)``.
+  """
+  pooled = _base.spatial_pool(x, 'avg')  # (B, C)
+  dtype = dtype or jnp.result_type(pooled, kernel)
+  # Channels become the convolution's length axis: (B, C, 1) with one feature.
+  logits = lax.conv_general_dilated(
+      pooled.astype(dtype)[..., None], kernel.astype(dtype), window_strides=(1,),
+      padding='SAME', dimension_numbers=('NWC', 'WIO', 'NWC'), precision=precision,
+      preferred_element_type=jnp.float32)[..., 0]
+  return gate(logits.astype(jnp.float32))
+
+
 class EfficientChannelAttention(_base.AttentionModule):
   """``x * sigmoid(conv1d_k(GAP(x)))``: a bias-free 1-D convolution ACROSS channels.
 
@@ -52,23 +82,12 @@ class EfficientChannelAttention(_base.AttentionModule):
     _validation.check_features(x, batched=True)
     if self.has_variable('params', 'conv_kernel'):
       size = self.get_variable('params', 'conv_kernel').shape[0]
-    elif self.kernel_size is None:
-      size = eca_kernel_size(x.shape[-1], self.gamma, self.beta)
+      _validation.check_kernel_size(size)
     else:
-      size = self.kernel_size
-      if isinstance(size, bool) or not isinstance(size, int):
-        raise ValueError(f'ECA kernel_size must be one odd int (or None to adapt it to the '
-                         f'channel count), got {size!r}.')
-    _validation.check_kernel_size(size)
+      size = eca_kernel_size_for(x.shape[-1], self.kernel_size, self.gamma, self.beta)
     kernel = self.param('conv_kernel', self.kernel_init, (size, 1, 1), self.param_dtype)
-    pooled = _base.spatial_pool(x, 'avg')  # (B, C)
-    dtype = self.dtype or jnp.result_type(pooled, kernel)
-    # Channels become the convolution's length axis: (B, C, 1) with one feature.
-    logits = lax.conv_general_dilated(
-        pooled.astype(dtype)[..., None], kernel.astype(dtype), window_strides=(1,),
-        padding='SAME', dimension_numbers=('NWC', 'WIO', 'NWC'), precision=self.precision,
-        preferred_element_type=jnp.float32)[..., 0]
-    channel_map = self.gate(logits.astype(jnp.float32))
+    channel_map = eca_attention_map(kernel, x, gate=self.gate, dtype=self.dtype,
+                                    precision=self.precision)
     self.sow('intermediates', 'channel_map', channel_map)
     return channel_map
 

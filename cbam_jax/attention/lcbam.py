@@ -16,9 +16,39 @@ import jax.numpy as jnp
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
-from cbam_jax.layers import _hidden_size
+from cbam_jax.layers import channel_param_shapes
 
 Array = jax.Array
+
+# LightCBAM's fields that belong to each branch; the rest go to both.
+LIGHT_CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'mlp_bias',
+                        'activation')
+LIGHT_SPATIAL_FIELDS = ('kernel_size', 'norm_momentum', 'norm_epsilon', 'norm_scale_init',
+                        'conv_impl')
+LIGHT_SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
+
+
+def light_channel_map(params: F.Params, x: Array, *, activation, gate, dtype=None,
+                      precision=None) -> Array:
+  """``gate(MLP(0.5 * GAP(x) + 0.5 * GMP(x)))`` of a channels-last batch: ``(B, C)``."""
+  pooled = 0.5 * _base.spatial_pool(x, 'avg') + 0.5 * _base.spatial_pool(x, 'max')
+  return gate(F.shared_mlp(params, pooled, activation=activation, dtype=dtype,
+                           precision=precision))
+
+
+def light_spatial_map(kernel: Array, x: Array, *, norm, gate, dtype=None, precision=None,
+                      impl: str = 'auto') -> Array:
+  """``gate(norm(conv_k(0.5 * mean_c(x) + 0.5 * max_c(x))))``: ``(B, *spatial)``.
+
+  ``kernel``: ``(*k, 1, 1)``; ``norm`` a BatchNorm over a trailing axis of size 1.
+  """
+  # conv(0.5 * mean + 0.5 * max, w) == conv([mean; max], [w / 2; w / 2]): reuse CBAM's
+  # two-input spatial convolution rather than a second code path.
+  two_input_kernel = 0.5 * jnp.concatenate([kernel, kernel], axis=-2)
+  logits = jax.vmap(functools.partial(
+      F.spatial_logits, dtype=dtype, precision=precision, impl=impl),
+      in_axes=(None, 0))({'conv_kernel': two_input_kernel}, x)
+  return gate(norm(logits[..., None])[..., 0])
 
 
 class LightChannelAttention(_base.AttentionModule):
@@ -40,23 +70,15 @@ class LightChannelAttention(_base.AttentionModule):
   def attention_map(self, x: Array) -> Array:
     """``(B, C)`` float32 channel map of channels-last ``x``."""
     channels = x.shape[-1]
-    hidden = _hidden_size(channels, self.reduction_ratio, self.hidden_features,
-                          self.hidden_rounding)
+    hidden = F.hidden_size(channels, self.reduction_ratio, self.hidden_features,
+                           self.hidden_rounding)
     _base.check_stored_shape(self, ('fc1_kernel',), (channels, hidden), x)
-    params = {
-        'fc1_kernel': self.param('fc1_kernel', self.kernel_init, (channels, hidden),
-                                 self.param_dtype),
-        'fc2_kernel': self.param('fc2_kernel', self.kernel_init, (hidden, channels),
-                                 self.param_dtype),
-    }
-    if self.mlp_bias:
-      params['fc1_bias'] = self.param('fc1_bias', self.bias_init, (hidden,), self.param_dtype)
-      params['fc2_bias'] = self.param('fc2_bias', self.bias_init, (channels,),
-                                      self.param_dtype)
-    pooled = 0.5 * _base.spatial_pool(x, 'avg') + 0.5 * _base.spatial_pool(x, 'max')
-    logits = F.shared_mlp(params, pooled, activation=self.activation, dtype=self.dtype,
-                          precision=self.precision)
-    channel_map = self.gate(logits)
+    inits = {'kernel': self.kernel_init, 'bias': self.bias_init}
+    params = {name: self.param(name, inits[kind], shape, self.param_dtype)
+              for name, (kind, shape) in channel_param_shapes(channels, hidden,
+                                                             self.mlp_bias).items()}
+    channel_map = light_channel_map(params, x, activation=self.activation, gate=self.gate,
+                                    dtype=self.dtype, precision=self.precision)
     self.sow('intermediates', 'channel_map', channel_map)
     return channel_map
 
@@ -94,15 +116,10 @@ class LightSpatialAttention(_base.AttentionModule):
     _base.check_stored_shape(self, ('conv_kernel',), (*kernel_size, 1, 1), x)
     kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 1, 1),
                         self.param_dtype)
-    # conv(0.5 * mean + 0.5 * max, w) == conv([mean; max], [w / 2; w / 2]): reuse CBAM's
-    # two-input spatial convolution rather than a second code path.
-    two_input_kernel = 0.5 * jnp.concatenate([kernel, kernel], axis=-2)
-    logits = jax.vmap(functools.partial(
-        F.spatial_logits, dtype=self.dtype, precision=self.precision, impl=self.conv_impl),
-        in_axes=(None, 0))({'conv_kernel': two_input_kernel}, x)
-    logits = _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
-                              'norm', self.norm_scale_init)(logits[..., None])[..., 0]
-    spatial_map = self.gate(logits)
+    spatial_map = light_spatial_map(
+        kernel, x, norm=_base.batch_norm(train, self.norm_momentum, self.norm_epsilon,
+                                         self.param_dtype, 'norm', self.norm_scale_init),
+        gate=self.gate, dtype=self.dtype, precision=self.precision, impl=self.conv_impl)
     self.sow('intermediates', 'spatial_map', spatial_map)
     return spatial_map
 
@@ -130,15 +147,12 @@ class LightCBAM(_base.AttentionModule):
 
   @nn.compact
   def refine(self, x: Array, train: bool) -> Array:
-    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                  kernel_init=self.kernel_init, bias_init=self.bias_init, gate=self.gate)
+    shared = {name: getattr(self, name) for name in LIGHT_SHARED_FIELDS}
     channel_map = LightChannelAttention(
-        reduction_ratio=self.reduction_ratio, hidden_features=self.hidden_features,
-        hidden_rounding=self.hidden_rounding, mlp_bias=self.mlp_bias,
-        activation=self.activation, **shared, name='channel').attention_map(x)
+        **{name: getattr(self, name) for name in LIGHT_CHANNEL_FIELDS}, **shared,
+        name='channel').attention_map(x)
     refined = F.apply_gate(x, _base.channel_map_shape(channel_map, x))
     spatial_map = LightSpatialAttention(
-        kernel_size=self.kernel_size, norm_momentum=self.norm_momentum,
-        norm_epsilon=self.norm_epsilon, norm_scale_init=self.norm_scale_init,
-        conv_impl=self.conv_impl, **shared, name='spatial').attention_map(refined, train)
+        **{name: getattr(self, name) for name in LIGHT_SPATIAL_FIELDS}, **shared,
+        name='spatial').attention_map(refined, train)
     return F.apply_gate(refined, spatial_map[..., None])

@@ -12,11 +12,37 @@ import jax.numpy as jnp
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention.se import SE_POOL_TYPES
 from cbam_jax.layers import ChannelAttention
 
 Array = jax.Array
 
 AGGREGATIONS = ('add', 'max')
+SCSE_CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'mlp_bias',
+                       'activation')
+SCSE_SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
+
+
+def sse_map(kernel: Array, bias: Array, x: Array, *, gate, dtype=None,
+            precision=None) -> Array:
+  """``gate(x @ kernel + bias)`` per position of a channels-last batch: ``(B, *spatial)``."""
+  dtype = dtype or jnp.result_type(x, kernel)
+  # The projection sums over C: accumulate in float32 whatever the compute dtype.
+  logits = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=precision,
+                   preferred_element_type=jnp.float32)[..., 0]
+  return gate(logits + bias.astype(jnp.float32)[0])
+
+
+def scse_combine(x: Array, channel_map: Array, spatial_map: Array, aggregation: str) -> Array:
+  """``x * cSE + x * sSE`` (``'add'``) or their maximum (``'max'``), in ``x.dtype``."""
+  x32 = x.astype(jnp.float32)
+  by_channel = x32 * _base.channel_map_shape(channel_map, x)
+  by_position = x32 * spatial_map[..., None]
+  if aggregation == 'add':
+    out = by_channel + by_position
+  else:
+    out = jnp.maximum(by_channel, by_position)
+  return out.astype(x.dtype)
 
 
 class SpatialSqueezeExcitation(_base.AttentionModule):
@@ -34,11 +60,8 @@ class SpatialSqueezeExcitation(_base.AttentionModule):
     _base.check_stored_shape(self, ('conv_kernel',), (channels, 1), x)
     kernel = self.param('conv_kernel', self.kernel_init, (channels, 1), self.param_dtype)
     bias = self.param('conv_bias', self.bias_init, (1,), self.param_dtype)
-    dtype = self.dtype or jnp.result_type(x, kernel)
-    # The projection sums over C: accumulate in float32 whatever the compute dtype.
-    logits = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision,
-                     preferred_element_type=jnp.float32)[..., 0]
-    spatial_map = self.gate(logits + bias.astype(jnp.float32)[0])
+    spatial_map = sse_map(kernel, bias, x, gate=self.gate, dtype=self.dtype,
+                          precision=self.precision)
     self.sow('intermediates', 'spatial_map', spatial_map)
     return spatial_map
 
@@ -75,18 +98,9 @@ class ConcurrentSpatialChannelSE(_base.AttentionModule):
   def refine(self, x: Array, train: bool) -> Array:
     del train
     _validation.check_choice('aggregation', self.aggregation, AGGREGATIONS)
-    shared = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                  kernel_init=self.kernel_init, bias_init=self.bias_init, gate=self.gate)
+    shared = {name: getattr(self, name) for name in SCSE_SHARED_FIELDS}
     channel_map = ChannelAttention(
-        reduction_ratio=self.reduction_ratio, hidden_features=self.hidden_features,
-        hidden_rounding=self.hidden_rounding, pool_types=('avg',), mlp_bias=self.mlp_bias,
-        activation=self.activation, **shared, name='channel').attention_map(x)
+        **{name: getattr(self, name) for name in SCSE_CHANNEL_FIELDS}, pool_types=SE_POOL_TYPES,
+        **shared, name='channel').attention_map(x)
     spatial_map = SpatialSqueezeExcitation(**shared, name='spatial').attention_map(x)
-    x32 = x.astype(jnp.float32)
-    by_channel = x32 * _base.channel_map_shape(channel_map, x)
-    by_position = x32 * spatial_map[..., None]
-    if self.aggregation == 'add':
-      out = by_channel + by_position
-    else:
-      out = jnp.maximum(by_channel, by_position)
-    return out.astype(x.dtype)
+    return scse_combine(x, channel_map, spatial_map, self.aggregation)

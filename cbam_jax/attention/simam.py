@@ -15,6 +15,23 @@ from cbam_jax.attention import _base
 Array = jax.Array
 
 
+def simam_map(x: Array, *, e_lambda: float, gate) -> Array:
+  """``gate(1 / e*)`` of a channels-last batch ``(B, *spatial, C)``: same shape, float32."""
+  _base.check_positive('e_lambda', e_lambda)
+  spatial_axes = tuple(range(1, x.ndim - 1))
+  positions = math.prod(x.shape[1:-1])
+  if positions < 2:
+    raise ValueError(
+        f'SimAM needs at least 2 spatial positions to estimate each channel\'s variance '
+        f'(n = positions - 1 >= 1); got input of shape {tuple(x.shape)}. Use it before '
+        'the feature map shrinks to 1x1, or pick another attention.')
+  x32 = x.astype(jnp.float32)
+  squared_deviation = jnp.square(x32 - jnp.mean(x32, axis=spatial_axes, keepdims=True))
+  variance = jnp.sum(squared_deviation, axis=spatial_axes, keepdims=True) / (positions - 1)
+  inverse_energy = squared_deviation / (4 * (variance + e_lambda)) + 0.5
+  return gate(inverse_energy)
+
+
 class SimAM(_base.AttentionModule):
   """``x * sigmoid(1 / e*)``, the inverse minimal energy of every neuron; no parameters.
 
@@ -38,18 +55,6 @@ class SimAM(_base.AttentionModule):
 
   def refine(self, x: Array, train: bool) -> Array:
     del train
-    _base.check_positive('e_lambda', self.e_lambda)
-    spatial_axes = tuple(range(1, x.ndim - 1))
-    positions = math.prod(x.shape[1:-1])
-    if positions < 2:
-      raise ValueError(
-          f'SimAM needs at least 2 spatial positions to estimate each channel\'s variance '
-          f'(n = positions - 1 >= 1); got input of shape {tuple(x.shape)}. Use it before '
-          'the feature map shrinks to 1x1, or pick another attention.')
-    x32 = x.astype(jnp.float32)
-    squared_deviation = jnp.square(x32 - jnp.mean(x32, axis=spatial_axes, keepdims=True))
-    variance = jnp.sum(squared_deviation, axis=spatial_axes, keepdims=True) / (positions - 1)
-    inverse_energy = squared_deviation / (4 * (variance + self.e_lambda)) + 0.5
-    attention_map = self.gate(inverse_energy)
+    attention_map = simam_map(x, e_lambda=self.e_lambda, gate=self.gate)
     self.sow('intermediates', 'attention_map', attention_map)
     return F.apply_gate(x, attention_map)

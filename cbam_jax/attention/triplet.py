@@ -16,6 +16,32 @@ from cbam_jax.attention import _base
 Array = jax.Array
 
 
+def zpool_gate_map(kernel: Array, x: Array, *, norm, gate, dtype=None, precision=None,
+                   impl: str = 'auto') -> Array:
+  """``gate(norm(conv_k([max; mean](x))))``: ``(B, H', W', C')`` -> ``(B, H', W')`` float32."""
+  # functional.spatial_logits pools [mean; max]: swap the kernel's inputs to match.
+  logits = jax.vmap(functools.partial(
+      F.spatial_logits, dtype=dtype, precision=precision, impl=impl),
+      in_axes=(None, 0))({'conv_kernel': kernel[..., ::-1, :]}, x)
+  return gate(norm(logits[..., None])[..., 0])
+
+
+def triplet_attention(x: Array, cw, hc, hw) -> tuple[Array, dict[str, Array]]:
+  """The mean of the rotated gates of a channels-last ``(B, H, W, C)`` batch.
+
+  ``cw``, ``hc``, ``hw``: ``(B, H', W', C')`` -> ``(B, H', W')`` maps (``hw`` may be
+  ``None``). Returns the refined features and the maps by sow name.
+  """
+  maps = {'channel_width_map': cw(jnp.transpose(x, (0, 3, 2, 1))),
+          'height_channel_map': hc(jnp.transpose(x, (0, 1, 3, 2)))}
+  gates = [jnp.swapaxes(maps['channel_width_map'], 1, 2)[:, None, :, :],
+           maps['height_channel_map'][:, :, None, :]]
+  if hw is not None:
+    maps['spatial_map'] = hw(x)
+    gates.append(maps['spatial_map'][..., None])
+  return F.apply_gate(x, sum(gates) / len(gates)), maps
+
+
 class ZPoolGate(nn.Module):
   """``gate(BN(conv_k(ZPool(x))))``: ``(B, H', W', C')`` -> ``(B, H', W')`` float32 map.
 
@@ -40,13 +66,10 @@ class ZPoolGate(nn.Module):
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, 2)
     kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 2, 1),
                         self.param_dtype)
-    # functional.spatial_logits pools [mean; max]: swap the kernel's inputs to match.
-    logits = jax.vmap(functools.partial(
-        F.spatial_logits, dtype=self.dtype, precision=self.precision, impl=self.conv_impl),
-        in_axes=(None, 0))({'conv_kernel': kernel[..., ::-1, :]}, x)
-    logits = _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
-                              'norm')(logits[..., None])[..., 0]
-    return self.gate(logits)
+    return zpool_gate_map(
+        kernel, x, norm=_base.batch_norm(train, self.norm_momentum, self.norm_epsilon,
+                                         self.param_dtype, 'norm'),
+        gate=self.gate, dtype=self.dtype, precision=self.precision, impl=self.conv_impl)
 
 
 class TripletAttention(_base.AttentionModule):
@@ -87,14 +110,10 @@ class TripletAttention(_base.AttentionModule):
         norm_epsilon=self.norm_epsilon, gate=self.gate, conv_impl=self.conv_impl,
         dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
         kernel_init=self.kernel_init)
-    channel_width_map = branch(name='cw')(jnp.transpose(x, (0, 3, 2, 1)), train)
-    height_channel_map = branch(name='hc')(jnp.transpose(x, (0, 1, 3, 2)), train)
-    self.sow('intermediates', 'channel_width_map', channel_width_map)
-    self.sow('intermediates', 'height_channel_map', height_channel_map)
-    gates = [jnp.swapaxes(channel_width_map, 1, 2)[:, None, :, :],
-             height_channel_map[:, :, None, :]]
-    if self.use_spatial:
-      spatial_map = branch(name='hw')(x, train)
-      self.sow('intermediates', 'spatial_map', spatial_map)
-      gates.append(spatial_map[..., None])
-    return F.apply_gate(x, sum(gates) / len(gates))
+    out, maps = triplet_attention(
+        x, functools.partial(branch(name='cw'), train=train),
+        functools.partial(branch(name='hc'), train=train),
+        functools.partial(branch(name='hw'), train=train) if self.use_spatial else None)
+    for name, value in maps.items():
+      self.sow('intermediates', name, value)
+    return out

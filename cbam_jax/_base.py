@@ -1,0 +1,163 @@
+"""What every attention module shares, in both skins (linen and NNX): layout handling,
+field and shape checks, initialisers, and the linen base class.
+
+A linen member subclasses :class:`AttentionModule` and implements ``refine(x, train)`` on
+channels-last ``(B, *spatial, C)`` features; the NNX members (:mod:`cbam_jax.nnx`) do the
+same through :func:`refine_along_axis`. Both validate the input, move ``channel_axis`` to
+the end and back, so every member accepts NCHW-style layouts too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cbam_jax import _validation
+from cbam_jax import functional as F
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+Activation = Callable[[Array], Array]
+
+default_kernel_init = nn.initializers.lecun_normal()
+# PyTorch's default for Linear and Conv: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+ALL_SPATIAL_DIMS = (1, 2, 3)
+
+
+def refine_along_axis(what: str, x: Array, channel_axis: int,
+                      refine: Callable[[Array], Array],
+                      supported_spatial_dims: Sequence[int] = ALL_SPATIAL_DIMS) -> Array:
+  """Checks ``x``, applies the channels-last ``refine`` along ``channel_axis``, moves back."""
+  _validation.check_features(x, batched=True, channel_axis=channel_axis)
+  check_spatial_dims(what, x, tuple(supported_spatial_dims))
+  out = refine(jnp.moveaxis(x, channel_axis, -1))
+  return jnp.moveaxis(out, -1, channel_axis)
+
+
+class AttentionModule(nn.Module):
+  """Base class: ``module(x, train=False)`` maps ``(B, *spatial, C)`` to the same shape/dtype.
+
+  Attributes:
+    channel_axis: the channel axis of the input (``-1`` NHWC, ``1`` NCHW).
+    dtype: compute dtype of the convolutions and dense layers; ``None`` promotes the input
+      and the parameters. Pooling, normalisation statistics and gates are float32 always.
+    param_dtype: dtype of the parameters.
+    precision: passed to every dot and convolution.
+    kernel_init: initialiser of every dense and convolution kernel.
+    bias_init: initialiser of every dense and convolution bias.
+  """
+
+  channel_axis: int = -1
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  # Spatial ranks the math is defined for; members that need an image override this.
+  supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
+
+  def refine(self, x: Array, train: bool) -> Array:
+    """Channels-last ``(B, *spatial, C)`` -> refined features in ``x.dtype``."""
+    raise NotImplementedError
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
+    return refine_along_axis(type(self).__name__, x, self.channel_axis,
+                             lambda inp: self.refine(inp, train), self.supported_spatial_dims)
+
+
+def check_spatial_dims(what: str, x: Array, supported: tuple[int, ...]) -> None:
+  num_spatial = x.ndim - 2
+  if num_spatial not in supported:
+    dims = ' or '.join(f'{d}-D' for d in supported)
+    layout = '(B, H, W, C)' if supported == (2,) else '(B, *spatial, C)'
+    raise ValueError(
+        f'{what} is defined for {dims} feature maps {layout}; got shape {tuple(x.shape)} '
+        f'with {num_spatial} spatial dimension(s). For 1-D or 3-D inputs use a member that '
+        "supports them, e.g. 'cbam', 'se', 'eca', 'bam', 'scse', 'simam' or 'lcbam'.")
+
+
+def spatial_pool(x: Array, kind: str) -> Array:
+  """``(B, *spatial, C)`` -> ``(B, C)`` float32 global pooling of every example."""
+  return jax.vmap(functools.partial(F.global_pool, kind=kind))(x)
+
+
+def channel_map_shape(channel_map: Array, x: Array) -> Array:
+  """``(B, C)`` -> ``(B, 1, ..., 1, C)`` so that it broadcasts against ``x``."""
+  return channel_map.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
+
+
+_ONES = nn.initializers.ones_init()
+
+
+def batch_norm(train: bool, momentum: float, epsilon: float, param_dtype: Dtype, name: str,
+               scale_init: Initializer = _ONES) -> nn.BatchNorm:
+  """A float32 linen BatchNorm over every axis but the last (statistics feed gates directly).
+
+  ``momentum`` follows Flax: PyTorch's ``momentum=m`` is ``1 - m`` here. The variance is
+  the two-pass ``mean((x - mean)**2)``: Flax's default ``E[x^2] - E[x]^2`` loses ~1e-4
+  on small batches of large logits. :func:`cbam_jax.nnx.batch_norm` is the NNX twin.
+  """
+  return nn.BatchNorm(use_running_average=not train, **batch_norm_fields(
+      momentum, epsilon, param_dtype, scale_init), name=name)
+
+
+def batch_norm_fields(momentum: float, epsilon: float, param_dtype: Dtype,
+                      scale_init: Initializer = _ONES) -> dict[str, Any]:
+  """The BatchNorm settings every attention norm uses, for ``nn.`` and ``nnx.BatchNorm``."""
+  return dict(momentum=momentum, epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype,
+              scale_init=scale_init, use_fast_variance=False)
+
+
+def check_positive(what: str, value: float) -> None:
+  if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    raise ValueError(f'{what} must be a positive number, got {value!r}.')
+
+
+def check_positive_int(what: str, value: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'{what} must be a positive int, got {value!r}.')
+
+
+def check_param_shape(what: str, path: Sequence[str], stored: Sequence[int] | None,
+                      expected: Sequence[int], x: Array) -> None:
+  """A clear error (instead of a shape error deep inside) when ``x`` does not fit the
+  parameter at ``path`` (shape ``stored``; ``None`` while initialising)."""
+  if stored is not None and tuple(stored) != tuple(expected):
+    raise ValueError(
+        f'{what} was initialised for other input: parameter '
+        f'{"/".join(path)} has shape {tuple(stored)} but input of shape '
+        f'{tuple(x.shape)} (channels last) needs {tuple(expected)}. Re-initialise the module '
+        'for this input, or check channel_axis.')
+
+
+def check_stored_shape(module: nn.Module, path: tuple[str, ...], expected: tuple[int, ...],
+                       x: Array) -> None:
+  """:func:`check_param_shape` for a linen module; ``path`` leads to a param in ``'params'``."""
+  stored: Any = module.variables.get('params', {})
+  for key in path:
+    if key not in stored:
+      return  # Initialising.
+    stored = stored[key]
+  check_param_shape(type(module).__name__, path, stored.shape, expected, x)
+
+
+def check_spatial_kernel_shape(what: str, stored: Sequence[int] | None,
+                               kernel_size: Sequence[int], in_channels: int, x: Array) -> None:
+  """The spatial conv kernel ``stored`` must be ``(*kernel_size, in_channels, 1)`` for ``x``."""
+  needed = (*kernel_size, in_channels, 1)
+  if stored is not None and tuple(stored) != needed:
+    raise ValueError(
+        f'{what} was initialised with a conv kernel of shape {tuple(stored)} '
+        f'({len(stored) - 2} spatial dimensions) but got {x.ndim - 2}-D input of shape '
+        f'{tuple(x.shape)} needing {needed}. Re-initialise the module for '
+        'this input rank, or check kernel_size and channel_axis.')

@@ -1,0 +1,33 @@
+"""The NNX twin of :class:`cbam_jax.conv.MaterializedInputConv`: ``nnx.Conv`` whose input
+is read from its own buffer on CPU (see :mod:`cbam_jax.conv` for why)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from cbam_jax._fusion import boundary_pays_off, computed_once
+
+__all__ = ['MaterializedInputConv']
+
+
+class MaterializedInputConv(nnx.Conv):
+  """``nnx.Conv`` (same arguments, parameters and numbers) plus ``materialize_input``:
+  ``None`` (default) materialises on the CPU backend only; ``True``/``False`` force it."""
+
+  def __init__(self, *args: Any, materialize_input: bool | None = None, **kwargs: Any):
+    if not (materialize_input is None or isinstance(materialize_input, bool)):
+      raise TypeError(f'materialize_input must be None (CPU only), True or False, got '
+                      f'{materialize_input!r}.')
+    super().__init__(*args, **kwargs)
+    self.materialize_input = materialize_input
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    materialize = self.materialize_input
+    if materialize is None:
+      materialize = boundary_pays_off()
+    if materialize:
+      inputs = computed_once(lambda value: value, inputs)
+    return super().__call__(inputs)

@@ -1,0 +1,44 @@
+"""convert.from_pytorch(..., api='nnx'): official and timm weights give the same logits in
+NNX as in linen."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip('torch')
+
+import torch_references as refs  # noqa: E402  (needs torch)
+from nnx_parity import assert_close  # noqa: E402
+
+from cbam_jax import convert  # noqa: E402
+from cbam_jax.nnx import models as nnx_models  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+# (reference network, source, image size): official CBAM (2 stages: avg_pool2d(x, 4) is
+# global at 8x8) and timm's CBAM ResNet.
+CASES = [
+    (lambda: refs.OfficialResNet('basic', [2, 1], 'CIFAR10', num_classes=10, width=16),
+     'official', 8),
+    (lambda: refs.TimmResNet('basic', [1, 1, 1, 1], num_classes=6, attn_layer='cbam',
+                             width=16), 'timm', 32),
+]
+
+
+@pytest.mark.parametrize('build,source,size', CASES, ids=['official', 'timm'])
+def test_nnx_logits_match_linen(build, source, size):
+  torch_model = refs.randomize(build(), seed=size)
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  linen_model, variables = convert.from_pytorch(torch_model.state_dict(), source)
+  model, report = convert.from_pytorch(torch_model.state_dict(), source, api='nnx',
+                                       return_report=True)
+  assert isinstance(model, nnx_models.ResNet) and not report.missing_keys
+  expected = jax.jit(linen_model.apply)(variables, x)
+  model.eval()
+  assert_close(nnx.jit(lambda m, x: m(x))(model, x), expected)
+
+
+def test_unknown_api():
+  with pytest.raises(ValueError, match="Unknown api 'flax'"):
+    convert.from_pytorch({'conv1.weight': np.zeros((8, 3, 3, 3))}, api='flax')
