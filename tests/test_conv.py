@@ -100,8 +100,8 @@ class MaterializedInputConvTest(chex.TestCase, parameterized.TestCase):
 
 def test_resnet_uses_it_with_nn_conv_numbers():
   assert models.ResNet.conv is MaterializedInputConv
-  model = models.ResNetTiny(attention='cbam', num_classes=3)
-  reference = models.ResNetTiny(attention='cbam', num_classes=3, conv=nn.Conv)
+  model = models.ResNetTiny(attention='se', num_classes=3)
+  reference = models.ResNetTiny(attention='se', num_classes=3, conv=nn.Conv)
   x = jax.random.normal(jax.random.key(4), (4, 8, 8, 3))
   variables = reference.init(KEY, x)
   chex.assert_trees_all_equal_structs(variables, model.init(KEY, x))
