@@ -154,3 +154,20 @@ def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch
   markdown = benchmark.to_markdown({'environment': benchmark.environment(), 'models': [row]})
   model_line = next(line for line in markdown.splitlines() if line.startswith('| resnet20'))
   assert model_line.split(' | ')[4:6] == ['-', '-']  # The nn.Conv columns.
+
+
+@pytest.mark.slow
+def test_nnx_section_times_both_nnx_forms_against_linen(tmp_path):
+  benchmark.main(['--tiny', '--only', 'nnx', '--out', str(tmp_path)])
+  (row,) = json.loads((tmp_path / 'results.json').read_text())['nnx']
+  assert row['attention'] == 'cbam' and set(row['impls']) == {'linen', 'nnx_jit', 'nnx_split'}
+  linen = row['impls']['linen']
+  for form in ('nnx_jit', 'nnx_split'):
+    impl = row['impls'][form]
+    assert impl['ms'] > 0 and impl['peak_mb'] > 0
+    assert row['vs_linen'][form]['time'] == pytest.approx(impl['ms'] / linen['ms'])
+    assert row['vs_linen'][form]['peak_memory'] == pytest.approx(
+        impl['peak_mb'] / linen['peak_mb'])
+    # One model, one step: the compiled programs need the same buffers within 5%.
+    assert row['vs_linen'][form]['peak_memory'] == pytest.approx(1.0, abs=0.05)
+  assert 'NNX vs linen' in (tmp_path / 'results.md').read_text()
