@@ -12,7 +12,7 @@ projection shortcut), XLA keeps a single copy. The numbers are those of ``nn.Con
 the schedule changes.
 
 Measured with ``python -m experiments.benchmark --only models`` (2-core CPU, side by side
-with ``nn.Conv``): see the README's performance section.
+with ``nn.Conv``): see docs/performance.md.
 """
 
 from __future__ import annotations

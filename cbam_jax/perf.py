@@ -4,7 +4,7 @@ XLA reads ``XLA_FLAGS`` once, when its CPU backend starts (the first computation
 :func:`configure_cpu` must run before anything touches a JAX array. It only adds flags
 that keep results bit-for-bit the same kind of float32 arithmetic: fast-math and
 vector-width experiments are measured in ``experiments/bench_xla_flags.py`` and left out
-(see the README's performance section for the numbers).
+(see docs/performance.md for the numbers).
 
 glibc reads its tunables even earlier, when the process starts, so
 :func:`reexec_with_cpu_env` restarts the interpreter with :data:`RECOMMENDED_CPU_ENV`

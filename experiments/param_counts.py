@@ -1,4 +1,4 @@
-"""Prints the README's model table: parameter counts of every model x attention.
+"""Prints the model table of docs/models.md: parameter counts of every model x attention.
 
 Counts come from ``jax.eval_shape(model.init, ...)``: shapes only, nothing is computed, so
 the whole table takes seconds on a CPU. Only the ``params`` collection is counted

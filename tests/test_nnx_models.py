@@ -16,7 +16,7 @@ from cbam_jax import models
 from cbam_jax.nnx import models as nnx_models
 from cbam_jax.nnx import transfer
 
-README = Path(__file__).resolve().parents[1] / 'README.md'
+MODELS_DOC = Path(__file__).resolve().parents[1] / 'docs' / 'models.md'
 
 
 def rngs(seed: int = 0) -> nnx.Rngs:
@@ -28,20 +28,20 @@ def images(batch: int = 4, size: int = 8, seed: int = 1) -> jax.Array:
   return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
 
 
-def readme_param_counts() -> list[tuple[str, str | None, int]]:
-  rows = re.findall(r'^\| (\w+) \| \d+x\d+ \| \d+ \| (\w+) \| ([\d,]+) \(', README.read_text(),
+def documented_param_counts() -> list[tuple[str, str | None, int]]:
+  rows = re.findall(r'^\| (\w+) \| \d+x\d+ \| \d+ \| (\w+) \| ([\d,]+) \(', MODELS_DOC.read_text(),
                     re.MULTILINE)
   return [(name, None if att == 'none' else att, int(count.replace(',', '')))
           for name, att, count in rows]
 
 
-# The README rows checked here (tracing the large models takes minutes): each block type
+# The docs/models.md rows checked here (tracing the large models takes minutes): each block type
 # and stem, each shortcut.
 CHECKED_MODELS = ('resnet18', 'resnet50', 'resnet20', 'resnet_tiny')
 
 
-def test_every_model_name_and_readme_param_count():
-  rows = readme_param_counts()
+def test_every_model_name_and_documented_param_count():
+  rows = documented_param_counts()
   assert {name for name, _, _ in rows} == set(models.available_models())
   assert nnx_models.available_models() == models.available_models()
   for name, attention, expected in rows:
