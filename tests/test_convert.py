@@ -203,6 +203,7 @@ def test_torchvision_backbone_into_cbam_resnet():
   assert np.ptp(np.asarray(channel)) > 0  # Random MLP weights: not a constant gate.
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path, capsys):
   torch_model, x = reference('official_tiny'), images(8, seed=1)
   path = tmp_path / 'cbam.pth'
@@ -230,6 +231,7 @@ def test_cli_round_trip(tmp_path, capsys):
     convert.load_converted(tmp_path)
 
 
+@pytest.mark.slow
 def test_module_entry_point_and_lazy_torch():
   code = (
       'import runpy, sys\n'

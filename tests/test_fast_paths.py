@@ -348,6 +348,7 @@ def test_fast_paths_under_explicit_sharding():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_importing_perf_does_not_import_jax():
   # Scripts re-exec with perf.reexec_with_cpu_env() before their heavy imports; importing
   # perf (and so the cbam_jax package) must not already have loaded JAX.

@@ -506,6 +506,7 @@ def test_prefetch_runs_ahead_and_closes():
   assert not any(t.name.startswith('prefetch') for t in threading.enumerate() if t.is_alive())
 
 
+@pytest.mark.slow
 def test_benchmark_cli(capsys):
   ip.main(['--bench', '3', '--batch-size', '16', '--set', 'shapes.num_train=64',
            '--set', 'shapes.num_eval=16', '--set', 'image_size=16'])

@@ -192,6 +192,7 @@ def test_missing_dataset(tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
 
 
+@pytest.mark.slow
 def test_bad_config_key_on_the_command_line(tmp_path):
   process = subprocess.run(
       [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/smoke.py',
@@ -248,6 +249,7 @@ def test_smoke_config_end_to_end(tmp_path):
     evaluate.evaluate_checkpoint(workdir, '3')
 
 
+@pytest.mark.slow
 def test_one_step_on_mock_cifar10(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = tiny_config(dataset='cifar10', num_epochs=1, image_size=32, augment='cifar',
@@ -258,6 +260,7 @@ def test_one_step_on_mock_cifar10(tmp_path):
   assert final_state(str(tmp_path))['step'] == 1
 
 
+@pytest.mark.slow
 def test_image_folder_end_to_end(tmp_path):
   image_lib = pytest.importorskip('PIL.Image')
   rng = np.random.default_rng(0)

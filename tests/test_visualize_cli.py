@@ -20,6 +20,9 @@ from experiments import (  # noqa: E402
 )
 from experiments.configs import base_config  # noqa: E402
 
+# Each test runs a command-line tool end to end.
+pytestmark = pytest.mark.slow
+
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
