@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from cbam_jax import _validation
-from cbam_jax._spatial_conv import spatial_conv
+from cbam_jax._fast.spatial_conv import spatial_conv
 
 Array = jax.Array
 Params = Mapping[str, Array]

@@ -32,7 +32,7 @@ from cbam_jax._base import (
   default_kernel_init,
   torch_default_kernel_init,
 )
-from cbam_jax._fast_spatial import batched_spatial_logits
+from cbam_jax._fast.logits import batched_spatial_logits
 
 Array = jax.Array
 Dtype = Any
