@@ -241,7 +241,7 @@ def spatial_logits(
   """
   _validation.check_features(x, batched=False)
   kernel = params['conv_kernel']
-  _validation.check_spatial_kernel(kernel, x.ndim - 1)
+  _validation.check_spatial_kernel(kernel, x, batched=False)
   pooled = channel_pool(x)
   if dtype is None:
     dtype = jnp.result_type(pooled, kernel)

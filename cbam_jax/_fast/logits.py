@@ -66,7 +66,7 @@ def batched_spatial_logits(
         params, example, dtype=dtype, precision=precision, impl='xla'))(x)
   _validation.check_features(x, batched=True)
   kernel = params['conv_kernel']
-  _validation.check_spatial_kernel(kernel, x.ndim - 2)
+  _validation.check_spatial_kernel(kernel, x, batched=True)
   planes = channel_pool_planes(x)
   if dtype is None:
     dtype = jnp.result_type(planes, kernel)
