@@ -9,8 +9,10 @@ the end and back, so every member accepts NCHW-style layouts too.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -65,6 +67,21 @@ class AttentionModule(nn.Module):
   # Spatial ranks the math is defined for; members that need an image override this.
   supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
 
+  def __init_subclass__(cls, **kwargs: Any) -> None:
+    super().__init_subclass__(**kwargs)  # Flax makes cls a dataclass with its own __init__.
+    dataclass_init = cls.__init__
+    declared = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+    @functools.wraps(dataclass_init)
+    def checked_init(self, *args: Any, **fields: Any) -> None:
+      # The dataclass's own TypeError names the bad keyword but not the good one.
+      unknown = set(fields) - set(declared)
+      if unknown:
+        raise TypeError(unknown_fields_message(type(self).__name__, unknown, declared))
+      dataclass_init(self, *args, **fields)
+
+    cls.__init__ = checked_init
+
   def refine(self, x: Array, train: bool) -> Array:
     """Channels-last ``(B, *spatial, C)`` -> refined features in ``x.dtype``."""
     raise NotImplementedError
@@ -75,15 +92,42 @@ class AttentionModule(nn.Module):
                              lambda inp: self.refine(inp, train), self.supported_spatial_dims)
 
 
+def unknown_fields_message(what: str, unknown: Iterable[str], declared: Iterable[str]) -> str:
+  """``what got unexpected field(s) [...]``, with the closest declared name for each."""
+  declared = sorted(set(declared) - {'parent', 'name'})
+  unknown = sorted(unknown)
+  close = {name: difflib.get_close_matches(name, declared, n=1) for name in unknown}
+  hints = '; '.join(f'{name!r}: did you mean {match[0]!r}?'
+                    for name, match in close.items() if match)
+  return (f'{what} got unexpected field(s) {unknown}' + (f' ({hints})' if hints else '')
+          + f'; its fields are {declared}.')
+
+
+def check_has_batch(module: nn.Module, x: Array) -> None:
+  """:func:`cbam_jax._validation.check_has_batch` for a linen module with a spatial
+  ``conv_kernel`` param and a ``kernel_size`` field: the param, once initialised, or a
+  per-dim ``kernel_size`` fixes the spatial rank."""
+  if module.has_variable('params', 'conv_kernel'):
+    dims = module.get_variable('params', 'conv_kernel').ndim - 2
+  else:
+    dims = _validation.kernel_spatial_dims(module.kernel_size)
+  _validation.check_has_batch(type(module).__name__, x, dims)
+
+
 def check_spatial_dims(what: str, x: Array, supported: tuple[int, ...]) -> None:
   num_spatial = x.ndim - 2
   if num_spatial not in supported:
     dims = ' or '.join(f'{d}-D' for d in supported)
     layout = '(B, H, W, C)' if supported == (2,) else '(B, *spatial, C)'
+    # One rank short is either one example without its batch axis or a batch of smaller
+    # inputs: both readings are named.
+    unbatched = (' If it is one example without a batch axis, add one with x[None].'
+                 if num_spatial + 1 in supported else '')
     raise ValueError(
         f'{what} is defined for {dims} feature maps {layout}; got shape {tuple(x.shape)} '
-        f'with {num_spatial} spatial dimension(s). For 1-D or 3-D inputs use a member that '
-        "supports them, e.g. 'cbam', 'se', 'eca', 'bam', 'scse', 'simam' or 'lcbam'.")
+        f'with {num_spatial} spatial dimension(s).{unbatched} For 1-D or 3-D inputs use a '
+        "member that supports them, e.g. 'cbam', 'se', 'eca', 'bam', 'scse', 'simam' or "
+        "'lcbam'.")
 
 
 def spatial_pool(x: Array, kind: str) -> Array:

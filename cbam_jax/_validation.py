@@ -39,8 +39,12 @@ def check_features(x, *, batched: bool, channel_axis: int = -1) -> None:
   layout = '(B, *spatial, C)' if batched else '(*spatial, C)'
   rank = len(shape)
   if not lead + 1 <= rank - 1 <= lead + MAX_SPATIAL_DIMS:
-    hint = (' For a single example, add a batch axis (x[None]) or use '
-            'cbam_jax.functional with jax.vmap.' if batched and rank >= 2 else '')
+    if batched:
+      hint = (' For a single example, add a batch axis (x[None]) or use '
+              'cbam_jax.functional with jax.vmap.' if rank >= 2 else '')
+    else:
+      hint = (' cbam_jax.functional works on ONE example; map it over a batch with '
+              'jax.vmap.' if rank == MAX_SPATIAL_DIMS + 2 else '')
     raise ValueError(
         f'Expected features of layout {layout} with 1 to {MAX_SPATIAL_DIMS} spatial '
         f'dimensions, i.e. rank {lead + 2} to {lead + 1 + MAX_SPATIAL_DIMS}; got shape '
@@ -87,13 +91,50 @@ def check_kernel_size(kernel_size) -> None:
           f'size with symmetric padding; got {kernel_size!r}. Use e.g. 7 (the paper) or 3.')
 
 
-def check_spatial_kernel(kernel, num_spatial: int) -> None:
-  expected_rank = num_spatial + 2
-  if kernel.ndim != expected_rank or kernel.shape[-2:] != (2, 1):
+def kernel_spatial_dims(kernel_size) -> int | None:
+  """How many spatial dims a ``kernel_size`` fixes: one per entry; ``None`` for an int."""
+  return len(kernel_size) if isinstance(kernel_size, Sequence) else None
+
+
+def check_has_batch(what: str, x, example_spatial_dims: int | None) -> None:
+  """A module given one unbatched example: ``x`` has the rank of ONE example of the
+  ``example_spatial_dims``-D input that the module's kernel (its size or its parameter)
+  fixes, e.g. an ``(H, W, C)`` image to a module with a 2-D kernel. ``None``: not fixed
+  (then ``(B, L, C)`` is a legitimate batch of 1-D signals)."""
+  if example_spatial_dims is not None and x.ndim == example_spatial_dims + 1:
     raise ValueError(
-        f'The spatial conv kernel must have shape (*kernel_size, 2, 1) with '
-        f'{num_spatial} kernel dimensions for {num_spatial}-D input; got '
-        f'{tuple(kernel.shape)}. Re-initialise the module for this input rank.')
+        f'{what} got shape {tuple(x.shape)}: modules take a batch, (B, *spatial, C), and '
+        f'this one is for {example_spatial_dims}-D inputs; add a batch axis with x[None] '
+        '(or map cbam_jax.functional over examples with jax.vmap). If it is a batch of '
+        f'{example_spatial_dims - 1}-D inputs, build the module for that rank.')
+
+
+def check_spatial_kernel(kernel, x, *, batched: bool) -> None:
+  """The spatial conv kernel ``(*k, 2, 1)`` must have one kernel dim per spatial dim of
+  ``x``, ``(B, *spatial, C)`` if ``batched`` else ``(*spatial, C)``. One rank off is named
+  as what it most likely is (a batch given to the one-example core, or an example without
+  its batch axis) and as a kernel of the wrong rank."""
+  num_spatial = x.ndim - (2 if batched else 1)
+  kernel_dims = kernel.ndim - 2
+  if kernel.ndim != num_spatial + 2 or kernel.shape[-2:] != (2, 1):
+    rank = (f'the spatial conv kernel must have shape (*kernel_size, 2, 1) with '
+            f'{num_spatial} kernel dimensions for {num_spatial}-D input; got '
+            f'{tuple(kernel.shape)}. Re-initialise the module for this input rank.')
+    likely = ''
+    if kernel.shape[-2:] == (2, 1) and not batched and kernel_dims == num_spatial - 1:
+      likely = (
+          f'cbam_jax.functional works on ONE example, (*spatial, C); got shape '
+          f'{tuple(x.shape)}, which for this conv kernel looks like a batch of '
+          f'{kernel_dims}-D examples: map over the batch with jax.vmap, e.g. '
+          'jax.vmap(lambda example: F.cbam(channel_params, spatial_params, example))(x), '
+          f'or use the modules (cbam_jax.CBAM), which take batches. If it is one '
+          f'{num_spatial}-D example, ')
+    elif kernel.shape[-2:] == (2, 1) and batched and kernel_dims == num_spatial + 1:
+      likely = (
+          f'Got shape {tuple(x.shape)}: modules take a batch, (B, *spatial, C), and this '
+          f'conv kernel is for {kernel_dims}-D inputs; add a batch axis with x[None]. If it '
+          f'is a batch of {num_spatial}-D inputs, ')
+    raise ValueError(likely + rank if likely else rank[0].upper() + rank[1:])
   check_kernel_size(tuple(int(k) for k in kernel.shape[:-2]))
 
 

@@ -6,8 +6,8 @@ that input (BatchNorm, ReLU, the residual sum, a CBAM gate) into the transpose, 
 recomputes them element by element in a cache-hostile order instead of reading the values
 the forward pass already wrote (several times as long as a plain transpose, in per-op
 profiles of the ResNet-20 step). :class:`MaterializedInputConv` hands the
-conv its input through :func:`cbam_jax._fusion.computed_once`, a fusion boundary, so the
-transpose is a plain one. Where one input feeds several convs (a block's first conv and its
+conv its input through :func:`cbam_jax._fast.boundary.computed_once`, a fusion boundary, so
+the transpose is a plain one. Where one input feeds several convs (a block's first conv and its
 projection shortcut), XLA keeps a single copy. The numbers are those of ``nn.Conv``; only
 the schedule changes.
 
@@ -20,9 +20,22 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from cbam_jax._fusion import boundary_pays_off, computed_once
+from cbam_jax._fast.boundary import boundary_pays_off, computed_once
 
-__all__ = ['MaterializedInputConv']
+__all__ = ['MaterializedInputConv', 'materializes_input']
+
+
+def materializes_input(materialize_input: bool | None = None) -> bool:
+  """Whether a :class:`MaterializedInputConv` with this ``materialize_input`` materialises
+  its input on the default backend. ``None``: on CPU only; elsewhere it is ``nn.Conv``.
+
+  Raises:
+    TypeError: ``materialize_input`` is not ``None``, ``True`` or ``False``.
+  """
+  if not (materialize_input is None or isinstance(materialize_input, bool)):
+    raise TypeError(f'materialize_input must be None (CPU only), True or False, got '
+                    f'{materialize_input!r}.')
+  return boundary_pays_off() if materialize_input is None else materialize_input
 
 
 class MaterializedInputConv(nn.Conv):
@@ -41,13 +54,7 @@ class MaterializedInputConv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    materialize = self.materialize_input
-    if not (materialize is None or isinstance(materialize, bool)):
-      raise TypeError(f'materialize_input must be None (CPU only), True or False, got '
-                      f'{materialize!r}.')
-    if materialize is None:
-      materialize = boundary_pays_off()
-    if materialize:
+    if materializes_input(self.materialize_input):
       inputs = computed_once(lambda value: value, inputs)
     # nn.Conv's own method, not the Flax-wrapped one, so that capture_intermediates records
     # this call once (as for nn.Conv), not twice.

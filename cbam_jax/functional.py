@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from cbam_jax import _validation
-from cbam_jax._spatial_conv import spatial_conv
+from cbam_jax._fast.spatial_conv import spatial_conv
 
 Array = jax.Array
 Params = Mapping[str, Array]
@@ -241,7 +241,7 @@ def spatial_logits(
   """
   _validation.check_features(x, batched=False)
   kernel = params['conv_kernel']
-  _validation.check_spatial_kernel(kernel, x.ndim - 1)
+  _validation.check_spatial_kernel(kernel, x, batched=False)
   pooled = channel_pool(x)
   if dtype is None:
     dtype = jnp.result_type(pooled, kernel)

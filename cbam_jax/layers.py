@@ -28,11 +28,12 @@ from cbam_jax._base import (
   Initializer,
   batch_norm,
   channel_map_shape,
+  check_has_batch,
   check_spatial_kernel_shape,
   default_kernel_init,
   torch_default_kernel_init,
 )
-from cbam_jax._fast_spatial import batched_spatial_logits
+from cbam_jax._fast.logits import batched_spatial_logits
 
 Array = jax.Array
 Dtype = Any
@@ -207,6 +208,7 @@ class SpatialAttention(AttentionModule):
   def attention_map(self, x: Array, train: bool = False) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``; sown as ``spatial_map``."""
     _validation.check_features(x, batched=True)
+    check_has_batch(self, x)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     if self.has_variable('params', 'conv_kernel'):
       # Checked here so that a clear message beats Flax's ScopeParamShapeError.

@@ -74,7 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbam_jax import _fusion, layers, models
+from cbam_jax import layers, models
+from cbam_jax.conv import materializes_input
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
 # Sections run only when asked for with --only.
@@ -437,7 +438,7 @@ def run_models(cases, repeats: int) -> list[dict[str, Any]]:
   # The models' default conv (MaterializedInputConv) beside plain nn.Conv; where it
   # materialises nothing (accelerators) the two are one program, timed once.
   conv_cases = [('jax', {})]
-  if _fusion.boundary_pays_off():
+  if materializes_input():
     conv_cases.append(('jax_nn_conv', {'conv': nn.Conv}))
   rows = []
   for name, fields, batch, size in cases:

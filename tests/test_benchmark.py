@@ -146,7 +146,7 @@ def test_torch_calls_on_a_gpu_block_until_the_work_is_done():
 @pytest.mark.slow
 def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch):
   # What an accelerator looks like to the benchmark: MaterializedInputConv is nn.Conv.
-  monkeypatch.setattr(benchmark._fusion, 'boundary_pays_off', lambda: False)
+  monkeypatch.setattr(benchmark, 'materializes_input', lambda: False)
   (row,) = benchmark.run_models(benchmark.TINY_MODEL_CASES, repeats=1)
   assert {'jax_plain', 'jax_cbam'} <= set(row['impls'])
   assert not any(name.startswith('jax_nn_conv') for name in row['impls'])

@@ -17,6 +17,7 @@ torch = pytest.importorskip('torch')
 import torch_references as refs  # noqa: E402  (needs torch)
 
 from cbam_jax import convert  # noqa: E402
+from cbam_jax.convert import keys as convert_keys  # noqa: E402
 from cbam_jax.models import Bottleneck  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -138,8 +139,8 @@ def test_official_spatial_pool_order_is_swapped(monkeypatch):
   # The official pools [max, mean]; without swapping the kernel's inputs parity breaks.
   torch_model, x = reference('official_tiny'), images(8)
   expected = refs.nchw_logits(torch_model, x)
-  monkeypatch.setitem(convert._ATTENTION_KEYS['official'], ('spatial', 'conv_kernel'),
-                      ('cbam.SpatialGate.spatial.conv.weight', convert._conv))
+  monkeypatch.setitem(convert_keys._ATTENTION_KEYS['official'], ('spatial', 'conv_kernel'),
+                      ('cbam.SpatialGate.spatial.conv.weight', convert_keys._conv))
   model, variables = convert.from_pytorch(torch_model.state_dict(), 'official')
   assert np.abs(jax_logits(model, variables, x) - expected).max() > 100 * TOLERANCE
 
@@ -153,7 +154,7 @@ def test_numpy_state_dict_module_prefix_and_wrapper():
 
 
 def _flax_path(torch_key: str) -> tuple[str, ...]:
-  """Independent of convert.py: where a torchvision key must land."""
+  """Independent of cbam_jax.convert: where a torchvision key must land."""
   parts = torch_key.split('.')
   collection = 'batch_stats' if parts[-1].startswith('running_') else 'params'
   leaf = {'running_mean': 'mean', 'running_var': 'var', 'bias': 'bias'}.get(parts[-1])

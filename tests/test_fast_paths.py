@@ -15,9 +15,9 @@ from absl.testing import parameterized
 
 from cbam_jax import functional as F
 from cbam_jax import layers
-from cbam_jax._fast_pool import mean_max
-from cbam_jax._fast_spatial import batched_spatial_logits, channel_pool_planes
-from cbam_jax._spatial_conv import resolve_impl, spatial_conv, spatial_conv_planes
+from cbam_jax._fast.logits import batched_spatial_logits, channel_pool_planes
+from cbam_jax._fast.pool import mean_max
+from cbam_jax._fast.spatial_conv import resolve_impl, spatial_conv, spatial_conv_planes
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -86,7 +86,7 @@ class SpatialConvPlanesTest(parameterized.TestCase):
 
   def test_nan_kernel_propagates_like_xla(self):
     # The shift conv's loop runs twice when the kernel's first tap is NaN (see
-    # _spatial_conv._computed_once); the numbers must still be the reference's.
+    # cbam_jax._fast.boundary.computed_once); the numbers must still be the reference's.
     planes = _random(8, (2, 2, 5, 6))
     cotangent = _random(9, (2, 5, 6))
     for index in ((0, 0, 0, 0), (1, 2, 1, 0)):
@@ -293,7 +293,7 @@ def test_reexec_with_cpu_env_restarts_once(monkeypatch):
 
 
 def test_computed_once_is_fn_under_jit_vmap_and_nested_gradients():
-  from cbam_jax._fusion import computed_once
+  from cbam_jax._fast.boundary import computed_once
 
   def fn(x, w):
     return jnp.sin(x) * w

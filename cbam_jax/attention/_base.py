@@ -11,6 +11,7 @@ from cbam_jax._base import (
                             batch_norm,
                             batch_norm_fields,
                             channel_map_shape,
+                            check_has_batch,
                             check_param_shape,
                             check_positive,
                             check_positive_int,
@@ -25,6 +26,7 @@ from cbam_jax._base import (
 
 __all__ = ['ALL_SPATIAL_DIMS', 'Activation', 'Array', 'AttentionModule', 'Dtype',
            'Initializer', 'batch_norm', 'batch_norm_fields', 'channel_map_shape',
-           'check_param_shape', 'check_positive', 'check_positive_int', 'check_spatial_dims',
+           'check_has_batch', 'check_param_shape', 'check_positive', 'check_positive_int',
+           'check_spatial_dims',
            'check_spatial_kernel_shape', 'check_stored_shape', 'default_kernel_init',
            'refine_along_axis', 'spatial_pool', 'torch_default_kernel_init']

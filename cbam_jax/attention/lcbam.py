@@ -112,6 +112,7 @@ class LightSpatialAttention(_base.AttentionModule):
   @nn.compact
   def attention_map(self, x: Array, train: bool = False) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    _base.check_has_batch(self, x)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     _base.check_stored_shape(self, ('conv_kernel',), (*kernel_size, 1, 1), x)
     kernel = self.param('conv_kernel', self.kernel_init, (*kernel_size, 1, 1),

@@ -16,7 +16,13 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from cbam_jax._base import ALL_SPATIAL_DIMS, Initializer, batch_norm_fields, refine_along_axis
+from cbam_jax._base import (
+    ALL_SPATIAL_DIMS,
+    Initializer,
+    batch_norm_fields,
+    refine_along_axis,
+    unknown_fields_message,
+)
 
 Array = jax.Array
 
@@ -32,8 +38,7 @@ def resolve_fields(linen_cls: type[nn.Module], fields: Mapping[str, Any]) -> dic
               if f.name not in ('parent', 'name')}
   unknown = sorted(set(fields) - set(declared))
   if unknown:
-    raise TypeError(f'{linen_cls.__name__} got unexpected field(s) {unknown}; its fields are '
-                    f'{sorted(declared)}.')
+    raise TypeError(unknown_fields_message(linen_cls.__name__, unknown, declared))
   resolved = {}
   for name, field in declared.items():
     if name in fields:

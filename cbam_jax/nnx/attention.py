@@ -330,6 +330,7 @@ class LightSpatialAttention(_base.AttentionModule):
                                  rngs, self.norm_scale_init)
 
   def attention_map(self, x: Array) -> Array:
+    _validation.check_has_batch(type(self).__name__, x, self.conv_kernel.ndim - 2)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     check_param_shape(type(self).__name__, ('conv_kernel',), self.conv_kernel.shape,
                       (*kernel_size, 1, 1), x)

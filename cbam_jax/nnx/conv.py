@@ -8,7 +8,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from cbam_jax._fusion import boundary_pays_off, computed_once
+from cbam_jax._fast.boundary import computed_once
+from cbam_jax.conv import materializes_input
 
 __all__ = ['MaterializedInputConv']
 
@@ -18,16 +19,11 @@ class MaterializedInputConv(nnx.Conv):
   ``None`` (default) materialises on the CPU backend only; ``True``/``False`` force it."""
 
   def __init__(self, *args: Any, materialize_input: bool | None = None, **kwargs: Any):
-    if not (materialize_input is None or isinstance(materialize_input, bool)):
-      raise TypeError(f'materialize_input must be None (CPU only), True or False, got '
-                      f'{materialize_input!r}.')
+    materializes_input(materialize_input)  # Checks the value.
     super().__init__(*args, **kwargs)
     self.materialize_input = materialize_input
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    materialize = self.materialize_input
-    if materialize is None:
-      materialize = boundary_pays_off()
-    if materialize:
+    if materializes_input(self.materialize_input):
       inputs = computed_once(lambda value: value, inputs)
     return super().__call__(inputs)

@@ -81,6 +81,7 @@ class SpatialAttention(_base.AttentionModule):
   def attention_map(self, x: Array) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
     _validation.check_features(x, batched=True)
+    _validation.check_has_batch(type(self).__name__, x, self.conv_kernel.ndim - 2)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     check_spatial_kernel_shape(type(self).__name__, self.conv_kernel.shape, kernel_size, 2, x)
     spatial_map = linen_layers.spatial_attention_map(

@@ -4,9 +4,9 @@
 keeps the two pooled maps interleaved, ``(B, *spatial, 2)``, so every shifted window of the
 ``'shift'`` convolution is a strided gather. Here the channel mean and max of the whole
 batch are stacked channel-major, ``(2, B, *spatial)``, the layout
-:func:`cbam_jax._spatial_conv.spatial_conv_planes` is fast on. With ``impl='xla'`` this is
+:func:`cbam_jax._fast.spatial_conv.spatial_conv_planes` is fast on. With ``impl='xla'`` this is
 exactly ``jax.vmap(spatial_logits)``, the reference. The pooling uses
-:func:`cbam_jax._fast_pool.mean_max`, whose backward avoids a slow XLA:CPU tie count.
+:func:`cbam_jax._fast.pool.mean_max`, whose backward avoids a slow XLA:CPU tie count.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from cbam_jax import _validation
-from cbam_jax._fast_pool import mean_max
-from cbam_jax._spatial_conv import resolve_impl, spatial_conv_planes
+from cbam_jax._fast.pool import mean_max
+from cbam_jax._fast.spatial_conv import resolve_impl, spatial_conv_planes
 
 __all__ = ['batched_spatial_logits', 'channel_pool_planes']
 
@@ -66,7 +66,7 @@ def batched_spatial_logits(
         params, example, dtype=dtype, precision=precision, impl='xla'))(x)
   _validation.check_features(x, batched=True)
   kernel = params['conv_kernel']
-  _validation.check_spatial_kernel(kernel, x.ndim - 2)
+  _validation.check_spatial_kernel(kernel, x, batched=True)
   planes = channel_pool_planes(x)
   if dtype is None:
     dtype = jnp.result_type(planes, kernel)

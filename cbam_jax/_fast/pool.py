@@ -8,7 +8,7 @@ the data. :func:`mean_max` has the numbers, ties included, of
 ``(jnp.mean(x, axes), jnp.max(x, axes))`` and their autodiff gradients, computed as:
 
 * last (minor) axis, CBAM's channel pool: the forward is the plain ``mean``/``max``; the
-  backward reads the maximum from its own buffer (:func:`cbam_jax._fusion.computed_once`)
+  backward reads the maximum from its own buffer (:func:`cbam_jax._fast.boundary.computed_once`)
   rather than recomputing and broadcasting it, and counts ties with a matrix-vector
   product;
 * other axes: the maximum and its tie count come from ONE variadic reduction in the
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cbam_jax._fusion import computed_once
+from cbam_jax._fast.boundary import computed_once
 
 __all__ = ['mean_max']
 

@@ -16,7 +16,7 @@ computes the same sums differently:
   axis, whose diagonals hold the sums over the last kernel dim. Autodiff of the forward
   instead produces ~100 separate full reductions, which XLA:CPU runs ~10x slower.
 
-Each correlation runs inside :func:`cbam_jax._fusion.computed_once`: left to itself, XLA
+Each correlation runs inside :func:`cbam_jax._fast.boundary.computed_once`: left to itself, XLA
 fused it into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
 padding) and recomputed all its taps there.
 
@@ -26,7 +26,7 @@ dtype.
 
 Use :func:`spatial_conv` for one example ``(*spatial, 2)`` and :func:`spatial_conv_planes`
 for a batch already laid out as planes ``(2, B, *spatial)`` (what
-:func:`cbam_jax._fast_spatial.batched_spatial_logits` feeds it).
+:func:`cbam_jax._fast.logits.batched_spatial_logits` feeds it).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cbam_jax._fusion import boundary_pays_off, computed_once, replicated_if_explicit
+from cbam_jax._fast.boundary import boundary_pays_off, computed_once, replicated_if_explicit
 
 IMPLS = ('auto', 'xla', 'shift')
 
@@ -209,8 +209,5 @@ def spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: Any = None,
   Returns:
     ``(*spatial,)`` in the promoted dtype of the inputs.
   """
-  impl = resolve_impl(impl)
-  if impl == 'xla':
-    return _conv_xla(pooled, kernel, precision)
   planes = jnp.moveaxis(pooled, -1, 0)[:, None]
   return spatial_conv_planes(planes, kernel, precision=precision, impl=impl)[0]

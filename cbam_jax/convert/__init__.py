@@ -1,0 +1,49 @@
+"""PyTorch ResNet weights -> :class:`cbam_jax.models.ResNet` variables.
+
+Three layouts are understood (``source=``):
+
+* ``'official'``: Jongchan/attention-module (``MODELS/model_resnet.py`` + ``cbam.py``),
+  ImageNet (7x7 ``conv1``) and CIFAR (3x3 ``conv1``) network types, with or without CBAM.
+* ``'timm'``: timm ResNets built with ``block_args=dict(attn_layer='cbam')`` or ``'se'``
+  (the attention lives under ``layerS.I.se``).
+* ``'torchvision'``: a plain torchvision ResNet; the backbone is loaded and the attention
+  modules asked for with ``attention=`` are freshly initialised (reported as new keys).
+
+The architecture (block type, stage sizes, width, stem, classes, attention and its hidden
+sizes, MLP bias, spatial BatchNorm and kernel size) is read from the keys and shapes.
+
+Example::
+
+  model, variables = from_pytorch(torch.load(path, weights_only=True)['state_dict'])
+  logits = model.apply(variables, images_nhwc)
+
+From the shell, ``python -m cbam_jax.convert IN.pth OUT_DIR --source official`` writes
+``OUT_DIR/model.json`` and an orbax checkpoint ``OUT_DIR/variables``; read them back with
+:func:`load_converted`.
+
+One file per job: :mod:`~cbam_jax.convert.state_dict` reads state dicts,
+:mod:`~cbam_jax.convert.architecture` infers the model, :mod:`~cbam_jax.convert.keys` maps
+keys, :mod:`~cbam_jax.convert.conversion` puts them together (:func:`from_pytorch`),
+:mod:`~cbam_jax.convert.io` saves and loads converted models and
+:mod:`~cbam_jax.convert.cli` is the command line.
+"""
+
+from cbam_jax.convert.architecture import SOURCES
+from cbam_jax.convert.cli import main
+from cbam_jax.convert.conversion import APIS, ConversionReport, from_pytorch
+from cbam_jax.convert.io import (
+    FORMAT,
+    MODEL_JSON,
+    VARIABLES_DIR,
+    load_converted,
+    model_config,
+    model_from_config,
+    save_converted,
+)
+from cbam_jax.convert.state_dict import load_state_dict
+
+__all__ = [
+    'APIS', 'FORMAT', 'MODEL_JSON', 'SOURCES', 'VARIABLES_DIR', 'ConversionReport',
+    'from_pytorch', 'load_converted', 'load_state_dict', 'main', 'model_config',
+    'model_from_config', 'save_converted',
+]

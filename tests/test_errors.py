@@ -1,0 +1,93 @@
+"""Errors a new user meets first name the problem and the fix: a missing batch axis, a batch
+given to the one-example functional core, a misspelt field name."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import cbam_jax
+import cbam_jax.nnx as cnnx
+from cbam_jax import attention
+from cbam_jax import functional as F
+
+MISSING_BATCH = r'got shape \(5, 6, 8\): modules take a batch, \(B, \*spatial, C\).*x\[None\]'
+ONE_EXAMPLE = r'functional works on ONE example.*got shape \(2, 5, 6, 8\).*batch of 2-D.*jax\.vmap'
+IMAGE = jnp.ones((5, 6, 8))  # One (H, W, C) image, no batch axis.
+
+
+def _init(module, x):
+  return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+@pytest.mark.parametrize('name', ['cbam', 'spatial', 'lcbam'])
+def test_linen_module_with_2d_kernel_given_one_image_asks_for_a_batch(name):
+  module = attention.resolve(name)(kernel_size=3)
+  variables = _init(module, IMAGE[None])
+  with pytest.raises(ValueError, match=MISSING_BATCH):
+    jax.eval_shape(module.apply, variables, IMAGE)
+  # A 2-D kernel_size fixes the rank before any parameter exists.
+  with pytest.raises(ValueError, match=MISSING_BATCH):
+    _init(attention.resolve(name)(kernel_size=(3, 3)), IMAGE)
+
+
+@pytest.mark.parametrize('name', ['triplet', 'coord'])
+def test_image_only_member_given_one_image_names_the_missing_batch(name):
+  # Rank 3 is one image or a batch of 1-D signals; the message names both.
+  message = (r'2-D feature maps \(B, H, W, C\); got shape \(5, 6, 8\) with 1 spatial.*'
+             r'one example without a batch axis, add one with x\[None\]')
+  with pytest.raises(ValueError, match=message):
+    _init(attention.resolve(name)(), IMAGE)
+  with pytest.raises(ValueError, match=message):
+    cnnx.resolve(name)(8, rngs=nnx.Rngs(0))(IMAGE)
+
+
+@pytest.mark.parametrize('name', ['cbam', 'spatial', 'lcbam'])
+def test_nnx_module_given_one_image_asks_for_a_batch(name):
+  model = cnnx.resolve(name)(8, kernel_size=3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=MISSING_BATCH):
+    model(IMAGE)
+
+
+def test_a_batch_of_1d_signals_stays_legitimate():
+  signals = jnp.ones((2, 9, 6))  # (B, L, C)
+  for kernel_size in (3, (3,)):
+    module = cbam_jax.CBAM(kernel_size=kernel_size, reduction_ratio=2)
+    variables = _init(module, signals)
+    assert jax.eval_shape(module.apply, variables, signals).shape == signals.shape
+  model = cnnx.CBAM(6, kernel_size=3, reduction_ratio=2, num_spatial_dims=1,
+                    rngs=nnx.Rngs(0))
+  assert model(signals).shape == signals.shape
+
+
+def test_functional_given_a_batch_says_one_example_and_vmap():
+  params = cbam_jax.CBAM(kernel_size=3, reduction_ratio=2).init(jax.random.key(0),
+                                                                 IMAGE[None])['params']
+  batch = jnp.ones((2, *IMAGE.shape))
+  with pytest.raises(ValueError, match=ONE_EXAMPLE):
+    F.spatial_attention(params['spatial'], batch)
+  with pytest.raises(ValueError, match=ONE_EXAMPLE):
+    F.cbam(params['channel'], params['spatial'], batch)
+  # What the message says to do works.
+  mapped = jax.vmap(lambda example: F.cbam(params['channel'], params['spatial'], example))
+  assert jax.eval_shape(mapped, batch).shape == batch.shape
+
+
+def test_misspelt_linen_field_suggests_the_right_one():
+  with pytest.raises(TypeError, match=r"unexpected field\(s\) \['reduction'\].*did you mean "
+                                      r"'reduction_ratio'"):
+    cbam_jax.CBAM(reduction=8)
+  with pytest.raises(TypeError, match="did you mean 'kernel_size'"):
+    attention.resolve('lcbam')(kernel_sizes=3)
+  # Correct fields, positional fields and Flax's own clone still work.
+  module = cbam_jax.CBAM(reduction_ratio=8)
+  assert module.clone(kernel_size=3).kernel_size == 3
+  assert cbam_jax.ChannelAttention(-1).channel_axis == -1
+
+
+def test_misspelt_nnx_field_suggests_the_right_one():
+  with pytest.raises(TypeError, match=r"CBAM got unexpected field\(s\) \['reduction'\].*"
+                                      r"did you mean 'reduction_ratio'"):
+    cnnx.CBAM(16, reduction=4, rngs=nnx.Rngs(0))
