@@ -307,6 +307,15 @@ def _check_budget(workdir: str, epochs: int) -> None:
                      'rate schedule differs. Use another --workdir_root for this budget.')
 
 
+def _is_finished(workdir: str) -> bool:
+  """Whether the run in ``workdir`` reached the num_epochs of its own config.json."""
+  result, path = read_result(workdir), os.path.join(workdir, 'config.json')
+  if result is None or not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return result['epochs'] >= int(json.load(f)['config']['num_epochs'])
+
+
 def run_workdir(root: str, variant: Variant, seed: int) -> str:
   return os.path.join(root, variant.name.replace('@', '_at_'), f'seed{seed}')
 
@@ -415,6 +424,9 @@ def localize_study(variants: Sequence[Variant], seeds: Sequence[int], *, root: s
   for seed in seeds:
     for variant in variants:
       workdir = run_workdir(root, variant, seed)
+      if not _is_finished(workdir):  # A run in progress has checkpoints of earlier epochs.
+        print(f'  skipped {variant.name} seed {seed}: not finished', flush=True)
+        continue
       try:
         run = visualize.load_run(workdir, 'latest')
       except FileNotFoundError as error:

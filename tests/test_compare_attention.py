@@ -150,6 +150,15 @@ def test_run_study_refuses_a_workdir_of_another_budget(tmp_path, monkeypatch,
                       config='c.py', epochs=30, extra=[])
 
 
+def test_localization_mode_skips_unfinished_runs(tmp_path, monkeypatch):
+  from experiments import visualize
+
+  _write_metrics(tmp_path / 'none' / 'seed0', [0.5], num_epochs=2)  # In progress.
+  monkeypatch.setattr(visualize, 'load_run', lambda *a: pytest.fail('loaded a partial run'))
+  assert compare.localize_study([compare.Variant('none', 'none')], [0, 1],
+                                root=str(tmp_path)) == {'runs': [], 'baselines': {}}
+
+
 def test_write_outputs_writes_results_summary_and_plot(tmp_path):
   rows = []
   for seed, (base, cbam) in enumerate([(0.90, 0.91), (0.92, 0.92), (0.94, 0.96)]):
