@@ -253,12 +253,17 @@ def read_result(workdir: str) -> dict[str, Any] | None:
 
 
 def git_commit() -> str | None:
-  """``git rev-parse HEAD`` of this checkout, with '-dirty' if tracked files changed."""
+  """``git rev-parse HEAD`` of this checkout, '-dirty' if tracked code files changed.
+
+  Only ``cbam_jax/``, ``experiments/`` and ``pyproject.toml`` count: the study itself rewrites
+  its results under ``docs/``.
+  """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True,
                             text=True, check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--',
+                            'cbam_jax', 'experiments', 'pyproject.toml'], cwd=root,
                            capture_output=True, text=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
