@@ -326,19 +326,20 @@ def run_workdir(root: str, variant: Variant, seed: int) -> str:
 
 
 def run_study(variants: Sequence[Variant], seeds: Sequence[int], *, root: str, config: str,
-              epochs: int, extra: Sequence[str],
-              on_update=None) -> list[dict[str, Any]]:
+              epochs: int, extra: Sequence[str], on_update=None,
+              launch_runs: bool = True) -> list[dict[str, Any]]:
   """Every (variant, seed) run, seed by seed in the order given; finished runs are read back.
 
   An unfinished run is (re)started with the same command, which resumes from its latest
-  checkpoint. A run that fails is recorded as 'failed' and the study goes on. Calls
-  ``on_update(rows)`` after each run with every row so far (planned ones as 'pending').
+  checkpoint (unless ``launch_runs`` is False: then it stays 'pending'). A run that fails is
+  recorded as 'failed' and the study goes on. Calls ``on_update(rows)`` after each run with
+  every row so far (planned ones as 'pending').
   """
   plan = [(variant, seed) for seed in seeds for variant in variants]
   rows = [_row(v, s, run_workdir(root, v, s), config, epochs, extra) for v, s in plan]
   commit, cpu = git_commit(), cpu_model()
   for row, (variant, seed) in zip(rows, plan, strict=True):
-    if row['status'] == 'finished':
+    if row['status'] == 'finished' or not launch_runs:
       continue
     workdir = row['workdir']
     _check_budget(workdir, epochs)
@@ -482,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='train/localization mode: write runs.json/.csv, summary.json/.md, '
                       'curves.png (or localization.json/.md) here, updated after every run.')
   parser.add_argument('--title', default=None, help='train mode: summary and plot title.')
+  parser.add_argument('--report_only', action='store_true',
+                      help='train mode: read the runs back and write --out, launch nothing.')
   parser.add_argument('--baseline', default='none',
                       help='train mode: the variant the others are paired with.')
   parser.add_argument('--contrast', type=_contrast, action='append', default=[],
@@ -510,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       contrasts=args.contrast)
 
     rows = run_study(variants, seeds, root=args.workdir_root, config=args.config,
-                     epochs=args.epochs, extra=args.train_flag, on_update=update)
+                     epochs=args.epochs, extra=args.train_flag, on_update=update,
+                     launch_runs=not args.report_only)
     print(format_train_table(rows))
     from experiments import study_report
     print(study_report.markdown_summary(study_report.summarise(

@@ -161,25 +161,36 @@ def write_curves_png(rows: Sequence[Mapping[str, Any]], path: str, *, title: str
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  # Left: the whole run; right: the last third, zoomed, where the last-epoch metric is.
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
   order = list(dict.fromkeys(r['variant'] for r in rows))
+  last_epoch = 1
   for variant in order:
     curves = [dict((int(e), float(t)) for e, t in r['curve'])
               for r in rows if r['variant'] == variant and r.get('curve')]
     if not curves:
       continue
     epochs = sorted(set().union(*curves))
+    last_epoch = max(last_epoch, epochs[-1])
     values = [[c[e] for c in curves if e in c] for e in epochs]
     mean = [100 * statistics.fmean(v) for v in values]
-    line, = ax.plot(epochs, mean, marker='o', markersize=3,
-                    label=f'{variant} (n={len(curves)})')
-    ax.fill_between(epochs, [100 * min(v) for v in values], [100 * max(v) for v in values],
-                    color=line.get_color(), alpha=0.15, linewidth=0)
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('held-out top-1 (%)')
-  ax.set_title(f'{title}: mean over seeds, band = min-max')
-  ax.grid(alpha=0.3)
-  ax.legend(loc='lower right', fontsize=8)
+    low, high = [100 * min(v) for v in values], [100 * max(v) for v in values]
+    for ax in axes:
+      line, = ax.plot(epochs, mean, marker='o', markersize=3,
+                      label=f'{variant} (n={len(curves)})')
+      ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+  half = max(1, last_epoch - max(2, last_epoch // 3))
+  zoom = [100 * float(t) for r in rows for e, t in (r.get('curve') or []) if e >= half]
+  if zoom:
+    axes[1].set_xlim(half - 0.2, last_epoch + 0.2)
+    axes[1].set_ylim(min(zoom) - 0.5, max(zoom) + 0.5)
+  for ax, what in zip(axes, ('all epochs', f'epochs {half}-{last_epoch}'), strict=True):
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('held-out top-1 (%)')
+    ax.set_title(what, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[1].legend(loc='lower right', fontsize=8)
+  fig.suptitle(f'{title}: mean over seeds, band = min-max', fontsize=11)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

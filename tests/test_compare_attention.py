@@ -127,6 +127,14 @@ def test_run_study_runs_missing_runs_seed_by_seed_and_reads_finished_ones(
   assert again[1]['commit'] == 'abc123'
 
 
+def test_report_only_launches_nothing(tmp_path, monkeypatch, fake_provenance):
+  _write_metrics(tmp_path / 'none' / 'seed0', [0.5, 0.7])
+  monkeypatch.setattr(compare.subprocess, 'run', lambda *a, **k: pytest.fail('ran'))
+  rows = compare.run_study(compare.parse_study_variants('none,se'), [0], root=str(tmp_path),
+                           config='c.py', epochs=2, extra=[], launch_runs=False)
+  assert [r['status'] for r in rows] == ['finished', 'pending']
+
+
 def test_run_study_records_a_failed_run_and_goes_on(tmp_path, monkeypatch, fake_provenance):
   def fake_run(command, check):
     workdir = command[command.index('--workdir') + 1]
