@@ -189,6 +189,19 @@ def test_write_outputs_writes_results_summary_and_plot(tmp_path):
   assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
+def test_study_end_to_end_through_experiments_train(tmp_path, monkeypatch):
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = tmp_path / 'out'
+  compare.main(['--mode', 'train', '--config', 'experiments/configs/smoke.py', '--epochs', '1',
+                '--seeds', '0', '--workdir_root', str(tmp_path / 'runs'), '--out', str(out),
+                '--attention', 'r4=cbam:attention_fields.reduction_ratio=4'])
+  (row,) = json.loads((out / 'runs.json').read_text())
+  assert row['status'] == 'finished' and row['epochs'] == 1 and row['commit']
+  with open(tmp_path / 'runs' / 'r4' / 'seed0' / 'config.json') as f:
+    assert json.load(f)['model']['attention_fields'] == {'reduction_ratio': 4}
+
+
 def test_table_mode_counts_params_and_flops_against_none():
   rows = compare.measure(['none', 'se', 'simam'], model_name='resnet20', batch_size=2,
                          image_size=8, rounds=1, calls_per_round=1)
