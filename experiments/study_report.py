@@ -180,10 +180,12 @@ def write_curves_png(rows: Sequence[Mapping[str, Any]], path: str, *, title: str
                       label=f'{variant} (n={len(curves)})')
       ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
   half = max(1, last_epoch - max(2, last_epoch // 3))
-  zoom = [100 * float(t) for r in rows for e, t in (r.get('curve') or []) if e >= half]
+  # Zoomed to the mean lines (a collapsed seed's band may run off the bottom).
+  zoom = [y for ax_line in axes[1].get_lines() for x, y in zip(*ax_line.get_data(), strict=True)
+          if x >= half]
   if zoom:
     axes[1].set_xlim(half - 0.2, last_epoch + 0.2)
-    axes[1].set_ylim(min(zoom) - 0.5, max(zoom) + 0.5)
+    axes[1].set_ylim(min(zoom) - 1.0, max(zoom) + 1.0)
   for ax, what in zip(axes, ('all epochs', f'epochs {half}-{last_epoch}'), strict=True):
     ax.set_xlabel('epoch')
     ax.set_ylabel('held-out top-1 (%)')
