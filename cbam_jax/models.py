@@ -246,6 +246,10 @@ class ResNet(nn.Module):
     zero_init_spatial_gate: with ``'cbam'``/``'spatial'``, initialise the spatial
       BatchNorm scale to 0 so every spatial gate starts at sigmoid(0) = 0.5, as the
       official ResNet does. Factories are used as given.
+    attention_fields: fields for the ``attention`` module (not ``stage_attention``), merged
+      over the registry's configuration, e.g. ``{'reduction_ratio': 4}``; JSON-able, so it
+      is saved with checkpoints (a ``flax.core.FrozenDict`` keeps the module hashable). A
+      field the module does not take fails at ``init``.
     zero_init_residual: initialise the last BatchNorm scale of every block to 0.
     shortcut: ``'projection'`` (1x1 conv + BN when the shape changes) or ``'pad'`` (He et
       al. option A: subsample and zero-pad channels; parameter-free).
@@ -265,6 +269,7 @@ class ResNet(nn.Module):
   attention: AttentionSpec = None
   stage_attention: AttentionSpec = None
   zero_init_spatial_gate: bool = True
+  attention_fields: Mapping[str, Any] | None = None
   zero_init_residual: bool = False
   shortcut: str = 'projection'
   dtype: Dtype = jnp.float32
@@ -290,6 +295,8 @@ class ResNet(nn.Module):
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                   zero_init_spatial_gate=self.zero_init_spatial_gate)
     attention = resolve_attention(self.attention, **dtypes)
+    if attention is not None and self.attention_fields:
+      attention = functools.partial(attention, **self.attention_fields)
     stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
 
     if self.stem == 'imagenet':

@@ -9,6 +9,7 @@ same parameters and metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import json
@@ -86,7 +87,11 @@ def model_fields(config: ml_collections.ConfigDict, num_classes: int) -> dict[st
 
   Saved with every checkpoint; :func:`model_from_fields` rebuilds the module from it.
   """
-  fields = config.model.to_dict()
+  # Unset placeholders (None) mean the model's default: left out, so that runs which never
+  # set them describe the same model as before the field existed.
+  fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  if 'attention_fields' in fields:
+    fields['attention_fields'] = parse_attention_fields(fields['attention_fields'])
   if 'name' not in fields:
     raise ValueError('config.model.name is missing; set it to one of '
                      f'{", ".join(models.available_models())}.')
@@ -100,6 +105,28 @@ def model_fields(config: ml_collections.ConfigDict, num_classes: int) -> dict[st
   return fields
 
 
+def parse_attention_fields(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+  """``'reduction_ratio=4,mlp_bias=False'`` -> ``{'reduction_ratio': 4, 'mlp_bias': False}``.
+
+  Values are Python literals (numbers, True/False/None, quoted strings, tuples); a bare word
+  is a string. A mapping (e.g. read back from a checkpoint) is returned as a dict.
+  """
+  if isinstance(spec, Mapping):
+    return dict(spec)
+  fields = {}
+  for item in filter(None, (part.strip() for part in spec.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep or not key.strip().isidentifier():
+      raise ValueError(f'config.model.attention_fields={spec!r}: {item!r} is not FIELD=VALUE; '
+                       'write e.g. --config.model.attention_fields=reduction_ratio=4,'
+                       'mlp_bias=False.')
+    try:
+      fields[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      fields[key.strip()] = value.strip()
+  return fields
+
+
 def model_from_fields(fields: Mapping[str, Any]) -> nn.Module:
   """The module described by :func:`model_fields` (e.g. read from a checkpoint)."""
   fields = dict(fields)
@@ -108,6 +135,8 @@ def model_from_fields(fields: Mapping[str, Any]) -> nn.Module:
   for key, value in fields.items():  # JSON turns tuples into lists; modules want tuples.
     if isinstance(value, list):
       fields[key] = tuple(value)
+  if fields.get('attention_fields') is not None:  # Hashable, as module fields should be.
+    fields['attention_fields'] = flax.core.FrozenDict(fields['attention_fields'])
   try:
     return models.create_model(name, **fields)
   except TypeError as error:

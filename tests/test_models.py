@@ -269,6 +269,21 @@ def test_zero_init_spatial_gate(zero_init):
     assert np.allclose(spatial_map, 0.5) == zero_init
 
 
+def test_attention_fields_override_the_official_cbam_configuration():
+  model = models.ResNetTiny(attention='cbam', attention_fields={'reduction_ratio': 4})
+  x = tiny_images()
+  variables = model.init(KEY, x)
+  for block, channels in (('layer1_0', 8), ('layer2_0', 16)):
+    channel = variables['params'][block]['attention']['channel']
+    assert channel['fc1_kernel'].shape == (channels, channels // 4)
+    assert 'fc1_bias' in channel  # The rest of the official configuration stays.
+  _, state = model.apply(variables, x, mutable=['intermediates'])
+  (spatial_map,) = state['intermediates']['layer1_0']['attention']['spatial']['spatial_map']
+  assert np.allclose(spatial_map, 0.5)  # Zero-initialised spatial gate, as without fields.
+  with pytest.raises(TypeError, match='reducton'):
+    models.ResNetTiny(attention='cbam', attention_fields={'reducton': 4}).init(KEY, x)
+
+
 @pytest.mark.parametrize('block_cls,last_norm', [(models.BasicBlock, 'bn2'),
                                                  (models.Bottleneck, 'bn3')])
 def test_attention_placement_after_last_norm_before_addition(block_cls, last_norm):

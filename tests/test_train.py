@@ -149,6 +149,38 @@ def test_model_fields_attention_none_and_dtype():
     train_lib.model_fields(config, 6)
 
 
+def test_unset_model_placeholders_are_left_out_of_the_model_description():
+  fields = train_lib.model_fields(tiny_config(), num_classes=6)
+  assert 'zero_init_spatial_gate' not in fields and 'attention_fields' not in fields
+
+
+def test_parse_attention_fields():
+  assert train_lib.parse_attention_fields(' reduction_ratio=4, mlp_bias=False,'
+                                          'hidden_rounding=round,') == {
+      'reduction_ratio': 4, 'mlp_bias': False, 'hidden_rounding': 'round'}
+  assert train_lib.parse_attention_fields({'reduction_ratio': 8}) == {'reduction_ratio': 8}
+  with pytest.raises(ValueError, match='not FIELD=VALUE'):
+    train_lib.parse_attention_fields('reduction_ratio')
+
+
+# ml_collections loads config files with importlib's deprecated load_module().
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_variant_fields_from_the_command_line():
+  argv = ['prog', f'--config={REPO}/experiments/configs/smoke.py',
+          '--config.model.zero_init_spatial_gate=False',
+          '--config.model.attention_fields=reduction_ratio=4']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv,
+                                  lock_config=True)
+  values(argv)
+  fields = train_lib.model_fields(values.config, num_classes=6)
+  assert fields['zero_init_spatial_gate'] is False
+  assert fields['attention_fields'] == {'reduction_ratio': 4}
+  model = train_lib.model_from_fields(json.loads(json.dumps(fields)))  # As from a checkpoint.
+  assert model.zero_init_spatial_gate is False and model.attention_fields['reduction_ratio'] == 4
+  hash(model)  # FrozenDict: the module stays hashable.
+
+
 # ml_collections loads config files with importlib's deprecated load_module().
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 def test_config_files_and_command_line_overrides():

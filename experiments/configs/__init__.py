@@ -30,6 +30,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.stage_attention = 'none'
   # Compute dtype: 'float32', or 'bfloat16' for mixed precision (parameters stay float32).
   config.model.dtype = 'float32'
+  # Unset (None) = the model's default; set e.g. --config.model.zero_init_spatial_gate=False
+  # (start CBAM's spatial gates at sigmoid(BN) with scale 1 instead of 0.5).
+  config.model.zero_init_spatial_gate = ml_collections.config_dict.placeholder(bool)
+  # Fields of the `attention` module over its registry configuration, as comma-separated
+  # FIELD=VALUE with Python-literal values: --config.model.attention_fields=reduction_ratio=4
+  # (ResNet.attention_fields). Unset = none.
+  config.model.attention_fields = ml_collections.config_dict.placeholder(str)
 
   config.num_epochs = 1
   # Optimiser: 'sgd' (momentum, optionally Nesterov) or 'adamw'.
