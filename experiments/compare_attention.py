@@ -45,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 STAGE_BAM = 'bam@stages'
@@ -325,18 +325,47 @@ def run_workdir(root: str, variant: Variant, seed: int) -> str:
   return os.path.join(root, variant.name.replace('@', '_at_'), f'seed{seed}')
 
 
+def _run_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+  """What makes two records the same run: variant, seed, budget and the training flags.
+
+  The interpreter and the workdir (the command's first and ``--workdir`` arguments) may differ
+  between sessions; every other argument must be equal.
+  """
+  command = list(row['command'][1:])
+  if '--workdir' in command:
+    i = command.index('--workdir')
+    del command[i:i + 2]
+  return (row['variant'], row['seed'], row['target_epochs'], tuple(command))
+
+
+def read_archive(out: str | None) -> list[dict[str, Any]]:
+  """The finished rows of an earlier ``<out>/runs.json`` (committed results), or []."""
+  path = os.path.join(out, 'runs.json') if out else None
+  if not path or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [r for r in json.load(f) if r.get('status') == 'finished']
+
+
 def run_study(variants: Sequence[Variant], seeds: Sequence[int], *, root: str, config: str,
-              epochs: int, extra: Sequence[str], on_update=None,
-              launch_runs: bool = True) -> list[dict[str, Any]]:
+              epochs: int, extra: Sequence[str], on_update=None, launch_runs: bool = True,
+              archive: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
   """Every (variant, seed) run, seed by seed in the order given; finished runs are read back.
 
-  An unfinished run is (re)started with the same command, which resumes from its latest
-  checkpoint (unless ``launch_runs`` is False: then it stays 'pending'). A run that fails is
-  recorded as 'failed' and the study goes on. Calls ``on_update(rows)`` after each run with
-  every row so far (planned ones as 'pending').
+  A finished run is read back from its workdir or, when the workdir is gone (a study that
+  spans sessions keeps only its committed ``runs.json``), from the ``archive`` row of the same
+  variant, seed, budget and training flags. An unfinished run is (re)started with the same
+  command, which resumes from its latest checkpoint (unless ``launch_runs`` is False: then it
+  stays 'pending'). A run that fails is recorded as 'failed' and the study goes on. Calls
+  ``on_update(rows)`` after each run with every row so far (planned ones as 'pending').
   """
   plan = [(variant, seed) for seed in seeds for variant in variants]
   rows = [_row(v, s, run_workdir(root, v, s), config, epochs, extra) for v, s in plan]
+  archived = {_run_key(r): r for r in archive}
+  for i, row in enumerate(rows):
+    if row['status'] != 'finished' and _run_key(row) in archived:
+      rows[i] = {**archived[_run_key(row)], 'command': row['command'],
+                 'workdir': row['workdir'], 'source': 'archive'}
   commit, cpu = git_commit(), cpu_model()
   for row, (variant, seed) in zip(rows, plan, strict=True):
     if row['status'] == 'finished' or not launch_runs:
@@ -514,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows = run_study(variants, seeds, root=args.workdir_root, config=args.config,
                      epochs=args.epochs, extra=args.train_flag, on_update=update,
-                     launch_runs=not args.report_only)
+                     launch_runs=not args.report_only, archive=read_archive(args.out))
     print(format_train_table(rows))
     from experiments import study_report
     print(study_report.markdown_summary(study_report.summarise(

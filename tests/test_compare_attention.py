@@ -149,6 +149,37 @@ def test_run_study_records_a_failed_run_and_goes_on(tmp_path, monkeypatch, fake_
   assert [r['status'] for r in rows] == ['failed', 'finished']
 
 
+def test_run_study_reads_finished_runs_back_from_the_committed_archive(
+    tmp_path, monkeypatch, fake_provenance):
+  # Session 1 finishes none/seed0 and writes runs.json; its workdirs are then lost.
+  variants = compare.parse_study_variants('none,se')
+  first_root, out = tmp_path / 'session1', tmp_path / 'out'
+  _write_metrics(first_root / 'none' / 'seed0', [0.5, 0.7])
+  rows = compare.run_study(variants, [0], root=str(first_root), config='c.py', epochs=2,
+                           extra=[], launch_runs=False)
+  compare.write_outputs(rows, str(out), title='t', baseline='none', contrasts=[])
+  commands = []
+
+  def fake_run(command, check):
+    commands.append(command)
+    _write_metrics(command[command.index('--workdir') + 1], [0.6, 0.65])
+    return subprocess.CompletedProcess(command, 0)
+
+  monkeypatch.setattr(compare.subprocess, 'run', fake_run)
+  archive = compare.read_archive(str(out))
+  assert [(r['variant'], r['seed']) for r in archive] == [('none', 0)]
+  rows = compare.run_study(variants, [0], root=str(tmp_path / 'session2'), config='c.py',
+                           epochs=2, extra=[], archive=archive)
+  assert len(commands) == 1 and '--config.model.attention=se' in commands[0]
+  assert rows[0]['source'] == 'archive' and rows[0]['last_top1'] == 0.7
+  assert rows[1]['status'] == 'finished' and rows[1]['last_top1'] == 0.65
+  # Another budget or other training flags are another run: the archive does not match.
+  assert compare.run_study(variants, [0], root=str(tmp_path / 's3'), config='c.py',
+                           epochs=2, extra=['--config.global_batch_size=64'], archive=archive,
+                           launch_runs=False)[0]['status'] == 'pending'
+  assert compare.read_archive(str(tmp_path / 'nowhere')) == []
+
+
 def test_run_study_refuses_a_workdir_of_another_budget(tmp_path, monkeypatch,
                                                          fake_provenance):
   _write_metrics(tmp_path / 'none' / 'seed0', [0.5], num_epochs=10)
