@@ -11,7 +11,7 @@ the transpose is a plain one. Where one input feeds several convs (a block's fir
 projection shortcut), XLA keeps a single copy. The numbers are those of ``nn.Conv``; only
 the schedule changes.
 
-Measured with ``python -m experiments.benchmark --only models`` (2-core CPU, side by side
+Measured with ``python -m experiments.bench.benchmark --only models`` (2-core CPU, side by side
 with ``nn.Conv``): see docs/performance.md.
 """
 

@@ -3,7 +3,7 @@
 XLA reads ``XLA_FLAGS`` once, when its CPU backend starts (the first computation), so
 :func:`configure_cpu` must run before anything touches a JAX array. It only adds flags
 that keep results bit-for-bit the same kind of float32 arithmetic: fast-math and
-vector-width experiments are measured in ``experiments/bench_xla_flags.py`` and left out
+vector-width experiments are measured in ``experiments/bench/xla_flags.py`` and left out
 (see docs/performance.md for the numbers).
 
 glibc reads its tunables even earlier, when the process starts, so

@@ -281,11 +281,12 @@ def test_reexec_with_cpu_env_restarts_once(monkeypatch):
   calls = []
   monkeypatch.setattr(perf.os, 'execve', lambda *args: calls.append(args))
   monkeypatch.setattr(perf, 'cpu_env_updates', lambda: {'GLIBC_TUNABLES': 'x=1'})
-  monkeypatch.setattr(perf.sys, 'orig_argv', ['python', '-m', 'experiments.train', '--a=1'])
+  monkeypatch.setattr(perf.sys, 'orig_argv',
+                      ['python', '-m', 'experiments.training.train', '--a=1'])
   perf.reexec_with_cpu_env()
   (executable, argv, env), = calls
   assert executable == perf.sys.executable
-  assert argv == [perf.sys.executable, '-m', 'experiments.train', '--a=1']
+  assert argv == [perf.sys.executable, '-m', 'experiments.training.train', '--a=1']
   assert env['GLIBC_TUNABLES'] == 'x=1' and env['PATH'] == perf.os.environ['PATH']
   monkeypatch.setattr(perf, 'cpu_env_updates', lambda: {})
   perf.reexec_with_cpu_env()  # Nothing to change (e.g. the restarted process): no exec.

@@ -1,4 +1,4 @@
-"""Training configurations: ``ml_collections`` config files for ``experiments/train.py``.
+"""Training configurations: ``ml_collections`` config files for ``experiments/training/train.py``.
 
 Each file's ``get_config()`` starts from :func:`base_config` (the data fields of
 ``input_pipeline.default_data_config()`` plus every training field below, with their
@@ -17,7 +17,9 @@ NO_ATTENTION = ('none', '')
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with defaults; config files change what they need."""
-  from experiments import input_pipeline  # Imported here: config files stay cheap to list.
+  from experiments.data import (
+    pipeline as input_pipeline,  # Imported here: config files stay cheap to list.
+  )
 
   config = input_pipeline.default_data_config()
 

@@ -5,7 +5,7 @@ Data: `config.folder` = the shared JPEG tarball (an image folder, train split on
 fraction is held out for evaluation), or `--config.folder= --config.dataset=cifar10` for
 tfds (then `config.eval_split='test'`).
 
-  python -m experiments.train --config experiments/configs/cifar10.py --workdir /tmp/c10
+  python -m experiments.training.train --config experiments/configs/cifar10.py --workdir /tmp/c10
 """
 
 import os

@@ -2,7 +2,8 @@
 
 No download; a few minutes on 2 CPU cores; accuracy well above chance (1/6).
 
-  python -m experiments.train --config experiments/configs/default.py --workdir /tmp/default
+  python -m experiments.training.train --config experiments/configs/default.py \
+      --workdir /tmp/default
 """
 
 from experiments.configs import base_config

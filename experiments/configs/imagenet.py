@@ -6,7 +6,7 @@ default schedule is cosine with 5 warmup epochs; the paper's step schedule is
 compute: `--config.model.dtype=bfloat16`. Data: tfds 'imagenet2012' (manual download into
 `config.data_dir`).
 
-  python -m experiments.train --config experiments/configs/imagenet.py --workdir gs://...
+  python -m experiments.training.train --config experiments/configs/imagenet.py --workdir gs://...
 """
 
 from experiments.configs import base_config

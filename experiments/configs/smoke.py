@@ -1,6 +1,6 @@
 """A few steps of a tiny model on tiny 'shapes' images: for tests and CI (seconds on CPU).
 
-  python -m experiments.train --config experiments/configs/smoke.py --workdir /tmp/smoke
+  python -m experiments.training.train --config experiments/configs/smoke.py --workdir /tmp/smoke
 """
 
 from experiments.configs import base_config

@@ -1,1 +1,1 @@
-"""Building blocks of `experiments.input_pipeline` (sources, augmentations, pipelines)."""
+"""Building blocks of `experiments.data.pipeline` (sources, augmentations, pipelines)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,7 +21,7 @@ class DatasetInfo:
 
 
 class Input(Protocol):
-  """The interface every pipeline implements (see experiments.input_pipeline)."""
+  """The interface every pipeline implements (see experiments.data.pipeline)."""
 
   info: DatasetInfo
   mean: np.ndarray  # (C,) per-channel normalisation the batches carry, in [0, 1] units
@@ -70,3 +70,29 @@ def eval_split_field(config) -> str | None:
   if hasattr(config, 'get'):
     return config.get('eval_split', 'auto')
   return getattr(config, 'eval_split', 'auto')
+
+
+# Per-dataset defaults. mean/std in [0, 1] units; None = computed from the training images.
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS: dict[str, dict[str, Any]] = {
+  'shapes': dict(image_size=32, augment='none', mean=None, std=None),
+  'cifar10': dict(
+    image_size=32, augment='cifar', mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    train_split='train', eval_split='test', streaming=False,
+  ),
+  'cifar100': dict(
+    image_size=32, augment='cifar', mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    train_split='train', eval_split='test', streaming=False,
+  ),
+  'imagenet2012': dict(
+    image_size=224, augment='imagenet', mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+    train_split='train', eval_split='validation', streaming=True,
+  ),
+  'imagenette': dict(
+    image_size=224, augment='imagenet', mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+    train_split='train', eval_split='validation', streaming=True,
+  ),
+  # image_size None: the images' own (square) size, else 224; augment None: 'cifar' for images
+  # up to 64 px, else 'imagenet'.
+  'folder': dict(image_size=None, augment=None, mean=None, std=None),
+}

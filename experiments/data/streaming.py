@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from experiments.data import augment, sources
-from experiments.data.base import DatasetInfo, batch_sizes, check_epoch_step
+from experiments.data.base import DATASETS, DatasetInfo, batch_sizes, check_epoch_step
 from experiments.data.base import eval_split_field as _eval_split
 
 
@@ -35,7 +35,6 @@ class StreamingInput:
   def __init__(self, config, name: str, *, process_index: int = 0, process_count: int = 1):
     import tensorflow as tf
 
-    from experiments.input_pipeline import DATASETS
 
     self._tf = tf
     defaults = DATASETS[name]

@@ -1,8 +1,8 @@
 r"""Top-1 / top-5 accuracy of a training checkpoint on its config's evaluation split.
 
-  python -m experiments.evaluate --workdir /tmp/run                # latest checkpoint
-  python -m experiments.evaluate --workdir /tmp/run --which=best   # best eval top-1
-  python -m experiments.evaluate --workdir /tmp/run --which=1250   # a given step
+  python -m experiments.training.evaluate --workdir /tmp/run                # latest checkpoint
+  python -m experiments.training.evaluate --workdir /tmp/run --which=best   # best eval top-1
+  python -m experiments.training.evaluate --workdir /tmp/run --which=1250   # a given step
 
 The model and data are rebuilt from the config saved with the checkpoint; override data
 fields with --data_override, e.g. --data_override=eval_batch_size=500.
@@ -20,7 +20,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from experiments import checkpointing, distributed, input_pipeline, train_lib  # noqa: E402
+from experiments.data import pipeline as input_pipeline  # noqa: E402
+from experiments.training import checkpointing, distributed, train_lib  # noqa: E402
 
 
 def evaluate_checkpoint(workdir: str, which: str = 'latest',

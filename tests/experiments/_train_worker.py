@@ -1,6 +1,6 @@
-"""Runs ``train_lib.train_and_evaluate`` in a subprocess for tests/test_train.py.
+"""Runs ``train_lib.train_and_evaluate`` in a subprocess for tests/experiments/test_train.py.
 
-  python tests/_train_worker.py WORKDIR CONFIG_JSON [--devices N] [--step_delay S]
+  python tests/experiments/_train_worker.py WORKDIR CONFIG_JSON [--devices N] [--step_delay S]
       [--coordinator HOST:PORT --num_processes N --process_id I]
 
 CONFIG_JSON is a JSON object of config overrides applied to the smoke config. ``--step_delay``
@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ['JAX_PLATFORMS'] = 'cpu'
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def main() -> None:
@@ -35,11 +35,12 @@ def main() -> None:
   import jax
 
   jax.config.update('jax_num_cpu_devices', args.devices)
-  from experiments import distributed
+  from experiments.training import distributed
 
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  from experiments import input_pipeline, train_lib
   from experiments.configs import smoke
+  from experiments.data import pipeline as input_pipeline
+  from experiments.training import train_lib
 
   config = smoke.get_config()
   config.update_from_flattened_dict(json.loads(args.config_json))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import benchmark
+from experiments.bench import benchmark
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_bad_shape_is_rejected():
 
 
 def test_xla_flag_study_worker_environments():
-  from experiments import bench_xla_flags as study
+  from experiments.bench import xla_flags as study
   caller = {'PATH': '/bin', 'XLA_FLAGS': '--xla_dump_to=/tmp/d',
             'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   # The baseline runs without the caller's glibc tunables but keeps its XLA flags.

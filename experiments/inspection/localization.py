@@ -1,8 +1,8 @@
 r"""How well do attention maps and Grad-CAM localise the object? Scores on 'shapes' boxes.
 
-  python -m experiments.localization --workdir /tmp/default --workdir /tmp/default_none
+  python -m experiments.inspection.localization --workdir /tmp/default --workdir /tmp/default_none
 
-For every run (a workdir of ``experiments.train`` on the 'shapes' dataset), over its eval
+For every run (a workdir of ``experiments.training.train`` on the 'shapes' dataset), over its eval
 split: top-1 accuracy, and for the spatial attention of the last block of each stage and
 Grad-CAM (predicted class) of the same blocks, both upsampled bilinearly to the input:
 
@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cbam_jax import inspect as ci  # noqa: E402
-from experiments import visualize  # noqa: E402
+from experiments.inspection import visualize  # noqa: E402
 
 
 def _eval_split(run: visualize.Run, num_examples: int | None) -> visualize.Images:

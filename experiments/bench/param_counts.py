@@ -7,9 +7,9 @@ CIFAR models: 10 classes, 32x32 input.
 
 Usage::
 
-  python -m experiments.param_counts                       # attention: none, se, cbam
-  python -m experiments.param_counts --attention all       # every registered attention
-  python -m experiments.param_counts --models resnet50 --attention none,cbam
+  python -m experiments.bench.param_counts                       # attention: none, se, cbam
+  python -m experiments.bench.param_counts --attention all       # every registered attention
+  python -m experiments.bench.param_counts --models resnet50 --attention none,cbam
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """CBAM speed and memory benchmarks, every comparison side by side in one run.
 
-  python -m experiments.benchmark                      # everything (~10 min on 2 cores)
-  python -m experiments.benchmark --only module        # module | models | memory | convs
-  python -m experiments.benchmark --only nnx           # NNX vs linen (not in the default run)
-  python -m experiments.benchmark --tiny --out /tmp/b  # CI: tiny shapes, seconds
+  python -m experiments.bench.benchmark                      # everything (~10 min on 2 cores)
+  python -m experiments.bench.benchmark --only module        # module | models | memory | convs
+  python -m experiments.bench.benchmark --only nnx           # NNX vs linen (not in the default run)
+  python -m experiments.bench.benchmark --tiny --out /tmp/b  # CI: tiny shapes, seconds
 
 Times are medians over ``--repeats`` calls after compilation, the implementations of a
 row timed in interleaved rounds, each timed call after 25 ms of untimed calls of itself
@@ -29,7 +29,7 @@ Against it, in the same run:
 * ``naive``: a straightforward Flax CBAM (``nn.Dense`` MLP, ``nn.Conv`` 7x7 over the
   concatenated pools, ``nn.BatchNorm``), what one writes without care for speed;
 * ``torch_cl`` / ``torch_nchw``: the official PyTorch module (see
-  :mod:`experiments.bench_torch`) in channels_last and NCHW memory formats, with
+  :mod:`experiments.bench.pytorch`) in channels_last and NCHW memory formats, with
   ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
@@ -305,7 +305,7 @@ def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
 
 def _torch_module_calls(side: TorchSide,
                         shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
-  from experiments import bench_torch
+  from experiments.bench import pytorch as bench_torch
   torch, device = side.torch, side.device
   batch, height, width, channels = shape
   calls = {}
@@ -410,7 +410,7 @@ def _jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, b
 
 def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attention: bool,
                       batch: int, size: int, channels_last: bool) -> Callable[[], None]:
-  from experiments import bench_torch
+  from experiments.bench import pytorch as bench_torch
   torch, device = side.torch, side.device
   if name == 'resnet20':
     stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
@@ -688,7 +688,7 @@ def environment() -> dict[str, Any]:
       'torch_threads': None if side is None else side.torch.get_num_threads(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-      'command': 'python -m experiments.benchmark ' + ' '.join(sys.argv[1:]),
+      'command': 'python -m experiments.bench.benchmark ' + ' '.join(sys.argv[1:]),
   }
 
 
@@ -835,5 +835,5 @@ def _jsonable(value: Any) -> Any:
 if __name__ == '__main__':
   from cbam_jax import perf
 
-  perf.reexec_with_cpu_env()  # What experiments.train runs with (huge pages for malloc).
+  perf.reexec_with_cpu_env()  # What experiments.training.train runs with (huge pages for malloc).
   main()

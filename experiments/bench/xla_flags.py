@@ -1,6 +1,6 @@
 """Which XLA:CPU flags and process settings speed up convolution-heavy training? Side by side.
 
-  python -m experiments.bench_xla_flags [--tiny] [--out DIR] [--flags NAME ...]
+  python -m experiments.bench.xla_flags [--tiny] [--out DIR] [--flags NAME ...]
 
 Every setting runs in a fresh subprocess (XLA reads ``XLA_FLAGS`` once, when the backend
 starts, and glibc its ``GLIBC_TUNABLES`` when the process starts; ``default`` runs with
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
   names = list(dict.fromkeys(['default', *(args.flags or FLAG_SETS)]))  # The baseline first.
   for name in names:
     env = worker_env(name, dict(os.environ))
-    command = [sys.executable, '-m', 'experiments.bench_xla_flags', '--worker',
+    command = [sys.executable, '-m', 'experiments.bench.xla_flags', '--worker',
                '--repeats', str(args.repeats)] + (['--tiny'] if args.tiny else [])
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

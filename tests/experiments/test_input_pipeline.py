@@ -1,4 +1,4 @@
-"""Tests for experiments/input_pipeline.py and experiments/data/ (no network)."""
+"""Tests for experiments/data/pipeline.py and experiments/data/ (no network)."""
 
 import os
 import tarfile
@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from experiments import input_pipeline as ip
 from experiments.data import augment, sources
+from experiments.data import pipeline as ip
 
 SHARED_TARBALL = os.path.join(
-  os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10-jpeg-train.tar.gz'
+  os.path.dirname(__file__), '..', '..', '..', 'shared', 'data', 'cifar10-jpeg-train.tar.gz'
 )
 
 

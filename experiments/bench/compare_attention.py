@@ -8,7 +8,7 @@ Modes:
   the variants are timed in interleaved rounds so that load drift on a shared machine hits
   them alike; compare the ratio column).
 * ``train``: the multi-seed study of ``docs/results/protocol.md``. One
-  ``python -m experiments.train`` run per (variant, seed), with the same config and budget,
+  ``python -m experiments.training.train`` run per (variant, seed), with the same config and budget,
   in ``ROOT/<variant>/seed<k>``, seed by seed in the order given. Finished runs are read back
   from their ``metrics.jsonl``; unfinished ones are restarted with the same command, which
   resumes from their latest checkpoint, so rerunning the command continues the study. Every
@@ -16,18 +16,19 @@ Modes:
   per-run results (``runs.json``/``runs.csv``), the summary (``summary.md``/``summary.json``:
   mean ± sd over seeds of the last-epoch held-out top-1, paired differences to ``--baseline``
   with 95% t-intervals) and ``curves.png`` are rewritten after every run.
-* ``localization``: ``experiments.localization``'s scores (attention and Grad-CAM mass in
+* ``localization``: ``experiments.inspection.localization``'s scores (attention and Grad-CAM mass in
   box, pointing game) of every finished run's last checkpoint, mean ± sd over seeds.
 
 A variant is ``ATTENTION`` or ``NAME=ATTENTION:FIELD=VALUE[:FIELD=VALUE...]``; FIELD is a
 ``config.model`` field or ``attention_fields.F`` (a field of the attention module).
 
-  python -m experiments.compare_attention                                  # table
-  python -m experiments.compare_attention --attention none,se,cbam --batch_size 64
-  python -m experiments.compare_attention --mode train --epochs 3 \
+  python -m experiments.bench.compare_attention                                  # table
+  python -m experiments.bench.compare_attention --attention none,se,cbam --batch_size 64
+  python -m experiments.bench.compare_attention --mode train --epochs 3 \
       --workdir_root /tmp/compare --attention none,se,eca,cbam
-  python -m experiments.compare_attention --mode train --config experiments/configs/default.py \
-      --epochs 10 --seeds 0-4 --workdir_root /work/runs/shapes_study --out docs/results/shapes \
+  python -m experiments.bench.compare_attention --mode train \
+      --config experiments/configs/default.py --epochs 10 --seeds 0-4 \
+      --workdir_root /work/runs/shapes_study --out docs/results/shapes \
       --attention none,cbam,cbam_gate1=cbam:zero_init_spatial_gate=False,se,\
 cbam_r4=cbam:attention_fields.reduction_ratio=4 --contrast cbam_gate1:cbam --contrast cbam_r4:cbam
 
@@ -162,7 +163,7 @@ class Variant:
     return ':'.join(f'{k}={v}' for k, v in self.overrides)
 
   def train_flags(self) -> list[str]:
-    """``experiments.train`` flags that select this variant's model."""
+    """``experiments.training.train`` flags that select this variant's model."""
     fields = variant_fields(self.attention)
     flags = [f'--config.model.attention={fields["attention"] or "none"}',
              f'--config.model.stage_attention={fields.get("stage_attention") or "none"}']
@@ -226,8 +227,9 @@ def parse_seeds(spec: str) -> list[int]:
 
 def train_command(variant: Variant, workdir: str, *, config: str, epochs: int, seed: int,
                   extra: Sequence[str]) -> list[str]:
-  """The ``experiments.train`` command line of one (variant, seed) run."""
-  return [sys.executable, '-m', 'experiments.train', '--config', config, '--workdir', workdir,
+  """The ``experiments.training.train`` command line of one (variant, seed) run."""
+  return [sys.executable, '-m', 'experiments.training.train', '--config', config,
+          '--workdir', workdir,
           f'--config.num_epochs={epochs}', f'--config.seed={seed}', *variant.train_flags(),
           '--config.progress_bar=False', '--config.tensorboard=False', *extra]
 
@@ -258,7 +260,7 @@ def git_commit() -> str | None:
   Only ``cbam_jax/``, ``experiments/`` and ``pyproject.toml`` count: the study itself rewrites
   its results under ``docs/``.
   """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True,
                             text=True, check=True).stdout.strip()
@@ -328,10 +330,12 @@ def run_workdir(root: str, variant: Variant, seed: int) -> str:
 def _run_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
   """What makes two records the same run: variant, seed, budget and the training flags.
 
-  The interpreter and the workdir (the command's first and ``--workdir`` arguments) may differ
+  The interpreter, the module path of the trainer (``-m ...``) and the workdir may differ
   between sessions; every other argument must be equal.
   """
   command = list(row['command'][1:])
+  if command[:1] == ['-m']:
+    del command[:2]
   if '--workdir' in command:
     i = command.index('--workdir')
     del command[i:i + 2]
@@ -414,7 +418,7 @@ def _row(variant: Variant, seed: int, workdir: str, config: str, epochs: int,
 def write_outputs(rows: Sequence[dict[str, Any]], out: str, *, title: str, baseline: str,
                   contrasts: Sequence[tuple[str, str]]) -> str:
   """runs.json / runs.csv, summary.json / summary.md and curves.png under ``out``."""
-  from experiments import study_report
+  from experiments.bench import study_report
 
   study_report.write_runs(rows, out)
   summary = study_report.summarise(rows, baseline=baseline, contrasts=contrasts)
@@ -452,8 +456,8 @@ def format_train_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def localize_study(variants: Sequence[Variant], seeds: Sequence[int], *, root: str,
                    tolerances: Sequence[float] = (0.0, 2.0)) -> dict[str, Any]:
-  """``experiments.localization`` scores of every finished (variant, seed) checkpoint."""
-  from experiments import localization, visualize
+  """``experiments.inspection.localization`` scores of every finished (variant, seed) checkpoint."""
+  from experiments.inspection import localization, visualize
 
   results, reference = [], None
   for seed in seeds:
@@ -506,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--epochs', type=int, default=3, help='train mode.')
   parser.add_argument('--seeds', default='0', help='train mode: e.g. 0-4 or 0,1,2.')
   parser.add_argument('--train_flag', action='append', default=[],
-                      help='train mode: extra flag for experiments.train, repeatable, e.g. '
+                      help='train mode: extra flag for experiments.training.train, repeatable, '
+                      'e.g. '
                       '--train_flag=--config.global_batch_size=256.')
   parser.add_argument('--out', default=None,
                       help='train/localization mode: write runs.json/.csv, summary.json/.md, '
@@ -545,13 +550,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                      epochs=args.epochs, extra=args.train_flag, on_update=update,
                      launch_runs=not args.report_only, archive=read_archive(args.out))
     print(format_train_table(rows))
-    from experiments import study_report
+    from experiments.bench import study_report
     print(study_report.markdown_summary(study_report.summarise(
         rows, baseline=args.baseline, contrasts=args.contrast)))
     output = rows
     failed = [f'{r["variant"]}/seed{r["seed"]}' for r in rows if r['status'] == 'failed']
   else:
-    from experiments import study_report
+    from experiments.bench import study_report
     variants, seeds = parse_study_variants(args.attention), parse_seeds(args.seeds)
     output = localize_study(variants, seeds, root=args.workdir_root)
     output['summary'] = study_report.summarise_localization(output['runs'])

@@ -1,6 +1,6 @@
-"""The training job behind ``experiments/train.py``: state, optimiser, steps and the loop.
+"""The training job behind ``experiments/training/train.py``: state, optimiser, steps and the loop.
 
-Data parallel with ``jax.jit`` over a 1-D mesh (see ``experiments/distributed.py``).
+Data parallel with ``jax.jit`` over a 1-D mesh (see ``experiments/training/distributed.py``).
 Resuming is exact: the train state (including the running sums of the epoch's train
 metrics) is checkpointed, and the input pipeline yields the same batches from any
 ``(epoch, step)``, so a run killed and restarted from its latest checkpoint ends with the
@@ -28,8 +28,9 @@ import optax
 import orbax.checkpoint as ocp
 
 from cbam_jax import models
-from experiments import checkpointing, distributed, input_pipeline
 from experiments.configs import NO_ATTENTION
+from experiments.data import pipeline as input_pipeline
+from experiments.training import checkpointing, distributed
 
 PyTree = Any
 

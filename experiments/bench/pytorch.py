@@ -1,4 +1,4 @@
-"""PyTorch baselines for :mod:`experiments.benchmark` (imported only when torch is installed).
+"""PyTorch baselines for :mod:`experiments.bench.benchmark` (imported only when torch is installed).
 
 Written from the official CBAM code (Jongchan/attention-module ``MODELS/cbam.py`` and
 ``model_resnet.py``): a channel gate with one MLP shared by the average- and max-pooled

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from cbam_jax import attention as registry
-from experiments import compare_attention as compare
+from experiments.bench import compare_attention as compare
 
 
 def test_all_variants_are_none_every_registry_name_and_bam_at_stages():
@@ -28,7 +28,7 @@ def test_unknown_variant_lists_the_valid_ones():
 def test_train_command_sets_the_variant_and_shared_budget(variant, attention, stage_attention):
   command = compare.train_command(compare.parse_variant(variant), '/tmp/w', config='c.py',
                                   epochs=3, seed=7, extra=['--config.warmup_epochs=0.5'])
-  assert command[1:3] == ['-m', 'experiments.train']
+  assert command[1:3] == ['-m', 'experiments.training.train']
   assert f'--config.model.attention={attention}' in command
   assert f'--config.model.stage_attention={stage_attention}' in command
   for flag in ('--config.num_epochs=3', '--config.seed=7', '--config.warmup_epochs=0.5'):
@@ -190,7 +190,7 @@ def test_run_study_refuses_a_workdir_of_another_budget(tmp_path, monkeypatch,
 
 
 def test_localization_mode_skips_unfinished_runs(tmp_path, monkeypatch):
-  from experiments import visualize
+  from experiments.inspection import visualize
 
   _write_metrics(tmp_path / 'none' / 'seed0', [0.5], num_epochs=2)  # In progress.
   monkeypatch.setattr(visualize, 'load_run', lambda *a: pytest.fail('loaded a partial run'))
@@ -222,7 +222,7 @@ def test_write_outputs_writes_results_summary_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_study_end_to_end_through_experiments_train(tmp_path, monkeypatch):
-  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   out = tmp_path / 'out'
   compare.main(['--mode', 'train', '--config', 'experiments/configs/smoke.py', '--epochs', '1',
                 '--seeds', '0', '--workdir_root', str(tmp_path / 'runs'), '--out', str(out),

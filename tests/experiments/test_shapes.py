@@ -1,9 +1,9 @@
-"""Tests for the procedural 'shapes' dataset (experiments/shapes.py)."""
+"""Tests for the procedural 'shapes' dataset (experiments/data/shapes.py)."""
 
 import numpy as np
 import pytest
 
-from experiments import shapes
+from experiments.data import shapes
 
 SIZE = 24
 

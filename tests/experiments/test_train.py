@@ -22,11 +22,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import checkpointing, evaluate, train_lib
 from experiments.configs import smoke
+from experiments.training import checkpointing, evaluate, train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, 'tests', '_train_worker.py')
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(REPO, 'tests', 'experiments', '_train_worker.py')
 
 # 64 train / 32 eval examples of 16x16 'shapes', batches of 16: 4 steps per epoch.
 TINY = {
@@ -227,7 +227,7 @@ def test_missing_dataset(tmp_path):
 @pytest.mark.slow
 def test_bad_config_key_on_the_command_line(tmp_path):
   process = subprocess.run(
-      [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/smoke.py',
+      [sys.executable, '-m', 'experiments.training.train', '--config=experiments/configs/smoke.py',
        f'--workdir={tmp_path}', '--config.num_epoch=3'],
       cwd=REPO, capture_output=True, text=True, timeout=120,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})

@@ -11,14 +11,10 @@ import pytest
 pytest.importorskip('matplotlib')
 pytest.importorskip('orbax.checkpoint')
 
-from experiments import (  # noqa: E402
-    checkpointing,
-    input_pipeline,
-    localization,
-    train_lib,
-    visualize,
-)
 from experiments.configs import base_config  # noqa: E402
+from experiments.data import pipeline as input_pipeline  # noqa: E402
+from experiments.inspection import localization, visualize  # noqa: E402
+from experiments.training import checkpointing, train_lib  # noqa: E402
 
 # Each test runs a command-line tool end to end.
 pytestmark = pytest.mark.slow
@@ -44,7 +40,7 @@ def _random_variables(model, input_shape, seed=0):
 
 
 def _write_run(workdir, attention):
-  """A checkpoint laid out like experiments.train writes it, of an untrained tiny model."""
+  """A checkpoint laid out like experiments.training.train writes it, of an untrained tiny model."""
   config = base_config()
   config.dataset = 'shapes'
   config.image_size = 16

@@ -1,11 +1,12 @@
 r"""Where does the network look? PNG grids of attention maps, Grad-CAM and predictions.
 
-  python -m experiments.visualize --workdir /tmp/default --out /tmp/vis
-  python -m experiments.visualize --workdir /tmp/default --out /tmp/vis --folder photos/
-  python -m experiments.visualize --workdir /tmp/default --out /tmp/vis --files a.jpg b.png
+  python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis
+  python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis --folder photos/
+  python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis \
+      --files a.jpg b.png
 
-``--workdir`` is a training workdir of ``experiments.train`` (or its ``checkpoints`` folder,
-or one step folder): the model is rebuilt from the JSON saved beside the orbax checkpoint
+``--workdir`` is a training workdir of ``experiments.training.train`` (or its ``checkpoints``
+folder, or one step folder): the model is rebuilt from the JSON saved beside the orbax checkpoint
 and images are normalised like the training data. Images come from the run's own eval split
 (default; the 'shapes' dataset also draws its ground-truth boxes), an image folder, or
 files. Each row of ``<out>/attention_<k>.png`` shows one image: the input, the spatial
@@ -66,7 +67,8 @@ def load_run(workdir: str, step: int | str = 'latest') -> Run:
   """Restores the model, variables and config of a training run.
 
   Args:
-    workdir: a workdir of ``experiments.train``, its ``checkpoints`` folder or a step folder.
+    workdir: a workdir of ``experiments.training.train``, its ``checkpoints`` folder or a
+      step folder.
     step: ``'latest'``, ``'best'`` (best eval top-1) or a step number.
 
   Raises:
@@ -74,12 +76,12 @@ def load_run(workdir: str, step: int | str = 'latest') -> Run:
   """
   import ml_collections
 
-  from experiments import checkpointing, train_lib
+  from experiments.training import checkpointing, train_lib
 
   directory, step_in_path = checkpointing.find_checkpoint(workdir)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'No checkpoints folder in {workdir}: point --workdir at a '
-                            'folder written by `python -m experiments.train --workdir ...`.')
+    raise FileNotFoundError(f'No checkpoints folder in {workdir}: point --workdir at a folder '
+                            'written by `python -m experiments.training.train --workdir ...`.')
   ckpts = checkpointing.Checkpoints(directory, read_only=True)
   try:
     if step_in_path is not None:
@@ -120,7 +122,7 @@ class Images:
 
 def _dataset_normalization(config) -> tuple[np.ndarray, np.ndarray, Any]:
   """(mean, std) in [0, 1] units the run was trained with, and the input if it was built."""
-  from experiments import input_pipeline
+  from experiments.data import pipeline as input_pipeline
 
   mean, std = config.get('mean'), config.get('std')
   defaults = input_pipeline.DATASETS.get(config.get('dataset', 'shapes'), {})
@@ -135,7 +137,7 @@ def _dataset_normalization(config) -> tuple[np.ndarray, np.ndarray, Any]:
 
 def eval_images(run: Run, num_images: int, offset: int = 0) -> Images:
   """The first ``num_images`` examples (after ``offset``) of the run's eval split."""
-  from experiments import input_pipeline
+  from experiments.data import pipeline as input_pipeline
 
   mean, std, data = _dataset_normalization(run.config)
   data = data or input_pipeline.create_input(run.config)

@@ -1,7 +1,7 @@
 r"""Trains a (CBAM) ResNet: data parallel over every device of every host, resumable.
 
-  python -m experiments.train --config experiments/configs/default.py --workdir /tmp/run
-  python -m experiments.train --config experiments/configs/cifar10.py --workdir /tmp/c10 \
+  python -m experiments.training.train --config experiments/configs/default.py --workdir /tmp/run
+  python -m experiments.training.train --config experiments/configs/cifar10.py --workdir /tmp/c10 \
       --config.num_epochs=3 --config.model.attention=none
 
 Restarting with the same --workdir resumes from its latest checkpoint. Multi-host: start one
@@ -28,7 +28,7 @@ if __name__ == '__main__':
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import distributed  # noqa: E402
+from experiments.training import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py',
                                           'Training configuration file.', lock_config=True)
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   distributed.configure_xla()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from experiments import train_lib  # After initialize: nothing may touch devices before.
+  from experiments.training import train_lib  # After initialize: nothing may touch devices before.
 
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -25,7 +25,7 @@ batch in numpy (experiments.data.in_memory); ImageNet-scale datasets stream thro
 (experiments.data.streaming). Wrap either iterator in `prefetch(...)` to overlap input with the
 training step, and measure with
 
-  python -m experiments.input_pipeline --dataset folder \
+  python -m experiments.data.pipeline --dataset folder \
       --folder ../shared/data/cifar10-jpeg-train.tar.gz --bench 50
 """
 
@@ -43,9 +43,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from experiments import shapes as shapes_lib
 from experiments.data import augment, sources
-from experiments.data.base import DatasetInfo, Input
+from experiments.data import shapes as shapes_lib
+from experiments.data.base import DATASETS, DatasetInfo, Input
 from experiments.data.base import eval_split_field as _eval_split
 from experiments.data.in_memory import ArrayInput
 
@@ -59,32 +59,6 @@ __all__ = [
   'prefetch',
   'split_holdout',
 ]
-
-# Per-dataset defaults. mean/std in [0, 1] units; None = computed from the training images.
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DATASETS: dict[str, dict[str, Any]] = {
-  'shapes': dict(image_size=32, augment='none', mean=None, std=None),
-  'cifar10': dict(
-    image_size=32, augment='cifar', mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-    train_split='train', eval_split='test', streaming=False,
-  ),
-  'cifar100': dict(
-    image_size=32, augment='cifar', mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-    train_split='train', eval_split='test', streaming=False,
-  ),
-  'imagenet2012': dict(
-    image_size=224, augment='imagenet', mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
-    train_split='train', eval_split='validation', streaming=True,
-  ),
-  'imagenette': dict(
-    image_size=224, augment='imagenet', mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
-    train_split='train', eval_split='validation', streaming=True,
-  ),
-  # image_size None: the images' own (square) size, else 224; augment None: 'cifar' for images
-  # up to 64 px, else 'imagenet'.
-  'folder': dict(image_size=None, augment=None, mean=None, std=None),
-}
-
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Data fields with their defaults; training configs build on this.
@@ -110,7 +84,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     global_batch_size, eval_batch_size (None = global_batch_size), seed (order + augment).
     shuffle_buffer: streaming pipelines' shuffle buffer (examples).
     streaming_threads: tf.data parallelism of streaming pipelines (None = autotune).
-    shapes: the procedural dataset (see experiments.shapes.generate): num_train, num_eval,
+    shapes: the procedural dataset (see experiments.data.shapes.generate): num_train, num_eval,
       seed, num_classes, scale_range, num_strokes, num_blobs, num_decoys, noise_std.
   """
   config = ml_collections.ConfigDict()
