@@ -174,7 +174,10 @@ def _tuples(value: Any) -> Any:
 
 
 def _build_attention(spec: Any, what: str) -> Any:
-  if spec is None or isinstance(spec, str):
+  if spec is None:
+    return None
+  if isinstance(spec, str):
+    attention_registry.resolve(spec)  # A clear error for an unknown name, now.
     return spec
   classes = _attention_classes()
   if not isinstance(spec, Mapping) or spec.get('class') not in classes or not set(

@@ -232,6 +232,19 @@ def test_cli_round_trip(tmp_path, capsys):
     saving.load(tmp_path)
 
 
+def test_cli_errors_are_one_line(tmp_path):
+  with pytest.raises(SystemExit, match=r"convert: No PyTorch checkpoint at '.*nothing.pth'"):
+    convert.main([str(tmp_path / 'nothing.pth'), str(tmp_path / 'out')])
+  with pytest.raises(SystemExit, match="Unknown command line flag 'no-strict'"):
+    convert.main(['in.pth', 'out', '--no-strict'])
+  with pytest.raises(SystemExit, match='give IN.pth and OUT_DIR'):
+    convert.main(['in.pth'])
+  with pytest.raises(SystemExit, match='unexpected argument'):
+    convert.main(['in.pth', 'out', 'more'])
+  with pytest.raises(SystemExit, match='source'):
+    convert.main(['in.pth', 'out', '--source=caffe'])
+
+
 @pytest.mark.slow
 def test_module_entry_point_and_lazy_torch():
   code = (

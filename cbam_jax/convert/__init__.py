@@ -17,7 +17,7 @@ Example::
   model, variables = from_pytorch(torch.load(path, weights_only=True)['state_dict'])
   logits = model.apply(variables, images_nhwc)
 
-From the shell, ``python -m cbam_jax.convert IN.pth OUT_DIR --source official`` writes
+From the shell, ``python -m cbam_jax.convert IN.pth OUT_DIR --source=official`` writes
 ``OUT_DIR/model.json`` and an orbax checkpoint ``OUT_DIR/variables``; read them back with
 :func:`cbam_jax.saving.load`.
 

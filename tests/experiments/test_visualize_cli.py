@@ -166,6 +166,19 @@ def test_missing_workdir_or_checkpoint_is_one_line(runs, tmp_path, caplog):
   assert not [r for r in caplog.records if 'read only' in r.getMessage()]
 
 
+def test_evaluate_cli_reads_the_same_checkpoints(runs, tmp_path, capsys):
+  from experiments.training import evaluate
+
+  result = evaluate.main(['--workdir', runs['cbam'], '--which=3'])
+  assert result['step'] == 3 and result['num_examples'] == 8
+  assert 0 <= result['eval_top1'] <= result['eval_top5'] <= 1
+  assert 'step 3: top-1' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='evaluate: No checkpoint directory at .*nowhere'):
+    evaluate.main(['--workdir', str(tmp_path / 'nowhere')])
+  with pytest.raises(SystemExit, match='--data_override wants KEY=VALUE'):
+    evaluate.main(['--workdir', runs['cbam'], '--data_override=eval_batch_size'])
+
+
 def test_cli_twice_in_one_process_forgets_the_first_flags(runs, tmp_path):
   from PIL import Image
 
