@@ -295,7 +295,7 @@ def find_checkpoint(path: str) -> tuple[str, int | None]:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'No checkpoint directory at {path}: point --workdir at a folder '
-                            'written by python -m experiments.training.train --workdir ....')
+                            'written by python -m experiments.training.train --workdir DIR.')
   name = os.path.basename(path.rstrip('/'))
   if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
     return os.path.dirname(path.rstrip('/')), int(name)
@@ -323,7 +323,7 @@ def load_model(path: str, which: str | int = 'latest', *, sharding: Any = None
   directory, step = find_checkpoint(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoints folder in {path}: point --workdir at a folder '
-                            'written by python -m experiments.training.train --workdir ....')
+                            'written by python -m experiments.training.train --workdir DIR.')
   ckpts = Checkpoints(directory, read_only=True)
   try:
     step = ckpts.choose_step(which if step is None else step)
