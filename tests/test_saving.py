@@ -54,16 +54,15 @@ def test_description_round_trip(kind):
   description = saving.describe(model, name=name)
   rebuilt = saving.build(_through_json(description))
   assert saving.describe(rebuilt, name=name) == description
-  # The same module: same variables' structure and shapes, same hash (cached jit keys).
-  assert jax.tree.map(lambda s: (s.shape, s.dtype), saving.abstract_variables(rebuilt)) == (
-      jax.tree.map(lambda s: (s.shape, s.dtype), saving.abstract_variables(model)))
-  hash(rebuilt)
-  for key in ('attention', 'stage_attention'):
+  hash(rebuilt)  # Hashable, as jit caches keyed on the module need.
+  partials = ('attention', 'stage_attention')
+  for key in partials:  # A partial equals only itself: compare what it holds.
     spec, again = getattr(model, key), getattr(rebuilt, key)
     if isinstance(spec, functools.partial):
       assert again.func is spec.func and again.keywords == spec.keywords
-    else:
-      assert again == spec
+  # Every other field is equal as is.
+  assert rebuilt.clone(**{k: None for k in partials}) == model.clone(
+      **{k: None for k in partials})
 
 
 def test_partial_description_takes_the_named_models_defaults():
@@ -86,10 +85,8 @@ def test_save_and_load_round_trip(tmp_path):
   assert meta['format'] == saving.FORMAT and meta['source'] == 'test'
   assert meta['model']['in_channels'] == 1 and meta['model']['name'] == 'resnet_tiny'
   loaded_model, loaded = saving.load(tmp_path)
-  assert loaded_model == model
+  assert loaded_model == model  # The same module and the same arrays: the same logits.
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded), variables)
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
-  np.testing.assert_array_equal(model.apply(variables, x), loaded_model.apply(loaded, x))
 
   # A new head for fine-tuning; everything else as saved.
   model3, variables3 = saving.load(tmp_path, num_classes=3, rng=1)
