@@ -60,7 +60,7 @@ STEMS = ('imagenet', 'cifar')
 SHORTCUTS = ('projection', 'pad')
 
 __all__ = [
-    'BasicBlock', 'Bottleneck', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101',
+    'BLOCKS', 'BasicBlock', 'Bottleneck', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101',
     'ResNet152', 'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'CifarResNet18',
     'ResNetTiny', 'available_models', 'count_params', 'create_model', 'resolve_attention',
     'summary',
@@ -366,6 +366,9 @@ CifarResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=Ba
                                   stem='cifar', num_classes=10)
 ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8,
                                stem='cifar', num_classes=10)
+
+# The block types by the name a model description (cbam_jax.saving) gives them.
+BLOCKS: dict[str, type[nn.Module]] = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 _MODELS: dict[str, Callable[..., ResNet]] = {
     'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,

@@ -16,7 +16,7 @@ torch = pytest.importorskip('torch')
 
 import torch_references as refs  # noqa: E402  (needs torch)
 
-from cbam_jax import convert  # noqa: E402
+from cbam_jax import convert, saving  # noqa: E402
 from cbam_jax.convert import keys as convert_keys  # noqa: E402
 from cbam_jax.models import Bottleneck  # noqa: E402
 
@@ -212,24 +212,37 @@ def test_cli_round_trip(tmp_path, capsys):
   torch.save({'epoch': 1, 'arch': 'resnet', 'state_dict': {
       'module.' + k: v for k, v in torch_model.state_dict().items()}}, path)
   out_dir = tmp_path / 'converted'
-  assert convert.main([str(path), str(out_dir), '--source', 'official']) == 0
+  assert convert.main([str(path), str(out_dir), '--source=official']) == 0
   assert 'Converted' in capsys.readouterr().out
   with open(out_dir / 'model.json') as f:
     meta = json.load(f)
-  assert meta['format'] == convert.FORMAT and meta['source'] == 'official'
+  assert meta['format'] == saving.FORMAT and meta['source'] == 'official'
   assert meta['model']['stage_sizes'] == [2, 1]
-  model, variables = convert.load_converted(out_dir)
+  model, variables = saving.load(out_dir)
   np.testing.assert_allclose(jax_logits(model, variables, x), refs.nchw_logits(torch_model, x),
                              rtol=0, atol=TOLERANCE)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
       convert.from_pytorch(torch_model.state_dict(), 'official')[1])
   # Fine-tuning on another label set: a new head, the rest as converted.
-  model3, variables3 = convert.load_converted(out_dir, num_classes=3)
+  model3, variables3 = saving.load(out_dir, num_classes=3)
   assert model3.num_classes == 3 and variables3['params']['fc']['kernel'].shape == (32, 3)
   np.testing.assert_array_equal(variables3['params']['layer2_0']['conv1']['kernel'],
                                 variables['params']['layer2_0']['conv1']['kernel'])
-  with pytest.raises(FileNotFoundError, match='not a converted checkpoint'):
-    convert.load_converted(tmp_path)
+  with pytest.raises(FileNotFoundError, match='not a saved model directory'):
+    saving.load(tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  with pytest.raises(SystemExit, match=r"convert: No PyTorch checkpoint at '.*nothing.pth'"):
+    convert.main([str(tmp_path / 'nothing.pth'), str(tmp_path / 'out')])
+  with pytest.raises(SystemExit, match="Unknown command line flag 'no-strict'"):
+    convert.main(['in.pth', 'out', '--no-strict'])
+  with pytest.raises(SystemExit, match='give IN.pth and OUT_DIR'):
+    convert.main(['in.pth'])
+  with pytest.raises(SystemExit, match='unexpected argument'):
+    convert.main(['in.pth', 'out', 'more'])
+  with pytest.raises(SystemExit, match='source'):
+    convert.main(['in.pth', 'out', '--source=caffe'])
 
 
 @pytest.mark.slow
@@ -253,11 +266,11 @@ def test_config_round_trip():
   for name, source in [('official_tiny', 'official'), ('timm_se_basic', 'timm')]:
     model, _, report = convert.from_pytorch(
         reference(name).state_dict(), source, return_report=True)
-    rebuilt = convert.model_from_config(json.loads(json.dumps(report.config)))
-    assert convert.model_config(rebuilt) == report.config
+    rebuilt = saving.build(json.loads(json.dumps(report.config)))
+    assert saving.describe(rebuilt) == report.config
     assert rebuilt.attention.func is model.attention.func
   with pytest.raises(TypeError, match='cannot be saved'):
-    convert.model_config(model.clone(attention=lambda **kw: None))
+    saving.describe(model.clone(attention=lambda **kw: None))
 
 
 # ----------------------------------------------------------------------------------------------

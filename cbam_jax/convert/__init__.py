@@ -17,33 +17,20 @@ Example::
   model, variables = from_pytorch(torch.load(path, weights_only=True)['state_dict'])
   logits = model.apply(variables, images_nhwc)
 
-From the shell, ``python -m cbam_jax.convert IN.pth OUT_DIR --source official`` writes
+From the shell, ``python -m cbam_jax.convert IN.pth OUT_DIR --source=official`` writes
 ``OUT_DIR/model.json`` and an orbax checkpoint ``OUT_DIR/variables``; read them back with
-:func:`load_converted`.
+:func:`cbam_jax.saving.load`.
 
 One file per job: :mod:`~cbam_jax.convert.state_dict` reads state dicts,
 :mod:`~cbam_jax.convert.architecture` infers the model, :mod:`~cbam_jax.convert.keys` maps
-keys, :mod:`~cbam_jax.convert.conversion` puts them together (:func:`from_pytorch`),
-:mod:`~cbam_jax.convert.io` saves and loads converted models and
-:mod:`~cbam_jax.convert.cli` is the command line.
+keys, :mod:`~cbam_jax.convert.conversion` puts them together (:func:`from_pytorch`) and
+:mod:`~cbam_jax.convert.cli` is the command line; :mod:`cbam_jax.saving` writes and reads
+the models.
 """
 
 from cbam_jax.convert.architecture import SOURCES
 from cbam_jax.convert.cli import main
 from cbam_jax.convert.conversion import APIS, ConversionReport, from_pytorch
-from cbam_jax.convert.io import (
-    FORMAT,
-    MODEL_JSON,
-    VARIABLES_DIR,
-    load_converted,
-    model_config,
-    model_from_config,
-    save_converted,
-)
 from cbam_jax.convert.state_dict import load_state_dict
 
-__all__ = [
-    'APIS', 'FORMAT', 'MODEL_JSON', 'SOURCES', 'VARIABLES_DIR', 'ConversionReport',
-    'from_pytorch', 'load_converted', 'load_state_dict', 'main', 'model_config',
-    'model_from_config', 'save_converted',
-]
+__all__ = ['APIS', 'SOURCES', 'ConversionReport', 'from_pytorch', 'load_state_dict', 'main']

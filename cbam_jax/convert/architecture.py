@@ -19,10 +19,9 @@ from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.se import SqueezeExcitation
 from cbam_jax.layers import CBAM
-from cbam_jax.models import BasicBlock, Bottleneck, ResNet
+from cbam_jax.models import BLOCKS, ResNet
 
 SOURCES = ('official', 'timm', 'torchvision')
-BLOCK_CLASSES = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 _log = logging.getLogger(__name__)
 _LAYER_KEY = re.compile(r'^layer(\d+)\.(\d+)\.')
@@ -208,7 +207,7 @@ def infer_model(arrays: Mapping[str, np.ndarray], source: str, attention: Any,
   if len(fc_shape) != 2:
     raise ValueError(f'fc.weight has shape {fc_shape}; expected (num_classes, features).')
   model = ResNet(
-      stage_sizes=stage_sizes, block_cls=BLOCK_CLASSES[block], num_filters=int(stem_shape[0]),
+      stage_sizes=stage_sizes, block_cls=BLOCKS[block], num_filters=int(stem_shape[0]),
       stem='imagenet' if stem_shape[2] == 7 else 'cifar', num_classes=int(fc_shape[0]),
       attention=_infer_attention(arrays, source, stage_sizes, attention, attention_fields),
       stage_attention=_infer_stage_attention(arrays, source, len(stage_sizes)),

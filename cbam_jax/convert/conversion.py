@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbam_jax import _validation
+from cbam_jax import _validation, saving
 from cbam_jax.convert.architecture import SOURCES, infer_model
-from cbam_jax.convert.io import model_config
 from cbam_jax.convert.keys import attention_layout, listing, source_hint, torch_key
 from cbam_jax.convert.state_dict import prepare
 
@@ -29,7 +28,7 @@ class ConversionReport:
 
   Attributes:
     source: the layout read.
-    config: the model's JSON-ready fields (see :func:`model_config`).
+    config: the model description (:func:`cbam_jax.saving.describe`).
     loaded_keys: PyTorch keys that were converted.
     new_keys: Flax variables (``'params/layer1_0/attention/...'``) with no PyTorch
       counterpart in this source, freshly initialised (``'torchvision'`` attention).
@@ -158,7 +157,7 @@ def from_pytorch(
   if not return_report:
     return converted if len(converted) > 1 else converted[0]
   report = ConversionReport(
-      source=source, config=model_config(model, in_channels=in_channels),
+      source=source, config=saving.describe(model, in_channels=in_channels),
       loaded_keys=tuple(loaded), new_keys=tuple(new), missing_keys=tuple(missing),
       unexpected_keys=tuple(unexpected))
   return (*converted, report)

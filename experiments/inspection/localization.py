@@ -1,6 +1,8 @@
 r"""How well do attention maps and Grad-CAM localise the object? Scores on 'shapes' boxes.
 
   python -m experiments.inspection.localization --workdir /tmp/default --workdir /tmp/default_none
+  python -m experiments.inspection.localization --workdir /tmp/default --which=best \
+      --tolerance=0,2,15
 
 For every run (a workdir of ``experiments.training.train`` on the 'shapes' dataset), over its eval
 split: top-1 accuracy, and for the spatial attention of the last block of each stage and
@@ -15,12 +17,11 @@ Grad-CAM (predicted class) of the same blocks, both upsampled bilinearly to the 
 
 Two baselines need no model: a uniform map (its mass is the box's area fraction; pointing
 at a random pixel) and a map peaked at the image centre. Prints a Markdown table; ``--json``
-also saves the numbers.
+also saves the numbers. ``--which`` picks each run's checkpoint (latest, best or a step).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -30,9 +31,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
+from cbam_jax import _cli  # noqa: E402
 from cbam_jax import inspect as ci  # noqa: E402
 from experiments.inspection import visualize  # noqa: E402
+
+PROG = 'python -m experiments.inspection.localization'
 
 
 def _eval_split(run: visualize.Run, num_examples: int | None) -> visualize.Images:
@@ -62,7 +67,7 @@ def score_run(run: visualize.Run, images: visualize.Images,
   candidates += [(f'grad-cam {b}', analysis.cams[b]) for b in blocks]
   boxes = jnp.asarray(images.boxes)
   result: dict[str, Any] = {
-      'step': run.step, 'attention': run.attention, 'model': run.meta['model']['name'],
+      'step': run.step, 'attention': run.attention, 'model': run.model_name,
       'num_examples': len(images.inputs),
       'top1': float(np.mean(np.argmax(analysis.probs, -1) == images.labels)), 'maps': {}}
   for name, maps in candidates:
@@ -120,33 +125,46 @@ def markdown_table(results: Sequence[dict[str, Any]], reference: dict[str, Any],
   return '\n'.join(lines)
 
 
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string('workdir', None, 'Training workdir on shapes; repeat to compare '
+                            'runs.', required=True, flag_values=values)
+  flags.DEFINE_string('which', 'latest', "Each run's checkpoint: 'latest', 'best' (best eval "
+                      'top-1) or a step number.', flag_values=values)
+  flags.DEFINE_integer('num_examples', None, 'Eval examples to score (default: the whole '
+                       'eval split).', lower_bound=1, flag_values=values)
+  flags.DEFINE_list('tolerance', ['0'], 'Pointing-game tolerances in pixels, comma-separated '
+                    '(the original protocol: 15).', flag_values=values)
+  flags.DEFINE_integer('batch_size', 256, 'Images per forward pass.', lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_string('json', None, 'Also write the results to this JSON file.',
+                      flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', action='append', required=True,
-                      help='training workdir on shapes; repeat to compare runs')
-  parser.add_argument('--step', default='latest', help="'latest', 'best' or a step number")
-  parser.add_argument('--num-examples', type=int, default=None,
-                      help='eval examples to score (default: the whole eval split)')
-  parser.add_argument('--tolerance', type=float, nargs='+', default=[0.0],
-                      help='pointing-game tolerances in pixels (the original protocol: 15)')
-  parser.add_argument('--batch-size', type=int, default=256)
-  parser.add_argument('--json', help='also write the results to this JSON file')
-  args = parser.parse_args(argv)
-  if any(t < 0 for t in args.tolerance):
-    parser.error('--tolerance must be >= 0.')
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
+  returns the results of every run."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  try:
+    tolerances = [float(t) for t in values.tolerance]
+  except ValueError:
+    raise SystemExit(f'{PROG}: --tolerance wants numbers, e.g. --tolerance=0,2,15; got '
+                     f'{",".join(values.tolerance)}.') from None
+  if any(t < 0 for t in tolerances):
+    raise SystemExit(f'{PROG}: --tolerance must be >= 0.')
   results, reference = [], None
-  for workdir in args.workdir:
-    run = visualize.load_run(workdir, args.step)
-    images = _eval_split(run, args.num_examples)
-    result = score_run(run, images, args.tolerance, args.batch_size)
+  for workdir in values.workdir:
+    with _cli.one_line_errors(PROG):
+      run = visualize.load_run(workdir, values.which)
+    images = _eval_split(run, values.num_examples)
+    result = score_run(run, images, tolerances, values.batch_size)
     result['name'] = os.path.basename(os.path.abspath(workdir).rstrip('/'))
     result['workdir'] = os.path.abspath(workdir)
     results.append(result)
-    reference = reference or baselines(images, args.tolerance)
+    reference = reference or baselines(images, tolerances)
   print(f'{results[0]["num_examples"]} eval examples of shapes; maps upsampled to the input.')
-  print(markdown_table(results, reference, args.tolerance))
-  if args.json:
-    with open(args.json, 'w') as f:
+  print(markdown_table(results, reference, tolerances))
+  if values.json:
+    with open(values.json, 'w') as f:
       json.dump({'runs': results, 'baselines': reference}, f, indent=2)
   return results
 

@@ -1,13 +1,15 @@
 r"""Where does the network look? PNG grids of attention maps, Grad-CAM and predictions.
 
   python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis
-  python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis --folder photos/
+  python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis --which=best \
+      --folder photos/
   python -m experiments.inspection.visualize --workdir /tmp/default --out /tmp/vis \
-      --files a.jpg b.png
+      --files a.jpg --files b.png
 
 ``--workdir`` is a training workdir of ``experiments.training.train`` (or its ``checkpoints``
-folder, or one step folder): the model is rebuilt from the JSON saved beside the orbax checkpoint
-and images are normalised like the training data. Images come from the run's own eval split
+folder, or one step folder), ``--which`` its checkpoint (latest, best or a step): the model
+is rebuilt from the description saved beside the orbax checkpoint, only its variables are
+read, and images are normalised like the training data. Images come from the run's own eval split
 (default; the 'shapes' dataset also draws its ground-truth boxes), an image folder, or
 files. Each row of ``<out>/attention_<k>.png`` shows one image: the input, the spatial
 attention of the last block of each stage upsampled to the input (bilinear) over the
@@ -17,7 +19,6 @@ image, Grad-CAM of the last block for the predicted class, and the top-3 predict
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -30,8 +31,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
+from cbam_jax import _cli  # noqa: E402
 from cbam_jax import inspect as ci  # noqa: E402
+
+PROG = 'python -m experiments.inspection.visualize'
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 _BLOCK_NAME = re.compile(r'^layer(\d+)_(\d+)$')
@@ -56,54 +61,37 @@ class Run:
 
   @property
   def attention(self) -> str:
-    return str(self.meta['model'].get('attention') or 'none')
+    """The attention's registry name (or class name), 'none' without attention."""
+    spec = self.meta['model'].get('attention')
+    return str(spec['class'] if isinstance(spec, dict) else spec or 'none')
+
+  @property
+  def model_name(self) -> str:
+    return str(self.meta['model'].get('name') or 'ResNet')
 
   @property
   def image_size(self) -> int:
     return int(self.meta['dataset']['image_shape'][0])
 
 
-def load_run(workdir: str, step: int | str = 'latest') -> Run:
-  """Restores the model, variables and config of a training run.
+def load_run(workdir: str, which: int | str = 'latest') -> Run:
+  """Restores the model, its variables (only those) and the config of a training run.
 
   Args:
     workdir: a workdir of ``experiments.training.train``, its ``checkpoints`` folder or a
       step folder.
-    step: ``'latest'``, ``'best'`` (best eval top-1) or a step number.
+    which: ``'latest'``, ``'best'`` (best eval top-1) or a step number.
 
   Raises:
     FileNotFoundError: no checkpoint there.
   """
   import ml_collections
 
-  from experiments.training import checkpointing, train_lib
+  from experiments.training import checkpointing
 
-  directory, step_in_path = checkpointing.find_checkpoint(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'No checkpoints folder in {workdir}: point --workdir at a folder '
-                            'written by `python -m experiments.training.train --workdir ...`.')
-  ckpts = checkpointing.Checkpoints(directory, read_only=True)
-  try:
-    if step_in_path is not None:
-      chosen = step_in_path
-    elif step == 'latest':
-      chosen = ckpts.latest_step()
-    elif step == 'best':
-      chosen = ckpts.best_step() or ckpts.latest_step()
-    else:
-      chosen = int(step)
-    if chosen is None or chosen not in ckpts.all_steps():
-      raise FileNotFoundError(
-          f'No checkpoint {"" if chosen is None else f"at step {chosen} "}in {directory} '
-          f'(steps: {ckpts.all_steps()}); train first or pick one of those steps.')
-    state, meta = ckpts.restore(chosen, None)
-  finally:
-    ckpts.close()
-  model = train_lib.model_from_fields(meta['model'])
-  variables = {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
-  variables = jax.device_get(variables)
+  model, variables, meta, step = checkpointing.load_model(workdir, which)
   return Run(model=model, variables=variables, config=ml_collections.ConfigDict(meta['config']),
-             meta=meta, step=int(chosen))
+             meta=meta, step=step)
 
 
 # --------------------------------------------------------------------------- images
@@ -406,7 +394,7 @@ def visualize(run: Run, images: Images, out: str, *, rows_per_figure: int = 4,
   stage_blocks += [b for b in last_block_per_stage(sorted(analysis.spatial))
                    if b not in stage_blocks]
   os.makedirs(out, exist_ok=True)
-  title = f'{run.meta["model"]["name"]}, attention={run.attention}, step {run.step}'
+  title = f'{run.model_name}, attention={run.attention}, step {run.step}'
   written = []
   for index, start in enumerate(range(0, len(images.inputs), rows_per_figure)):
     part = slice(start, start + rows_per_figure)
@@ -431,34 +419,47 @@ def visualize(run: Run, images: Images, out: str, *, rows_per_figure: int = 4,
   return written
 
 
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'Training workdir (or its checkpoints folder, or one '
+                      'step folder).', required=True, flag_values=values)
+  flags.DEFINE_string('out', None, 'Folder for the PNGs.', required=True, flag_values=values)
+  flags.DEFINE_string('which', 'latest', "'latest', 'best' (best eval top-1) or a step "
+                      'number.', flag_values=values)
+  flags.DEFINE_string('folder', None, 'Explain the images in this folder (recursive).',
+                      flag_values=values)
+  flags.DEFINE_multi_string('files', [], 'Explain this image file (repeat for more).',
+                            flag_values=values)
+  flags.DEFINE_integer('num_images', 8, 'Images from the eval split or --folder.',
+                       lower_bound=1, flag_values=values)
+  flags.DEFINE_integer('offset', 0, 'First eval example to show.', lower_bound=0,
+                       flag_values=values)
+  flags.DEFINE_integer('rows', 4, 'Images per PNG.', lower_bound=1, flag_values=values)
+  flags.DEFINE_string('block', None, 'Grad-CAM module path (default: the last block).',
+                      flag_values=values)
+  flags.DEFINE_integer('top_k', 3, 'Channels shown per block.', lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_integer('dpi', 100, 'PNG resolution.', lower_bound=1, flag_values=values)
+  flags.DEFINE_boolean('palette', False, '256-colour PNGs, about 3x smaller (for '
+                       'documentation).', flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='training workdir (orbax checkpoint)')
-  parser.add_argument('--out', required=True, help='folder for the PNGs')
-  parser.add_argument('--step', default='latest', help="'latest', 'best' or a step number")
-  source = parser.add_mutually_exclusive_group()
-  source.add_argument('--folder', help='explain the images in this folder (recursive)')
-  source.add_argument('--files', nargs='+', help='explain these image files')
-  parser.add_argument('--num-images', type=int, default=8, help='images from eval/--folder')
-  parser.add_argument('--offset', type=int, default=0, help='first eval example to show')
-  parser.add_argument('--rows', type=int, default=4, help='images per PNG')
-  parser.add_argument('--block', help='Grad-CAM module path (default: the last block)')
-  parser.add_argument('--top-k', type=int, default=3, help='channels shown per block')
-  parser.add_argument('--dpi', type=int, default=100)
-  parser.add_argument('--palette', action='store_true',
-                      help='256-colour PNGs, about 3x smaller (for documentation)')
-  args = parser.parse_args(argv)
-  if args.num_images < 1 or args.rows < 1:
-    parser.error('--num-images and --rows must be >= 1.')
-  run = load_run(args.workdir, args.step)
-  if args.files:
-    images = file_images(run, args.files)
-  elif args.folder:
-    images = folder_images(run, args.folder, args.num_images)
-  else:
-    images = eval_images(run, args.num_images, args.offset)
-  written = visualize(run, images, args.out, rows_per_figure=args.rows, cam_block=args.block,
-                      top_k=args.top_k, dpi=args.dpi, palette=args.palette)
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
+  returns the paths written."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  if values.files and values.folder:
+    raise SystemExit(f'{PROG}: pass --folder or --files, not both.')
+  with _cli.one_line_errors(PROG):
+    run = load_run(values.workdir, values.which)
+    if values.files:
+      images = file_images(run, values.files)
+    elif values.folder:
+      images = folder_images(run, values.folder, values.num_images)
+    else:
+      images = eval_images(run, values.num_images, values.offset)
+  written = visualize(run, images, values.out, rows_per_figure=values.rows,
+                      cam_block=values.block, top_k=values.top_k, dpi=values.dpi,
+                      palette=values.palette)
   for path in written:
     print(path)
   return written

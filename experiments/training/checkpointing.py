@@ -2,7 +2,8 @@
 
 Layout: ``<workdir>/checkpoints/<step>/{state, meta}``. ``state`` is the train state as a
 dict PyTree (step, params, batch_stats, opt_state, epoch running sums); ``meta`` is JSON:
-``{'config': ..., 'model': {'name': ..., fields...}, 'dataset': {...}}``. Kept: the last
+``{'config': ..., 'model': <a cbam_jax.saving model description>, 'dataset': {...}}``;
+:func:`load_model` rebuilds the model and reads only its variables. Kept: the last
 ``keep`` checkpoints plus the best by eval top-1. An unreadable latest checkpoint (killed
 mid-write on a file system without atomic renames, a disk error, ...) is moved to
 ``<workdir>/corrupt_checkpoints`` with a warning and the previous one is used.
@@ -10,6 +11,7 @@ mid-write on a file system without atomic renames, a disk error, ...) is moved t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as python_logging
 import os
@@ -21,6 +23,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from cbam_jax import saving
 
 PyTree = Any
 
@@ -37,18 +41,33 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
-class _NoMissingMetricsWarning(python_logging.Filter):
-  """Drops orbax's warning for checkpoints saved without metrics.
+class _DropAbslMessage(python_logging.Filter):
+  """Drops the absl log records (orbax logs through absl) whose message contains ``text``."""
 
-  Mid-epoch checkpoints have no eval accuracy by design: they are resume points, never
-  candidates for "best".
-  """
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
 
   def filter(self, record: python_logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in record.getMessage()
+    return self.text not in record.getMessage()
 
 
-python_logging.getLogger('absl').addFilter(_NoMissingMetricsWarning())
+# Orbax warns for checkpoints saved without metrics. Mid-epoch checkpoints have no eval
+# accuracy by design: they are resume points, never candidates for "best".
+python_logging.getLogger('absl').addFilter(_DropAbslMessage('did not provide metrics'))
+
+
+@contextlib.contextmanager
+def _read_only_without_warning():
+  """While opening a manager with ``read_only=True``, which is what we asked for, drops the
+  warning orbax logs about it ("Given directory is read only=...")."""
+  drop = _DropAbslMessage('Given directory is read only')
+  logger = python_logging.getLogger('absl')
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
@@ -84,8 +103,10 @@ class Checkpoints:
 
   def _open_manager(self) -> ocp.CheckpointManager:
     def open_manager():
-      return ocp.CheckpointManager(self.directory, item_names=('state', 'meta'),
-                                   options=self._options)
+      quiet = _read_only_without_warning() if self._options.read_only else contextlib.nullcontext()
+      with quiet:
+        return ocp.CheckpointManager(self.directory, item_names=('state', 'meta'),
+                                     options=self._options)
 
     try:
       return open_manager()
@@ -132,6 +153,40 @@ class Checkpoints:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
+
+  def restore_variables(self, step: int, abstract_variables: PyTree) -> PyTree:
+    """Only ``{'params', 'batch_stats'}`` of the state at ``step`` (no optimiser state is
+    read), laid out like ``abstract_variables`` (``jax.ShapeDtypeStruct`` leaves: numpy
+    arrays, or jax arrays where they carry a sharding)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_variables, restore_args=restore_args, partial_restore=True)))
+    return dict(restored['state'])
+
+  def choose_step(self, which: str | int = 'latest') -> int:
+    """The step ``which`` names: ``'latest'``, ``'best'`` (best eval top-1) or a number.
+
+    Raises:
+      FileNotFoundError: no such checkpoint (the message lists the steps there).
+      ValueError: ``which`` is none of those.
+    """
+    steps = self.all_steps()
+    if which == 'latest':
+      step = self.latest_step()
+    elif which == 'best':
+      step = self.best_step()
+      if step is None and steps:
+        raise FileNotFoundError(f'No checkpoint in {self.directory} has an eval top-1 to '
+                                f'pick the best by (steps: {steps}); use --which=latest.')
+    elif isinstance(which, int) or str(which).isdigit():
+      step = int(which)
+    else:
+      raise ValueError(f"--which must be 'latest', 'best' or a step number; got {which!r}.")
+    if step is None or step not in steps:
+      raise FileNotFoundError(
+          f'No checkpoint {"" if step is None else f"at step {step} "}in {self.directory} '
+          f'(steps: {steps}); train first or pick one of those steps.')
+    return step
 
   def restore_meta(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -233,11 +288,53 @@ def find_checkpoint(path: str) -> tuple[str, int | None]:
 
   Returns:
     ``(checkpoints_dir, step)``; ``step`` is None unless ``path`` names one step folder.
+
+  Raises:
+    FileNotFoundError: ``path`` is not a directory.
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'No checkpoint directory at {path}.')
+    raise FileNotFoundError(f'No checkpoint directory at {path}: point --workdir at a folder '
+                            'written by python -m experiments.training.train --workdir DIR.')
   name = os.path.basename(path.rstrip('/'))
   if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
     return os.path.dirname(path.rstrip('/')), int(name)
   return checkpoint_dir(path), None
+
+
+def load_model(path: str, which: str | int = 'latest', *, sharding: Any = None
+               ) -> tuple[Any, dict[str, PyTree], dict[str, Any], int]:
+  """The model of a training checkpoint and only its variables (for evaluation, inspection
+  or fine-tuning; the optimiser state is not read).
+
+  Args:
+    path: a workdir, its checkpoints folder or one step folder (which then wins over
+      ``which``).
+    which: ``'latest'``, ``'best'`` or a step number (see :meth:`Checkpoints.choose_step`).
+    sharding: where to put the arrays (e.g. replicated over a mesh); None: numpy arrays.
+
+  Returns:
+    ``(model, {'params', 'batch_stats'}, meta, step)``: the model is rebuilt from
+    ``meta['model']`` (a :mod:`cbam_jax.saving` model description).
+
+  Raises:
+    FileNotFoundError: no checkpoints folder at ``path`` or no such checkpoint in it.
+  """
+  directory, step = find_checkpoint(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoints folder in {path}: point --workdir at a folder '
+                            'written by python -m experiments.training.train --workdir DIR.')
+  ckpts = Checkpoints(directory, read_only=True)
+  try:
+    step = ckpts.choose_step(which if step is None else step)
+    meta = ckpts.restore_meta(step)
+    description = meta['model']
+    model = saving.build(description)
+    abstract = saving.abstract_variables(model, description.get('in_channels', 3))
+    if sharding is not None:
+      abstract = jax.tree.map(
+          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract)
+    variables = ckpts.restore_variables(step, abstract)
+  finally:
+    ckpts.close()
+  return model, variables, meta, step

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cbam_jax import models
+from cbam_jax import models, saving
 from experiments.configs import NO_ATTENTION
 from experiments.data import pipeline as input_pipeline
 from experiments.training import checkpointing, distributed
@@ -38,7 +38,7 @@ PyTree = Any
 TIMING_KEYS = ('images_per_sec', 'input_wait_fraction', 'epoch_seconds', 'compile_seconds',
                'wall_time')
 METRICS_FILE = 'metrics.jsonl'
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 @flax.struct.dataclass
@@ -83,13 +83,14 @@ def attention_from_config(value: Any) -> str | None:
   return value
 
 
-def model_fields(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-  """JSON-able description of the model: ``{'name': ..., field: value, ...}``.
+def model_description(config: ml_collections.ConfigDict, num_classes: int,
+                      in_channels: int = 3) -> dict[str, Any]:
+  """The :mod:`cbam_jax.saving` description of the model ``config.model`` asks for.
 
-  Saved with every checkpoint; :func:`model_from_fields` rebuilds the module from it.
+  ``config.model`` is a partial description (``name`` plus the fields to change); saved
+  with every checkpoint, :func:`cbam_jax.saving.build` rebuilds the module from it.
   """
-  # Unset placeholders (None) mean the model's default: left out, so that runs which never
-  # set them describe the same model as before the field existed.
+  # Unset placeholders (None) mean the model's default.
   fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
   if 'attention_fields' in fields:
     fields['attention_fields'] = parse_attention_fields(fields['attention_fields'])
@@ -103,7 +104,12 @@ def model_fields(config: ml_collections.ConfigDict, num_classes: int) -> dict[st
   if dtype not in _DTYPES:
     raise ValueError(f'config.model.dtype={dtype!r} is not supported; use one of '
                      f'{", ".join(_DTYPES)}.')
-  return fields
+  try:
+    model = saving.build(fields)
+  except ValueError as error:
+    raise ValueError(f'config.model: {error} Fields of config.model other than name are '
+                     'ResNet fields.') from None
+  return saving.describe(model, in_channels=in_channels, name=fields['name'])
 
 
 def parse_attention_fields(spec: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -126,23 +132,6 @@ def parse_attention_fields(spec: str | Mapping[str, Any]) -> dict[str, Any]:
     except (ValueError, SyntaxError):
       fields[key.strip()] = value.strip()
   return fields
-
-
-def model_from_fields(fields: Mapping[str, Any]) -> nn.Module:
-  """The module described by :func:`model_fields` (e.g. read from a checkpoint)."""
-  fields = dict(fields)
-  name = fields.pop('name')
-  fields['dtype'] = _DTYPES[fields.get('dtype', 'float32')]
-  for key, value in fields.items():  # JSON turns tuples into lists; modules want tuples.
-    if isinstance(value, list):
-      fields[key] = tuple(value)
-  if fields.get('attention_fields') is not None:  # Hashable, as module fields should be.
-    fields['attention_fields'] = flax.core.FrozenDict(fields['attention_fields'])
-  try:
-    return models.create_model(name, **fields)
-  except TypeError as error:
-    raise ValueError(f'config.model has a field the model {name!r} does not take: {error}. '
-                     'Fields of config.model other than name are ResNet fields.') from error
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -287,36 +276,29 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 def load_pretrained(path: str) -> tuple[dict[str, PyTree], dict[str, Any] | None]:
   """``({'params', 'batch_stats'}, model description or None)`` from a checkpoint folder.
 
-  Accepts: a folder written by ``python -m cbam_jax.convert`` (``model.json`` +
-  ``variables/``); a workdir / checkpoints folder / step folder of this trainer (its
-  latest step); or a plain orbax PyTree checkpoint of ``{'params', 'batch_stats'}``.
+  Accepts: a folder written by :func:`cbam_jax.saving.save` / ``python -m cbam_jax.convert``
+  (``model.json`` + ``variables/``); a workdir / checkpoints folder / step folder of this
+  trainer (its latest step); or a plain orbax PyTree checkpoint of
+  ``{'params', 'batch_stats'}``.
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'config.init_from={path!r} is not a directory; point it at a '
                             'checkpoint written by this trainer or by cbam_jax.convert.')
-  description = None
-  converted = os.path.join(path, 'variables')
-  if os.path.isfile(os.path.join(path, 'model.json')) and os.path.isdir(converted):
-    with open(os.path.join(path, 'model.json')) as f:
-      description = json.load(f).get('model')
-    path = converted
-  else:
-    directory, step = checkpointing.find_checkpoint(path)
-    if step is not None or (os.path.isdir(directory) and any(
-        name.isdigit() for name in os.listdir(directory))):
-      ckpts = checkpointing.Checkpoints(directory, read_only=True)
-      step = ckpts.latest_step() if step is None else step
-      state, meta = ckpts.restore(step, None)
-      ckpts.close()
-      return ({'params': state['params'], 'batch_stats': state.get('batch_stats', {})},
-              meta.get('model'))
+  if os.path.isfile(os.path.join(path, saving.MODEL_JSON)):
+    _, variables = saving.load(path)
+    return variables, saving.read_model_json(path)['model']
+  directory, step = checkpointing.find_checkpoint(path)
+  if step is not None or (os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))):
+    _, variables, meta, _ = checkpointing.load_model(path, 'latest')
+    return variables, meta['model']
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(path)
   if 'params' not in tree:
     raise ValueError(f'{path} holds no \'params\' entry (keys: {sorted(tree)}); expected '
                      'a checkpoint of {\'params\', \'batch_stats\'}.')
-  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}, description
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}, None
 
 
 def merge_pretrained(fresh: PyTree, pretrained: PyTree, what: str) -> tuple[PyTree, list[str]]:
@@ -452,7 +434,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 def _check_same_model(expected: Mapping[str, Any], directory: str) -> Callable[[dict], None]:
   def check(meta: dict) -> None:
     saved = meta.get('model')
-    if saved is not None and saved != json.loads(json.dumps(dict(expected))):
+    # Compared as models: a description written before a field existed still matches.
+    if saved is not None and not saving.same_model(saved, expected):
       raise ValueError(
           f'The checkpoints in {directory} are of another model ({saved}) than this config '
           f'asks for ({dict(expected)}). Use a new --workdir, or the config they were made '
@@ -488,8 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f'of global_batch_size={config.global_batch_size}; lower the batch size.')
   total_steps = config.num_epochs * steps_per_epoch
 
-  fields = model_fields(config, info.num_classes)
-  model = model_from_fields(fields)
+  fields = model_description(config, info.num_classes, info.image_shape[-1])
+  model = saving.build(fields)
   tx, schedule = create_optimizer(config, steps_per_epoch)
   replicated = distributed.replicated(mesh)
   batch_sharding = distributed.batch_sharded(mesh)

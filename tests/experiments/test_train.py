@@ -22,6 +22,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from cbam_jax import saving
 from experiments.configs import smoke
 from experiments.training import checkpointing, evaluate, train_lib
 
@@ -135,23 +136,33 @@ class OptimizerTest(chex.TestCase):
     chex.assert_trees_all_close(smooth, expected[None], rtol=1e-6)
 
 
-def test_model_fields_attention_none_and_dtype():
+def test_model_description_attention_none_and_dtype():
   config = tiny_config()
   config.model.attention = 'None'
   config.model.dtype = 'bfloat16'
-  fields = train_lib.model_fields(config, num_classes=6)
-  assert fields['attention'] is None and fields['num_classes'] == 6
-  model = train_lib.model_from_fields(json.loads(json.dumps(fields)))
+  description = train_lib.model_description(config, num_classes=6)
+  assert description['attention'] is None and description['num_classes'] == 6
+  assert description['name'] == 'resnet_tiny' and description['dtype'] == 'bfloat16'
+  model = saving.build(json.loads(json.dumps(description)))
   assert model.attention is None and model.dtype == jnp.bfloat16
   assert model.param_dtype == jnp.float32
   config.model.dtype = 'float8'
   with pytest.raises(ValueError, match='dtype'):
-    train_lib.model_fields(config, 6)
+    train_lib.model_description(config, 6)
+  config.model.dtype = 'float32'
+  config.model.num_filter = 4
+  with pytest.raises(ValueError, match="'num_filter' \\(did you mean 'num_filters'"):
+    train_lib.model_description(config, 6)
 
 
-def test_unset_model_placeholders_are_left_out_of_the_model_description():
-  fields = train_lib.model_fields(tiny_config(), num_classes=6)
-  assert 'zero_init_spatial_gate' not in fields and 'attention_fields' not in fields
+def test_descriptions_written_before_a_field_existed_describe_the_same_model():
+  description = train_lib.model_description(tiny_config(), num_classes=6)
+  # What the trainer saved before descriptions listed every field: resuming such a run
+  # must not be refused as "another model".
+  old = {'name': 'resnet_tiny', 'attention': None, 'stage_attention': None,
+         'dtype': 'float32', 'num_classes': 6}
+  assert saving.same_model(old, description)
+  assert not saving.same_model({**old, 'num_classes': 7}, description)
 
 
 def test_parse_attention_fields():
@@ -173,10 +184,10 @@ def test_variant_fields_from_the_command_line():
   config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv,
                                   lock_config=True)
   values(argv)
-  fields = train_lib.model_fields(values.config, num_classes=6)
+  fields = train_lib.model_description(values.config, num_classes=6)
   assert fields['zero_init_spatial_gate'] is False
   assert fields['attention_fields'] == {'reduction_ratio': 4}
-  model = train_lib.model_from_fields(json.loads(json.dumps(fields)))  # As from a checkpoint.
+  model = saving.build(json.loads(json.dumps(fields)))  # As from a checkpoint.
   assert model.zero_init_spatial_gate is False and model.attention_fields['reduction_ratio'] == 4
   hash(model)  # FrozenDict: the module stays hashable.
 
@@ -277,7 +288,7 @@ def test_smoke_config_end_to_end(tmp_path):
                              rtol=1e-5)
   best = evaluate.evaluate_checkpoint(workdir, 'best')
   assert best['eval_top1'] == max(r['eval_top1'] for r in records)
-  with pytest.raises(FileNotFoundError, match='No checkpoint 3'):
+  with pytest.raises(FileNotFoundError, match='No checkpoint at step 3'):
     evaluate.evaluate_checkpoint(workdir, '3')
 
 
@@ -393,8 +404,7 @@ def test_same_result_on_1_device_8_devices_and_2_processes(tmp_path):
     assert len(train_lib.read_metrics(str(tmp_path / other))) == 2
 
 
-def test_load_pretrained_from_a_converted_checkpoint(tmp_path):
-  convert = pytest.importorskip('cbam_jax.convert')
+def test_load_pretrained_from_a_saved_model(tmp_path):
   from cbam_jax import models
 
   model = models.create_model('resnet_tiny', num_classes=6)
@@ -402,7 +412,7 @@ def test_load_pretrained_from_a_converted_checkpoint(tmp_path):
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   rng = np.random.default_rng(3)
   variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
-  convert.save_converted(tmp_path, model, variables)
+  saving.save(tmp_path, model, variables)
   loaded, description = train_lib.load_pretrained(str(tmp_path))
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
                               jax.tree.map(np.asarray, dict(variables)))
