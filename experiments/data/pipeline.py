@@ -224,7 +224,7 @@ def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
     )
   cached = sources.load_array_cache(cache_file) if cache_file else None
   if cached is None:
-    cached = _decode_folder(config, root, splits)
+    cached = _decode_folder(config, layout, splits)
     if cache_file:
       sources.save_array_cache(cache_file, cached)
   class_names = tuple(str(name) for name in cached['class_names'])
@@ -240,22 +240,23 @@ def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
   return train, evaluation, class_names, image_size, kind
 
 
-def _decode_folder(config, root: str, splits: list[str]) -> dict[str, Any]:
-  """Decodes the folder's splits with tfds ImageFolder into uint8 arrays (+ metadata)."""
-  builder = sources.image_folder(root)
+def _decode_folder(config, layout, splits: list[str]) -> dict[str, Any]:
+  """Decodes the folder's splits into uint8 arrays (+ metadata), in tfds ImageFolder's order
+  and with its pixels (experiments.data.decode), without TensorFlow."""
+  examples = {split: sources.folder_examples(layout, split) for split in splits}
   image_size = _get(config, 'image_size')
   if image_size is None:
-    image_size = sources.native_size(builder, splits[0]) or 224
+    image_size = sources.native_size(examples[splits[0]][0]) or 224
   kind = _get(config, 'augment') or ('cifar' if image_size <= 64 else 'imagenet')
   size = augment.stored_size(augment.check_kind(kind), image_size)
   out: dict[str, Any] = {
-    'class_names': np.array(builder.info.features['label'].names),
+    'class_names': np.array(sources.folder_class_names(layout)),
     'image_size': np.int64(image_size),
     'kind': np.array(kind),
   }
-  for split in splits:
-    arrays = sources.dataset_to_arrays(builder.as_dataset(split=split, shuffle_files=False), size)
-    out[f'{split}/image'], out[f'{split}/label'] = arrays['image'], arrays['label']
+  for split, (paths, labels) in examples.items():
+    out[f'{split}/image'] = sources.decode_folder_split(paths, size)
+    out[f'{split}/label'] = labels
   return out
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from experiments import extras
 from experiments.data import augment, sources
 from experiments.data.base import DATASETS, DatasetInfo, batch_sizes, check_epoch_step
 from experiments.data.base import eval_split_field as _eval_split
@@ -33,9 +34,7 @@ class StreamingInput:
   """tfds dataset -> deterministic, host-sliced, prefetched tf.data batches (numpy out)."""
 
   def __init__(self, config, name: str, *, process_index: int = 0, process_count: int = 1):
-    import tensorflow as tf
-
-
+    tf = extras.import_tensorflow(f'Streaming tfds dataset {name!r} through tf.data')
     self._tf = tf
     defaults = DATASETS[name]
     self._full_name = sources.tfds_name(name, _get(config, 'tfds_config'))

@@ -385,11 +385,29 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _tensorboard_on(setting: bool | None, is_chief: bool) -> bool:
+  """config.tensorboard: True (needs TensorFlow), False, or None = on if TensorFlow is
+  installed (a line says so when it is not)."""
+  if setting is not None:
+    return bool(setting)
+  from experiments import extras
+
+  if extras.tensorflow_installed():
+    return True
+  if is_chief:
+    print(f'TensorBoard summaries off: TensorFlow is not installed ({extras.TF_EXTRA}); '
+          'metrics.jsonl has every metric.', flush=True)
+  return False
+
+
 class _TensorBoardWriter:
   """Scalar event files through ``tf.summary.write`` (no ``tensorboard`` package needed)."""
 
   def __init__(self, logdir: str):
-    import tensorflow as tf  # Heavy import; only when TensorBoard output is on.
+    from experiments import extras
+
+    # Heavy import; only when TensorBoard output is on.
+    tf = extras.import_tensorflow('TensorBoard summaries (config.tensorboard=True)')
     from tensorflow.core.framework import summary_pb2
 
     self._tf = tf
@@ -528,7 +546,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init_from:
       state = _init_from(state, config.init_from, replicated, is_chief)
 
-  metrics_log = MetricsLog(workdir, tensorboard=config.tensorboard, enabled=is_chief)
+  metrics_log = MetricsLog(workdir, tensorboard=_tensorboard_on(config.tensorboard, is_chief),
+                           enabled=is_chief)
   start_step = int(jax.device_get(state.step))
   metrics_log.truncate_after(start_step)
 

@@ -1,6 +1,7 @@
 """Tests for experiments/data/pipeline.py and experiments/data/ (no network)."""
 
 import os
+import re
 import tarfile
 import threading
 import time
@@ -323,6 +324,121 @@ def test_folder_uses_test_split_and_tar_gz(tmp_path):
   assert batch['image'].shape == (4, 12, 12, 3)
 
 
+def tensorflow_folder_arrays(root, split, size):
+  """The former decoding path, kept here as the reference: tfds ImageFolder's order and
+  tf.image decoding, shorter side resized (antialiased bilinear) and centre-cropped."""
+  tf = pytest.importorskip('tensorflow')
+  tfds = pytest.importorskip('tensorflow_datasets')
+  builder = tfds.folder_dataset.ImageFolder(root)
+
+  def resize_and_crop(image):
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+    resized = tf.image.resize(image, (new_h, new_w), antialias=True)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
+    return tf.cond(same, lambda: image, lambda: resized[top:top + size, left:left + size])
+
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = ds.map(lambda ex: (resize_and_crop(ex['image']), tf.cast(ex['label'], tf.int32)))
+  images, labels = zip(*ds.as_numpy_iterator(), strict=True)
+  return np.stack(images), np.array(labels), tuple(builder.info.features['label'].names)
+
+
+def write_mixed_folder(root):
+  """JPEGs (colour 4:2:0 and 4:4:4, grey, odd sizes) and PNGs (RGB, RGBA, grey, palette)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(7)
+  for split, count in (('train', 6), ('test', 3)):
+    for cls in ('cat', 'ant', 'bee'):  # not in sorted order on purpose
+      os.makedirs(os.path.join(root, split, cls))
+      for i in range(count):
+        h, w = (int(v) for v in rng.integers(9, 41, 2))
+        smooth = np.cumsum(rng.integers(-20, 21, (h, w, 3)), axis=1)
+        pixels = np.clip(smooth + rng.integers(0, 256, 3), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        name = os.path.join(root, split, cls, f'{i:02d}')
+        kind = i % 5
+        if kind == 0:
+          image.save(name + '.jpg', quality=85)
+        elif kind == 1:
+          image.convert('L').save(name + '.JPEG', quality=70)
+        elif kind == 2:
+          image.save(name + '.jpeg', quality=95, subsampling=0)
+        elif kind == 3:
+          image.convert('RGBA').save(name + '.png')
+        else:
+          image.convert('P').save(name + '.png')
+
+
+@pytest.mark.parametrize('augment_kind, image_size', [('none', 16), ('imagenet', 16),
+                                                      ('none', None)])
+def test_folder_decoding_equals_tensorflow(tmp_path, augment_kind, image_size):
+  # Same order, labels and pixels as the tfds ImageFolder + tf.image path, including
+  # resizing (upsampling and antialiased downsampling) and centre crops.
+  root = str(tmp_path / 'imgs')
+  write_mixed_folder(root)
+  config = folder_config(root, augment=augment_kind, image_size=image_size, cache_arrays=False)
+  layout = sources.scan_folder(root)
+  arrays = ip._decode_folder(config, layout, ['train', 'test'])
+  size = int(arrays['image_size'])
+  stored = augment.stored_size(augment_kind, size)
+  for split in ('train', 'test'):
+    images, labels, names = tensorflow_folder_arrays(root, split, stored)
+    assert tuple(arrays['class_names']) == names == ('ant', 'bee', 'cat')
+    np.testing.assert_array_equal(arrays[f'{split}/label'], labels)
+    np.testing.assert_array_equal(arrays[f'{split}/image'], images)
+
+
+def test_resize_equals_tensorflow():
+  tf = pytest.importorskip('tensorflow')
+  from experiments.data import decode
+
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    h, w = (int(v) for v in rng.integers(5, 90, 2))
+    out_h, out_w = (int(v) for v in rng.integers(4, 70, 2))
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8).astype(np.float32)
+    ours = decode._resample(decode._resample(image, 0, out_h), 1, out_w)
+    np.testing.assert_array_equal(ours, tf.image.resize(image, (out_h, out_w),
+                                                        antialias=True).numpy())
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=3, fmt='jpg')
+  bad = tmp_path / 'imgs' / 'train' / 'bee' / '001.jpg'
+  data = bad.read_bytes()
+  bad.write_bytes(data[:len(data) // 2])  # truncated JPEG
+  with pytest.raises(ValueError, match=re.escape(f'Cannot decode image {bad}')):
+    ip.create_input(folder_config(tmp_path / 'imgs'))
+  bad.write_bytes(b'not an image at all')
+  with pytest.raises(ValueError, match=re.escape(f'Cannot decode image {bad}')):
+    ip.create_input(folder_config(tmp_path / 'imgs'))
+
+
+def test_empty_class_directory_names_it(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=3)
+  (tmp_path / 'imgs' / 'train' / 'dog').mkdir()
+  (tmp_path / 'imgs' / 'train' / 'dog' / 'notes.txt').write_text('no images here')
+  with pytest.raises(ValueError, match=f'Class directory {tmp_path / "imgs" / "train" / "dog"}'
+                                       ' has no images'):
+    ip.create_input(folder_config(tmp_path / 'imgs'))
+
+
+def test_non_image_files_are_skipped_and_counted(tmp_path, capsys):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=4)
+  (tmp_path / 'imgs' / 'train' / 'ant' / 'notes.txt').write_text('a note')
+  (tmp_path / 'imgs' / 'train' / 'bee' / 'labels.csv').write_text('x')
+  (tmp_path / 'imgs' / 'train' / 'bee' / '.DS_Store').write_bytes(b'\0')  # hidden: ignored
+  data = ip.create_input(folder_config(tmp_path / 'imgs', holdout_fraction=0.25))
+  assert data.info.num_train + data.info.num_eval == 12
+  assert 'skipped 2 file(s) without an image suffix' in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not os.path.exists(SHARED_TARBALL), reason='shared CIFAR-10 tarball missing')
 def test_shared_cifar10_tarball():
   # Reads the archive's member list (a few seconds) rather than extracting 50k files: the
@@ -512,3 +628,12 @@ def test_benchmark_cli(capsys):
            '--set', 'shapes.num_eval=16', '--set', 'image_size=16'])
   out = capsys.readouterr().out
   assert 'plain_images_per_s' in out and 'prefetch_images_per_s' in out
+
+
+def test_tensorflow_paths_name_the_extra(monkeypatch):
+  import sys
+
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` fails
+  with pytest.raises(ImportError, match=re.escape("needs TensorFlow, which is not installed: "
+                                                  "pip install -e '.[tf]'")):
+    sources.dataset_to_arrays(None, 8)
