@@ -24,7 +24,11 @@ _EIGHT_BIT_MODES = ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX')
 def decode_image(path: str) -> np.ndarray:
   """The image file at `path` as uint8 (H, W, 3); ValueError naming the file if it is bad."""
   with open(path, 'rb') as f:
-    data = f.read()
+    return decode_bytes(f.read(), path)
+
+
+def decode_bytes(data: bytes, name: str) -> np.ndarray:
+  """Encoded image bytes as uint8 (H, W, 3); ValueError naming `name` if they are bad."""
   try:
     if data.startswith(_JPEG_MAGIC):
       import simplejpeg
@@ -40,11 +44,11 @@ def decode_image(path: str) -> np.ndarray:
         image = np.asarray(pil.convert('RGB'))
   except Exception as e:  # noqa: BLE001 - every decoder error becomes one clear message
     raise ValueError(
-      f'Cannot decode image {path}: {type(e).__name__}: {e}. Remove or replace the file '
+      f'Cannot decode image {name}: {type(e).__name__}: {e}. Remove or replace it '
       '(the folder loader reads every .jpg/.jpeg/.png under root/<split>/<class>/).'
     ) from None
   if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
-    raise ValueError(f'Cannot decode image {path}: got an array of shape {image.shape}.')
+    raise ValueError(f'Cannot decode image {name}: got an array of shape {image.shape}.')
   return image
 
 

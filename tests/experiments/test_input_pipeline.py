@@ -3,7 +3,6 @@
 import os
 import re
 import tarfile
-import threading
 import time
 
 import numpy as np
@@ -477,7 +476,7 @@ def test_tfds_cifar10_in_memory(tmp_path):
 def streaming_config(tmp_path, **overrides):
   config = ip.default_data_config()
   config.update(dataset='imagenette', data_dir=str(tmp_path), image_size=24,
-                global_batch_size=4, eval_batch_size=4, shuffle_buffer=8)
+                global_batch_size=4, eval_batch_size=4)
   config.update(overrides)
   return config
 
@@ -586,40 +585,56 @@ def test_shapes_holdout_carved():
   assert data.info.num_train + data.info.num_eval == 96 and data.info.num_eval == 24
 
 
-# -- prefetch -----------------------------------------------------------------------------------
+# -- batches computed ahead on grain ------------------------------------------------------------
 
 
-def test_prefetch_yields_same_items_and_propagates_errors():
-  assert list(ip.prefetch(iter(range(10)), buffer_size=3)) == list(range(10))
+@pytest.mark.parametrize('num_threads', [0, 2])
+def test_batches_ahead_in_order_and_errors_propagate(num_threads):
+  from experiments.data import loader
 
-  def broken():
-    yield 1
-    raise RuntimeError('boom')
+  ahead = loader.batches_ahead(lambda k: k * k, 3, 9, num_threads=num_threads, buffer_size=2)
+  assert list(ahead) == [k * k for k in range(3, 9)]
 
-  it = ip.prefetch(broken())
-  assert next(it) == 1
-  with pytest.raises(RuntimeError, match='boom'):
-    next(it)
-  with pytest.raises(ValueError, match='buffer_size'):
-    ip.prefetch(iter([]), buffer_size=0)
+  def broken(k):
+    if k == 2:
+      raise RuntimeError('boom at step 2')
+    return k
+
+  ahead = loader.batches_ahead(broken, 0, 5, num_threads=num_threads, buffer_size=2)
+  assert next(ahead) == 0
+  with pytest.raises(RuntimeError, match='boom at step 2'):
+    list(ahead)
+  with pytest.raises(ValueError, match='prefetch_batches'):
+    loader.batches_ahead(broken, 0, 5, num_threads=1, buffer_size=0)
 
 
-def test_prefetch_runs_ahead_and_closes():
-  produced = []
+def test_batches_ahead_run_ahead_boundedly():
+  from experiments.data import loader
 
-  def slow():
-    for i in range(1000):
-      produced.append(i)
-      yield i
+  made = []
 
-  with ip.prefetch(slow(), buffer_size=2) as it:
-    assert next(it) == 0
-    deadline = time.time() + 5
-    while len(produced) < 3 and time.time() < deadline:
-      time.sleep(0.01)
-    assert len(produced) >= 3  # ran ahead of the consumer
-  assert len(produced) < 10  # stopped after close, bounded by the buffer
-  assert not any(t.name.startswith('prefetch') for t in threading.enumerate() if t.is_alive())
+  def make(k):
+    made.append(k)
+    return k
+
+  ahead = loader.batches_ahead(make, 0, 1000, num_threads=2, buffer_size=2)
+  assert next(ahead) == 0
+  deadline = time.time() + 5
+  while len(made) < 3 and time.time() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)
+  assert 3 <= len(made) <= 10  # ran ahead of the consumer, bounded by the buffer
+
+
+@pytest.mark.parametrize('ahead', [
+  dict(input_threads=2),
+  pytest.param(dict(input_workers=2), marks=pytest.mark.slow),  # spawns 2 processes
+])
+def test_threads_and_workers_do_not_change_batches(ahead):
+  inline = ip.create_input(shapes_config(augment='cifar', input_threads=0))
+  other = ip.create_input(shapes_config(augment='cifar', **ahead))
+  assert_batches_equal(list(inline.train_batches(1, 2)), list(other.train_batches(1, 2)))
+  assert_batches_equal(list(inline.eval_batches()), list(other.eval_batches()))
 
 
 @pytest.mark.slow
@@ -627,7 +642,7 @@ def test_benchmark_cli(capsys):
   ip.main(['--bench', '3', '--batch-size', '16', '--set', 'shapes.num_train=64',
            '--set', 'shapes.num_eval=16', '--set', 'image_size=16'])
   out = capsys.readouterr().out
-  assert 'plain_images_per_s' in out and 'prefetch_images_per_s' in out
+  assert 'images_per_s' in out and 'wait_fraction' in out
 
 
 def test_tensorflow_paths_name_the_extra(monkeypatch):
