@@ -28,14 +28,17 @@ def batches_ahead(make_batch: Callable[[int], T], start: int, stop: int, *, num_
     raise ValueError(f'config.input_threads={num_threads} and config.input_workers='
                      f'{num_workers} must be >= 0, config.prefetch_batches={buffer_size} >= 1.')
   dataset = grain.MapDataset.range(start, stop).map(make_batch)
+  # Explicit options everywhere: grain's defaults (16 threads, 500 elements ahead) would hold
+  # hundreds of batches.
+  inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   if num_workers:
     from absl import flags
 
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
       flags.FLAGS.mark_as_parsed()  # (tests, notebooks) their defaults are what we want
-    return iter(dataset.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(
+    return iter(dataset.to_iter_dataset(inline).mp_prefetch(grain.MultiprocessingOptions(
       num_workers=num_workers, per_worker_buffer_size=buffer_size)))
   if num_threads == 0:
-    return iter(dataset)
+    return iter(dataset.to_iter_dataset(inline))
   return iter(dataset.to_iter_dataset(
     grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer_size)))

@@ -277,10 +277,14 @@ def _load_tfds_in_memory(config, name: str) -> tuple[dict, dict, tuple[str, ...]
     eval_split = defaults['eval_split']
 
   def load(split):
-    ds = sources.tfds_as_dataset(
-      builder, split, name=full_name, data_dir=data_dir, shuffle_files=False
-    )
-    return sources.dataset_to_arrays(ds, size)
+    data = sources.tfds_data_source(builder, split, name=full_name, data_dir=data_dir)
+    if data is None:  # TFRecord only: read through tf.data (the [tf] extra)
+      ds = sources.tfds_as_dataset(
+        builder, split, name=full_name, data_dir=data_dir, shuffle_files=False
+      )
+      return sources.dataset_to_arrays(ds, size)
+    return sources.RecordSource(data, 0, len(data), size, f'{full_name}/{split}').take(
+      np.arange(len(data)))
 
   train = load(train_split)
   if eval_split is None:

@@ -391,5 +391,51 @@ def tfds_as_dataset(builder, split: str, *, name: str, data_dir: str | None, **k
     raise
 
 
+class RecordSource:
+  """Examples [first, first + count) of a random-access tfds split, decoded on demand.
+
+  Implements what ArrayInput reads from its data: len(), `side` (stored image side),
+  `has_box` and `take(index)` -> {'image' uint8 (B, side, side, 3), 'label' int32 (B,)}.
+  Pickles with its data source, so grain worker processes can read it.
+  """
+
+  has_box = False
+
+  def __init__(self, data_source, first: int, count: int, side: int, name: str):
+    self._source, self._first, self._count = data_source, first, count
+    self.side, self._name = side, name
+
+  def __len__(self) -> int:
+    return self._count
+
+  def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    images = np.zeros((len(index), self.side, self.side, 3), np.uint8)
+    labels = np.zeros(len(index), np.int32)
+    for row, i in enumerate(index):
+      record = self._source[self._first + int(i)]
+      image = decode.decode_bytes(record['image'], f'{self._name}[{self._first + int(i)}]')
+      images[row] = decode.resize_shorter_and_centre_crop(image, self.side)
+      labels[row] = int(record['label'])
+    return {'image': images, 'label': labels}
+
+
+def tfds_data_source(builder, split: str, *, name: str, data_dir: str | None):
+  """builder.as_data_source with the images left encoded; None if the dataset is stored as
+  TFRecord only (no random access); FileNotFoundError if it is not prepared."""
+  import tensorflow_datasets as tfds
+
+  try:
+    return builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  except NotImplementedError:
+    return None
+  except (AssertionError, FileNotFoundError, ValueError, KeyError) as e:
+    raise FileNotFoundError(
+      f'tfds dataset {name!r} is not prepared in data_dir={data_dir or "~/tensorflow_datasets"}'
+      f' ({type(e).__name__}: {e}). Set config.download=True (or run `tfds build '
+      f'{name.split("/")[0]} --file_format=array_record`), or point config.data_dir at a '
+      'directory that has it.'
+    ) from e
+
+
 def tfds_splits(builder) -> list[str]:
   return list(builder.info.splits.keys())

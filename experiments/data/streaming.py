@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.data import augment, decode, sources
+from experiments.data import augment, sources
 from experiments.data.base import DATASETS
 from experiments.data.base import eval_split_field as _eval_split
 from experiments.data.in_memory import ArrayInput
@@ -23,55 +23,16 @@ def _get(config, name, default=None):
   return default if value is None and default is not None else value
 
 
-class RecordSource:
-  """Examples [first, first + count) of a random-access tfds split, decoded on demand.
-
-  Implements what ArrayInput reads from its data: len(), `side` (stored image side),
-  `has_box` and `take(index)` -> {'image' uint8 (B, side, side, 3), 'label' int32 (B,)}.
-  Pickles with its data source, so grain worker processes can read it.
-  """
-
-  has_box = False
-
-  def __init__(self, data_source, first: int, count: int, side: int, name: str):
-    self._source, self._first, self._count = data_source, first, count
-    self.side, self._name = side, name
-
-  def __len__(self) -> int:
-    return self._count
-
-  def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
-    images = np.zeros((len(index), self.side, self.side, 3), np.uint8)
-    labels = np.zeros(len(index), np.int32)
-    for row, i in enumerate(index):
-      record = self._source[self._first + int(i)]
-      image = decode.decode_bytes(record['image'], f'{self._name}[{self._first + int(i)}]')
-      images[row] = decode.resize_shorter_and_centre_crop(image, self.side)
-      labels[row] = int(record['label'])
-    return {'image': images, 'label': labels}
-
-
 def _data_source(builder, split: str, *, name: str, data_dir: str | None):
-  """builder.as_data_source with the images left encoded, or an error that says how to get
-  random-access (ArrayRecord) files."""
-  import tensorflow_datasets as tfds
-
-  try:
-    return builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
-  except NotImplementedError as e:
+  data = sources.tfds_data_source(builder, split, name=name, data_dir=data_dir)
+  if data is None:
     raise FileNotFoundError(
       f'tfds dataset {name!r} in data_dir={data_dir or "~/tensorflow_datasets"} is stored as '
       'TFRecord only; streaming reads ArrayRecord files. Prepare it with '
       f'`tfds build {name.split("/")[0]} --file_format=array_record` (building needs '
-      "TensorFlow: pip install -e '.[tf]'), or set config.streaming=False to load it into "
-      'memory.'
-    ) from e
-  except (AssertionError, FileNotFoundError, ValueError) as e:
-    raise FileNotFoundError(
-      f'tfds dataset {name!r} is not prepared in data_dir={data_dir or "~/tensorflow_datasets"}:'
-      f' {e}. Set config.download=True (or run `tfds build {name.split("/")[0]} '
-      '--file_format=array_record`), or point config.data_dir at a directory that has it.'
-    ) from e
+      "TensorFlow: pip install -e '.[tf]')."
+    )
+  return data
 
 
 def create_streaming_input(config, name: str, *, process_index: int = 0,
@@ -93,7 +54,7 @@ def create_streaming_input(config, name: str, *, process_index: int = 0,
   def source(split, first=0, count=None):
     data = _data_source(builder, split, name=full_name, data_dir=data_dir)
     count = len(data) - first if count is None else count
-    return RecordSource(data, first, count, side, f'{full_name}/{split}')
+    return sources.RecordSource(data, first, count, side, f'{full_name}/{split}')
 
   if eval_split is None:
     # Carve the first examples in file order (tfds shuffles examples when it prepares a
