@@ -514,6 +514,73 @@ def test_tfds_streaming_holdout(tmp_path):
   np.testing.assert_array_equal(masks, [1, 1, 1, 1, 1, 0, 0, 0])
 
 
+@pytest.mark.slow
+def test_streaming_from_array_record_files_in_worker_processes(tmp_path, monkeypatch):
+  # A real ArrayRecord tfds dataset (not mocked): grain worker processes read and decode it
+  # to the same batches as inline reading; resume, host slices and pixels as TensorFlow's.
+  tfds = pytest.importorskip('tensorflow_datasets')
+  tf = pytest.importorskip('tensorflow')
+  from experiments.data import base
+
+  class TinyJpegs(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+        'label': tfds.features.ClassLabel(names=['a', 'b', 'c'])}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(24, 0),
+              'validation': self._generate_examples(10, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        h, w = (int(v) for v in rng.integers(20, 50, 2))
+        yield i, {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'label': i % 3}
+
+  TinyJpegs(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  monkeypatch.setitem(base.DATASETS, 'tiny_jpegs', dict(
+    image_size=16, augment='imagenet', mean=(0.5,) * 3, std=(0.25,) * 3,
+    train_split='train', eval_split='validation', streaming=True))
+  config = ip.default_data_config()
+  config.update(dataset='tiny_jpegs', data_dir=str(tmp_path), global_batch_size=8,
+                eval_batch_size=8, input_threads=0)
+  inline = ip.create_input(config)
+  assert inline.info.num_train == 24 and inline.info.num_eval == 10
+  assert inline.info.class_names == ('a', 'b', 'c') and inline.steps_per_epoch == 3
+  full = list(inline.train_batches(1))
+  assert full[0]['image'].shape == (8, 16, 16, 3) and full[0]['label'].dtype == np.int32
+  config.input_workers = 2
+  workers = ip.create_input(config)
+  assert_batches_equal(list(workers.train_batches(1)), full)
+  assert_batches_equal(list(workers.eval_batches()), list(inline.eval_batches()))
+  assert_batches_equal(list(inline.train_batches(1, start_step=1)), full[1:])
+  config.input_workers = 0
+  hosts = [list(ip.create_input(config, process_index=p, process_count=2).train_batches(1))
+           for p in range(2)]
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*hosts, strict=True)]
+  assert_batches_equal(joined, full)
+  assert [b['mask'].sum() for b in inline.eval_batches()] == [8, 2]
+  # Stored (pre-augmentation) pixels: as tf.image decodes and resizes them.
+  builder = tfds.builder('tiny_jpegs', data_dir=str(tmp_path))
+  records = builder.as_data_source(split='validation',
+                                   decoders={'image': tfds.decode.SkipDecoding()})
+  ours = sources.RecordSource(records, 0, 10, 18, 'v').take(np.arange(10))
+  for i in range(10):
+    example = records[i]
+    image = tf.image.decode_image(example['image'], channels=3, expand_animations=False)
+    h, w = int(image.shape[0]), int(image.shape[1])
+    scale = np.float32(18) / np.float32(min(h, w))
+    new_h, new_w = (max(18, int(np.round(np.float32(v) * scale))) for v in (h, w))
+    resized = tf.image.resize(image, (new_h, new_w), antialias=True).numpy()
+    resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+    top, left = (new_h - 18) // 2, (new_w - 18) // 2
+    np.testing.assert_array_equal(ours['image'][i], resized[top:top + 18, left:left + 18])
+    assert ours['label'][i] == int(example['label'])
+
+
 def test_tfds_missing_dataset_names_fix(tmp_path):
   config = ip.default_data_config()
   config.update(dataset='cifar10', data_dir=str(tmp_path))
