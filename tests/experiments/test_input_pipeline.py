@@ -453,6 +453,21 @@ def test_shared_cifar10_tarball():
   assert sum(counts['train'].values()) == 50_000
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(SHARED_TARBALL), reason='shared CIFAR-10 tarball missing')
+def test_shared_cifar10_tarball_decodes_as_tensorflow(tmp_path):
+  # All 50,000 JPEGs: the arrays (and so every batch) of runs made on the TensorFlow path,
+  # e.g. the multi-seed CIFAR-10 study, are what this pipeline gives.
+  config = folder_config(SHARED_TARBALL, cache_dir=str(tmp_path / 'cache'), augment=None,
+                         mean=None, std=None, cache_arrays=False)
+  root = sources.resolve_folder(SHARED_TARBALL, config.cache_dir)
+  arrays = ip._decode_folder(config, sources.scan_folder(root), ['train'])
+  images, labels, names = tensorflow_folder_arrays(root, 'train', 32)
+  assert tuple(arrays['class_names']) == names and int(arrays['image_size']) == 32
+  np.testing.assert_array_equal(arrays['train/label'], labels)
+  np.testing.assert_array_equal(arrays['train/image'], images)
+
+
 # -- tfds (mocked) ------------------------------------------------------------------------------
 
 
