@@ -77,5 +77,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.log_every_steps = 20  # Progress-bar refresh (each one waits for the device).
   config.progress_bar = True
-  config.tensorboard = True
+  # TensorBoard event files: None = when TensorFlow is installed (the [tf] extra).
+  config.tensorboard = ml_collections.config_dict.placeholder(bool)
   return config

@@ -21,9 +21,10 @@ exactly the tail of `train_batches(e)` (bit-exact resume), and host p of P gets 
 [p * local, (p + 1) * local) of each global batch, so P hosts see the single-host batch.
 
 Small datasets (shapes, CIFAR, image folders) are held in memory as uint8 and augmented per
-batch in numpy (experiments.data.in_memory); ImageNet-scale datasets stream through tf.data
-(experiments.data.streaming). Wrap either iterator in `prefetch(...)` to overlap input with the
-training step, and measure with
+batch in numpy (experiments.data.in_memory); ImageNet-scale datasets are read by index from
+tfds ArrayRecord files and decoded per batch (experiments.data.streaming) by the same batch
+code. Batches are computed ahead of the training step on grain threads or worker processes
+(experiments.data.loader; config.input_threads, input_workers, prefetch_batches). Measure with
 
   python -m experiments.data.pipeline --dataset folder \
       --folder ../shared/data/cifar10-jpeg-train.tar.gz --bench 50
@@ -34,10 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import queue
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -53,10 +51,8 @@ __all__ = [
   'DATASETS',
   'DatasetInfo',
   'Input',
-  'PrefetchIterator',
   'create_input',
   'default_data_config',
-  'prefetch',
   'split_holdout',
 ]
 
@@ -82,8 +78,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     augment: None = dataset default; 'none' | 'flip' | 'cifar' | 'imagenet'.
     mean, std: per-channel normalisation in [0, 1] units (None = dataset default / computed).
     global_batch_size, eval_batch_size (None = global_batch_size), seed (order + augment).
-    shuffle_buffer: streaming pipelines' shuffle buffer (examples).
-    streaming_threads: tf.data parallelism of streaming pipelines (None = autotune).
+    input_threads: grain threads computing batches ahead of the training step (0 = inline,
+      in the training loop's thread).
+    input_workers: grain worker processes computing batches instead of threads (0 = threads);
+      for streaming datasets, where decoding dominates (in-memory arrays are copied to
+      each worker).
+    prefetch_batches: how many batches the threads (each worker) may compute ahead.
     shapes: the procedural dataset (see experiments.data.shapes.generate): num_train, num_eval,
       seed, num_classes, scale_range, num_strokes, num_blobs, num_decoys, noise_std.
   """
@@ -107,8 +107,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.global_batch_size = 128
   config.eval_batch_size = None
   config.seed = 0
-  config.shuffle_buffer = 16_384
-  config.streaming_threads = None
+  config.input_threads = 2
+  config.input_workers = 0
+  config.prefetch_batches = 2
   config.shapes = ml_collections.ConfigDict(
     dict(
       num_train=10_000,
@@ -224,7 +225,7 @@ def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
     )
   cached = sources.load_array_cache(cache_file) if cache_file else None
   if cached is None:
-    cached = _decode_folder(config, root, splits)
+    cached = _decode_folder(config, layout, splits)
     if cache_file:
       sources.save_array_cache(cache_file, cached)
   class_names = tuple(str(name) for name in cached['class_names'])
@@ -240,22 +241,23 @@ def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
   return train, evaluation, class_names, image_size, kind
 
 
-def _decode_folder(config, root: str, splits: list[str]) -> dict[str, Any]:
-  """Decodes the folder's splits with tfds ImageFolder into uint8 arrays (+ metadata)."""
-  builder = sources.image_folder(root)
+def _decode_folder(config, layout, splits: list[str]) -> dict[str, Any]:
+  """Decodes the folder's splits into uint8 arrays (+ metadata), in tfds ImageFolder's order
+  and with its pixels (experiments.data.decode), without TensorFlow."""
+  examples = {split: sources.folder_examples(layout, split) for split in splits}
   image_size = _get(config, 'image_size')
   if image_size is None:
-    image_size = sources.native_size(builder, splits[0]) or 224
+    image_size = sources.native_size(examples[splits[0]][0]) or 224
   kind = _get(config, 'augment') or ('cifar' if image_size <= 64 else 'imagenet')
   size = augment.stored_size(augment.check_kind(kind), image_size)
   out: dict[str, Any] = {
-    'class_names': np.array(builder.info.features['label'].names),
+    'class_names': np.array(sources.folder_class_names(layout)),
     'image_size': np.int64(image_size),
     'kind': np.array(kind),
   }
-  for split in splits:
-    arrays = sources.dataset_to_arrays(builder.as_dataset(split=split, shuffle_files=False), size)
-    out[f'{split}/image'], out[f'{split}/label'] = arrays['image'], arrays['label']
+  for split, (paths, labels) in examples.items():
+    out[f'{split}/image'] = sources.decode_folder_split(paths, size)
+    out[f'{split}/label'] = labels
   return out
 
 
@@ -275,10 +277,14 @@ def _load_tfds_in_memory(config, name: str) -> tuple[dict, dict, tuple[str, ...]
     eval_split = defaults['eval_split']
 
   def load(split):
-    ds = sources.tfds_as_dataset(
-      builder, split, name=full_name, data_dir=data_dir, shuffle_files=False
-    )
-    return sources.dataset_to_arrays(ds, size)
+    data = sources.tfds_data_source(builder, split, name=full_name, data_dir=data_dir)
+    if data is None:  # TFRecord only: read through tf.data (the [tf] extra)
+      ds = sources.tfds_as_dataset(
+        builder, split, name=full_name, data_dir=data_dir, shuffle_files=False
+      )
+      return sources.dataset_to_arrays(ds, size)
+    return sources.RecordSource(data, 0, len(data), size, f'{full_name}/{split}').take(
+      np.arange(len(data)))
 
   train = load(train_split)
   if eval_split is None:
@@ -316,7 +322,7 @@ def create_input(config, *, process_index: int = 0, process_count: int = 1) -> I
   if defaults.get('streaming'):
     from experiments.data import streaming
 
-    return streaming.StreamingInput(
+    return streaming.create_streaming_input(
       config, name, process_index=process_index, process_count=process_count
     )
   if name == 'shapes':
@@ -344,85 +350,10 @@ def create_input(config, *, process_index: int = 0, process_count: int = 1) -> I
     seed=_get(config, 'seed', 0),
     process_index=process_index,
     process_count=process_count,
+    num_threads=_get(config, 'input_threads', 2),
+    prefetch=_get(config, 'prefetch_batches', 2),
+    num_workers=_get(config, 'input_workers', 0),
   )
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefetching
-
-
-class PrefetchIterator:
-  """Runs an iterator in a background thread, `buffer_size` items ahead.
-
-  numpy augmentation and tf.data release the GIL for most of their work, so this overlaps the
-  input pipeline with the training step. Exceptions in the producer are re-raised in the
-  consumer. `wait_seconds` accumulates the time `next()` spent blocked (input starvation).
-  Use as a context manager, or call `close()`, to stop the thread early.
-  """
-
-  _DONE = object()
-
-  def __init__(self, iterator: Iterator, buffer_size: int = 2):
-    if buffer_size < 1:
-      raise ValueError(f'buffer_size must be >= 1, got {buffer_size}.')
-    self._queue: queue.Queue = queue.Queue(maxsize=buffer_size)
-    self._stop = threading.Event()
-    self.wait_seconds = 0.0
-    self._finished = False
-    self._thread = threading.Thread(target=self._produce, args=(iterator,), daemon=True)
-    self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _produce(self, iterator: Iterator) -> None:
-    try:
-      for item in iterator:
-        if not self._put((item, None)):
-          return
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      self._put((self._DONE, e))
-      return
-    self._put((self._DONE, None))
-
-  def __iter__(self) -> PrefetchIterator:
-    return self
-
-  def __next__(self):
-    if self._finished:
-      raise StopIteration
-    start = time.perf_counter()
-    item, error = self._queue.get()
-    self.wait_seconds += time.perf_counter() - start
-    if item is self._DONE:
-      self._finished = True
-      self._thread.join()
-      if error is not None:
-        raise error
-      raise StopIteration
-    return item
-
-  def close(self) -> None:
-    self._stop.set()
-    self._finished = True
-    self._thread.join(timeout=5.0)
-
-  def __enter__(self) -> PrefetchIterator:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-def prefetch(iterator: Iterator, buffer_size: int = 2) -> PrefetchIterator:
-  """`iterator` computed in a background thread, `buffer_size` items ahead."""
-  return PrefetchIterator(iterator, buffer_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,30 +378,27 @@ def _parse_value(text: str) -> Any:
   return {'none': None, 'true': True, 'false': False}.get(text.lower(), text)
 
 
-def benchmark(data: Input, num_batches: int, *, buffer_size: int = 2,
-              step_seconds: float = 0.0) -> dict[str, float]:
-  """Times `num_batches` training batches, plain and through `prefetch`.
+def benchmark(data: Input, num_batches: int, *, step_seconds: float = 0.0) -> dict[str, float]:
+  """Times `num_batches` training batches as the training loop takes them.
 
-  step_seconds simulates a training step (sleep) to show how much prefetching hides.
+  step_seconds simulates a training step (sleep) to show how much of the input time the
+  pipeline's threads hide.
   """
   results = collections.OrderedDict()
   num_batches = min(num_batches, data.steps_per_epoch)
-  for label, wrap in (('plain', lambda it: it), ('prefetch', lambda it: prefetch(it, buffer_size))):
-    iterator = wrap(data.train_batches(0))
-    start = time.perf_counter()
-    waited = 0.0
-    for _ in range(num_batches):
-      t = time.perf_counter()
-      next(iterator)
-      waited += time.perf_counter() - t
-      if step_seconds:
-        time.sleep(step_seconds)
-    elapsed = time.perf_counter() - start
-    if isinstance(iterator, PrefetchIterator):
-      iterator.close()
-    results[f'{label}_batches_per_s'] = num_batches / elapsed
-    results[f'{label}_images_per_s'] = num_batches * data.local_batch_size / elapsed
-    results[f'{label}_wait_fraction'] = waited / elapsed
+  iterator = data.train_batches(0)
+  start = time.perf_counter()
+  waited = 0.0
+  for _ in range(num_batches):
+    t = time.perf_counter()
+    next(iterator)
+    waited += time.perf_counter() - t
+    if step_seconds:
+      time.sleep(step_seconds)
+  elapsed = time.perf_counter() - start
+  results['batches_per_s'] = num_batches / elapsed
+  results['images_per_s'] = num_batches * data.local_batch_size / elapsed
+  results['wait_fraction'] = waited / elapsed
   return results
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 import tarfile
 import tempfile
 
 import numpy as np
+
+from experiments import extras
+from experiments.data import decode
 
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -151,17 +155,86 @@ def resolve_folder(path: str | None, cache_dir: str | None = None) -> str:
 
 
 def scan_folder(root: str) -> dict[str, dict[str, list[os.DirEntry]]]:
-  """{split: {class: image entries sorted by name}} of an image folder root."""
+  """{split: {class: image entries sorted by name}} of an image folder root.
+
+  Hidden (dot) directories and files are ignored. Raises ValueError naming a class directory
+  without images; files without an image suffix are skipped, counted and reported once.
+  """
   layout: dict[str, dict[str, list[os.DirEntry]]] = {}
+  skipped: list[str] = []
   for split_dir in _subdirs(root):
     classes = {}
     for class_dir in _subdirs(split_dir):
       with os.scandir(class_dir) as entries:
-        files = [e for e in entries if e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES)]
+        visible = [e for e in entries if e.is_file() and not e.name.startswith('.')]
+      files = [e for e in visible if e.name.lower().endswith(_IMAGE_SUFFIXES)]
+      skipped.extend(e.path for e in visible if not e.name.lower().endswith(_IMAGE_SUFFIXES))
+      if not files:
+        raise ValueError(
+          f'Class directory {class_dir} has no images ({", ".join(_IMAGE_SUFFIXES)}): add '
+          'images or remove the directory (an empty class would be a label no example has).'
+        )
       classes[os.path.basename(class_dir)] = sorted(files, key=lambda e: e.name)
     if classes:
       layout[os.path.basename(split_dir)] = classes
+  if skipped:
+    print(f'Image folder {root}: skipped {len(skipped)} file(s) without an image suffix '
+          f'({", ".join(_IMAGE_SUFFIXES)}), e.g. {skipped[0]}.', flush=True)
   return layout
+
+
+def folder_class_names(layout: dict[str, dict[str, list[os.DirEntry]]]) -> tuple[str, ...]:
+  """Sorted class names over all splits (label i = the i-th), as tfds ImageFolder has them."""
+  return tuple(sorted({cls for classes in layout.values() for cls in classes}))
+
+
+def folder_examples(
+  layout: dict[str, dict[str, list[os.DirEntry]]], split: str
+) -> tuple[list[str], np.ndarray]:
+  """(paths, int32 labels) of a split in tfds ImageFolder's order.
+
+  ImageFolder lists classes and files sorted, then shuffles the list with
+  `random.Random(split)`; keeping that order keeps every batch of runs made on the former
+  TensorFlow path.
+  """
+  index = {cls: i for i, cls in enumerate(folder_class_names(layout))}
+  examples = [(entry.path, index[cls]) for cls, entries in sorted(layout[split].items())
+              for entry in entries]
+  random.Random(split).shuffle(examples)
+  return [p for p, _ in examples], np.array([label for _, label in examples], np.int32)
+
+
+def decode_folder_split(paths: list[str], size: int, num_threads: int | None = None) -> np.ndarray:
+  """Decodes and resizes (shorter side + centre crop) images into uint8 (N, size, size, 3).
+
+  Decoding runs on grain's thread pool (simplejpeg and numpy release the GIL); the order is
+  the order of `paths`.
+  """
+  import grain
+
+  def load(path: str) -> np.ndarray:
+    return decode.resize_shorter_and_centre_crop(decode.decode_image(path), size)
+
+  out = np.zeros((len(paths), size, size, 3), np.uint8)
+  if not paths:
+    return out
+  threads = num_threads or min(16, max(2, os.cpu_count() or 1))
+  dataset = grain.MapDataset.source(paths).map(load).to_iter_dataset(
+    grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+  )
+  for i, image in enumerate(dataset):
+    out[i] = image
+  return out
+
+
+def native_size(paths: list[str]) -> int | None:
+  """The common side of the first 8 images if they are square, else None."""
+  sizes = {decode.image_size(p) for p in paths[:8]}
+  if len(sizes) == 1:
+    (h, w), = sizes
+    if h == w:
+      return int(h)
+  return None
 
 
 _ARRAY_CACHE_VERSION = 1
@@ -211,13 +284,6 @@ def save_array_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
       os.remove(staging)
 
 
-def image_folder(root: str):
-  """A `tfds.folder_dataset.ImageFolder` builder for `root` (imports TF lazily)."""
-  import tensorflow_datasets as tfds
-
-  return tfds.folder_dataset.ImageFolder(root)
-
-
 def pick_splits(
   available: list[str], train_split: str | None, eval_split: str | None, where: str
 ) -> tuple[str, str | None]:
@@ -245,7 +311,7 @@ def pick_splits(
 
 def _resize_and_centre_crop(image, size: int):
   """tf: resize the shorter side to `size` and centre-crop size x size (no-op if already)."""
-  import tensorflow as tf
+  tf = extras.import_tensorflow('Reading a tfds dataset through tf.data')
 
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
@@ -266,7 +332,7 @@ def _resize_and_centre_crop(image, size: int):
 
 def dataset_to_arrays(ds, size: int) -> dict[str, np.ndarray]:
   """Decodes a tf.data dataset of {'image', 'label'} into uint8 (N, size, size, 3) arrays."""
-  import tensorflow as tf
+  tf = extras.import_tensorflow('Reading a tfds dataset through tf.data')
 
   ds = ds.map(
     lambda ex: (_resize_and_centre_crop(ex['image'], size), tf.cast(ex['label'], tf.int32)),
@@ -280,19 +346,6 @@ def dataset_to_arrays(ds, size: int) -> dict[str, np.ndarray]:
   if not images:
     return {'image': np.zeros((0, size, size, 3), np.uint8), 'label': np.zeros(0, np.int32)}
   return {'image': np.concatenate(images), 'label': np.concatenate(labels)}
-
-
-def native_size(builder, split: str) -> int | None:
-  """The common side of the first images of a folder split if they are square, else None."""
-  import tensorflow as tf
-
-  ds = builder.as_dataset(split=split, shuffle_files=False).take(8)
-  sizes = {tuple(tf.shape(ex['image']).numpy()[:2]) for ex in ds}
-  if len(sizes) == 1:
-    (h, w), = sizes
-    if h == w:
-      return int(h)
-  return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +389,52 @@ def tfds_as_dataset(builder, split: str, *, name: str, data_dir: str | None, **k
         'config.eval_split to one of its splits.'
       ) from e
     raise
+
+
+class RecordSource:
+  """Examples [first, first + count) of a random-access tfds split, decoded on demand.
+
+  Implements what ArrayInput reads from its data: len(), `side` (stored image side),
+  `has_box` and `take(index)` -> {'image' uint8 (B, side, side, 3), 'label' int32 (B,)}.
+  Pickles with its data source, so grain worker processes can read it.
+  """
+
+  has_box = False
+
+  def __init__(self, data_source, first: int, count: int, side: int, name: str):
+    self._source, self._first, self._count = data_source, first, count
+    self.side, self._name = side, name
+
+  def __len__(self) -> int:
+    return self._count
+
+  def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    images = np.zeros((len(index), self.side, self.side, 3), np.uint8)
+    labels = np.zeros(len(index), np.int32)
+    for row, i in enumerate(index):
+      record = self._source[self._first + int(i)]
+      image = decode.decode_bytes(record['image'], f'{self._name}[{self._first + int(i)}]')
+      images[row] = decode.resize_shorter_and_centre_crop(image, self.side)
+      labels[row] = int(record['label'])
+    return {'image': images, 'label': labels}
+
+
+def tfds_data_source(builder, split: str, *, name: str, data_dir: str | None):
+  """builder.as_data_source with the images left encoded; None if the dataset is stored as
+  TFRecord only (no random access); FileNotFoundError if it is not prepared."""
+  import tensorflow_datasets as tfds
+
+  try:
+    return builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  except NotImplementedError:
+    return None
+  except (AssertionError, FileNotFoundError, ValueError, KeyError) as e:
+    raise FileNotFoundError(
+      f'tfds dataset {name!r} is not prepared in data_dir={data_dir or "~/tensorflow_datasets"}'
+      f' ({type(e).__name__}: {e}). Set config.download=True (or run `tfds build '
+      f'{name.split("/")[0]} --file_format=array_record`), or point config.data_dir at a '
+      'directory that has it.'
+    ) from e
 
 
 def tfds_splits(builder) -> list[str]:

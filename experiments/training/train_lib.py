@@ -367,11 +367,29 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _tensorboard_on(setting: bool | None, is_chief: bool) -> bool:
+  """config.tensorboard: True (needs TensorFlow), False, or None = on if TensorFlow is
+  installed (a line says so when it is not)."""
+  if setting is not None:
+    return bool(setting)
+  from experiments import extras
+
+  if extras.tensorflow_installed():
+    return True
+  if is_chief:
+    print(f'TensorBoard summaries off: TensorFlow is not installed ({extras.TF_EXTRA}); '
+          'metrics.jsonl has every metric.', flush=True)
+  return False
+
+
 class _TensorBoardWriter:
   """Scalar event files through ``tf.summary.write`` (no ``tensorboard`` package needed)."""
 
   def __init__(self, logdir: str):
-    import tensorflow as tf  # Heavy import; only when TensorBoard output is on.
+    from experiments import extras
+
+    # Heavy import; only when TensorBoard output is on.
+    tf = extras.import_tensorflow('TensorBoard summaries (config.tensorboard=True)')
     from tensorflow.core.framework import summary_pb2
 
     self._tf = tf
@@ -511,7 +529,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init_from:
       state = _init_from(state, config.init_from, replicated, is_chief)
 
-  metrics_log = MetricsLog(workdir, tensorboard=config.tensorboard, enabled=is_chief)
+  metrics_log = MetricsLog(workdir, tensorboard=_tensorboard_on(config.tensorboard, is_chief),
+                           enabled=is_chief)
   start_step = int(jax.device_get(state.step))
   metrics_log.truncate_after(start_step)
 
@@ -546,28 +565,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       input_wait = 0.0
       shown = 0  # Steps of this epoch the progress bar already counts (past first_step).
       step = epoch * steps_per_epoch + first_step
-      # A background thread prepares the next batches while the device computes.
-      with input_pipeline.prefetch(data.train_batches(epoch, first_step),
-                                   buffer_size=2) as batches:
-        while True:
-          fetch_start = time.perf_counter()
-          local_batch = next(batches, None)
-          if local_batch is None:
-            break
-          batch = distributed.global_batch(local_batch, mesh, ('image', 'label'))
-          input_wait += time.perf_counter() - fetch_start
-          state = step_fn(state, batch)
-          step += 1
-          if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-            sums = jax.device_get(state.epoch_sums)  # Waits for the device: not every step.
-            done = step - epoch * steps_per_epoch - first_step
-            rate = done * config.global_batch_size / (time.perf_counter() - epoch_start)
-            progress.update(done - shown, loss=f'{sums["loss"] / sums["count"]:.4f}',
-                            acc=f'{sums["correct"] / sums["count"]:.3f}', img_s=f'{rate:.0f}')
-            shown = done
-          if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-              and step % steps_per_epoch != 0):
-            ckpts.save(step, state.to_dict(), meta)
+      # The pipeline computes the next batches on grain threads while the device computes.
+      batches = data.train_batches(epoch, first_step)
+      while True:
+        fetch_start = time.perf_counter()
+        local_batch = next(batches, None)
+        if local_batch is None:
+          break
+        batch = distributed.global_batch(local_batch, mesh, ('image', 'label'))
+        input_wait += time.perf_counter() - fetch_start
+        state = step_fn(state, batch)
+        step += 1
+        if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+          sums = jax.device_get(state.epoch_sums)  # Waits for the device: not every step.
+          done = step - epoch * steps_per_epoch - first_step
+          rate = done * config.global_batch_size / (time.perf_counter() - epoch_start)
+          progress.update(done - shown, loss=f'{sums["loss"] / sums["count"]:.4f}',
+                          acc=f'{sums["correct"] / sums["count"]:.3f}', img_s=f'{rate:.0f}')
+          shown = done
+        if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+            and step % steps_per_epoch != 0):
+          ckpts.save(step, state.to_dict(), meta)
       if step != (epoch + 1) * steps_per_epoch:
         raise RuntimeError(f'The input pipeline yielded {step - epoch * steps_per_epoch} '
                            f'batches in epoch {epoch}; expected {steps_per_epoch}.')

@@ -61,6 +61,7 @@ def main() -> None:
 
     input_pipeline.create_input = slow_create_input
   train_lib.train_and_evaluate(config, args.workdir)
+  print(f'tensorflow imported: {"tensorflow" in sys.modules}', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 """Tests for experiments/data/pipeline.py and experiments/data/ (no network)."""
 
 import os
+import re
 import tarfile
-import threading
 import time
 
 import numpy as np
@@ -323,6 +323,121 @@ def test_folder_uses_test_split_and_tar_gz(tmp_path):
   assert batch['image'].shape == (4, 12, 12, 3)
 
 
+def tensorflow_folder_arrays(root, split, size):
+  """The former decoding path, kept here as the reference: tfds ImageFolder's order and
+  tf.image decoding, shorter side resized (antialiased bilinear) and centre-cropped."""
+  tf = pytest.importorskip('tensorflow')
+  tfds = pytest.importorskip('tensorflow_datasets')
+  builder = tfds.folder_dataset.ImageFolder(root)
+
+  def resize_and_crop(image):
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+    resized = tf.image.resize(image, (new_h, new_w), antialias=True)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
+    return tf.cond(same, lambda: image, lambda: resized[top:top + size, left:left + size])
+
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = ds.map(lambda ex: (resize_and_crop(ex['image']), tf.cast(ex['label'], tf.int32)))
+  images, labels = zip(*ds.as_numpy_iterator(), strict=True)
+  return np.stack(images), np.array(labels), tuple(builder.info.features['label'].names)
+
+
+def write_mixed_folder(root):
+  """JPEGs (colour 4:2:0 and 4:4:4, grey, odd sizes) and PNGs (RGB, RGBA, grey, palette)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(7)
+  for split, count in (('train', 6), ('test', 3)):
+    for cls in ('cat', 'ant', 'bee'):  # not in sorted order on purpose
+      os.makedirs(os.path.join(root, split, cls))
+      for i in range(count):
+        h, w = (int(v) for v in rng.integers(9, 41, 2))
+        smooth = np.cumsum(rng.integers(-20, 21, (h, w, 3)), axis=1)
+        pixels = np.clip(smooth + rng.integers(0, 256, 3), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        name = os.path.join(root, split, cls, f'{i:02d}')
+        kind = i % 5
+        if kind == 0:
+          image.save(name + '.jpg', quality=85)
+        elif kind == 1:
+          image.convert('L').save(name + '.JPEG', quality=70)
+        elif kind == 2:
+          image.save(name + '.jpeg', quality=95, subsampling=0)
+        elif kind == 3:
+          image.convert('RGBA').save(name + '.png')
+        else:
+          image.convert('P').save(name + '.png')
+
+
+@pytest.mark.parametrize('augment_kind, image_size', [('none', 16), ('imagenet', 16),
+                                                      ('none', None)])
+def test_folder_decoding_equals_tensorflow(tmp_path, augment_kind, image_size):
+  # Same order, labels and pixels as the tfds ImageFolder + tf.image path, including
+  # resizing (upsampling and antialiased downsampling) and centre crops.
+  root = str(tmp_path / 'imgs')
+  write_mixed_folder(root)
+  config = folder_config(root, augment=augment_kind, image_size=image_size, cache_arrays=False)
+  layout = sources.scan_folder(root)
+  arrays = ip._decode_folder(config, layout, ['train', 'test'])
+  size = int(arrays['image_size'])
+  stored = augment.stored_size(augment_kind, size)
+  for split in ('train', 'test'):
+    images, labels, names = tensorflow_folder_arrays(root, split, stored)
+    assert tuple(arrays['class_names']) == names == ('ant', 'bee', 'cat')
+    np.testing.assert_array_equal(arrays[f'{split}/label'], labels)
+    np.testing.assert_array_equal(arrays[f'{split}/image'], images)
+
+
+def test_resize_equals_tensorflow():
+  tf = pytest.importorskip('tensorflow')
+  from experiments.data import decode
+
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    h, w = (int(v) for v in rng.integers(5, 90, 2))
+    out_h, out_w = (int(v) for v in rng.integers(4, 70, 2))
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8).astype(np.float32)
+    ours = decode._resample(decode._resample(image, 0, out_h), 1, out_w)
+    np.testing.assert_array_equal(ours, tf.image.resize(image, (out_h, out_w),
+                                                        antialias=True).numpy())
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=3, fmt='jpg')
+  bad = tmp_path / 'imgs' / 'train' / 'bee' / '001.jpg'
+  data = bad.read_bytes()
+  bad.write_bytes(data[:len(data) // 2])  # truncated JPEG
+  with pytest.raises(ValueError, match=re.escape(f'Cannot decode image {bad}')):
+    ip.create_input(folder_config(tmp_path / 'imgs'))
+  bad.write_bytes(b'not an image at all')
+  with pytest.raises(ValueError, match=re.escape(f'Cannot decode image {bad}')):
+    ip.create_input(folder_config(tmp_path / 'imgs'))
+
+
+def test_empty_class_directory_names_it(tmp_path):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=3)
+  (tmp_path / 'imgs' / 'train' / 'dog').mkdir()
+  (tmp_path / 'imgs' / 'train' / 'dog' / 'notes.txt').write_text('no images here')
+  with pytest.raises(ValueError, match=f'Class directory {tmp_path / "imgs" / "train" / "dog"}'
+                                       ' has no images'):
+    ip.create_input(folder_config(tmp_path / 'imgs'))
+
+
+def test_non_image_files_are_skipped_and_counted(tmp_path, capsys):
+  write_folder(tmp_path / 'imgs', ['train'], per_class=4)
+  (tmp_path / 'imgs' / 'train' / 'ant' / 'notes.txt').write_text('a note')
+  (tmp_path / 'imgs' / 'train' / 'bee' / 'labels.csv').write_text('x')
+  (tmp_path / 'imgs' / 'train' / 'bee' / '.DS_Store').write_bytes(b'\0')  # hidden: ignored
+  data = ip.create_input(folder_config(tmp_path / 'imgs', holdout_fraction=0.25))
+  assert data.info.num_train + data.info.num_eval == 12
+  assert 'skipped 2 file(s) without an image suffix' in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not os.path.exists(SHARED_TARBALL), reason='shared CIFAR-10 tarball missing')
 def test_shared_cifar10_tarball():
   # Reads the archive's member list (a few seconds) rather than extracting 50k files: the
@@ -336,6 +451,21 @@ def test_shared_cifar10_tarball():
   ]
   assert set(counts['train'].values()) == {5000}
   assert sum(counts['train'].values()) == 50_000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(SHARED_TARBALL), reason='shared CIFAR-10 tarball missing')
+def test_shared_cifar10_tarball_decodes_as_tensorflow(tmp_path):
+  # All 50,000 JPEGs: the arrays (and so every batch) of runs made on the TensorFlow path,
+  # e.g. the multi-seed CIFAR-10 study, are what this pipeline gives.
+  config = folder_config(SHARED_TARBALL, cache_dir=str(tmp_path / 'cache'), augment=None,
+                         mean=None, std=None, cache_arrays=False)
+  root = sources.resolve_folder(SHARED_TARBALL, config.cache_dir)
+  arrays = ip._decode_folder(config, sources.scan_folder(root), ['train'])
+  images, labels, names = tensorflow_folder_arrays(root, 'train', 32)
+  assert tuple(arrays['class_names']) == names and int(arrays['image_size']) == 32
+  np.testing.assert_array_equal(arrays['train/label'], labels)
+  np.testing.assert_array_equal(arrays['train/image'], images)
 
 
 # -- tfds (mocked) ------------------------------------------------------------------------------
@@ -361,7 +491,7 @@ def test_tfds_cifar10_in_memory(tmp_path):
 def streaming_config(tmp_path, **overrides):
   config = ip.default_data_config()
   config.update(dataset='imagenette', data_dir=str(tmp_path), image_size=24,
-                global_batch_size=4, eval_batch_size=4, shuffle_buffer=8)
+                global_batch_size=4, eval_batch_size=4)
   config.update(overrides)
   return config
 
@@ -397,6 +527,73 @@ def test_tfds_streaming_holdout(tmp_path):
     masks = np.concatenate([b['mask'] for b in data.eval_batches()])
   assert data.info.num_train == 13 and data.info.num_eval == 5 and data.steps_per_epoch == 3
   np.testing.assert_array_equal(masks, [1, 1, 1, 1, 1, 0, 0, 0])
+
+
+@pytest.mark.slow
+def test_streaming_from_array_record_files_in_worker_processes(tmp_path, monkeypatch):
+  # A real ArrayRecord tfds dataset (not mocked): grain worker processes read and decode it
+  # to the same batches as inline reading; resume, host slices and pixels as TensorFlow's.
+  tfds = pytest.importorskip('tensorflow_datasets')
+  tf = pytest.importorskip('tensorflow')
+  from experiments.data import base
+
+  class TinyJpegs(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+        'label': tfds.features.ClassLabel(names=['a', 'b', 'c'])}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(24, 0),
+              'validation': self._generate_examples(10, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        h, w = (int(v) for v in rng.integers(20, 50, 2))
+        yield i, {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'label': i % 3}
+
+  TinyJpegs(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  monkeypatch.setitem(base.DATASETS, 'tiny_jpegs', dict(
+    image_size=16, augment='imagenet', mean=(0.5,) * 3, std=(0.25,) * 3,
+    train_split='train', eval_split='validation', streaming=True))
+  config = ip.default_data_config()
+  config.update(dataset='tiny_jpegs', data_dir=str(tmp_path), global_batch_size=8,
+                eval_batch_size=8, input_threads=0)
+  inline = ip.create_input(config)
+  assert inline.info.num_train == 24 and inline.info.num_eval == 10
+  assert inline.info.class_names == ('a', 'b', 'c') and inline.steps_per_epoch == 3
+  full = list(inline.train_batches(1))
+  assert full[0]['image'].shape == (8, 16, 16, 3) and full[0]['label'].dtype == np.int32
+  config.input_workers = 2
+  workers = ip.create_input(config)
+  assert_batches_equal(list(workers.train_batches(1)), full)
+  assert_batches_equal(list(workers.eval_batches()), list(inline.eval_batches()))
+  assert_batches_equal(list(inline.train_batches(1, start_step=1)), full[1:])
+  config.input_workers = 0
+  hosts = [list(ip.create_input(config, process_index=p, process_count=2).train_batches(1))
+           for p in range(2)]
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*hosts, strict=True)]
+  assert_batches_equal(joined, full)
+  assert [b['mask'].sum() for b in inline.eval_batches()] == [8, 2]
+  # Stored (pre-augmentation) pixels: as tf.image decodes and resizes them.
+  builder = tfds.builder('tiny_jpegs', data_dir=str(tmp_path))
+  records = builder.as_data_source(split='validation',
+                                   decoders={'image': tfds.decode.SkipDecoding()})
+  ours = sources.RecordSource(records, 0, 10, 18, 'v').take(np.arange(10))
+  for i in range(10):
+    example = records[i]
+    image = tf.image.decode_image(example['image'], channels=3, expand_animations=False)
+    h, w = int(image.shape[0]), int(image.shape[1])
+    scale = np.float32(18) / np.float32(min(h, w))
+    new_h, new_w = (max(18, int(np.round(np.float32(v) * scale))) for v in (h, w))
+    resized = tf.image.resize(image, (new_h, new_w), antialias=True).numpy()
+    resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+    top, left = (new_h - 18) // 2, (new_w - 18) // 2
+    np.testing.assert_array_equal(ours['image'][i], resized[top:top + 18, left:left + 18])
+    assert ours['label'][i] == int(example['label'])
 
 
 def test_tfds_missing_dataset_names_fix(tmp_path):
@@ -470,40 +667,56 @@ def test_shapes_holdout_carved():
   assert data.info.num_train + data.info.num_eval == 96 and data.info.num_eval == 24
 
 
-# -- prefetch -----------------------------------------------------------------------------------
+# -- batches computed ahead on grain ------------------------------------------------------------
 
 
-def test_prefetch_yields_same_items_and_propagates_errors():
-  assert list(ip.prefetch(iter(range(10)), buffer_size=3)) == list(range(10))
+@pytest.mark.parametrize('num_threads', [0, 2])
+def test_batches_ahead_in_order_and_errors_propagate(num_threads):
+  from experiments.data import loader
 
-  def broken():
-    yield 1
-    raise RuntimeError('boom')
+  ahead = loader.batches_ahead(lambda k: k * k, 3, 9, num_threads=num_threads, buffer_size=2)
+  assert list(ahead) == [k * k for k in range(3, 9)]
 
-  it = ip.prefetch(broken())
-  assert next(it) == 1
-  with pytest.raises(RuntimeError, match='boom'):
-    next(it)
-  with pytest.raises(ValueError, match='buffer_size'):
-    ip.prefetch(iter([]), buffer_size=0)
+  def broken(k):
+    if k == 2:
+      raise RuntimeError('boom at step 2')
+    return k
+
+  ahead = loader.batches_ahead(broken, 0, 5, num_threads=num_threads, buffer_size=2)
+  assert next(ahead) == 0
+  with pytest.raises(RuntimeError, match='boom at step 2'):
+    list(ahead)
+  with pytest.raises(ValueError, match='prefetch_batches'):
+    loader.batches_ahead(broken, 0, 5, num_threads=1, buffer_size=0)
 
 
-def test_prefetch_runs_ahead_and_closes():
-  produced = []
+def test_batches_ahead_run_ahead_boundedly():
+  from experiments.data import loader
 
-  def slow():
-    for i in range(1000):
-      produced.append(i)
-      yield i
+  made = []
 
-  with ip.prefetch(slow(), buffer_size=2) as it:
-    assert next(it) == 0
-    deadline = time.time() + 5
-    while len(produced) < 3 and time.time() < deadline:
-      time.sleep(0.01)
-    assert len(produced) >= 3  # ran ahead of the consumer
-  assert len(produced) < 10  # stopped after close, bounded by the buffer
-  assert not any(t.name.startswith('prefetch') for t in threading.enumerate() if t.is_alive())
+  def make(k):
+    made.append(k)
+    return k
+
+  ahead = loader.batches_ahead(make, 0, 1000, num_threads=2, buffer_size=2)
+  assert next(ahead) == 0
+  deadline = time.time() + 5
+  while len(made) < 3 and time.time() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)
+  assert 3 <= len(made) <= 10  # ran ahead of the consumer, bounded by the buffer
+
+
+@pytest.mark.parametrize('ahead', [
+  dict(input_threads=2),
+  pytest.param(dict(input_workers=2), marks=pytest.mark.slow),  # spawns 2 processes
+])
+def test_threads_and_workers_do_not_change_batches(ahead):
+  inline = ip.create_input(shapes_config(augment='cifar', input_threads=0))
+  other = ip.create_input(shapes_config(augment='cifar', **ahead))
+  assert_batches_equal(list(inline.train_batches(1, 2)), list(other.train_batches(1, 2)))
+  assert_batches_equal(list(inline.eval_batches()), list(other.eval_batches()))
 
 
 @pytest.mark.slow
@@ -511,4 +724,13 @@ def test_benchmark_cli(capsys):
   ip.main(['--bench', '3', '--batch-size', '16', '--set', 'shapes.num_train=64',
            '--set', 'shapes.num_eval=16', '--set', 'image_size=16'])
   out = capsys.readouterr().out
-  assert 'plain_images_per_s' in out and 'prefetch_images_per_s' in out
+  assert 'images_per_s' in out and 'wait_fraction' in out
+
+
+def test_tensorflow_paths_name_the_extra(monkeypatch):
+  import sys
+
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` fails
+  with pytest.raises(ImportError, match=re.escape("needs TensorFlow, which is not installed: "
+                                                  "pip install -e '.[tf]'")):
+    sources.dataset_to_arrays(None, 8)

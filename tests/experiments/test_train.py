@@ -222,6 +222,16 @@ def test_merge_pretrained_keeps_mismatched_shapes():
 # --------------------------------------------------------------------------- errors
 
 
+def test_tensorboard_without_tensorflow_names_the_extra(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` fails
+  with pytest.raises(ImportError, match=r"TensorBoard.*pip install -e '\.\[tf\]'"):
+    train_lib.MetricsLog(str(tmp_path), tensorboard=True, enabled=True)
+  monkeypatch.setattr('importlib.util.find_spec', lambda name, *a: None)
+  assert not train_lib._tensorboard_on(None, is_chief=True)
+  assert 'TensorBoard summaries off' in capsys.readouterr().out
+  assert not train_lib._tensorboard_on(False, is_chief=True)
+
+
 def test_batch_that_does_not_divide_over_devices(tmp_path):
   with pytest.raises(ValueError, match=r'global_batch_size=12 does not divide over 8 devices'):
     train_lib.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
@@ -319,6 +329,105 @@ def test_image_folder_end_to_end(tmp_path):
   records = train_lib.read_metrics(str(tmp_path / 'work'))
   assert [r['step'] for r in records] == [2, 4]
   assert final['eval_top1'] == records[-1]['eval_top1'] and 0 <= final['eval_top1'] <= 1
+
+
+SHARED_TARBALL = os.path.join(REPO, '..', 'shared', 'data', 'cifar10-jpeg-train.tar.gz')
+# A sitecustomize under which TensorFlow looks not installed (`import tensorflow` fails and
+# importlib.util.find_spec finds nothing).
+_NO_TENSORFLOW = """
+import importlib.machinery
+
+_find_spec = importlib.machinery.PathFinder.find_spec
+
+
+def _find_spec_without_tensorflow(fullname, path=None, target=None):
+  if fullname == 'tensorflow' or fullname.startswith('tensorflow.'):
+    return None
+  return _find_spec(fullname, path, target)
+
+
+importlib.machinery.PathFinder.find_spec = staticmethod(_find_spec_without_tensorflow)
+"""
+
+
+def _capped_cifar10_archive(path, per_class):
+  """The first `per_class` images of each class of the shared tarball, as a new .tar.gz."""
+  import tarfile
+
+  taken = {}
+  with tarfile.open(SHARED_TARBALL) as source, tarfile.open(path, 'w:gz') as target:
+    for member in source:
+      if member.isfile():
+        cls = member.name.split('/')[-2]
+        if taken.get(cls, 0) >= per_class:
+          continue
+        taken[cls] = taken.get(cls, 0) + 1
+      target.addfile(member, source.extractfile(member) if member.isfile() else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['generated', 'shared_tarball'])
+def test_folder_training_without_tensorflow(tmp_path, source, monkeypatch):
+  # The trainer runs on an image folder (or a .tar.gz of real CIFAR-10 JPEGs) where
+  # `import tensorflow` fails; its decoded arrays, and so its batches, equal the former
+  # TensorFlow path's (tfds ImageFolder + tf.image).
+  from experiments.data import pipeline as input_pipeline
+  from experiments.data import sources
+  from tests.experiments.test_input_pipeline import tensorflow_folder_arrays
+
+  image_lib = pytest.importorskip('PIL.Image')
+  if source == 'generated':
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'images'
+    for split, count in (('train', 16), ('test', 8)):
+      for label in range(2):
+        os.makedirs(folder / split / f'class{label}')
+        for i in range(count):
+          pixels = rng.integers(0, 256, (int(rng.integers(12, 30)), 20, 3), dtype=np.uint8)
+          image_lib.fromarray(pixels).save(folder / split / f'class{label}' / f'{i}.jpg')
+    overrides = {'eval_split': 'test', 'augment': 'flip'}
+  else:
+    if not os.path.exists(SHARED_TARBALL):
+      pytest.skip('shared CIFAR-10 tarball missing')
+    folder = tmp_path / 'cifar10-capped.tar.gz'
+    _capped_cifar10_archive(folder, per_class=40)
+    overrides = {'eval_split': None, 'holdout_fraction': 0.2, 'image_size': 32,
+                 'augment': 'cifar', 'global_batch_size': 64, 'eval_batch_size': 64}
+  overrides.update(dataset='folder', folder=str(folder), cache_dir=str(tmp_path / 'cache'),
+                   num_epochs=1, tensorboard=None)
+  blocker = tmp_path / 'no_tensorflow'
+  blocker.mkdir()
+  (blocker / 'sitecustomize.py').write_text(_NO_TENSORFLOW)
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+    [str(blocker)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  output = finish(run_worker(tmp_path / 'work', overrides))
+  assert 'tensorflow imported: False' in output and 'TensorBoard summaries off' in output
+  records = train_lib.read_metrics(str(tmp_path / 'work'))
+  assert len(records) == 1 and np.isfinite(records[0]['train_loss'])
+
+  # Batches from the arrays the TensorFlow-free run decoded (its array cache) equal batches
+  # from the TensorFlow path's arrays.
+  config = tiny_config(**overrides)
+  root = sources.resolve_folder(str(folder), config.cache_dir)
+  without_tf = input_pipeline.create_input(config)
+  splits = ['train'] + (['test'] if overrides['eval_split'] else [])
+  size = without_tf.info.image_shape[0]
+  reference = {'class_names': np.array(without_tf.info.class_names),
+               'image_size': np.int64(size), 'kind': np.array(config.augment)}
+  for split in splits:
+    images, labels, names = tensorflow_folder_arrays(root, split, size)
+    assert names == without_tf.info.class_names
+    reference[f'{split}/image'], reference[f'{split}/label'] = images, labels
+  monkeypatch.setattr(input_pipeline, '_decode_folder', lambda *args: reference)
+  config.cache_arrays = False
+  with_tf = input_pipeline.create_input(config)
+  for epoch in (0, 1):
+    for a, b in zip(with_tf.train_batches(epoch), without_tf.train_batches(epoch), strict=True):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  for a, b in zip(with_tf.eval_batches(), without_tf.eval_batches(), strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def _corrupt(folder):
