@@ -14,11 +14,10 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-import torch_references as refs  # noqa: E402  (needs torch)
-
 from cbam_jax import convert  # noqa: E402
 from cbam_jax.convert import keys as convert_keys  # noqa: E402
 from cbam_jax.models import Bottleneck  # noqa: E402
+from experiments.bench import torch_reference as refs  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 

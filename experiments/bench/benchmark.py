@@ -29,7 +29,7 @@ Against it, in the same run:
 * ``naive``: a straightforward Flax CBAM (``nn.Dense`` MLP, ``nn.Conv`` 7x7 over the
   concatenated pools, ``nn.BatchNorm``), what one writes without care for speed;
 * ``torch_cl`` / ``torch_nchw``: the official PyTorch module (see
-  :mod:`experiments.bench.pytorch`) in channels_last and NCHW memory formats, with
+  :mod:`experiments.bench.torch_reference`) in channels_last and NCHW memory formats, with
   ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
@@ -305,7 +305,7 @@ def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
 
 def _torch_module_calls(side: TorchSide,
                         shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
-  from experiments.bench import pytorch as bench_torch
+  from experiments.bench import torch_reference
   torch, device = side.torch, side.device
   batch, height, width, channels = shape
   calls = {}
@@ -313,8 +313,10 @@ def _torch_module_calls(side: TorchSide,
                               ('torch_nchw', torch.contiguous_format)):
     # One module in eval mode for the forward, one in train mode for fwd+bwd: the calls
     # are interleaved, so neither may switch the other's mode.
-    eval_module = bench_torch.CBAM(channels).to(device, memory_format=memory_format).eval()
-    train_module = bench_torch.CBAM(channels).to(device, memory_format=memory_format).train()
+    eval_module = torch_reference.OfficialCBAM(channels).to(
+        device, memory_format=memory_format).eval()
+    train_module = torch_reference.OfficialCBAM(channels).to(
+        device, memory_format=memory_format).train()
     x = torch.randn(batch, channels, height, width, device=device).contiguous(
         memory_format=memory_format)
     cotangent = torch.randn_like(x)
@@ -410,13 +412,14 @@ def _jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, b
 
 def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attention: bool,
                       batch: int, size: int, channels_last: bool) -> Callable[[], None]:
-  from experiments.bench import pytorch as bench_torch
+  from experiments.bench import torch_reference
   torch, device = side.torch, side.device
   if name == 'resnet20':
     stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
   else:
     stages, stem, classes = fields.get('stage_sizes', (3, 4, 6, 3)), 'imagenet', 1000
-  model = bench_torch.ResNet(stages, stem=stem, attention=attention, num_classes=classes)
+  model = torch_reference.benchmark_resnet(stages, stem=stem, attention=attention,
+                                           num_classes=classes)
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   model = model.to(device, memory_format=memory_format).train()
   images = torch.randn(batch, 3, size, size, device=device).contiguous(
