@@ -7,8 +7,9 @@
 
 Times are medians over ``--repeats`` calls after compilation, the implementations of a
 row timed in interleaved rounds, each timed call after 25 ms of untimed calls of itself
-(:func:`interleaved_median_ms`); compile time is reported separately. Machines here are
-shared and noisy, so compare the ratios inside one run rather than milliseconds across runs.
+(:mod:`experiments.bench.timing`, the harness of every benchmark script); compile time is
+reported separately. Machines here are shared and noisy, so compare the ratios inside one
+run rather than milliseconds across runs.
 
 The same command runs on a GPU: JAX then uses it, and PyTorch runs on the same GPU (each
 call followed by ``torch.cuda.synchronize``; cuDNN autotuning on; TF32 for float32 convs and
@@ -61,7 +62,6 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -76,6 +76,7 @@ import optax
 
 from cbam_jax import layers, models
 from cbam_jax.conv import materializes_input
+from experiments.bench import timing
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
 # Sections run only when asked for with --only.
@@ -122,34 +123,6 @@ class NaiveCBAM(nn.Module):
 # Timing.
 
 
-_WARM_S = 0.025
-
-
-def interleaved_median_ms(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median milliseconds of each blocking ``call``, timed round-robin.
-
-  Repeat ``i`` of every call runs before repeat ``i + 1`` of any, so a slow phase of a
-  shared machine (another tenant, memory compaction) slows every implementation alike
-  instead of one of them: the ratios between them stay meaningful. Each timed call follows
-  untimed ones of the same call (see below).
-  """
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      # Untimed calls first, for at least _WARM_S: after a parallel region PyTorch's OpenMP
-      # threads spin for milliseconds, which on a small machine steals the cores from
-      # whatever runs next, and the allocator and caches should be as this call leaves
-      # them (a training loop's steady state), not as the previous one did.
-      warm_until = time.perf_counter() + _WARM_S
-      call()
-      while time.perf_counter() < warm_until:
-        call()
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) * 1e3 for name, values in times.items()}
-
-
 # Compiled training steps, shared by the models and memory sections of one run.
 _COMPILED: dict[Any, Any] = {}
 
@@ -186,11 +159,12 @@ def jax_call(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] 
 
 def time_calls(jax_calls: dict[str, tuple[Callable[[], Any], float]],
                torch_calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
-  """``{'ms', 'compile_s'}`` per name, every call timed in one interleaved loop."""
+  """``{'ms' (median), 'min_ms', 'compile_s'}`` per name, all timed in one interleaved loop."""
   calls = {name: call for name, (call, _) in jax_calls.items()} | torch_calls
-  medians = interleaved_median_ms(calls, repeats)
+  times = timing.interleaved_times(calls, repeats)
+  medians, fastest = timing.median_ms(times), timing.min_ms(times)
   compile_s = {name: seconds for name, (_, seconds) in jax_calls.items()}
-  return {name: {'ms': ms, 'compile_s': compile_s.get(name, 0.0)}
+  return {name: {'ms': ms, 'min_ms': fastest[name], 'compile_s': compile_s.get(name, 0.0)}
           for name, ms in medians.items()}
 
 
