@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cbam_jax import _validation
+from cbam_jax import _base, _validation
 from cbam_jax import attention as attention_registry
 from cbam_jax.attention import presets
 from cbam_jax.conv import MaterializedInputConv
@@ -227,6 +227,7 @@ def resolve_attention(spec: AttentionSpec, *, dtype: Dtype, param_dtype: Dtype,
   return _with_supported_fields(factory, {**fields, 'dtype': dtype, 'param_dtype': param_dtype})
 
 
+@_base.check_fields_at_init
 class ResNet(nn.Module):
   """ResNet v1 with optional attention in every block (and after stages).
 
