@@ -110,15 +110,11 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    residual = x
     y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), padding=same_padding(3), name='conv2')(y)
     y = self.norm(name='bn2', **last_norm_kwargs(self.zero_init_residual))(y)
-    if self.attention is not None:
-      y = self.attention(name='attention')(y, train=train)
-    residual = _shortcut(self, residual, self.features, self.strides)
-    return self.act(residual + y)
+    return _attend_and_add(self, x, y, self.features, train)
 
 
 class Bottleneck(nn.Module):
@@ -140,22 +136,27 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    residual = x
     y = self.conv(self.features, (1, 1), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv2')(y)
     y = self.act(self.norm(name='bn2')(y))
     y = self.conv(self.features * self.expansion, (1, 1), name='conv3')(y)
     y = self.norm(name='bn3', **last_norm_kwargs(self.zero_init_residual))(y)
-    if self.attention is not None:
-      y = self.attention(name='attention')(y, train=train)
-    residual = _shortcut(self, residual, self.features * self.expansion, self.strides)
-    return self.act(residual + y)
+    return _attend_and_add(self, x, y, self.features * self.expansion, train)
 
 
 def last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
   # Zero-init of the last BN scale makes every block start as the identity (Goyal et al.).
   return {'scale_init': nn.initializers.zeros_init()} if zero_init_residual else {}
+
+
+def _attend_and_add(block: BasicBlock | Bottleneck, x: Array, y: Array, features: int,
+                    train: bool) -> Array:
+  """A block's tail: attention on the residual branch ``y`` (after its last BatchNorm, as
+  in the official CBAM code), then ``act(shortcut(x) + y)``."""
+  if block.attention is not None:
+    y = block.attention(name='attention')(y, train=train)
+  return block.act(_shortcut(block, x, features, block.strides) + y)
 
 
 def _shortcut(block: BasicBlock | Bottleneck, x: Array, features: int, strides: int) -> Array:

@@ -169,6 +169,7 @@ def _flax_path(torch_key: str) -> tuple[str, ...]:
   return (collection, *path, leaf)
 
 
+@pytest.mark.slow
 def test_torchvision_backbone_into_cbam_resnet():
   torch_model = reference('torchvision_basic')
   state = {k: v for k, v in torch_model.state_dict().items()
@@ -284,6 +285,7 @@ def test_unexpected_keys_are_listed():
     convert.from_pytorch(state, 'official')
 
 
+@pytest.mark.slow
 def test_non_strict_loads_what_matches():
   state = _official_state()
   del state['layer2.0.bn1.running_var']
