@@ -91,11 +91,10 @@ def pad_shortcut(x: Array, features: int, strides: int) -> Array:
 _pad_shortcut = pad_shortcut  # The name tests/test_models.py reads.
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs (ResNet18/34, CIFAR ResNets); output has ``features`` channels.
-
-  Input ``(B, H, W, C_in)`` -> ``(B, ceil(H / strides), ceil(W / strides), features)``.
-  """
+class ResidualBlock(nn.Module):
+  """The fields of every residual block: the layer factories the ResNet completes, the
+  stride of its first strided conv, the attention on its residual branch (a factory, or
+  ``None``), the shortcut kind and zero-init of its last BatchNorm scale."""
 
   features: int
   conv: ModuleDef
@@ -105,6 +104,13 @@ class BasicBlock(nn.Module):
   attention: Callable[..., nn.Module] | None = None
   shortcut: str = 'projection'
   zero_init_residual: bool = False
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convs (ResNet18/34, CIFAR ResNets); output has ``features`` channels.
+
+  Input ``(B, H, W, C_in)`` -> ``(B, ceil(H / strides), ceil(W / strides), features)``.
+  """
 
   expansion = 1
 
@@ -117,20 +123,11 @@ class BasicBlock(nn.Module):
     return _attend_and_add(self, x, y, self.features, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
   """1x1 -> 3x3 (stride) -> 1x1 convs; output has ``4 * features`` channels.
 
   Input ``(B, H, W, C_in)`` -> ``(B, ceil(H / strides), ceil(W / strides), 4 * features)``.
   """
-
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable[[Array], Array]
-  strides: int = 1
-  attention: Callable[..., nn.Module] | None = None
-  shortcut: str = 'projection'
-  zero_init_residual: bool = False
 
   expansion = 4
 
@@ -150,7 +147,7 @@ def last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
   return {'scale_init': nn.initializers.zeros_init()} if zero_init_residual else {}
 
 
-def _attend_and_add(block: BasicBlock | Bottleneck, x: Array, y: Array, features: int,
+def _attend_and_add(block: ResidualBlock, x: Array, y: Array, features: int,
                     train: bool) -> Array:
   """A block's tail: attention on the residual branch ``y`` (after its last BatchNorm, as
   in the official CBAM code), then ``act(shortcut(x) + y)``."""
@@ -159,7 +156,7 @@ def _attend_and_add(block: BasicBlock | Bottleneck, x: Array, y: Array, features
   return block.act(_shortcut(block, x, features, block.strides) + y)
 
 
-def _shortcut(block: BasicBlock | Bottleneck, x: Array, features: int, strides: int) -> Array:
+def _shortcut(block: ResidualBlock, x: Array, features: int, strides: int) -> Array:
   """Identity, or (when the shape changes) a projection or option-A zero padding."""
   if strides == 1 and x.shape[-1] == features:
     return x
