@@ -69,18 +69,7 @@ class AttentionModule(nn.Module):
 
   def __init_subclass__(cls, **kwargs: Any) -> None:
     super().__init_subclass__(**kwargs)  # Flax makes cls a dataclass with its own __init__.
-    dataclass_init = cls.__init__
-    declared = tuple(f.name for f in dataclasses.fields(cls) if f.init)
-
-    @functools.wraps(dataclass_init)
-    def checked_init(self, *args: Any, **fields: Any) -> None:
-      # The dataclass's own TypeError names the bad keyword but not the good one.
-      unknown = set(fields) - set(declared)
-      if unknown:
-        raise TypeError(unknown_fields_message(type(self).__name__, unknown, declared))
-      dataclass_init(self, *args, **fields)
-
-    cls.__init__ = checked_init
+    check_fields_at_init(cls)
 
   def refine(self, x: Array, train: bool) -> Array:
     """Channels-last ``(B, *spatial, C)`` -> refined features in ``x.dtype``."""
@@ -90,6 +79,27 @@ class AttentionModule(nn.Module):
     """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
     return refine_along_axis(type(self).__name__, x, self.channel_axis,
                              lambda inp: self.refine(inp, train), self.supported_spatial_dims)
+
+
+def check_fields_at_init(cls: type[nn.Module]) -> type[nn.Module]:
+  """Makes a Flax dataclass module's ``__init__`` name the closest field of a misspelt one.
+
+  The dataclass's own TypeError names the bad keyword but not the good one. Applied to every
+  attention module (:class:`AttentionModule`) and, as a class decorator, to
+  :class:`cbam_jax.models.ResNet`; returns ``cls``.
+  """
+  dataclass_init = cls.__init__
+  declared = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+  @functools.wraps(dataclass_init)
+  def checked_init(self, *args: Any, **fields: Any) -> None:
+    unknown = set(fields) - set(declared)
+    if unknown:
+      raise TypeError(unknown_fields_message(type(self).__name__, unknown, declared))
+    dataclass_init(self, *args, **fields)
+
+  cls.__init__ = checked_init
+  return cls
 
 
 def unknown_fields_message(what: str, unknown: Iterable[str], declared: Iterable[str]) -> str:

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cbam_jax import _validation
+from cbam_jax import _base, _validation
 from cbam_jax import attention as attention_registry
 from cbam_jax.attention import presets
 from cbam_jax.conv import MaterializedInputConv
@@ -91,66 +91,55 @@ def pad_shortcut(x: Array, features: int, strides: int) -> Array:
 _pad_shortcut = pad_shortcut  # The name tests/test_models.py reads.
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+  """The fields of every residual block: the layer factories the ResNet completes, the
+  stride of its first strided conv, the attention on its residual branch (a factory, or
+  ``None``), the shortcut kind and zero-init of its last BatchNorm scale."""
+
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable[[Array], Array]
+  strides: int = 1
+  attention: Callable[..., nn.Module] | None = None
+  shortcut: str = 'projection'
+  zero_init_residual: bool = False
+
+
+class BasicBlock(ResidualBlock):
   """Two 3x3 convs (ResNet18/34, CIFAR ResNets); output has ``features`` channels.
 
   Input ``(B, H, W, C_in)`` -> ``(B, ceil(H / strides), ceil(W / strides), features)``.
   """
 
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable[[Array], Array]
-  strides: int = 1
-  attention: Callable[..., nn.Module] | None = None
-  shortcut: str = 'projection'
-  zero_init_residual: bool = False
-
   expansion = 1
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    residual = x
     y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), padding=same_padding(3), name='conv2')(y)
     y = self.norm(name='bn2', **last_norm_kwargs(self.zero_init_residual))(y)
-    if self.attention is not None:
-      y = self.attention(name='attention')(y, train=train)
-    residual = _shortcut(self, residual, self.features, self.strides)
-    return self.act(residual + y)
+    return _attend_and_add(self, x, y, self.features, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
   """1x1 -> 3x3 (stride) -> 1x1 convs; output has ``4 * features`` channels.
 
   Input ``(B, H, W, C_in)`` -> ``(B, ceil(H / strides), ceil(W / strides), 4 * features)``.
   """
 
-  features: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable[[Array], Array]
-  strides: int = 1
-  attention: Callable[..., nn.Module] | None = None
-  shortcut: str = 'projection'
-  zero_init_residual: bool = False
-
   expansion = 4
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    residual = x
     y = self.conv(self.features, (1, 1), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv2')(y)
     y = self.act(self.norm(name='bn2')(y))
     y = self.conv(self.features * self.expansion, (1, 1), name='conv3')(y)
     y = self.norm(name='bn3', **last_norm_kwargs(self.zero_init_residual))(y)
-    if self.attention is not None:
-      y = self.attention(name='attention')(y, train=train)
-    residual = _shortcut(self, residual, self.features * self.expansion, self.strides)
-    return self.act(residual + y)
+    return _attend_and_add(self, x, y, self.features * self.expansion, train)
 
 
 def last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
@@ -158,7 +147,16 @@ def last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
   return {'scale_init': nn.initializers.zeros_init()} if zero_init_residual else {}
 
 
-def _shortcut(block: BasicBlock | Bottleneck, x: Array, features: int, strides: int) -> Array:
+def _attend_and_add(block: ResidualBlock, x: Array, y: Array, features: int,
+                    train: bool) -> Array:
+  """A block's tail: attention on the residual branch ``y`` (after its last BatchNorm, as
+  in the official CBAM code), then ``act(shortcut(x) + y)``."""
+  if block.attention is not None:
+    y = block.attention(name='attention')(y, train=train)
+  return block.act(_shortcut(block, x, features, block.strides) + y)
+
+
+def _shortcut(block: ResidualBlock, x: Array, features: int, strides: int) -> Array:
   """Identity, or (when the shape changes) a projection or option-A zero padding."""
   if strides == 1 and x.shape[-1] == features:
     return x
@@ -227,6 +225,7 @@ def resolve_attention(spec: AttentionSpec, *, dtype: Dtype, param_dtype: Dtype,
   return _with_supported_fields(factory, {**fields, 'dtype': dtype, 'param_dtype': param_dtype})
 
 
+@_base.check_fields_at_init
 class ResNet(nn.Module):
   """ResNet v1 with optional attention in every block (and after stages).
 

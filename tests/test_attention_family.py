@@ -249,6 +249,7 @@ class SimAMTest(chex.TestCase):
 # ----------------------------------------------------------------------- member details
 
 
+@pytest.mark.slow
 def test_eca_kernel_adapts_and_can_be_fixed():
   for channels, k in [(16, 3), (64, 3), (256, 5), (512, 5)]:
     variables = _trace_init(attention.create('eca'), _features((1, 2, 2, channels)))
@@ -269,6 +270,7 @@ def test_eca_is_one_conv_across_channels():
   np.testing.assert_allclose(y, x / (1 + np.exp(-logits))[:, None, None], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bam_combine_and_output_norm():
   x = _features(SHAPE)
   with pytest.raises(ValueError, match='combine'):
@@ -337,7 +339,9 @@ def test_check_spatial_dims_message():
 # ----------------------------------------------------------------------- in the models
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=pytest.mark.slow) if name in ('triplet', 'bam') else name
+    for name in ALL])
 def test_every_member_fits_in_a_resnet(name):
   models = pytest.importorskip('cbam_jax.models')
   model = models.create_model('resnet_tiny', attention=name)
@@ -349,6 +353,7 @@ def test_every_member_fits_in_a_resnet(name):
     assert 'attention' in variables['params']['layer1_0']
 
 
+@pytest.mark.slow
 def test_bam_at_stage_transitions():
   models = pytest.importorskip('cbam_jax.models')
   model = models.create_model('resnet_tiny', stage_attention='bam')

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from cbam_jax import conv as conv_module
@@ -98,6 +99,7 @@ class MaterializedInputConvTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
 
 
+@pytest.mark.slow
 def test_resnet_uses_it_with_nn_conv_numbers():
   assert models.ResNet.conv is MaterializedInputConv
   model = models.ResNetTiny(attention='se', num_classes=3)

@@ -14,11 +14,10 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-import torch_references as refs  # noqa: E402  (needs torch)
-
 from cbam_jax import convert, saving  # noqa: E402
 from cbam_jax.convert import keys as convert_keys  # noqa: E402
 from cbam_jax.models import Bottleneck  # noqa: E402
+from experiments.bench import torch_reference as refs  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 
@@ -170,6 +169,7 @@ def _flax_path(torch_key: str) -> tuple[str, ...]:
   return (collection, *path, leaf)
 
 
+@pytest.mark.slow
 def test_torchvision_backbone_into_cbam_resnet():
   torch_model = reference('torchvision_basic')
   state = {k: v for k, v in torch_model.state_dict().items()
@@ -298,6 +298,7 @@ def test_unexpected_keys_are_listed():
     convert.from_pytorch(state, 'official')
 
 
+@pytest.mark.slow
 def test_non_strict_loads_what_matches():
   state = _official_state()
   del state['layer2.0.bn1.running_var']

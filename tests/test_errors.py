@@ -10,7 +10,7 @@ from flax import nnx
 
 import cbam_jax
 import cbam_jax.nnx as cnnx
-from cbam_jax import attention
+from cbam_jax import attention, models
 from cbam_jax import functional as F
 
 MISSING_BATCH = r'got shape \(5, 6, 8\): modules take a batch, \(B, \*spatial, C\).*x\[None\]'
@@ -85,6 +85,18 @@ def test_misspelt_linen_field_suggests_the_right_one():
   module = cbam_jax.CBAM(reduction_ratio=8)
   assert module.clone(kernel_size=3).kernel_size == 3
   assert cbam_jax.ChannelAttention(-1).channel_axis == -1
+
+
+def test_misspelt_model_field_suggests_the_right_one():
+  with pytest.raises(TypeError, match=r"ResNet got unexpected field\(s\) \['atention'\].*"
+                                      r"did you mean 'attention'"):
+    models.create_model('resnet20', atention='cbam')
+  with pytest.raises(TypeError, match="did you mean 'num_classes'"):
+    models.ResNet(stage_sizes=(1,), block_cls=models.BasicBlock, num_clases=3)
+  # Correct fields, the registry's partials and Flax's own clone still work.
+  model = models.create_model('resnet_tiny', attention='cbam')
+  assert model.clone(num_classes=3).num_classes == 3
+  assert models.ResNet((1,), models.BasicBlock).stage_sizes == (1,)
 
 
 def test_misspelt_nnx_field_suggests_the_right_one():

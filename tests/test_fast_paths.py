@@ -312,6 +312,7 @@ def test_computed_once_is_fn_under_jit_vmap_and_nested_gradients():
   assert 'while' in str(jax.make_jaxpr(once)(x, w))  # The loop is what XLA cannot fuse across.
 
 
+@pytest.mark.slow
 def test_fast_paths_under_explicit_sharding():
   # computed_once's probe and the kernel-gradient matmul must work when the batch is
   # explicitly sharded (jax.make_mesh with Explicit axes): same numbers as unsharded.

@@ -41,6 +41,7 @@ def _tiny_resnet(attention):
 
 class AttentionMapsTest(parameterized.TestCase):
 
+  @pytest.mark.slow
   def test_resnet_cbam_maps_by_block(self):
     model, variables, x = _tiny_resnet('cbam')
     # jit: one compilation is much cheaper than op-by-op dispatch through a ResNet.
@@ -204,6 +205,7 @@ class GradCamTest(chex.TestCase):
     raw = np.einsum('bhwc,bc->bhw', self.a, weights)
     np.testing.assert_allclose(cam, self._expected(raw), atol=1e-5)
 
+  @pytest.mark.slow
   def test_resnet_last_block_matches_the_head(self):
     # The last block's output is pooled and fed to the Dense head, so the Grad-CAM weights
     # are fc.kernel[:, target] / (H W); this exercises intercepting a real nested block.

@@ -95,6 +95,7 @@ class FunctionalEquivalenceTest(parameterized.TestCase):
                                 rtol=1e-5, atol=1e-6)
 
   @parameterized.parameters(1, 2, 3)
+  @pytest.mark.slow
   def test_branches(self, num_spatial):
     x = features(SHAPES[num_spatial], seed=num_spatial)
     channel = ChannelAttention(reduction_ratio=3, pool_types=('avg', 'lp'))
@@ -108,6 +109,7 @@ class FunctionalEquivalenceTest(parameterized.TestCase):
     expected = jax.vmap(F.spatial_attention, in_axes=(None, 0))(variables['params'], x)
     np.testing.assert_allclose(spatial.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
 
+  @pytest.mark.slow
   def test_attention_map_methods(self):
     x = features(SHAPES[2])
     module = SpatialAttention(kernel_size=3, spatial_norm=True)

@@ -56,9 +56,9 @@ class Scale(nn.Module):
 # (model, attention, expected params) at 1000 classes: the official CBAM / torchvision counts.
 EXPECTED_COUNTS = [
     ('resnet18', 'cbam', 11_779_392),
-    ('resnet34', 'cbam', 21_960_468),
+    pytest.param('resnet34', 'cbam', 21_960_468, marks=pytest.mark.slow),
     ('resnet50', 'cbam', 28_089_624),
-    ('resnet101', 'cbam', 49_330_172),
+    pytest.param('resnet101', 'cbam', 49_330_172, marks=pytest.mark.slow),
     ('resnet50', None, 25_557_032),
     ('resnet50', 'se', 28_088_024),
 ]
@@ -130,6 +130,7 @@ class TinyModelTest(chex.TestCase):
     self.model, self.x, self.variables = tiny_cbam_setup()
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_batch_stats_update_only_in_train_mode(self):
     apply = self.variant(functools.partial(tiny_apply, self.model), static_argnums=2)
     eval_logits, eval_state = apply(self.variables, self.x, False)
@@ -142,6 +143,7 @@ class TinyModelTest(chex.TestCase):
     self.assertTrue(all(jax.tree.leaves(changed)), changed)
     self.assertFalse(np.allclose(eval_logits, train_logits))
 
+  @pytest.mark.slow
   def test_eval_without_mutable_and_deterministic(self):
     logits = self.model.apply(self.variables, self.x)
     chex.assert_trees_all_close(logits, jax.jit(self.model.apply)(self.variables, self.x),
@@ -149,6 +151,7 @@ class TinyModelTest(chex.TestCase):
     with pytest.raises(Exception, match='batch_stats'):
       self.model.apply(self.variables, self.x, train=True)  # Needs mutable batch_stats.
 
+  @pytest.mark.slow
   def test_bfloat16_forward(self):
     model16 = models.ResNetTiny(attention='cbam', dtype=jnp.bfloat16)
     _, variables16 = shapes_of_init(model16, self.x.shape)
@@ -161,6 +164,7 @@ class TinyModelTest(chex.TestCase):
     scale = float(jnp.abs(logits32).max())
     np.testing.assert_allclose(logits16, logits32, atol=0.05 * scale + 1e-2)
 
+  @pytest.mark.slow
   def test_training_step_lowers_loss(self):
     labels = jnp.arange(self.x.shape[0]) % 10
     optimizer = optax.adam(1e-2)
@@ -202,6 +206,7 @@ def test_batchnorm_momentum_is_torch_default():
                              0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # Whole converted ResNets match torch's logits in test_convert.py.
 def test_strides_and_padding_match_torch():
   # PyTorch pads k // 2 on every side; Flax's 'SAME' would pad (2, 3) for the 7x7/2 stem
   # on even sizes. Recompute each strided layer from its captured input with torch-style
@@ -256,6 +261,7 @@ def test_attention_maps_from_every_block():
       assert spatial_map.shape == (2, size, size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('zero_init', [True, False])
 def test_zero_init_spatial_gate(zero_init):
   model = models.ResNetTiny(attention='cbam', zero_init_spatial_gate=zero_init)
@@ -269,6 +275,7 @@ def test_zero_init_spatial_gate(zero_init):
     assert np.allclose(spatial_map, 0.5) == zero_init
 
 
+@pytest.mark.slow
 def test_attention_fields_override_the_official_cbam_configuration():
   model = models.ResNetTiny(attention='cbam', attention_fields={'reduction_ratio': 4})
   x = tiny_images()
@@ -284,6 +291,7 @@ def test_attention_fields_override_the_official_cbam_configuration():
     models.ResNetTiny(attention='cbam', attention_fields={'reducton': 4}).init(KEY, x)
 
 
+@pytest.mark.slow  # The official placement is also held by test_convert.py's logits parity.
 @pytest.mark.parametrize('block_cls,last_norm', [(models.BasicBlock, 'bn2'),
                                                  (models.Bottleneck, 'bn3')])
 def test_attention_placement_after_last_norm_before_addition(block_cls, last_norm):
@@ -342,7 +350,9 @@ def test_resolve_attention_passes_dtypes_where_declared():
   assert spatial.spatial_norm and spatial.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize('attention', attention_registry.available())
+@pytest.mark.parametrize('attention', [
+    pytest.param(name, marks=pytest.mark.slow) if name == 'triplet' else name
+    for name in attention_registry.available()])
 def test_every_registered_attention_fits_in_blocks(attention):
   # Traced only (train mode, so BatchNorms inside attention modules are exercised);
   # TinyModelTest runs CBAM numerically.

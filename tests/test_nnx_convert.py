@@ -8,11 +8,11 @@ from flax import nnx
 
 torch = pytest.importorskip('torch')
 
-import torch_references as refs  # noqa: E402  (needs torch)
 from nnx_parity import assert_close  # noqa: E402
 
 from cbam_jax import convert  # noqa: E402
 from cbam_jax.nnx import models as nnx_models  # noqa: E402
+from experiments.bench import torch_reference as refs  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 

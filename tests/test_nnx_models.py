@@ -40,6 +40,7 @@ def documented_param_counts() -> list[tuple[str, str | None, int]]:
 CHECKED_MODELS = ('resnet18', 'resnet50', 'resnet20', 'resnet_tiny')
 
 
+@pytest.mark.slow
 def test_every_model_name_and_documented_param_count():
   rows = documented_param_counts()
   assert {name for name, _, _ in rows} == set(models.available_models())
@@ -58,9 +59,11 @@ def test_every_model_name_and_documented_param_count():
 # pad and projection shortcuts, block and stage attention.
 MODEL_CASES = [
     (dict(name='resnet_tiny', attention='cbam'), 8, True),
-    (dict(name='resnet_tiny', attention='se', stage_attention='bam', shortcut='pad'), 8, False),
-    (dict(name='resnet18', stage_sizes=(1, 1), block_cls=models.Bottleneck, num_filters=4,
-          attention='eca', num_classes=5), 16, False),
+    pytest.param(dict(name='resnet_tiny', attention='se', stage_attention='bam',
+                      shortcut='pad'), 8, False, marks=pytest.mark.slow),
+    pytest.param(dict(name='resnet18', stage_sizes=(1, 1), block_cls=models.Bottleneck,
+                      num_filters=4, attention='eca', num_classes=5), 16, False,
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -77,6 +80,7 @@ def test_matches_linen_model(fields, size, train):
   assert_same_step(linen_model, model, variables, x, train)
 
 
+@pytest.mark.slow
 def test_same_structure_as_linen_create_model():
   linen_model = models.create_model('resnet20', attention='cbam')
   variables = jax.eval_shape(linen_model.init, jax.random.key(0), images(size=32))
@@ -90,6 +94,7 @@ def test_same_structure_as_linen_create_model():
   assert real.layer1_0.attention.spatial.norm.momentum == 0.99
 
 
+@pytest.mark.slow
 def test_training_loop_then_split_merge_and_orbax_round_trips(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
   model = nnx_models.create_model('resnet_tiny', attention='cbam', rngs=rngs())

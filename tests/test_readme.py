@@ -15,6 +15,7 @@ def first_python_block(after_heading: str) -> str:
   return re.search(r'```python\n(.*?)```', section, re.DOTALL)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('heading', ['## Quickstart (linen)', '### Flax NNX'])
 def test_readme_quickstart_runs_and_prints_its_comments(heading):
   code = first_python_block(heading)

@@ -1,6 +1,7 @@
 """CBAM against PyTorch references of the official code and of timm, with identical weights.
 
-The references are written here from the public code, trimmed to one module:
+The references (:mod:`experiments.bench.torch_reference`, shared with the benchmark) are
+written from the public code:
 
 * official: Jongchan/attention-module ``MODELS/cbam.py`` (``ChannelGate``, ``ChannelPool``,
   ``SpatialGate``, ``CBAM``, ``logsumexp_2d``), whose spatial pool is ``[max, mean]``;
@@ -22,148 +23,11 @@ import pytest
 from cbam_jax import CBAM
 
 torch = pytest.importorskip('torch')
-nn = torch.nn
-TF = torch.nn.functional
+from experiments.bench.torch_reference import OfficialCBAM, TimmCbamModule  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 TOLERANCE = 1e-5  # Max abs difference, float32.
-
-
-# ---------------------------------------------------------------------------------------------
-# Official CBAM (Jongchan/attention-module, MODELS/cbam.py).
-
-
-def logsumexp_2d(tensor):
-  tensor_flatten = tensor.view(tensor.size(0), tensor.size(1), -1)
-  s, _ = torch.max(tensor_flatten, dim=2, keepdim=True)
-  return s + (tensor_flatten - s).exp().sum(dim=2, keepdim=True).log()
-
-
-class OfficialChannelGate(nn.Module):
-
-  def __init__(self, gate_channels, reduction_ratio=16, pool_types=('avg', 'max')):
-    super().__init__()
-    self.mlp = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(gate_channels, gate_channels // reduction_ratio),
-        nn.ReLU(),
-        nn.Linear(gate_channels // reduction_ratio, gate_channels))
-    self.pool_types = pool_types
-
-  def forward(self, x):
-    size = (x.size(2), x.size(3))
-    channel_att_sum = None
-    for pool_type in self.pool_types:
-      if pool_type == 'avg':
-        channel_att_raw = self.mlp(TF.avg_pool2d(x, size, stride=size))
-      elif pool_type == 'max':
-        channel_att_raw = self.mlp(TF.max_pool2d(x, size, stride=size))
-      elif pool_type == 'lp':
-        channel_att_raw = self.mlp(TF.lp_pool2d(x, 2, size, stride=size))
-      elif pool_type == 'lse':
-        channel_att_raw = self.mlp(logsumexp_2d(x))
-      channel_att_sum = (channel_att_raw if channel_att_sum is None
-                         else channel_att_sum + channel_att_raw)
-    scale = torch.sigmoid(channel_att_sum).unsqueeze(2).unsqueeze(3).expand_as(x)
-    return x * scale
-
-
-class OfficialChannelPool(nn.Module):
-
-  def forward(self, x):
-    # [max, mean]: the reverse of the paper's [AvgPool; MaxPool].
-    return torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
-
-
-class OfficialSpatialGate(nn.Module):
-
-  def __init__(self, kernel_size=7):
-    super().__init__()
-    self.compress = OfficialChannelPool()
-    self.conv = nn.Conv2d(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2,
-                          bias=False)
-    self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
-
-  def forward(self, x):
-    return x * torch.sigmoid(self.bn(self.conv(self.compress(x))))
-
-
-class OfficialCBAM(nn.Module):
-
-  def __init__(self, gate_channels, reduction_ratio=16, pool_types=('avg', 'max'),
-               no_spatial=False):
-    super().__init__()
-    self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio, pool_types)
-    self.no_spatial = no_spatial
-    if not no_spatial:
-      self.SpatialGate = OfficialSpatialGate()
-
-  def forward(self, x):
-    x_out = self.ChannelGate(x)
-    if not self.no_spatial:
-      x_out = self.SpatialGate(x_out)
-    return x_out
-
-
-# ---------------------------------------------------------------------------------------------
-# timm CbamModule (timm/layers/cbam.py), default arguments.
-
-
-def make_divisible(v, divisor=1, min_value=None, round_limit=0.):
-  min_value = min_value or divisor
-  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-  if new_v < round_limit * v:
-    new_v += divisor
-  return new_v
-
-
-class TimmChannelAttn(nn.Module):
-
-  def __init__(self, channels, rd_ratio=1. / 16):
-    super().__init__()
-    rd_channels = make_divisible(channels * rd_ratio, 1, round_limit=0.)
-    self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=False)
-    self.act = nn.ReLU(inplace=True)
-    self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=False)
-
-  def forward(self, x):
-    x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-    x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
-    return x * torch.sigmoid(x_avg + x_max)
-
-
-class TimmConvNorm(nn.Module):
-
-  def __init__(self, kernel_size):
-    super().__init__()
-    self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-    self.bn = nn.BatchNorm2d(1)  # eps 1e-5, momentum 0.1.
-
-  def forward(self, x):
-    return self.bn(self.conv(x))
-
-
-class TimmSpatialAttn(nn.Module):
-
-  def __init__(self, kernel_size=7):
-    super().__init__()
-    self.conv = TimmConvNorm(kernel_size)
-
-  def forward(self, x):
-    x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-    return x * torch.sigmoid(self.conv(x_attn))
-
-
-class TimmCbamModule(nn.Module):
-
-  def __init__(self, channels, spatial_kernel_size=7):
-    super().__init__()
-    self.channel = TimmChannelAttn(channels)
-    self.spatial = TimmSpatialAttn(spatial_kernel_size)
-
-  def forward(self, x):
-    return self.spatial(self.channel(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +67,7 @@ def convert_official(module: OfficialCBAM) -> dict:
                         'fc2_bias': to_numpy(fc2.bias)}}
   variables = {'params': params}
   if not module.no_spatial:
-    gate = module.SpatialGate
+    gate = module.SpatialGate.spatial
     norm_params, norm_stats = batch_norm(gate.bn)
     params['spatial'] = {'conv_kernel': spatial_kernel(gate.conv.weight, swap_pools=True),
                          'norm': norm_params}
@@ -272,7 +136,7 @@ def test_official_cbam_eval(pool_types):
   generator = torch.Generator().manual_seed(1)
   reference = OfficialCBAM(32, reduction_ratio=16, pool_types=pool_types).eval()
   randomize_mlp_biases(reference, generator)
-  randomize_batch_norm(reference.SpatialGate.bn, generator)
+  randomize_batch_norm(reference.SpatialGate.spatial.bn, generator)
   x = nchw_input((2, 32, 9, 8))
   with torch.no_grad():
     expected = to_numpy(reference(torch.from_numpy(x)))
@@ -317,13 +181,13 @@ def test_official_cbam_train_step_updates_running_stats():
   generator = torch.Generator().manual_seed(4)
   reference = OfficialCBAM(16, reduction_ratio=4).train()
   randomize_mlp_biases(reference, generator)
-  randomize_batch_norm(reference.SpatialGate.bn, generator)
+  randomize_batch_norm(reference.SpatialGate.spatial.bn, generator)
   variables = convert_official(reference)  # Before the step: the starting running stats.
   x = nchw_input((3, 16, 7, 7), seed=3)
-  bn = reference.SpatialGate.bn
+  bn = reference.SpatialGate.spatial.bn
   with torch.no_grad():
     refined = reference.ChannelGate(torch.from_numpy(x))
-    logits = reference.SpatialGate.conv(reference.SpatialGate.compress(refined))
+    logits = reference.SpatialGate.spatial.conv(reference.SpatialGate.compress(refined))
     expected = to_numpy(reference(torch.from_numpy(x)))
   fields = dict(reduction_ratio=4, spatial_norm=True)  # norm_momentum 0.99 == torch's 0.01.
   for channel_axis, x_ours in ((-1, x.transpose(0, 2, 3, 1)), (1, x)):

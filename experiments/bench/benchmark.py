@@ -7,8 +7,9 @@
 
 Times are medians over ``--repeats`` calls after compilation, the implementations of a
 row timed in interleaved rounds, each timed call after 25 ms of untimed calls of itself
-(:func:`interleaved_median_ms`); compile time is reported separately. Machines here are
-shared and noisy, so compare the ratios inside one run rather than milliseconds across runs.
+(:mod:`experiments.bench.timing`, the harness of every benchmark script); compile time is
+reported separately. Machines here are shared and noisy, so compare the ratios inside one
+run rather than milliseconds across runs.
 
 The same command runs on a GPU: JAX then uses it, and PyTorch runs on the same GPU (each
 call followed by ``torch.cuda.synchronize``; cuDNN autotuning on; TF32 for float32 convs and
@@ -29,7 +30,7 @@ Against it, in the same run:
 * ``naive``: a straightforward Flax CBAM (``nn.Dense`` MLP, ``nn.Conv`` 7x7 over the
   concatenated pools, ``nn.BatchNorm``), what one writes without care for speed;
 * ``torch_cl`` / ``torch_nchw``: the official PyTorch module (see
-  :mod:`experiments.bench.pytorch`) in channels_last and NCHW memory formats, with
+  :mod:`experiments.bench.torch_reference`) in channels_last and NCHW memory formats, with
   ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
@@ -61,7 +62,6 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -76,6 +76,7 @@ import optax
 
 from cbam_jax import layers, models
 from cbam_jax.conv import materializes_input
+from experiments.bench import timing
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
 # Sections run only when asked for with --only.
@@ -122,34 +123,6 @@ class NaiveCBAM(nn.Module):
 # Timing.
 
 
-_WARM_S = 0.025
-
-
-def interleaved_median_ms(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median milliseconds of each blocking ``call``, timed round-robin.
-
-  Repeat ``i`` of every call runs before repeat ``i + 1`` of any, so a slow phase of a
-  shared machine (another tenant, memory compaction) slows every implementation alike
-  instead of one of them: the ratios between them stay meaningful. Each timed call follows
-  untimed ones of the same call (see below).
-  """
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      # Untimed calls first, for at least _WARM_S: after a parallel region PyTorch's OpenMP
-      # threads spin for milliseconds, which on a small machine steals the cores from
-      # whatever runs next, and the allocator and caches should be as this call leaves
-      # them (a training loop's steady state), not as the previous one did.
-      warm_until = time.perf_counter() + _WARM_S
-      call()
-      while time.perf_counter() < warm_until:
-        call()
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) * 1e3 for name, values in times.items()}
-
-
 # Compiled training steps, shared by the models and memory sections of one run.
 _COMPILED: dict[Any, Any] = {}
 
@@ -186,11 +159,12 @@ def jax_call(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] 
 
 def time_calls(jax_calls: dict[str, tuple[Callable[[], Any], float]],
                torch_calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
-  """``{'ms', 'compile_s'}`` per name, every call timed in one interleaved loop."""
+  """``{'ms' (median), 'min_ms', 'compile_s'}`` per name, all timed in one interleaved loop."""
   calls = {name: call for name, (call, _) in jax_calls.items()} | torch_calls
-  medians = interleaved_median_ms(calls, repeats)
+  times = timing.interleaved_times(calls, repeats)
+  medians, fastest = timing.median_ms(times), timing.min_ms(times)
   compile_s = {name: seconds for name, (_, seconds) in jax_calls.items()}
-  return {name: {'ms': ms, 'compile_s': compile_s.get(name, 0.0)}
+  return {name: {'ms': ms, 'min_ms': fastest[name], 'compile_s': compile_s.get(name, 0.0)}
           for name, ms in medians.items()}
 
 
@@ -305,7 +279,7 @@ def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
 
 def _torch_module_calls(side: TorchSide,
                         shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
-  from experiments.bench import pytorch as bench_torch
+  from experiments.bench import torch_reference
   torch, device = side.torch, side.device
   batch, height, width, channels = shape
   calls = {}
@@ -313,8 +287,10 @@ def _torch_module_calls(side: TorchSide,
                               ('torch_nchw', torch.contiguous_format)):
     # One module in eval mode for the forward, one in train mode for fwd+bwd: the calls
     # are interleaved, so neither may switch the other's mode.
-    eval_module = bench_torch.CBAM(channels).to(device, memory_format=memory_format).eval()
-    train_module = bench_torch.CBAM(channels).to(device, memory_format=memory_format).train()
+    eval_module = torch_reference.OfficialCBAM(channels).to(
+        device, memory_format=memory_format).eval()
+    train_module = torch_reference.OfficialCBAM(channels).to(
+        device, memory_format=memory_format).train()
     x = torch.randn(batch, channels, height, width, device=device).contiguous(
         memory_format=memory_format)
     cotangent = torch.randn_like(x)
@@ -410,13 +386,14 @@ def _jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, b
 
 def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attention: bool,
                       batch: int, size: int, channels_last: bool) -> Callable[[], None]:
-  from experiments.bench import pytorch as bench_torch
+  from experiments.bench import torch_reference
   torch, device = side.torch, side.device
   if name == 'resnet20':
     stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
   else:
     stages, stem, classes = fields.get('stage_sizes', (3, 4, 6, 3)), 'imagenet', 1000
-  model = bench_torch.ResNet(stages, stem=stem, attention=attention, num_classes=classes)
+  model = torch_reference.benchmark_resnet(stages, stem=stem, attention=attention,
+                                           num_classes=classes)
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   model = model.to(device, memory_format=memory_format).train()
   images = torch.randn(batch, 3, size, size, device=device).contiguous(

@@ -42,12 +42,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from experiments.bench import timing
 
 STAGE_BAM = 'bam@stages'
 DEFAULT_MODEL = 'resnet20'
@@ -108,20 +109,15 @@ def measure(variants: Sequence[str], *, model_name: str, batch_size: int, image_
     cpu = jax.devices('cpu')[0]
     flops = _flops(forward.lower(jax.device_put(variables, cpu),
                                  jax.device_put(x, cpu)).compile())
-    jax.block_until_ready(compiled(variables, x))  # Warm-up.
-    forwards.append((compiled, variables))
+    forwards.append(lambda compiled=compiled, variables=variables: jax.block_until_ready(
+        compiled(variables, x)))
     rows.append({'attention': variant, 'params': models.count_params(variables),
-                 'flops_per_image': None if flops is None else flops / batch_size,
-                 'times': []})
-  for _ in range(rounds):  # Interleaved: every variant sees the same machine load.
-    for row, (compiled, variables) in zip(rows, forwards, strict=True):
-      start = time.perf_counter()
-      for _ in range(calls_per_round):
-        out = compiled(variables, x)
-      jax.block_until_ready(out)
-      row['times'].append((time.perf_counter() - start) / calls_per_round)
-  for row in rows:
-    row['seconds'] = statistics.median(row.pop('times'))
+                 'flops_per_image': None if flops is None else flops / batch_size})
+  # Interleaved rounds: every variant sees the same machine load.
+  seconds = timing.median_ms(timing.interleaved_times(
+      dict(enumerate(forwards)), rounds, calls_per_round=calls_per_round))
+  for index, row in enumerate(rows):
+    row['seconds'] = seconds[index] / 1e3
   return rows
 
 

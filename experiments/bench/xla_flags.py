@@ -16,10 +16,10 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
-import time
+
+from experiments.bench import timing
 
 # name -> environment of the worker. XLA_FLAGS is appended to the caller's own.
 FLAG_SETS = {
@@ -66,19 +66,13 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
 
   from cbam_jax import layers, models
 
-  def median_ms(fn, *args):
+  def blocking_call(fn, *args):
     compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return lambda: jax.block_until_ready(compiled(*args))
 
   key = jax.random.PRNGKey(0)
   batch, size, width = (8, 16, 16) if tiny else (128, 32, 16)
-  results = {}
+  calls = {}
 
   x = jax.random.normal(key, (batch, size, size, width))
   w = jax.random.normal(key, (3, 3, width, width)) * 0.1
@@ -90,7 +84,7 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
       out = lax.conv_general_dilated(xs, ws, (1, 1), 'SAME', dimension_numbers=(lhs, rhs, lhs))
       return jnp.sum(out * out)
 
-    results[f'conv3x3_fwd_bwd_{layout}'] = median_ms(
+    calls[f'conv3x3_fwd_bwd_{layout}'] = blocking_call(
         jax.grad(conv_loss, argnums=(0, 1)), xs, ws)
 
   cbam_shape = (2, 16, 16, 32) if tiny else (32, 56, 56, 64)
@@ -98,7 +92,7 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
   kernel = jax.random.normal(key, (7, 7, 2, 1))
   conv7 = lambda p, k: lax.conv_general_dilated(p, k, (1, 1), 'SAME',
                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  results['conv7x7_2to1_fwd'] = median_ms(conv7, pooled, kernel)
+  calls['conv7x7_2to1_fwd'] = blocking_call(conv7, pooled, kernel)
 
   xc = jax.random.normal(key, cbam_shape)
   for impl in ('xla', 'shift'):
@@ -110,7 +104,7 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
                             mutable=['batch_stats'])
       return jnp.sum(out * out)
 
-    results[f'cbam_{impl}_fwd_bwd'] = median_ms(
+    calls[f'cbam_{impl}_fwd_bwd'] = blocking_call(
         jax.grad(module_loss, argnums=(0, 1)), variables['params'], xc)
 
   for attention in (None, 'cbam'):
@@ -132,9 +126,11 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
       return optax.apply_updates(params, new_updates), updates, opt_state
 
     params = variables['params']
-    results[f'resnet20_{attention or "plain"}_step'] = median_ms(
+    calls[f'resnet20_{attention or "plain"}_step'] = blocking_call(
         step, params, variables['batch_stats'], optimizer.init(params))
-  return results
+  # The workloads of one setting in interleaved rounds; settings are compared by their
+  # ratios to the default's (another process, so not interleaved with it).
+  return timing.interleaved_median_ms(calls, repeats)
 
 
 def main(argv=None) -> dict:

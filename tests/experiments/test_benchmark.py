@@ -75,27 +75,6 @@ def test_xla_flag_study_worker_environments():
   assert onednn == {'PATH': '/bin', 'XLA_FLAGS': '--xla_cpu_use_onednn=true'}
 
 
-def test_interleaved_timing_is_round_robin_with_medians(monkeypatch):
-  clock, log = [0.0], []
-  monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock[0])
-  monkeypatch.setattr(benchmark, '_WARM_S', 0.02)
-
-  def fake_call(name, seconds):
-    def call():
-      log.append(name)
-      clock[0] += seconds.pop(0)
-    return call
-
-  # Untimed calls run until _WARM_S has passed: one of 30 ms, or two of 15 ms. Then the
-  # timed call: a takes 1, 5 and 2 ms; b 3 ms each time.
-  calls = {'a': fake_call('a', [0.03, 1e-3, 0.015, 0.015, 5e-3, 0.03, 2e-3]),
-           'b': fake_call('b', [0.03, 3e-3] * 3)}
-  medians = benchmark.interleaved_median_ms(calls, repeats=3)
-  # Round i of every call before round i + 1 of any.
-  assert log == ['a', 'a', 'b', 'b', 'a', 'a', 'a', 'b', 'b', 'a', 'a', 'b', 'b']
-  assert medians == pytest.approx({'a': 2.0, 'b': 3.0})
-
-
 class _FakeCuda:
   """The slice of ``torch.cuda`` the benchmark uses, counting synchronisations."""
 

@@ -233,6 +233,7 @@ def test_study_end_to_end_through_experiments_train(tmp_path, monkeypatch):
     assert json.load(f)['model']['attention_fields'] == {'reduction_ratio': 4}
 
 
+@pytest.mark.slow  # Compiles three ResNets, twice each.
 def test_table_mode_counts_params_and_flops_against_none():
   rows = compare.measure(['none', 'se', 'simam'], model_name='resnet_tiny', batch_size=2,
                          image_size=8, rounds=1, calls_per_round=1)

@@ -1,21 +1,39 @@
-"""PyTorch reference ResNets with the state-dict layouts that :mod:`cbam_jax.convert` reads.
+"""The PyTorch references: official CBAM code, timm, and the benchmark's PyTorch twins.
+
+One module, shared by the parity and conversion tests (``tests/test_torch_parity_cbam.py``,
+``tests/test_convert.py``, ``tests/test_nnx_convert.py``) and by the benchmark's PyTorch
+columns (:mod:`experiments.bench.benchmark`), so that what is timed is the very code that
+the parity tests hold cbam_jax against. It lives here, not in ``cbam_jax``, because it is no
+part of the library (torch is only an optional extra and the library never imports this),
+and not in ``tests/``, because ``experiments/`` must not import from the tests, whereas the
+tests may import from ``experiments/``. torch is imported here and nowhere else in
+``experiments/``; test modules call ``pytest.importorskip('torch')`` before importing it.
 
 Written from the public reference code, trimmed to what the forward pass and the parameter
-names need, with a ``width`` argument so that tests can use few channels:
+names (state-dict layouts that :mod:`cbam_jax.convert` reads) need:
 
-* :class:`OfficialResNet`: Jongchan/attention-module ``MODELS/model_resnet.py`` + ``cbam.py``
-  + ``bam.py`` (``att_type='CBAM'``, ``'BAM'`` or ``None``; ``network_type`` ``'ImageNet'``
-  or ``'CIFAR10'``). Its pooling is the official one: ``AvgPool2d(7)`` (ImageNet) and
-  ``avg_pool2d(x, 4)`` (CIFAR), global only for 224x224 and 32x32 inputs (four stages).
-  With ``att_type=None`` the state dict has torchvision's layout (``global_pool=True``
-  makes the head torchvision's adaptive pool).
-* :class:`TimmResNet`: timm ``models/resnet.py`` with ``block_args=dict(attn_layer='cbam')``
-  (``layers/cbam.py``) or ``'se'`` (``layers/squeeze_excite.py``), default 7x7 stem.
-
-Import needs torch; test modules call ``pytest.importorskip('torch')`` first.
+* official: Jongchan/attention-module ``MODELS/cbam.py`` (:class:`OfficialCBAM`, with every
+  ``pool_types`` entry: ``avg``, ``max``, ``lp``, ``lse``; spatial pool ``[max, mean]``),
+  ``MODELS/bam.py`` (:class:`OfficialBAM`) and ``MODELS/model_resnet.py``
+  (:class:`OfficialResNet`: ``att_type='CBAM'``, ``'BAM'`` or ``None``; ``network_type``
+  ``'ImageNet'`` or ``'CIFAR10'``). Its pooling is the official one: ``AvgPool2d(7)``
+  (ImageNet) and ``avg_pool2d(x, 4)`` (CIFAR), global only for 224x224 and 32x32 inputs
+  (four stages). With ``att_type=None`` the state dict has torchvision's layout.
+  Three arguments the official ResNet lacks, each defaulting to the official behaviour:
+  ``width`` (the hard-coded 64), ``global_pool`` (torchvision's global-mean head) and
+  ``shortcut='zero_pad'`` (He et al.'s option A, as cbam_jax's CIFAR ResNet-20 has).
+* timm: ``timm/layers/cbam.py`` ``CbamModule`` (:class:`TimmCbamModule`: bias-free 1x1-conv
+  MLP, hidden ``make_divisible(C / 16, 1)``, spatial pool ``[mean, max]``, ``ConvNormAct``
+  with BatchNorm momentum 0.1), ``layers/squeeze_excite.py`` (:class:`TimmSEModule`) and
+  ``models/resnet.py`` with ``block_args=dict(attn_layer=...)`` (:class:`TimmResNet`,
+  default 7x7 stem).
+* :func:`benchmark_resnet`: the official ResNet configured as cbam_jax's ``resnet20`` and
+  ``resnet50``, so that the two frameworks time the same network.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,11 +46,11 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 # ----------------------------------------------------------------------------------------------
-# Official CBAM code (Jongchan/attention-module).
+# Official CBAM code (Jongchan/attention-module, MODELS/cbam.py).
 
 
 class BasicConv(nn.Module):
-  """Conv (no bias) + BatchNorm(momentum=0.01); the official spatial gate's conv."""
+  """Conv (no bias) + BatchNorm(momentum=0.01), no ReLU: the official spatial gate's conv."""
 
   def __init__(self, in_planes: int, out_planes: int, kernel_size: int, padding: int):
     super().__init__()
@@ -43,47 +61,81 @@ class BasicConv(nn.Module):
     return self.bn(self.conv(x))
 
 
+def logsumexp_2d(tensor):
+  tensor_flatten = tensor.view(tensor.size(0), tensor.size(1), -1)
+  s, _ = torch.max(tensor_flatten, dim=2, keepdim=True)
+  return s + (tensor_flatten - s).exp().sum(dim=2, keepdim=True).log()
+
+
 class OfficialChannelGate(nn.Module):
 
-  def __init__(self, gate_channels: int, reduction_ratio: int = 16):
+  def __init__(self, gate_channels: int, reduction_ratio: int = 16,
+               pool_types: Sequence[str] = ('avg', 'max')):
     super().__init__()
     self.mlp = nn.Sequential(
         nn.Flatten(),
         nn.Linear(gate_channels, gate_channels // reduction_ratio),
         nn.ReLU(),
         nn.Linear(gate_channels // reduction_ratio, gate_channels))
+    self.pool_types = pool_types
 
   def forward(self, x):
     size = (x.size(2), x.size(3))
-    avg = self.mlp(F.avg_pool2d(x, size, stride=size))
-    mx = self.mlp(F.max_pool2d(x, size, stride=size))
-    return x * torch.sigmoid(avg + mx)[:, :, None, None]
+    channel_att_sum = None
+    for pool_type in self.pool_types:
+      if pool_type == 'avg':
+        channel_att_raw = self.mlp(F.avg_pool2d(x, size, stride=size))
+      elif pool_type == 'max':
+        channel_att_raw = self.mlp(F.max_pool2d(x, size, stride=size))
+      elif pool_type == 'lp':
+        channel_att_raw = self.mlp(F.lp_pool2d(x, 2, size, stride=size))
+      elif pool_type == 'lse':
+        channel_att_raw = self.mlp(logsumexp_2d(x))
+      else:
+        raise ValueError(f'pool_type {pool_type!r}: the official code knows avg, max, lp, lse.')
+      channel_att_sum = (channel_att_raw if channel_att_sum is None
+                         else channel_att_sum + channel_att_raw)
+    scale = torch.sigmoid(channel_att_sum).unsqueeze(2).unsqueeze(3).expand_as(x)
+    return x * scale
+
+
+class OfficialChannelPool(nn.Module):
+
+  def forward(self, x):
+    # [max, mean]: the reverse of the paper's [AvgPool; MaxPool] (cbam_jax uses [mean, max]).
+    return torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
 
 
 class OfficialSpatialGate(nn.Module):
 
   def __init__(self, kernel_size: int = 7):
     super().__init__()
+    self.compress = OfficialChannelPool()
     self.spatial = BasicConv(2, 1, kernel_size, padding=(kernel_size - 1) // 2)
 
   def forward(self, x):
-    # Official ChannelPool order: [max, mean] (cbam_jax uses [mean, max]).
-    pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
-    return x * torch.sigmoid(self.spatial(pooled))
+    return x * torch.sigmoid(self.spatial(self.compress(x)))
 
 
 class OfficialCBAM(nn.Module):
 
-  def __init__(self, gate_channels: int, reduction_ratio: int = 16, no_spatial: bool = False):
+  def __init__(self, gate_channels: int, reduction_ratio: int = 16,
+               pool_types: Sequence[str] = ('avg', 'max'), no_spatial: bool = False):
     super().__init__()
-    self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio)
+    self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio, pool_types)
     self.no_spatial = no_spatial
     if not no_spatial:
       self.SpatialGate = OfficialSpatialGate()
 
   def forward(self, x):
-    x = self.ChannelGate(x)
-    return x if self.no_spatial else self.SpatialGate(x)
+    x_out = self.ChannelGate(x)
+    if not self.no_spatial:
+      x_out = self.SpatialGate(x_out)
+    return x_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Official BAM (MODELS/bam.py).
 
 
 class OfficialBAMChannelGate(nn.Module):
@@ -136,6 +188,22 @@ class OfficialBAM(nn.Module):
     return (1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x))) * x
 
 
+# ----------------------------------------------------------------------------------------------
+# Official ResNet (MODELS/model_resnet.py).
+
+
+class ZeroPadShortcut(nn.Module):
+  """He et al.'s option A: subsample by ``stride``, zero-pad the new channels (no weights)."""
+
+  def __init__(self, stride: int, extra_channels: int):
+    super().__init__()
+    self.stride, self.extra_channels = stride, extra_channels
+
+  def forward(self, x):
+    x = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+    return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)) if self.extra_channels else x
+
+
 class OfficialBasicBlock(nn.Module):
   expansion = 1
 
@@ -147,7 +215,7 @@ class OfficialBasicBlock(nn.Module):
     self.conv2 = conv3x3(planes, planes)
     self.bn2 = nn.BatchNorm2d(planes)
     self.downsample = downsample
-    self.cbam = OfficialCBAM(planes, 16, no_spatial) if use_cbam else None
+    self.cbam = OfficialCBAM(planes, 16, no_spatial=no_spatial) if use_cbam else None
 
   def forward(self, x):
     residual = x if self.downsample is None else self.downsample(x)
@@ -172,7 +240,7 @@ class OfficialBottleneck(nn.Module):
     self.bn3 = nn.BatchNorm2d(planes * 4)
     self.downsample = downsample
     # Official: CBAM(planes * 4, 16), gating the expanded output.
-    self.cbam = OfficialCBAM(planes * 4, 16, no_spatial) if use_cbam else None
+    self.cbam = OfficialCBAM(planes * 4, 16, no_spatial=no_spatial) if use_cbam else None
 
   def forward(self, x):
     residual = x if self.downsample is None else self.downsample(x)
@@ -188,16 +256,20 @@ class OfficialResNet(nn.Module):
   """The official ``ResNet(block, layers, network_type, num_classes, att_type)``.
 
   ``width`` replaces the hard-coded 64 (stages ``width * 2**i``); ``global_pool=True``
-  replaces the fixed-size final pooling by a global mean (torchvision's head).
+  replaces the fixed-size final pooling by a global mean (torchvision's head);
+  ``shortcut='zero_pad'`` replaces the projection shortcuts by option A.
   """
 
   def __init__(self, block: str, layers, network_type: str = 'ImageNet', num_classes: int = 10,
                att_type: str | None = 'CBAM', width: int = 64, no_spatial: bool = False,
-               global_pool: bool = False):
+               global_pool: bool = False, shortcut: str = 'projection'):
     super().__init__()
+    if shortcut not in ('projection', 'zero_pad'):
+      raise ValueError(f"shortcut={shortcut!r}: use 'projection' (official) or 'zero_pad'.")
     block_cls = {'basic': OfficialBasicBlock, 'bottleneck': OfficialBottleneck}[block]
     self.network_type = network_type
     self.global_pool = global_pool
+    self.shortcut = shortcut
     self.inplanes = width
     if network_type == 'ImageNet':
       self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -219,10 +291,13 @@ class OfficialResNet(nn.Module):
   def _make_layer(self, block, planes, blocks, stride, **kw):
     downsample = None
     if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(
-          nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride,
-                    bias=False),
-          nn.BatchNorm2d(planes * block.expansion))
+      if self.shortcut == 'zero_pad':
+        downsample = ZeroPadShortcut(stride, planes * block.expansion - self.inplanes)
+      else:
+        downsample = nn.Sequential(
+            nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride,
+                      bias=False),
+            nn.BatchNorm2d(planes * block.expansion))
     layers = [block(self.inplanes, planes, stride, downsample, **kw)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes, **kw) for _ in range(1, blocks)]
@@ -245,6 +320,22 @@ class OfficialResNet(nn.Module):
     return self.fc(x.flatten(1))
 
 
+def benchmark_resnet(stage_sizes: Sequence[int], *, stem: str, attention: bool,
+                     num_classes: int) -> OfficialResNet:
+  """The official ResNet as cbam_jax's ``resnet20`` (``stem='cifar'``: 3x3 stem, BasicBlocks
+  16-32-64, option-A shortcuts) or ``resnet50`` (``'imagenet'``: 7x7/2 stem + max-pool,
+  Bottlenecks 64-128-256-512, projection shortcuts); both with a global-mean head and, with
+  ``attention``, official CBAM in every block."""
+  if stem not in ('cifar', 'imagenet'):
+    raise ValueError(f"stem={stem!r}: use 'cifar' or 'imagenet'.")
+  cifar = stem == 'cifar'
+  return OfficialResNet(
+      'basic' if cifar else 'bottleneck', stage_sizes, 'CIFAR10' if cifar else 'ImageNet',
+      num_classes=num_classes, att_type='CBAM' if attention else None,
+      width=16 if cifar else 64, global_pool=True,
+      shortcut='zero_pad' if cifar else 'projection')
+
+
 # ----------------------------------------------------------------------------------------------
 # timm (huggingface/pytorch-image-models).
 
@@ -260,17 +351,19 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
 
 
 class TimmChannelAttn(nn.Module):
+  """timm ``layers/cbam.py`` ``ChannelAttn``."""
 
   def __init__(self, channels: int, rd_ratio: float = 1 / 16, rd_divisor: int = 1,
                mlp_bias: bool = False):
     super().__init__()
     rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
     self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+    self.act = nn.ReLU(inplace=True)
     self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
 
   def forward(self, x):
-    x_avg = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
-    x_max = self.fc2(F.relu(self.fc1(x.amax((2, 3), keepdim=True))))
+    x_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+    x_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
     return x * torch.sigmoid(x_avg + x_max)
 
 
@@ -281,13 +374,14 @@ class ConvNorm(nn.Module):
     super().__init__()
     self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
                           padding=(kernel_size - 1) // 2, bias=False)
-    self.bn = nn.BatchNorm2d(out_channels)
+    self.bn = nn.BatchNorm2d(out_channels)  # eps 1e-5, momentum 0.1.
 
   def forward(self, x):
     return self.bn(self.conv(x))
 
 
 class TimmSpatialAttn(nn.Module):
+  """timm ``layers/cbam.py`` ``SpatialAttn``."""
 
   def __init__(self, kernel_size: int = 7):
     super().__init__()
@@ -295,11 +389,12 @@ class TimmSpatialAttn(nn.Module):
 
   def forward(self, x):
     # timm pools [mean, max], like cbam_jax.
-    pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-    return x * torch.sigmoid(self.conv(pooled))
+    x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+    return x * torch.sigmoid(self.conv(x_attn))
 
 
 class TimmCbamModule(nn.Module):
+  """timm ``layers/cbam.py`` ``CbamModule`` (default arguments but ``mlp_bias``)."""
 
   def __init__(self, channels: int, mlp_bias: bool = False, spatial_kernel_size: int = 7):
     super().__init__()
@@ -311,6 +406,7 @@ class TimmCbamModule(nn.Module):
 
 
 class TimmSEModule(nn.Module):
+  """timm ``layers/squeeze_excite.py`` ``SEModule``."""
 
   def __init__(self, channels: int, rd_ratio: float = 1 / 16, rd_divisor: int = 8):
     super().__init__()
@@ -413,6 +509,7 @@ class TimmResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Weights and outputs for comparisons.
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
