@@ -56,7 +56,6 @@ training step loses its time.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -73,10 +72,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
-from cbam_jax import layers, models
+from cbam_jax import _cli, layers, models
 from cbam_jax.conv import materializes_input
 from experiments.bench import timing
+
+PROG = 'python -m experiments.bench.benchmark'
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
 # Sections run only when asked for with --only.
@@ -235,12 +237,17 @@ def _torch() -> TorchSide | None:
 
 
 def _shape(text: str) -> tuple[int, ...]:
+  """``'B,H,W,C'`` as a tuple of 4 positive ints.
+
+  Raises:
+    flags.ValidationError: anything else.
+  """
   try:
     shape = tuple(int(part) for part in text.split(','))
   except ValueError:
-    raise argparse.ArgumentTypeError(f'shape must be comma-separated ints, got {text!r}') from None
+    raise flags.ValidationError(f'--shape must be comma-separated ints, got {text!r}') from None
   if len(shape) != 4 or min(shape) < 1:
-    raise argparse.ArgumentTypeError(f'shape must be B,H,W,C with positive sizes, got {text!r}')
+    raise flags.ValidationError(f'--shape must be B,H,W,C with positive sizes, got {text!r}')
   return shape
 
 
@@ -752,52 +759,59 @@ def to_markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_boolean('tiny', False, 'Tiny shapes and models (CI).', flag_values=values)
+  flags.DEFINE_string('out', None, 'Write results.json and results.md to this folder.',
+                      flag_values=values)
+  flags.DEFINE_multi_enum('only', None, SECTIONS + EXTRA_SECTIONS,
+                          'Run only this section (repeat for more); default: all but '
+                          f'{", ".join(EXTRA_SECTIONS)}.', flag_values=values)
+  flags.DEFINE_integer('repeats', None, 'Timed calls per case (default 10, 2 with --tiny).',
+                       lower_bound=1, flag_values=values)
+  flags.DEFINE_multi_string('shape', None, 'Module shape B,H,W,C (repeat for more); default: '
+                            'the standard list.', flag_values=values)
+  flags.DEFINE_multi_enum('model', None, [case[0] for case in MODEL_CASES],
+                          'Only this model (repeat for more).', flag_values=values)
+  flags.register_validator('shape', lambda shapes: all(_shape(s) for s in shapes or ()),
+                           flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--tiny', action='store_true', help='tiny shapes and models (CI)')
-  parser.add_argument('--out', type=pathlib.Path, help='write results.json and results.md here')
-  parser.add_argument('--only', action='append', choices=SECTIONS + EXTRA_SECTIONS,
-                      help='run only this section (repeatable); default: all but '
-                           f'{", ".join(EXTRA_SECTIONS)}')
-  parser.add_argument('--repeats', type=int, default=None,
-                      help='timed calls per case (default 10, 2 with --tiny)')
-  parser.add_argument('--shape', action='append', type=_shape, dest='shapes',
-                      help='module shape B,H,W,C (repeatable); default: the standard list')
-  parser.add_argument('--model', action='append', choices=[c[0] for c in MODEL_CASES],
-                      help='only this model (repeatable)')
-  args = parser.parse_args(argv)
-  repeats = args.repeats or (2 if args.tiny else 10)
-  if repeats < 1:
-    parser.error('--repeats must be >= 1')
-  sections = args.only or list(SECTIONS)
-  module_shapes = args.shapes or (TINY_MODULE_SHAPES if args.tiny else MODULE_SHAPES)
-  model_cases = (TINY_MODEL_CASES if args.tiny else
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
+  returns the results."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  repeats = values.repeats or (2 if values.tiny else 10)  # lower_bound=1: never 0.
+  sections = values.only or list(SECTIONS)
+  module_shapes = (tuple(_shape(s) for s in values.shape) if values.shape else
+                   TINY_MODULE_SHAPES if values.tiny else MODULE_SHAPES)
+  model_cases = (TINY_MODEL_CASES if values.tiny else
                  MODEL_CASES if jax.default_backend() == 'cpu' else ACCELERATOR_MODEL_CASES)
-  if args.model:
-    model_cases = tuple(case for case in model_cases if case[0] in args.model)
-  if args.tiny:
+  if values.model:
+    model_cases = tuple(case for case in model_cases if case[0] in values.model)
+  if values.tiny:
     # CI boxes are small and shared: oneDNN's spinning worker threads make tiny torch ops
     # 100x slower under load, and tiny mode checks the plumbing, not the speed.
     _TORCH_THREADS[0] = 1
 
-  results: dict[str, Any] = {'environment': environment(), 'tiny': args.tiny,
+  results: dict[str, Any] = {'environment': environment(), 'tiny': values.tiny,
                              'repeats': repeats}
   if 'module' in sections:
-    results['module'] = run_module(module_shapes, repeats, args.tiny)
+    results['module'] = run_module(module_shapes, repeats, values.tiny)
   if 'models' in sections:
     results['models'] = run_models(model_cases, repeats)
   if 'convs' in sections:
-    results['convs'] = run_convs(TINY_CONV_CASES if args.tiny else CONV_CASES, repeats)
+    results['convs'] = run_convs(TINY_CONV_CASES if values.tiny else CONV_CASES, repeats)
   if 'memory' in sections:
     results['memory'] = run_memory(model_cases)
   if 'nnx' in sections:
-    results['nnx'] = run_nnx(TINY_NNX_CASES if args.tiny else NNX_CASES, repeats)
+    results['nnx'] = run_nnx(TINY_NNX_CASES if values.tiny else NNX_CASES, repeats)
   markdown = to_markdown(results)
   print(markdown)
-  if args.out is not None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'results.json').write_text(json.dumps(results, indent=2, default=_jsonable))
-    (args.out / 'results.md').write_text(markdown)
+  if values.out is not None:
+    out = pathlib.Path(values.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'results.json').write_text(json.dumps(results, indent=2, default=_jsonable))
+    (out / 'results.md').write_text(markdown)
   return results
 
 
