@@ -764,14 +764,14 @@ def define_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_string('out', None, 'Write results.json and results.md to this folder.',
                       flag_values=values)
   flags.DEFINE_multi_enum('only', None, SECTIONS + EXTRA_SECTIONS,
-                          'Run only this section (repeat for more); default: all but '
+                          'Run only this section; default: all but '
                           f'{", ".join(EXTRA_SECTIONS)}.', flag_values=values)
   flags.DEFINE_integer('repeats', None, 'Timed calls per case (default 10, 2 with --tiny).',
                        lower_bound=1, flag_values=values)
-  flags.DEFINE_multi_string('shape', None, 'Module shape B,H,W,C (repeat for more); default: '
+  flags.DEFINE_multi_string('shape', None, 'Module shape B,H,W,C; default: '
                             'the standard list.', flag_values=values)
   flags.DEFINE_multi_enum('model', None, [case[0] for case in MODEL_CASES],
-                          'Only this model (repeat for more).', flag_values=values)
+                          'Only this model.', flag_values=values)
   flags.register_validator('shape', lambda shapes: all(_shape(s) for s in shapes or ()),
                            flag_values=values)
 

@@ -1,6 +1,6 @@
 """Which XLA:CPU flags and process settings speed up convolution-heavy training? Side by side.
 
-  python -m experiments.bench.xla_flags [--tiny] [--out DIR] [--flags NAME ...]
+  python -m experiments.bench.xla_flags [--tiny] [--out DIR] [--flags NAME --flags NAME ...]
 
 Every setting runs in a fresh subprocess (XLA reads ``XLA_FLAGS`` once, when the backend
 starts, and glibc its ``GLIBC_TUNABLES`` when the process starts; ``default`` runs with
@@ -12,14 +12,19 @@ The numbers of every setting are divided by those of the default set measured in
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Sequence
 
+from absl import flags
+
+from cbam_jax import _cli
 from experiments.bench import timing
+
+PROG = 'python -m experiments.bench.xla_flags'
 
 # name -> environment of the worker. XLA_FLAGS is appended to the caller's own.
 FLAG_SETS = {
@@ -133,25 +138,33 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
   return timing.interleaved_median_ms(calls, repeats)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--tiny', action='store_true')
-  parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--out', type=pathlib.Path)
-  parser.add_argument('--flags', action='append', choices=list(FLAG_SETS),
-                      help='only these flag sets (default: all)')
-  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.worker:
-    print(json.dumps(_worker(args.tiny, args.repeats)))
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_boolean('tiny', False, 'Tiny workloads (CI).', flag_values=values)
+  flags.DEFINE_integer('repeats', 10, 'Timed rounds per workload.', lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_string('out', None, 'Write xla_flags.json and xla_flags.md to this folder.',
+                      flag_values=values)
+  flags.DEFINE_multi_enum('flags', None, list(FLAG_SETS), 'Only this flag set (default: all; '
+                          'default always runs, the baseline).', flag_values=values)
+  flags.DEFINE_boolean('worker', False, 'Internal: time the workloads in this process and '
+                       'print them as JSON (what each setting\'s subprocess runs).',
+                       flag_values=values)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
+  returns the times of each flag set."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  if values.worker:
+    print(json.dumps(_worker(values.tiny, values.repeats)))
     return {}
 
   results = {}
-  names = list(dict.fromkeys(['default', *(args.flags or FLAG_SETS)]))  # The baseline first.
+  names = list(dict.fromkeys(['default', *(values.flags or FLAG_SETS)]))  # The baseline first.
   for name in names:
     env = worker_env(name, dict(os.environ))
     command = [sys.executable, '-m', 'experiments.bench.xla_flags', '--worker',
-               '--repeats', str(args.repeats)] + (['--tiny'] if args.tiny else [])
+               '--repeats', str(values.repeats)] + (['--tiny'] if values.tiny else [])
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       results[name] = {'error': proc.stderr.strip().splitlines()[-1:]}
@@ -169,10 +182,11 @@ def main(argv=None) -> dict:
     lines.append(f'| `{_label(name)}` | ' + ' | '.join(cells) + ' |')
   table = '\n'.join(lines)
   print(table)
-  if args.out:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'xla_flags.json').write_text(json.dumps(results, indent=2))
-    (args.out / 'xla_flags.md').write_text(table + '\n')
+  if values.out:
+    out = pathlib.Path(values.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'xla_flags.json').write_text(json.dumps(results, indent=2))
+    (out / 'xla_flags.md').write_text(table + '\n')
   return results
 
 
