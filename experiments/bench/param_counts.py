@@ -14,14 +14,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from cbam_jax import _cli, models
 from cbam_jax import attention as attention_registry
-from cbam_jax import models
+
+PROG = 'python -m experiments.bench.param_counts'
 
 IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
 
@@ -62,18 +64,25 @@ def parse_attentions(spec: str) -> list[str | None]:
   return names
 
 
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_list('models', list(models.available_models()),
+                    'Comma-separated names from cbam_jax.models.available_models().',
+                    flag_values=values)
+  flags.DEFINE_string('attention', 'none,se,cbam',
+                      "Comma-separated attention names ('none' for plain), or 'all'.",
+                      flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--models', default=','.join(models.available_models()),
-                      help='comma-separated names from cbam_jax.models.available_models()')
-  parser.add_argument('--attention', default='none,se,cbam',
-                      help="comma-separated attention names ('none' for plain), or 'all'")
-  args = parser.parse_args(argv)
-  model_names = [s.strip() for s in args.models.split(',')]
-  for name in model_names:
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  for name in values.models:
     if name not in models.available_models():
-      parser.error(f'unknown model {name!r}; valid: {", ".join(models.available_models())}')
-  print(table(model_names, parse_attentions(args.attention)))
+      raise SystemExit(f'{PROG}: unknown model {name!r} in --models; valid: '
+                       f'{", ".join(models.available_models())}.')
+  with _cli.one_line_errors(PROG, ValueError):
+    attentions = parse_attentions(values.attention)
+  print(table(values.models, attentions))
 
 
 if __name__ == '__main__':
