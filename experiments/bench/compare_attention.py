@@ -38,7 +38,6 @@ placement); every other name is the module in every residual block (``attention=
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -48,7 +47,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import flags
+
+from cbam_jax import _cli
 from experiments.bench import timing
+
+PROG = 'python -m experiments.bench.compare_attention'
 
 STAGE_BAM = 'bam@stages'
 DEFAULT_MODEL = 'resnet20'
@@ -480,94 +484,106 @@ def localize_study(variants: Sequence[Variant], seeds: Sequence[int], *, root: s
 
 
 def _contrast(spec: str) -> tuple[str, str]:
+  """``'VARIANT:REFERENCE'`` as ``(variant, reference)``.
+
+  Raises:
+    flags.ValidationError: no colon or an empty side.
+  """
   variant, sep, reference = spec.partition(':')
   if not sep or not variant or not reference:
-    raise argparse.ArgumentTypeError(f'--contrast {spec!r}: write VARIANT:REFERENCE.')
+    raise flags.ValidationError(f'--contrast {spec!r}: write VARIANT:REFERENCE.')
   return variant, reference
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', choices=('table', 'train', 'localization'), default='table')
-  parser.add_argument('--attention', default='all',
-                      help='"all" or a comma-separated list of variants: ATTENTION (none, '
-                      f'registry names, {STAGE_BAM}) or, in train/localization mode, '
-                      'NAME=ATTENTION:FIELD=VALUE[:...].')
-  parser.add_argument('--model', default=DEFAULT_MODEL, help='table mode: the model.')
-  parser.add_argument('--batch_size', type=int, default=128, help='table mode.')
-  parser.add_argument('--image_size', type=int, default=32, help='table mode.')
-  parser.add_argument('--rounds', type=int, default=5, help='table mode: timing rounds.')
-  parser.add_argument('--calls_per_round', type=int, default=3, help='table mode.')
-  parser.add_argument('--json', default=None, help='also write the rows to this file.')
-  parser.add_argument('--workdir_root', default='/tmp/compare_attention',
-                      help='train mode: runs go to ROOT/<variant>/seed<k>.')
-  parser.add_argument('--config', default=DEFAULT_CONFIG, help='train mode.')
-  parser.add_argument('--epochs', type=int, default=3, help='train mode.')
-  parser.add_argument('--seeds', default='0', help='train mode: e.g. 0-4 or 0,1,2.')
-  parser.add_argument('--train_flag', action='append', default=[],
-                      help='train mode: extra flag for experiments.training.train, repeatable, '
-                      'e.g. '
-                      '--train_flag=--config.global_batch_size=256.')
-  parser.add_argument('--out', default=None,
-                      help='train/localization mode: write runs.json/.csv, summary.json/.md, '
-                      'curves.png (or localization.json/.md) here, updated after every run.')
-  parser.add_argument('--title', default=None, help='train mode: summary and plot title.')
-  parser.add_argument('--report_only', action='store_true',
-                      help='train mode: read the runs back and write --out, launch nothing.')
-  parser.add_argument('--baseline', default='none',
-                      help='train mode: the variant the others are paired with.')
-  parser.add_argument('--contrast', type=_contrast, action='append', default=[],
-                      help='train mode: an extra paired contrast VARIANT:REFERENCE, '
-                      'repeatable, e.g. --contrast cbam_r4:cbam.')
-  args = parser.parse_args(argv)
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_enum('mode', 'table', ('table', 'train', 'localization'), 'What to run (see '
+                    'Modes above).', flag_values=values)
+  flags.DEFINE_string('attention', 'all', '"all" or a comma-separated list of variants: '
+                      f'ATTENTION (none, registry names, {STAGE_BAM}) or, in train/'
+                      'localization mode, NAME=ATTENTION:FIELD=VALUE[:...].',
+                      flag_values=values)
+  flags.DEFINE_string('model', DEFAULT_MODEL, 'table mode: the model.', flag_values=values)
+  flags.DEFINE_integer('batch_size', 128, 'table mode.', lower_bound=1, flag_values=values)
+  flags.DEFINE_integer('image_size', 32, 'table mode.', lower_bound=1, flag_values=values)
+  flags.DEFINE_integer('rounds', 5, 'table mode: timing rounds.', lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_integer('calls_per_round', 3, 'table mode.', lower_bound=1, flag_values=values)
+  flags.DEFINE_string('json', None, 'Also write the rows to this file.', flag_values=values)
+  flags.DEFINE_string('workdir_root', '/tmp/compare_attention', 'train/localization mode: '
+                      'runs go to ROOT/<variant>/seed<k>.', flag_values=values)
+  flags.DEFINE_string('config', DEFAULT_CONFIG, 'train mode.', flag_values=values)
+  flags.DEFINE_integer('epochs', 3, 'train mode.', lower_bound=1, flag_values=values)
+  flags.DEFINE_string('seeds', '0', 'train/localization mode: e.g. 0-4 or 0,1,2.',
+                      flag_values=values)
+  flags.DEFINE_multi_string('train_flag', [], 'train mode: an extra flag for '
+                            'experiments.training.train, e.g. '
+                            '--train_flag=--config.global_batch_size=256.', flag_values=values)
+  flags.DEFINE_string('out', None, 'train/localization mode: write runs.json/.csv, '
+                      'summary.json/.md, curves.png (or localization.json/.md) here, updated '
+                      'after every run.', flag_values=values)
+  flags.DEFINE_string('title', None, 'train mode: summary and plot title.', flag_values=values)
+  flags.DEFINE_boolean('report_only', False, 'train mode: read the runs back and write --out, '
+                       'launch nothing.', flag_values=values)
+  flags.DEFINE_string('baseline', 'none', 'train mode: the variant the others are paired with.',
+                      flag_values=values)
+  flags.DEFINE_multi_string('contrast', [], 'train mode: an extra paired contrast '
+                            'VARIANT:REFERENCE, e.g. --contrast cbam_r4:cbam.',
+                            flag_values=values)
+  flags.register_validator('contrast', lambda specs: all(_contrast(s) for s in specs),
+                           flag_values=values)
 
-  if args.mode == 'table':
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  contrasts = [_contrast(spec) for spec in values.contrast]
+
+  if values.mode == 'table':
     import jax
-    variants = parse_variants(args.attention)
-    rows = measure(variants, model_name=args.model, batch_size=args.batch_size,
-                   image_size=args.image_size, rounds=args.rounds,
-                   calls_per_round=args.calls_per_round)
-    print(f'{args.model}, eval-mode forward, batch {args.batch_size} of '
-          f'{args.image_size}x{args.image_size}x3, {jax.devices()[0].device_kind} '
+    variants = parse_variants(values.attention)
+    rows = measure(variants, model_name=values.model, batch_size=values.batch_size,
+                   image_size=values.image_size, rounds=values.rounds,
+                   calls_per_round=values.calls_per_round)
+    print(f'{values.model}, eval-mode forward, batch {values.batch_size} of '
+          f'{values.image_size}x{values.image_size}x3, {jax.devices()[0].device_kind} '
           f'({jax.default_backend()}, {len(jax.devices())} device(s) visible, 1 used)')
     print(format_table(rows))
     output: Any = rows
-  elif args.mode == 'train':
-    variants, seeds = parse_study_variants(args.attention), parse_seeds(args.seeds)
-    title = args.title or f'{os.path.basename(args.config)}, {args.epochs} epochs'
+  elif values.mode == 'train':
+    variants, seeds = parse_study_variants(values.attention), parse_seeds(values.seeds)
+    title = values.title or f'{os.path.basename(values.config)}, {values.epochs} epochs'
 
     def update(rows):
-      if args.out:
-        write_outputs(rows, args.out, title=title, baseline=args.baseline,
-                      contrasts=args.contrast)
+      if values.out:
+        write_outputs(rows, values.out, title=title, baseline=values.baseline,
+                      contrasts=contrasts)
 
-    rows = run_study(variants, seeds, root=args.workdir_root, config=args.config,
-                     epochs=args.epochs, extra=args.train_flag, on_update=update,
-                     launch_runs=not args.report_only, archive=read_archive(args.out))
+    rows = run_study(variants, seeds, root=values.workdir_root, config=values.config,
+                     epochs=values.epochs, extra=values.train_flag, on_update=update,
+                     launch_runs=not values.report_only, archive=read_archive(values.out))
     print(format_train_table(rows))
     from experiments.bench import study_report
     print(study_report.markdown_summary(study_report.summarise(
-        rows, baseline=args.baseline, contrasts=args.contrast)))
+        rows, baseline=values.baseline, contrasts=contrasts)))
     output = rows
     failed = [f'{r["variant"]}/seed{r["seed"]}' for r in rows if r['status'] == 'failed']
   else:
     from experiments.bench import study_report
-    variants, seeds = parse_study_variants(args.attention), parse_seeds(args.seeds)
-    output = localize_study(variants, seeds, root=args.workdir_root)
+    variants, seeds = parse_study_variants(values.attention), parse_seeds(values.seeds)
+    output = localize_study(variants, seeds, root=values.workdir_root)
     output['summary'] = study_report.summarise_localization(output['runs'])
     table = study_report.markdown_localization(output['summary'], output['baselines'])
     print(table)
-    if args.out:
-      os.makedirs(args.out, exist_ok=True)
-      with open(os.path.join(args.out, 'localization.json'), 'w') as f:
+    if values.out:
+      os.makedirs(values.out, exist_ok=True)
+      with open(os.path.join(values.out, 'localization.json'), 'w') as f:
         json.dump(output, f, indent=1)
-      with open(os.path.join(args.out, 'localization.md'), 'w') as f:
-        f.write(f'# Localisation, mean ± sd over seeds {args.seeds}\n\n{table}\n')
-  if args.json:
-    with open(args.json, 'w') as f:
+      with open(os.path.join(values.out, 'localization.md'), 'w') as f:
+        f.write(f'# Localisation, mean ± sd over seeds {values.seeds}\n\n{table}\n')
+  if values.json:
+    with open(values.json, 'w') as f:
       json.dump(output, f, indent=1)
-  if args.mode == 'train' and failed:
+  if values.mode == 'train' and failed:
     sys.exit(f'Failed runs (rerun the same command to retry): {", ".join(failed)}')
 
 
