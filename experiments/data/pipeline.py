@@ -32,7 +32,6 @@ code. Batches are computed ahead of the training step on grain threads or worker
 
 from __future__ import annotations
 
-import argparse
 import collections
 import importlib.util
 import time
@@ -40,7 +39,9 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
 
+from cbam_jax import _cli
 from experiments.data import augment, sources
 from experiments.data import shapes as shapes_lib
 from experiments.data.base import DATASETS, DatasetInfo, Input
@@ -360,6 +361,9 @@ def create_input(config, *, process_index: int = 0, process_count: int = 1) -> I
 # Benchmark entry point
 
 
+PROG = 'python -m experiments.data.pipeline'
+
+
 def _load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('_bench_config', path)
   if spec is None or spec.loader is None:
@@ -402,39 +406,58 @@ def benchmark(data: Input, num_batches: int, *, step_seconds: float = 0.0) -> di
   return results
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', help='Python file with get_config() (default: data defaults)')
-  parser.add_argument('--dataset')
-  parser.add_argument('--folder')
-  parser.add_argument('--batch-size', type=int, help='global_batch_size')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='override a config field, e.g. --set augment=none')
-  parser.add_argument('--bench', type=int, default=50, help='number of batches to time')
-  parser.add_argument('--step-ms', type=float, default=0.0,
-                      help='simulated training step per batch (ms)')
-  args = parser.parse_args(argv)
-  config = _load_config_file(args.config) if args.config else default_data_config()
-  if args.dataset:
-    config.dataset = args.dataset
-  if args.folder:
-    config.folder = args.folder
-  if args.batch_size:
-    config.global_batch_size = args.batch_size
-  for item in args.set:
-    key, _, value = item.partition('=')
-    target = config
-    *parents, leaf = key.split('.')
+def define_flags(values: flags.FlagValues) -> None:
+  flags.DEFINE_string('config', None, 'Python file with get_config() (default: the data '
+                      'defaults).', flag_values=values)
+  flags.DEFINE_string('dataset', None, 'config.dataset.', flag_values=values)
+  flags.DEFINE_string('folder', None, 'config.folder.', flag_values=values)
+  flags.DEFINE_integer('batch_size', None, 'config.global_batch_size.', lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_multi_string('set', [], 'KEY=VALUE: override a config field, e.g. '
+                            '--set augment=none --set shapes.num_train=64.', flag_values=values)
+  flags.DEFINE_integer('bench', 50, 'Number of batches to time.', lower_bound=1,
+                       flag_values=values)
+  flags.DEFINE_float('step_ms', 0.0, 'Simulated training step per batch (ms).', lower_bound=0.0,
+                     flag_values=values)
+
+
+def _override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies one ``--set KEY=VALUE`` (KEY may be dotted) to ``config``."""
+  key, sep, value = item.partition('=')
+  if not sep or not key:
+    raise SystemExit(f'{PROG}: --set {item!r}: write KEY=VALUE, e.g. --set augment=none.')
+  target = config
+  *parents, leaf = key.split('.')
+  try:
     for p in parents:
       target = target[p]
     target[leaf] = _parse_value(value)
+  except (KeyError, AttributeError, TypeError):
+    raise SystemExit(f'{PROG}: --set {item!r}: {key!r} is not a field of the data config '
+                     '(experiments.data.pipeline.default_data_config()).') from None
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The ``--bench`` command line (``argv`` without the program name; default
+  ``sys.argv[1:]``): times the training batches of a data config."""
+  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  with _cli.one_line_errors(PROG):
+    config = _load_config_file(values.config) if values.config else default_data_config()
+  if values.dataset:
+    config.dataset = values.dataset
+  if values.folder:
+    config.folder = values.folder
+  if values.batch_size:
+    config.global_batch_size = values.batch_size
+  for item in values.set:
+    _override(config, item)
   start = time.perf_counter()
   data = create_input(config)
   setup = time.perf_counter() - start
   print(f'dataset={config.dataset} info={data.info}')
   print(f'setup {setup:.2f} s; steps_per_epoch={data.steps_per_epoch} '
         f'batch={data.local_batch_size}')
-  results = benchmark(data, args.bench, step_seconds=args.step_ms / 1000)
+  results = benchmark(data, values.bench, step_seconds=values.step_ms / 1000)
   for key, value in results.items():
     print(f'{key}: {value:.3f}' if 'fraction' in key else f'{key}: {value:.1f}')
 

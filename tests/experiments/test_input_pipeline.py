@@ -721,7 +721,7 @@ def test_threads_and_workers_do_not_change_batches(ahead):
 
 @pytest.mark.slow
 def test_benchmark_cli(capsys):
-  ip.main(['--bench', '3', '--batch-size', '16', '--set', 'shapes.num_train=64',
+  ip.main(['--bench', '3', '--batch_size', '16', '--set', 'shapes.num_train=64',
            '--set', 'shapes.num_eval=16', '--set', 'image_size=16'])
   out = capsys.readouterr().out
   assert 'images_per_s' in out and 'wait_fraction' in out
