@@ -59,8 +59,36 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
 
 
 def test_bad_shape_is_rejected():
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit, match=r"--shape must be B,H,W,C with positive sizes, got '2,8,8'"):
     benchmark.main(['--shape', '2,8,8'])
+
+
+@pytest.mark.parametrize('module, argv, message', [
+    ('benchmark', ['--only', 'modules'], r'--only=modules: value should be one of <module\|'),
+    ('benchmark', ['--repeats', '0'], r'--repeats=0: 0 is not a positive integer'),
+    ('xla_flags', ['--flags', 'onednnn'], r'--flags=onednnn: value should be one of '),
+    ('param_counts', ['--models', 'resnet20,resnet21'], r"unknown model 'resnet21' in --models"),
+    ('param_counts', ['--attention', 'sse'], r"Unknown attention 'sse'"),
+])
+def test_bench_command_lines_reject_bad_values_in_one_line(module, argv, message):
+  import importlib
+  main = importlib.import_module(f'experiments.bench.{module}').main
+  with pytest.raises(SystemExit, match=message) as error:
+    main(argv)
+  assert str(error.value).startswith(f'python -m experiments.bench.{module}: ')
+  assert '\n' not in str(error.value)
+
+
+def test_repeated_flags_collect_every_value():
+  from cbam_jax import _cli
+  from experiments.bench import xla_flags
+  values, _ = _cli.parse(['--only', 'module', '--only=nnx', '--shape', '1,2,2,8', '--model',
+                          'resnet20'], benchmark.define_flags, prog='b', usage='')
+  assert values.only == ['module', 'nnx'] and values.model == ['resnet20']
+  assert values.shape == ['1,2,2,8'] and benchmark._shape(values.shape[0]) == (1, 2, 2, 8)
+  values, _ = _cli.parse(['--flags', 'onednn', '--flags', 'fast_math', '--worker'],
+                         xla_flags.define_flags, prog='x', usage='')
+  assert values.flags == ['onednn', 'fast_math'] and values.worker and values.repeats == 10
 
 
 def test_xla_flag_study_worker_environments():

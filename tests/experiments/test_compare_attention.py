@@ -64,6 +64,21 @@ def test_parse_seeds():
       compare.parse_seeds(bad)
 
 
+def test_command_line_flags_repeat_and_reject_bad_values_in_one_line():
+  from cbam_jax import _cli
+  values, _ = _cli.parse(['--mode', 'train', '--train_flag', '--config.seed=1',
+                          '--train_flag=--config.warmup_epochs=0', '--contrast', 'a:b',
+                          '--contrast=c:d'], compare.define_flags, prog='c', usage='')
+  assert values.train_flag == ['--config.seed=1', '--config.warmup_epochs=0']
+  assert [compare._contrast(spec) for spec in values.contrast] == [('a', 'b'), ('c', 'd')]
+  for argv, message in ((['--contrast', 'cbam'], r"--contrast 'cbam': write VARIANT:REFERENCE"),
+                        (['--mode', 'tain'], r'--mode=tain: value should be one of'),
+                        (['--rounds', '0'], r'--rounds=0: 0 is not a positive integer')):
+    with pytest.raises(SystemExit, match=message) as error:
+      compare.main(argv)
+    assert str(error.value).startswith('python -m experiments.bench.compare_attention: ')
+
+
 def test_provenance_is_this_checkouts_commit_and_the_cpu_model():
   assert re.fullmatch(r'[0-9a-f]{40}(-dirty)?', compare.git_commit())
   assert compare.cpu_model()

@@ -727,6 +727,18 @@ def test_benchmark_cli(capsys):
   assert 'images_per_s' in out and 'wait_fraction' in out
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--set', 'augment'], r"--set 'augment': write KEY=VALUE"),
+    (['--set', 'shapes.nope.x=1'], r"'shapes.nope.x' is not a field of the data config"),
+    (['--batch-size', '16'], r"Unknown command line flag 'batch-size'. Did you mean: batch_size"),
+    (['--bench', '0'], r'--bench=0: 0 is not a positive integer'),
+])
+def test_benchmark_cli_rejects_bad_values_in_one_line(argv, message):
+  with pytest.raises(SystemExit, match=message) as error:
+    ip.main(argv)
+  assert str(error.value).startswith('python -m experiments.data.pipeline: ')
+
+
 def test_tensorflow_paths_name_the_extra(monkeypatch):
   import sys
 
