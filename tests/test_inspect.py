@@ -9,34 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from random_variables import random_variables
 
 from cbam_jax import CBAM, ChannelAttention, SpatialAttention, models
 from cbam_jax import inspect as ci
 from cbam_jax.attention import SqueezeExcitation
 
 
-def _random_variables(model, x, seed=0):
-  """Random variables of the right structure, without compiling ``model.init`` (slow)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['var']"):  # BatchNorm running variance: positive.
-      return np.ones(leaf.shape, leaf.dtype)
-    values = 0.3 * rng.standard_normal(leaf.shape)
-    if name.endswith("['scale']"):  # Near 1, so the spatial gates vary (zero-init scale).
-      values += 1.0
-    return jnp.asarray(values, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @functools.cache
 def _tiny_resnet(attention):
   model = models.create_model('resnet_tiny', attention=attention, num_classes=5)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  return model, _random_variables(model, x), x
+  return model, random_variables(model, x), x
 
 
 class AttentionMapsTest(parameterized.TestCase):
@@ -68,7 +52,7 @@ class AttentionMapsTest(parameterized.TestCase):
   )
   def test_bare_modules(self, module, names):
     x = jax.random.normal(jax.random.key(0), (3, 5, 6, 8))
-    maps = jax.jit(lambda v, x: ci.attention_maps(module, v, x))(_random_variables(module, x), x)
+    maps = jax.jit(lambda v, x: ci.attention_maps(module, v, x))(random_variables(module, x), x)
     self.assertEqual(list(maps), [''])
     self.assertEqual(sorted(maps['']), names)
     if 'channel_map' in names:

@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 pytest.importorskip('matplotlib')
 pytest.importorskip('orbax.checkpoint')
+
+from random_variables import random_variables  # noqa: E402
 
 from cbam_jax import saving  # noqa: E402
 from experiments.configs import base_config  # noqa: E402
@@ -25,22 +26,6 @@ pytestmark = pytest.mark.slow
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _random_variables(model, input_shape, seed=0):
-  """Random variables of the right structure, without compiling ``model.init`` (slow)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['var']"):  # BatchNorm running variance: positive.
-      return np.ones(leaf.shape, leaf.dtype)
-    values = 0.3 * rng.standard_normal(leaf.shape)
-    if name.endswith("['scale']"):  # BatchNorm scales near 1 (the spatial one starts at 0).
-      values += 1.0
-    return values.astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _write_run(workdir, attention):
@@ -58,7 +43,7 @@ def _write_run(workdir, attention):
   info = input_pipeline.create_input(config).info
   fields = train_lib.model_description(config, info.num_classes)
   model = saving.build(fields)
-  variables = _random_variables(model, (1, 16, 16, 3))
+  variables = random_variables(model, jnp.zeros((1, 16, 16, 3)))
   meta = {'config': json.loads(config.to_json_best_effort()), 'model': fields,
           'dataset': {'name': 'shapes', 'num_classes': info.num_classes,
                       'image_shape': list(info.image_shape),
