@@ -22,11 +22,6 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix='cbam_jax_tests_jit_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
   atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-# Under xdist every worker (and each subprocess a test starts) shares the 2 cores of a CI
-# machine: Eigen's own thread pool per process only oversubscribes them (measured: a library
-# file's wall time 175 s -> 151 s with one Eigen thread). Only when XLA_FLAGS is unset.
-if os.environ.get('PYTEST_XDIST_WORKER') and 'XLA_FLAGS' not in os.environ:
-  os.environ['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false'
 # Programs that compile in under 0.3 s are cheaper to compile again than to store.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
