@@ -96,3 +96,12 @@ DATASETS: dict[str, dict[str, Any]] = {
   # up to 64 px, else 'imagenet'.
   'folder': dict(image_size=None, augment=None, mean=None, std=None),
 }
+
+
+def config_get(config: Any, name: str, default: Any = None) -> Any:
+  """config.name, or the default when a config built without default_data_config lacks it."""
+  if hasattr(config, 'get'):
+    value = config.get(name, default)
+  else:
+    value = getattr(config, name, default)
+  return default if value is None and default is not None else value

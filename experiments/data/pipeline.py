@@ -44,7 +44,7 @@ from absl import flags
 from cbam_jax import _cli
 from experiments.data import augment, sources
 from experiments.data import shapes as shapes_lib
-from experiments.data.base import DATASETS, DatasetInfo, Input
+from experiments.data.base import DATASETS, DatasetInfo, Input, config_get
 from experiments.data.base import eval_split_field as _eval_split
 from experiments.data.in_memory import ArrayInput
 
@@ -127,13 +127,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
-  """config.name, or the default when a config built without default_data_config lacks it."""
-  if hasattr(config, 'get'):
-    value = config.get(name, default)
-  else:
-    value = getattr(config, name, default)
-  return default if value is None and default is not None else value
+_get = config_get
 
 
 def split_holdout(
@@ -263,19 +257,11 @@ def _decode_folder(config, layout, splits: list[str]) -> dict[str, Any]:
 
 
 def _load_tfds_in_memory(config, name: str) -> tuple[dict, dict, tuple[str, ...], int, str]:
-  defaults = DATASETS[name]
-  full_name = sources.tfds_name(name, _get(config, 'tfds_config'))
-  data_dir = _get(config, 'data_dir')
-  builder = sources.tfds_builder(
-    full_name, data_dir, _get(config, 'manual_dir'), bool(_get(config, 'download', False))
-  )
-  image_size = _get(config, 'image_size', defaults['image_size'])
-  kind = augment.check_kind(_get(config, 'augment', defaults['augment']))
-  size = augment.stored_size(kind, image_size)
-  train_split = _get(config, 'train_split', defaults['train_split'])
-  eval_split = _eval_split(config)
-  if eval_split == 'auto':
-    eval_split = defaults['eval_split']
+  tfds = sources.tfds_settings(config, name)
+  builder, full_name, data_dir, size = (tfds.builder, tfds.full_name, tfds.data_dir,
+                                        tfds.stored_size)
+  image_size, kind = tfds.image_size, tfds.kind
+  train_split, eval_split = tfds.train_split, tfds.eval_split
 
   def load(split):
     data = sources.tfds_data_source(builder, split, name=full_name, data_dir=data_dir)

@@ -6,6 +6,7 @@ Each loader returns uint8 arrays for the in-memory pipeline; `resolve_folder` an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -13,11 +14,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from typing import Any
 
 import numpy as np
 
 from experiments import extras
-from experiments.data import decode
+from experiments.data import augment, decode
+from experiments.data.base import DATASETS, config_get, eval_split_field
 
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -439,3 +442,33 @@ def tfds_data_source(builder, split: str, *, name: str, data_dir: str | None):
 
 def tfds_splits(builder) -> list[str]:
   return list(builder.info.splits.keys())
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSettings:
+  """A tfds dataset's builder and the config's choices for it (in-memory and streaming)."""
+  builder: Any
+  full_name: str
+  data_dir: str | None
+  image_size: int
+  kind: str  # the augmentation kind
+  stored_size: int  # the side examples are stored at before augmentation
+  train_split: str
+  eval_split: str | None  # None: carve a holdout from the train split
+
+
+def tfds_settings(config, name: str) -> TfdsSettings:
+  """The builder, sizes and splits of tfds dataset ``name`` under ``config``."""
+  defaults = DATASETS[name]
+  full_name = tfds_name(name, config_get(config, 'tfds_config'))
+  data_dir = config_get(config, 'data_dir')
+  builder = tfds_builder(full_name, data_dir, config_get(config, 'manual_dir'),
+                         bool(config_get(config, 'download', False)))
+  image_size = config_get(config, 'image_size', defaults['image_size'])
+  kind = augment.check_kind(config_get(config, 'augment', defaults['augment']))
+  eval_split = eval_split_field(config)
+  return TfdsSettings(
+      builder=builder, full_name=full_name, data_dir=data_dir, image_size=image_size,
+      kind=kind, stored_size=augment.stored_size(kind, image_size),
+      train_split=config_get(config, 'train_split', defaults['train_split']),
+      eval_split=defaults['eval_split'] if eval_split == 'auto' else eval_split)

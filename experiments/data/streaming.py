@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.data import augment, sources
-from experiments.data.base import DATASETS
-from experiments.data.base import eval_split_field as _eval_split
+from experiments.data import sources
+from experiments.data.base import DATASETS, config_get
 from experiments.data.in_memory import ArrayInput
-
-
-def _get(config, name, default=None):
-  value = config.get(name, default) if hasattr(config, 'get') else getattr(config, name, default)
-  return default if value is None and default is not None else value
 
 
 def _data_source(builder, split: str, *, name: str, data_dir: str | None):
@@ -38,18 +32,11 @@ def _data_source(builder, split: str, *, name: str, data_dir: str | None):
 def create_streaming_input(config, name: str, *, process_index: int = 0,
                            process_count: int = 1) -> ArrayInput:
   """A tfds dataset as an ArrayInput whose examples are read and decoded per batch."""
-  defaults = DATASETS[name]
-  full_name = sources.tfds_name(name, _get(config, 'tfds_config'))
-  data_dir = _get(config, 'data_dir')
-  builder = sources.tfds_builder(full_name, data_dir, _get(config, 'manual_dir'),
-                                 bool(_get(config, 'download', False)))
-  image_size = _get(config, 'image_size', defaults['image_size'])
-  kind = augment.check_kind(_get(config, 'augment', defaults['augment']))
-  side = augment.stored_size(kind, image_size)
-  train_split = _get(config, 'train_split', defaults['train_split'])
-  eval_split = _eval_split(config)
-  if eval_split == 'auto':
-    eval_split = defaults['eval_split']
+  defaults, tfds = DATASETS[name], sources.tfds_settings(config, name)
+  builder, full_name, data_dir, side = (tfds.builder, tfds.full_name, tfds.data_dir,
+                                        tfds.stored_size)
+  image_size, kind = tfds.image_size, tfds.kind
+  train_split, eval_split = tfds.train_split, tfds.eval_split
 
   def source(split, first=0, count=None):
     data = _data_source(builder, split, name=full_name, data_dir=data_dir)
@@ -59,7 +46,7 @@ def create_streaming_input(config, name: str, *, process_index: int = 0,
   if eval_split is None:
     # Carve the first examples in file order (tfds shuffles examples when it prepares a
     # dataset), so no pass over the labels is needed.
-    fraction = _get(config, 'holdout_fraction', 0.1)
+    fraction = config_get(config, 'holdout_fraction', 0.1)
     total = len(_data_source(builder, train_split, name=full_name, data_dir=data_dir))
     num_holdout = int(round(fraction * total))
     if not 0 < num_holdout < total:
@@ -72,21 +59,21 @@ def create_streaming_input(config, name: str, *, process_index: int = 0,
     evaluation = source(train_split, 0, num_holdout)
   else:
     train, evaluation = source(train_split), source(eval_split)
-  global_batch_size = _get(config, 'global_batch_size', 128)
+  global_batch_size = config_get(config, 'global_batch_size', 128)
   return ArrayInput(
     train=train,
     eval=evaluation,
     class_names=tuple(builder.info.features['label'].names),
     image_size=image_size,
     augment_kind=kind,
-    mean=np.asarray(_get(config, 'mean', defaults['mean']), np.float32),
-    std=np.asarray(_get(config, 'std', defaults['std']), np.float32),
+    mean=np.asarray(config_get(config, 'mean', defaults['mean']), np.float32),
+    std=np.asarray(config_get(config, 'std', defaults['std']), np.float32),
     global_batch_size=global_batch_size,
-    eval_batch_size=_get(config, 'eval_batch_size', global_batch_size),
-    seed=_get(config, 'seed', 0),
+    eval_batch_size=config_get(config, 'eval_batch_size', global_batch_size),
+    seed=config_get(config, 'seed', 0),
     process_index=process_index,
     process_count=process_count,
-    num_threads=_get(config, 'input_threads', 2),
-    prefetch=_get(config, 'prefetch_batches', 2),
-    num_workers=_get(config, 'input_workers', 0),
+    num_threads=config_get(config, 'input_threads', 2),
+    prefetch=config_get(config, 'prefetch_batches', 2),
+    num_workers=config_get(config, 'input_workers', 0),
   )
