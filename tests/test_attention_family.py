@@ -17,6 +17,16 @@ ALL = attention.available()
 IMAGE_ONLY = ('coord', 'triplet')
 WITH_BATCH_NORM = ('bam', 'coord', 'triplet', 'lcbam')
 PARAMETER_FREE = ('simam',)
+# The fast run (-m "not slow") keeps CBAM, its branches and the cheap members; the members
+# whose programs take seconds to compile run in the full suite.
+FULL_SUITE_ONLY = ('bam', 'coord', 'lcbam', 'scse', 'triplet')
+
+
+def _cases(names):
+  return [pytest.param(name, marks=pytest.mark.slow) if name in FULL_SUITE_ONLY else name
+          for name in names]
+
+
 SHAPE = (2, 6, 5, 32)  # H != W so that swapped axes show.
 
 
@@ -102,7 +112,7 @@ def _train_outputs(name):
   return grads, y_train, updates
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', _cases(ALL))
 def test_forward_under_jit_and_dtypes(name):
   x, _, y, _, _, y16 = _eval_outputs(name)
   assert y.shape == x.shape and y.dtype == jnp.float32
@@ -113,7 +123,7 @@ def test_forward_under_jit_and_dtypes(name):
   np.testing.assert_allclose(np.asarray(y16, np.float32), y, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', _cases(ALL))
 def test_gradients_are_finite_and_nonzero(name):
   _, variables, *_ = _eval_outputs(name)
   grads, _, _ = _train_outputs(name)
@@ -127,7 +137,7 @@ def test_gradients_are_finite_and_nonzero(name):
     assert np.any(g != 0), f'zero gradient for {jax.tree_util.keystr(path)}'
 
 
-@pytest.mark.parametrize('name', WITH_BATCH_NORM)
+@pytest.mark.parametrize('name', _cases(WITH_BATCH_NORM))
 def test_train_mode_uses_batch_statistics(name):
   _, variables, y_eval, *_ = _eval_outputs(name)
   _, y_train, updates = _train_outputs(name)
@@ -137,13 +147,13 @@ def test_train_mode_uses_batch_statistics(name):
   assert all(jax.tree_util.tree_leaves(moved))
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', _cases(ALL))
 def test_channels_first_is_the_transposed_result(name):
   _, _, y, _, y_nchw, _ = _eval_outputs(name)
   np.testing.assert_allclose(y_nchw, y, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', _cases(ALL))
 def test_other_spatial_ranks(name):
   module = _create(name)
   signal, volume = _features((2, 9, 16)), _features((1, 3, 4, 5, 16))

@@ -73,10 +73,13 @@ PARITY_CASES = [
     ('timm_se_basic', 'timm', 48, 'SqueezeExcitation'),
     ('torchvision_basic', 'torchvision', 40, None),
 ]
+# The fast run checks one official and one timm CBAM network; the full suite all of them.
+FAST_PARITY = ('official_cifar_basic', 'timm_cbam_basic')
 
 
-@pytest.mark.parametrize('name,source,size,attention', PARITY_CASES,
-                         ids=[c[0] for c in PARITY_CASES])
+@pytest.mark.parametrize('name,source,size,attention', [
+    case if case[0] in FAST_PARITY else pytest.param(*case, marks=pytest.mark.slow)
+    for case in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
 def test_logits_match_pytorch(name, source, size, attention):
   torch_model = reference(name)
   x = images(size)

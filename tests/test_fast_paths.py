@@ -23,13 +23,14 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 # (batch, spatial, kernel_size): 1-D, 2-D and 3-D; sizes smaller than the kernel, even and
 # odd sizes, kernels 3/5/7 and mixed; a width over the 64-wide kernel-gradient block.
-CONV_CASES = (
-    ('1d_shorter_than_k7', 2, (3,), (7,)),
-    ('2d_k7_even', 2, (6, 8), (7, 7)),
-    ('2d_k5_odd_h_w_below_k', 3, (3, 5), (5, 5)),
-    ('2d_mixed_k_wide_blocks', 1, (2, 70), (3, 5)),
-    ('3d_mixed_below_k', 1, (2, 5, 3), (5, 3, 7)),
-)
+CONV_CASES = [
+    pytest.param(2, (3,), (7,), id='1d_shorter_than_k7'),
+    pytest.param(2, (6, 8), (7, 7), id='2d_k7_even'),
+    pytest.param(3, (3, 5), (5, 5), id='2d_k5_odd_h_w_below_k'),
+    pytest.param(1, (2, 70), (3, 5), id='2d_mixed_k_wide_blocks'),
+    # The full suite only: the 3-D programs (105 taps) take seconds to compile.
+    pytest.param(1, (2, 5, 3), (5, 3, 7), id='3d_mixed_below_k', marks=pytest.mark.slow),
+]
 
 
 def _random(key_index: int, shape, scale: float = 1.0) -> jax.Array:
@@ -41,24 +42,25 @@ def _value_and_grads(conv, planes, kernel, cotangent):
       planes, kernel), conv(planes, kernel)
 
 
-class SpatialConvPlanesTest(parameterized.TestCase):
+@pytest.mark.parametrize('batch, spatial, kernel_size', CONV_CASES)
+def test_shift_matches_xla_outputs_and_gradients(batch, spatial, kernel_size):
+  planes = _random(0, (2, batch, *spatial))
+  kernel = _random(1, (*kernel_size, 2, 1), 0.3)
+  cotangent = _random(2, (batch, *spatial))
+  results = {
+      impl: jax.jit(functools.partial(
+          _value_and_grads, functools.partial(spatial_conv_planes, impl=impl)))(
+              planes, kernel, cotangent)
+      for impl in ('xla', 'shift')}
+  (_, (grad_planes_ref, grad_kernel_ref)), out_ref = results['xla']
+  (_, (grad_planes, grad_kernel)), out = results['shift']
+  assert out.shape == (batch, *spatial)
+  chex.assert_trees_all_close(out, out_ref, **TOL)
+  chex.assert_trees_all_close(grad_planes, grad_planes_ref, **TOL)
+  chex.assert_trees_all_close(grad_kernel, grad_kernel_ref, **TOL)
 
-  @parameterized.named_parameters(*CONV_CASES)
-  def test_shift_matches_xla_outputs_and_gradients(self, batch, spatial, kernel_size):
-    planes = _random(0, (2, batch, *spatial))
-    kernel = _random(1, (*kernel_size, 2, 1), 0.3)
-    cotangent = _random(2, (batch, *spatial))
-    results = {
-        impl: jax.jit(functools.partial(
-            _value_and_grads, functools.partial(spatial_conv_planes, impl=impl)))(
-                planes, kernel, cotangent)
-        for impl in ('xla', 'shift')}
-    (_, (grad_planes_ref, grad_kernel_ref)), out_ref = results['xla']
-    (_, (grad_planes, grad_kernel)), out = results['shift']
-    self.assertEqual(out.shape, (batch, *spatial))
-    chex.assert_trees_all_close(out, out_ref, **TOL)
-    chex.assert_trees_all_close(grad_planes, grad_planes_ref, **TOL)
-    chex.assert_trees_all_close(grad_kernel, grad_kernel_ref, **TOL)
+
+class SpatialConvPlanesTest(parameterized.TestCase):
 
   def test_kernel_gradient_matches_float64_sum(self):
     # Independent of XLA's conv: the defining sum in numpy float64.
@@ -175,35 +177,34 @@ class BatchedSpatialLogitsTest(parameterized.TestCase):
                              impl='shift')
 
 
-class ModuleFastPathTest(parameterized.TestCase):
+@pytest.mark.parametrize('shape, fields, train', [
+    pytest.param((2, 6, 5, 32), dict(spatial_norm=True), True, id='official_2d_train'),
+    pytest.param((2, 3, 2, 16), dict(spatial_norm=True), False, id='official_eval_map_below_k'),
+    pytest.param((1, 3, 4, 5, 16), dict(kernel_size=3, order='parallel'), True,
+                 id='parallel_3d_k3', marks=pytest.mark.slow),  # 3-D: the full suite only.
+])
+def test_fast_module_matches_xla_module(shape, fields, train):
   """``CBAM(conv_impl=...)``: the fast path is invisible in outputs and gradients."""
+  x = _random(14, shape)
+  cotangent = _random(15, shape)
+  reference = layers.CBAM(conv_impl='xla', **fields)
+  variables = reference.init(jax.random.PRNGKey(16), x)
+  if 'batch_stats' in variables:  # Non-trivial running statistics for eval mode.
+    variables = {**variables,
+                 'batch_stats': jax.tree.map(lambda v: v + 0.3, variables['batch_stats'])}
 
-  @parameterized.named_parameters(
-      ('official_2d_train', (2, 6, 5, 32), dict(spatial_norm=True), True),
-      ('official_eval_map_below_k', (2, 3, 2, 16), dict(spatial_norm=True), False),
-      ('parallel_3d_k3', (1, 3, 4, 5, 16), dict(kernel_size=3, order='parallel'), True),
-  )
-  def test_fast_module_matches_xla_module(self, shape, fields, train):
-    x = _random(14, shape)
-    cotangent = _random(15, shape)
-    reference = layers.CBAM(conv_impl='xla', **fields)
-    variables = reference.init(jax.random.PRNGKey(16), x)
-    if 'batch_stats' in variables:  # Non-trivial running statistics for eval mode.
-      variables = {**variables,
-                   'batch_stats': jax.tree.map(lambda v: v + 0.3, variables['batch_stats'])}
+  def loss(module, params, x):
+    out, _ = module.apply({**variables, 'params': params}, x, train=train,
+                          mutable=['batch_stats'])
+    return jnp.vdot(out, cotangent), out
 
-    def loss(module, params, x):
-      out, _ = module.apply({**variables, 'params': params}, x, train=train,
-                            mutable=['batch_stats'])
-      return jnp.vdot(out, cotangent), out
-
-    results = {}
-    for impl in ('xla', 'shift'):  # 'auto' is 'shift' on CPU (test_auto_picks_shift_on_cpu).
-      module = layers.CBAM(conv_impl=impl, **fields)
-      results[impl] = jax.jit(jax.value_and_grad(
-          functools.partial(loss, module), argnums=(0, 1), has_aux=True))(
-              variables['params'], x)
-    chex.assert_trees_all_close(results['shift'], results['xla'], **TOL)
+  results = {}
+  for impl in ('xla', 'shift'):  # 'auto' is 'shift' on CPU (test_auto_picks_shift_on_cpu).
+    module = layers.CBAM(conv_impl=impl, **fields)
+    results[impl] = jax.jit(jax.value_and_grad(
+        functools.partial(loss, module), argnums=(0, 1), has_aux=True))(
+            variables['params'], x)
+  chex.assert_trees_all_close(results['shift'], results['xla'], **TOL)
 
 
 def test_shift_gradient_matches_finite_differences():

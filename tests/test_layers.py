@@ -320,7 +320,8 @@ class ErrorTest(parameterized.TestCase):
   """Every bad input or field gets a ValueError/TypeError naming the problem."""
 
   def init(self, module, shape, dtype=jnp.float32):
-    return module.init(jax.random.key(0), jnp.ones(shape, dtype))
+    # Traced, not run: the checks fire while tracing, and shapes are all these tests read.
+    return jax.eval_shape(module.init, jax.random.key(0), jnp.ones(shape, dtype))
 
   @parameterized.parameters(CBAM, ChannelAttention, SpatialAttention)
   def test_wrong_rank(self, module_cls):
@@ -344,7 +345,7 @@ class ErrorTest(parameterized.TestCase):
     module = small(module_cls)
     variables = self.init(module, SHAPES[2])
     with pytest.raises(ValueError, match=r'initialised with a conv kernel of shape \(3, 3, 2, 1'):
-      module.apply(variables, jnp.ones(SHAPES[3]))
+      jax.eval_shape(module.apply, variables, jnp.ones(SHAPES[3]))
 
   @parameterized.parameters([6], [0], [-3], [(3, 4)], [3.0], [True])
   def test_bad_kernel_size(self, kernel_size):

@@ -199,8 +199,9 @@ def test_batchnorm_momentum_is_torch_default():
   # Flax momentum 0.9 == PyTorch 0.1: from zero-initialised running means, one train step
   # stores 0.1 * the batch mean of the stem conv's output.
   model, x, variables = tiny_cbam_setup()
-  _, state = model.apply(variables, x, train=True, capture_intermediates=True,
-                         mutable=['batch_stats', 'intermediates'])
+  _, state = jax.jit(functools.partial(
+      model.apply, train=True, capture_intermediates=True,
+      mutable=['batch_stats', 'intermediates']))(variables, x)
   (conv_out,) = state['intermediates']['conv1']['__call__']
   np.testing.assert_allclose(state['batch_stats']['bn1']['mean'],
                              0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)

@@ -54,9 +54,17 @@ def _input_shape(spatial, channel_axis, channels=8, batch=3):
   return shape if channel_axis == -1 else (batch, channels, *spatial)
 
 
-@pytest.mark.parametrize('name,spatial,channel_axis,train', CASES,
-                         ids=[f'{c[0]}-{len(c[1])}d-{"nhwc" if c[2] == -1 else "nchw"}-'
-                              f'{"train" if c[3] else "eval"}' for c in CASES])
+IDS = [f'{c[0]}-{len(c[1])}d-{"nhwc" if c[2] == -1 else "nchw"}-{"train" if c[3] else "eval"}'
+       for c in CASES]
+# The fast run (-m "not slow") keeps the cases that compile in about a second; the others
+# (1-D and 3-D CBAM, the members with seconds-long programs) run in the full suite.
+FAST_CASES = ('cbam-2d-nhwc-train', 'channel-2d-nchw-train', 'spatial-2d-nchw-train',
+              'eca-1d-nhwc-train', 'scse-2d-nhwc-eval', 'simam-3d-nhwc-train')
+
+
+@pytest.mark.parametrize('name,spatial,channel_axis,train', [
+    case if case_id in FAST_CASES else pytest.param(*case, marks=pytest.mark.slow)
+    for case, case_id in zip(CASES, IDS, strict=True)], ids=IDS)
 def test_matches_linen(name, spatial, channel_axis, train):
   shape = _input_shape(spatial, channel_axis)
   linen_module = attention.create(name, channel_axis=channel_axis, **FIELDS[name])

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.torch
 CASES = [
     (lambda: refs.OfficialResNet('basic', [2, 1], 'CIFAR10', num_classes=10, width=16),
      'official', 8),
-    (lambda: refs.TimmResNet('basic', [1, 1, 1, 1], num_classes=6, attn_layer='cbam',
-                             width=16), 'timm', 32),
+    pytest.param(lambda: refs.TimmResNet('basic', [1, 1, 1, 1], num_classes=6,
+                                         attn_layer='cbam', width=16), 'timm', 32,
+                 marks=pytest.mark.slow),
 ]
 
 

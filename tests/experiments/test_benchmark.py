@@ -12,7 +12,10 @@ from experiments.bench import benchmark
 
 @pytest.mark.slow
 def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
-  results = benchmark.main(['--tiny', '--out', str(tmp_path)])
+  # Every section in one run: the NNX section reuses the linen programs compiled for the
+  # training-step rows.
+  sections = [f'--only={name}' for name in benchmark.SECTIONS + benchmark.EXTRA_SECTIONS]
+  results = benchmark.main(['--tiny', '--out', str(tmp_path), *sections])
 
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['tiny'] is True
@@ -52,9 +55,23 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
   (memory,) = saved['memory']
   assert memory['cbam']['peak_mb'] > 0 and memory['plain']['peak_mb'] > 0
 
+  (nnx_row,) = saved['nnx']
+  assert nnx_row['attention'] == 'cbam'
+  assert set(nnx_row['impls']) == {'linen', 'nnx_jit', 'nnx_split'}
+  linen = nnx_row['impls']['linen']
+  for form in ('nnx_jit', 'nnx_split'):
+    impl = nnx_row['impls'][form]
+    assert impl['ms'] > 0 and impl['peak_mb'] > 0
+    assert nnx_row['vs_linen'][form]['time'] == pytest.approx(impl['ms'] / linen['ms'])
+    assert nnx_row['vs_linen'][form]['peak_memory'] == pytest.approx(
+        impl['peak_mb'] / linen['peak_mb'])
+    # One model, one step: the compiled programs need the same buffers within 5%.
+    assert nnx_row['vs_linen'][form]['peak_memory'] == pytest.approx(1.0, abs=0.05)
+
   markdown = (tmp_path / 'results.md').read_text()
   assert '| 2x8x8x32 | forward |' in markdown
   assert 'Training step' in markdown and 'memory' in markdown and 'conv passes' in markdown
+  assert 'NNX vs linen' in markdown
   assert results['module'][0]['floor_ms'] == saved['module'][0]['floor_ms']
 
 
@@ -161,20 +178,3 @@ def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch
   markdown = benchmark.to_markdown({'environment': benchmark.environment(), 'models': [row]})
   model_line = next(line for line in markdown.splitlines() if line.startswith('| resnet20'))
   assert model_line.split(' | ')[4:6] == ['-', '-']  # The nn.Conv columns.
-
-
-@pytest.mark.slow
-def test_nnx_section_times_both_nnx_forms_against_linen(tmp_path):
-  benchmark.main(['--tiny', '--only', 'nnx', '--out', str(tmp_path)])
-  (row,) = json.loads((tmp_path / 'results.json').read_text())['nnx']
-  assert row['attention'] == 'cbam' and set(row['impls']) == {'linen', 'nnx_jit', 'nnx_split'}
-  linen = row['impls']['linen']
-  for form in ('nnx_jit', 'nnx_split'):
-    impl = row['impls'][form]
-    assert impl['ms'] > 0 and impl['peak_mb'] > 0
-    assert row['vs_linen'][form]['time'] == pytest.approx(impl['ms'] / linen['ms'])
-    assert row['vs_linen'][form]['peak_memory'] == pytest.approx(
-        impl['peak_mb'] / linen['peak_mb'])
-    # One model, one step: the compiled programs need the same buffers within 5%.
-    assert row['vs_linen'][form]['peak_memory'] == pytest.approx(1.0, abs=0.05)
-  assert 'NNX vs linen' in (tmp_path / 'results.md').read_text()

@@ -374,6 +374,7 @@ def write_mixed_folder(root):
           image.convert('P').save(name + '.png')
 
 
+@pytest.mark.slow  # Imports TensorFlow (~10 s).
 @pytest.mark.parametrize('augment_kind, image_size', [('none', 16), ('imagenet', 16),
                                                       ('none', None)])
 def test_folder_decoding_equals_tensorflow(tmp_path, augment_kind, image_size):
@@ -393,6 +394,7 @@ def test_folder_decoding_equals_tensorflow(tmp_path, augment_kind, image_size):
     np.testing.assert_array_equal(arrays[f'{split}/image'], images)
 
 
+@pytest.mark.slow  # Imports TensorFlow (~10 s).
 def test_resize_equals_tensorflow():
   tf = pytest.importorskip('tensorflow')
   from experiments.data import decode
@@ -438,6 +440,7 @@ def test_non_image_files_are_skipped_and_counted(tmp_path, capsys):
   assert 'skipped 2 file(s) without an image suffix' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # Lists the members of a 170 MB archive.
 @pytest.mark.skipif(not os.path.exists(SHARED_TARBALL), reason='shared CIFAR-10 tarball missing')
 def test_shared_cifar10_tarball():
   # Reads the archive's member list (a few seconds) rather than extracting 50k files: the
