@@ -188,7 +188,7 @@ def test_fast_module_matches_xla_module(shape, fields, train):
   x = _random(14, shape)
   cotangent = _random(15, shape)
   reference = layers.CBAM(conv_impl='xla', **fields)
-  variables = reference.init(jax.random.PRNGKey(16), x)
+  variables = jax.jit(reference.init)(jax.random.PRNGKey(16), x)
   if 'batch_stats' in variables:  # Non-trivial running statistics for eval mode.
     variables = {**variables,
                  'batch_stats': jax.tree.map(lambda v: v + 0.3, variables['batch_stats'])}

@@ -482,6 +482,7 @@ def test_shared_cifar10_tarball_decodes_as_tensorflow(tmp_path):
 # -- tfds (mocked) ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # tfds.testing.mock_data imports TensorFlow (~10 s).
 def test_tfds_cifar10_in_memory(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = ip.default_data_config()
@@ -507,6 +508,7 @@ def streaming_config(tmp_path, **overrides):
   return config
 
 
+@pytest.mark.slow  # tfds.testing.mock_data imports TensorFlow (~10 s).
 def test_tfds_streaming_imagenette(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = streaming_config(tmp_path)
@@ -530,6 +532,7 @@ def test_tfds_streaming_imagenette(tmp_path):
   assert [b['mask'].sum() for b in evals] == [4] * 5
 
 
+@pytest.mark.slow  # tfds.testing.mock_data imports TensorFlow (~10 s).
 def test_tfds_streaming_holdout(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   config = streaming_config(tmp_path, eval_split=None, holdout_fraction=0.3)
