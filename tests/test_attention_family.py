@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import fast_subset
 
 from cbam_jax import attention
 from cbam_jax.attention import _base
@@ -18,13 +19,13 @@ IMAGE_ONLY = ('coord', 'triplet')
 WITH_BATCH_NORM = ('bam', 'coord', 'triplet', 'lcbam')
 PARAMETER_FREE = ('simam',)
 # The fast run (-m "not slow") keeps CBAM, its branches and the cheap members; the members
-# whose programs take seconds to compile run in the full suite.
-FULL_SUITE_ONLY = ('bam', 'coord', 'lcbam', 'scse', 'triplet')
+# whose programs take seconds to compile (bam, coord, lcbam, scse, triplet) run in the full
+# suite only.
+FAST_MEMBERS = ('cbam', 'channel', 'spatial', 'se', 'eca', 'simam')
 
 
 def _cases(names):
-  return [pytest.param(name, marks=pytest.mark.slow) if name in FULL_SUITE_ONLY else name
-          for name in names]
+  return fast_subset(names, names, FAST_MEMBERS)
 
 
 SHAPE = (2, 6, 5, 32)  # H != W so that swapped axes show.

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import fast_subset
 
 torch = pytest.importorskip('torch')
 
@@ -77,9 +78,8 @@ PARITY_CASES = [
 FAST_PARITY = ('official_cifar_basic', 'timm_cbam_basic')
 
 
-@pytest.mark.parametrize('name,source,size,attention', [
-    case if case[0] in FAST_PARITY else pytest.param(*case, marks=pytest.mark.slow)
-    for case in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
+@pytest.mark.parametrize('name,source,size,attention', fast_subset(
+    PARITY_CASES, [c[0] for c in PARITY_CASES], FAST_PARITY))
 def test_logits_match_pytorch(name, source, size, attention):
   torch_model = reference(name)
   x = images(size)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import fast_subset
 from flax import nnx
 from nnx_parity import assert_same_step, randomized
 
@@ -62,9 +63,7 @@ FAST_CASES = ('cbam-2d-nhwc-train', 'channel-2d-nchw-train', 'spatial-2d-nchw-tr
               'eca-1d-nhwc-train', 'scse-2d-nhwc-eval', 'simam-3d-nhwc-train')
 
 
-@pytest.mark.parametrize('name,spatial,channel_axis,train', [
-    case if case_id in FAST_CASES else pytest.param(*case, marks=pytest.mark.slow)
-    for case, case_id in zip(CASES, IDS, strict=True)], ids=IDS)
+@pytest.mark.parametrize('name,spatial,channel_axis,train', fast_subset(CASES, IDS, FAST_CASES))
 def test_matches_linen(name, spatial, channel_axis, train):
   shape = _input_shape(spatial, channel_axis)
   linen_module = attention.create(name, channel_axis=channel_axis, **FIELDS[name])
