@@ -40,15 +40,16 @@ def test_image_only_member_given_one_image_names_the_missing_batch(name):
              r'one example without a batch axis, add one with x\[None\]')
   with pytest.raises(ValueError, match=message):
     _init(attention.resolve(name)(), IMAGE)
+  model = nnx.eval_shape(lambda: cnnx.resolve(name)(8, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=message):
-    cnnx.resolve(name)(8, rngs=nnx.Rngs(0))(IMAGE)
+    nnx.eval_shape(lambda m: m(IMAGE), model)
 
 
 @pytest.mark.parametrize('name', ['cbam', 'spatial', 'lcbam'])
 def test_nnx_module_given_one_image_asks_for_a_batch(name):
-  model = cnnx.resolve(name)(8, kernel_size=3, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: cnnx.resolve(name)(8, kernel_size=3, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=MISSING_BATCH):
-    model(IMAGE)
+    nnx.eval_shape(lambda m: m(IMAGE), model)
 
 
 def test_a_batch_of_1d_signals_stays_legitimate():
@@ -57,22 +58,21 @@ def test_a_batch_of_1d_signals_stays_legitimate():
     module = cbam_jax.CBAM(kernel_size=kernel_size, reduction_ratio=2)
     variables = _init(module, signals)
     assert jax.eval_shape(module.apply, variables, signals).shape == signals.shape
-  model = cnnx.CBAM(6, kernel_size=3, reduction_ratio=2, num_spatial_dims=1,
-                    rngs=nnx.Rngs(0))
-  assert model(signals).shape == signals.shape
+  model = nnx.eval_shape(lambda: cnnx.CBAM(6, kernel_size=3, reduction_ratio=2,
+                                            num_spatial_dims=1, rngs=nnx.Rngs(0)))
+  assert nnx.eval_shape(lambda m, s: m(s), model, signals).shape == signals.shape
 
 
 def test_functional_given_a_batch_says_one_example_and_vmap():
-  params = cbam_jax.CBAM(kernel_size=3, reduction_ratio=2).init(jax.random.key(0),
-                                                                 IMAGE[None])['params']
+  params = _init(cbam_jax.CBAM(kernel_size=3, reduction_ratio=2), IMAGE[None])['params']
   batch = jnp.ones((2, *IMAGE.shape))
   with pytest.raises(ValueError, match=ONE_EXAMPLE):
-    F.spatial_attention(params['spatial'], batch)
+    jax.eval_shape(F.spatial_attention, params['spatial'], batch)
   with pytest.raises(ValueError, match=ONE_EXAMPLE):
-    F.cbam(params['channel'], params['spatial'], batch)
+    jax.eval_shape(F.cbam, params['channel'], params['spatial'], batch)
   # What the message says to do works.
-  mapped = jax.vmap(lambda example: F.cbam(params['channel'], params['spatial'], example))
-  assert jax.eval_shape(mapped, batch).shape == batch.shape
+  mapped = jax.vmap(F.cbam, in_axes=(None, None, 0))
+  assert jax.eval_shape(mapped, params['channel'], params['spatial'], batch).shape == batch.shape
 
 
 def test_misspelt_linen_field_suggests_the_right_one():

@@ -42,7 +42,8 @@ class AttentionMapsTest(parameterized.TestCase):
 
   def test_resnet_without_attention_has_no_maps(self):
     model, variables, x = _tiny_resnet(None)
-    self.assertEqual(ci.attention_maps(model, variables, x), {})
+    maps = jax.eval_shape(lambda v, x: ci.attention_maps(model, v, x), variables, x)
+    self.assertEqual(maps, {})
 
   @parameterized.named_parameters(
       ('cbam', CBAM(reduction_ratio=4), ['channel_map', 'spatial_map']),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,7 @@ def test_to_nnx_matches_linen_apply():
   cbam = CBAM(reduction_ratio=2, kernel_size=3, spatial_norm=True)
   model = nnx.bridge.ToNNX(cbam, rngs=nnx.Rngs(0)).lazy_init(x)
   variables = linen_variables(model)
-  chex.assert_trees_all_equal_shapes(variables, cbam.init(jax.random.key(0), x))
+  chex.assert_trees_all_equal_shapes(variables, jax.eval_shape(cbam.init, jax.random.key(0), x))
   # Jitted: one program each instead of a compilation per op.
   out = nnx.jit(lambda model, x: model(x))(model, x)
   np.testing.assert_array_equal(out, jax.jit(cbam.apply)(variables, x))
@@ -58,13 +60,13 @@ def test_inside_an_nnx_module_with_jit_and_training():
     return model(x)
 
   variables = linen_variables(model.attention)
-  expected = cbam.apply(variables, model.conv(x))
+  expected = jax.jit(cbam.apply)(variables, model.conv(x))
   np.testing.assert_allclose(forward(model, x), expected, rtol=1e-6, atol=1e-6)
 
   # A training call moves the running statistics exactly as linen's mutable apply does.
-  expected_out, expected_state = cbam.apply(variables, model.conv(x), train=True,
-                                            mutable=['batch_stats'])
-  out = model(x, train=True)
+  expected_out, expected_state = jax.jit(functools.partial(
+      cbam.apply, train=True, mutable=['batch_stats']))(variables, model.conv(x))
+  out = nnx.jit(lambda model, x: model(x, train=True))(model, x)
   np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-6)
   new_stats = nnx.to_pure_dict(nnx.state(model.attention, nnx.BatchStat))
   chex.assert_trees_all_close(new_stats, expected_state['batch_stats'], rtol=1e-6)
