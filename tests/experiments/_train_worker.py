@@ -1,16 +1,15 @@
 """Runs ``train_lib.train_and_evaluate`` in a subprocess for tests/experiments/test_train.py.
 
-  python tests/experiments/_train_worker.py WORKDIR CONFIG_JSON [--devices N] [--step_delay S]
-      [--coordinator HOST:PORT --num_processes N --process_id I]
+  python tests/experiments/_train_worker.py --workdir=DIR --config_json=JSON [--devices=N]
+      [--step_delay=S] [--coordinator=HOST:PORT --num_processes=N --process_id=I]
 
-CONFIG_JSON is a JSON object of config overrides applied to the smoke config. ``--step_delay``
+``--config_json`` is a JSON object of config overrides applied to the smoke config. ``--step_delay``
 sleeps that many seconds before each training batch (in the input iterator, so the numbers do
 not change) to give the kill-and-resume test time to kill the process mid-epoch.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,18 +19,20 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from absl import app, flags  # noqa: E402  (after the environment above)
 
-def main() -> None:
-  parser = argparse.ArgumentParser()
-  parser.add_argument('workdir')
-  parser.add_argument('config_json')
-  parser.add_argument('--devices', type=int, default=1)
-  parser.add_argument('--step_delay', type=float, default=0.0)
-  parser.add_argument('--coordinator', default=None)
-  parser.add_argument('--num_processes', type=int, default=None)
-  parser.add_argument('--process_id', type=int, default=None)
-  args = parser.parse_args()
+flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
+flags.DEFINE_string('config_json', '{}', 'JSON object of overrides to the smoke config.')
+flags.DEFINE_integer('devices', 1, 'Fake CPU devices.')
+flags.DEFINE_float('step_delay', 0.0, 'Seconds to sleep before each training batch.')
+flags.DEFINE_string('coordinator', None, 'jax.distributed coordinator HOST:PORT.')
+flags.DEFINE_integer('num_processes', None, 'jax.distributed process count.')
+flags.DEFINE_integer('process_id', None, 'jax.distributed process index.')
+args = flags.FLAGS
 
+
+def main(argv) -> None:
+  del argv
   import jax
 
   jax.config.update('jax_num_cpu_devices', args.devices)
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

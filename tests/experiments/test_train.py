@@ -58,11 +58,12 @@ def results(records: list[dict]) -> list[dict]:
 
 def run_worker(workdir, overrides, *, devices=1, step_delay=0.0, distributed=None,
                compilation_cache=None):
-  command = [sys.executable, WORKER, str(workdir), json.dumps({**TINY, **overrides}),
-             '--devices', str(devices), '--step_delay', str(step_delay)]
+  command = [sys.executable, WORKER, f'--workdir={workdir}',
+             f'--config_json={json.dumps({**TINY, **overrides})}', f'--devices={devices}',
+             f'--step_delay={step_delay}']
   if distributed:
-    command += ['--coordinator', distributed[0], '--num_processes', str(distributed[1]),
-                '--process_id', str(distributed[2])]
+    command += [f'--coordinator={distributed[0]}', f'--num_processes={distributed[1]}',
+                f'--process_id={distributed[2]}']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   if compilation_cache:  # Later runs of the same program skip compilation.
     env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
