@@ -384,7 +384,7 @@ def test_folder_decoding_equals_tensorflow(tmp_path, augment_kind, image_size):
   write_mixed_folder(root)
   config = folder_config(root, augment=augment_kind, image_size=image_size, cache_arrays=False)
   layout = sources.scan_folder(root)
-  arrays = ip._decode_folder(config, layout, ['train', 'test'])
+  arrays = ip._decode_folder(ip.DataSettings.from_config(config), layout, ['train', 'test'])
   size = int(arrays['image_size'])
   stored = augment.stored_size(augment_kind, size)
   for split in ('train', 'test'):
@@ -472,7 +472,8 @@ def test_shared_cifar10_tarball_decodes_as_tensorflow(tmp_path):
       for name in sorted(os.listdir(class_dir.path))[::10]:
         os.link(os.path.join(class_dir.path, name), sample / 'train' / class_dir.name / name)
     root = str(sample)
-  arrays = ip._decode_folder(config, sources.scan_folder(root), ['train'])
+  arrays = ip._decode_folder(ip.DataSettings.from_config(config), sources.scan_folder(root),
+                            ['train'])
   images, labels, names = tensorflow_folder_arrays(root, 'train', 32)
   assert tuple(arrays['class_names']) == names and int(arrays['image_size']) == 32
   np.testing.assert_array_equal(arrays['train/label'], labels)
