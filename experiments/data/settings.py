@@ -7,9 +7,10 @@ configs built on it, e.g. `--config.image_size=64`); the data code reads the fro
 The dataclass defaults below are the one source of truth: `default_data_config()` is built
 from them, and a config that lacks a field (one saved before the field existed) gets the
 same default. (They live here, not in the config, because the parser needs them for such
-configs, and a typed field says what its default means.) A None in a field whose type does not admit None (an unset placeholder) also
-means the default. Fields typed `... | None` keep None: it means "the dataset's default"
-(filled in from `base.DATASETS` by `from_config`) or, for `eval_split`, "carve a holdout".
+configs, and a typed field says what its default means.) A None in a field whose type does
+not admit None (an unset placeholder) also means the default. Fields typed `... | None` keep
+None: it means "the dataset's default" (filled in from `base.DATASETS` by `from_config`) or,
+for `eval_split`, "carve a holdout".
 """
 
 from __future__ import annotations
