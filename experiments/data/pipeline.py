@@ -111,7 +111,7 @@ def _load_shapes(settings: DataSettings) -> tuple[dict, dict, tuple[str, ...], i
     seed=opt.seed,
     image_size=settings.image_size,
     num_classes=opt.num_classes,
-    scale_range=tuple(opt.scale_range),
+    scale_range=opt.scale_range,
     num_strokes=opt.num_strokes,
     num_blobs=opt.num_blobs,
     num_decoys=opt.num_decoys,
