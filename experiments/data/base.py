@@ -65,13 +65,6 @@ def check_epoch_step(epoch: int, start_step: int, steps_per_epoch: int) -> None:
                      f'{start_step}.')
 
 
-def eval_split_field(config) -> str | None:
-  """config.eval_split, where None is meaningful (carve a holdout); 'auto' when absent."""
-  if hasattr(config, 'get'):
-    return config.get('eval_split', 'auto')
-  return getattr(config, 'eval_split', 'auto')
-
-
 # Per-dataset defaults. mean/std in [0, 1] units; None = computed from the training images.
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS: dict[str, dict[str, Any]] = {
@@ -97,11 +90,3 @@ DATASETS: dict[str, dict[str, Any]] = {
   'folder': dict(image_size=None, augment=None, mean=None, std=None),
 }
 
-
-def config_get(config: Any, name: str, default: Any = None) -> Any:
-  """config.name, or the default when a config built without default_data_config lacks it."""
-  if hasattr(config, 'get'):
-    value = config.get(name, default)
-  else:
-    value = getattr(config, name, default)
-  return default if value is None and default is not None else value

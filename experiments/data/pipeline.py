@@ -2,7 +2,7 @@
 
 Contract (what training code relies on):
 
-  config = default_data_config()        # ml_collections.ConfigDict, fields documented below
+  config = default_data_config()        # ml_collections.ConfigDict: settings.DataSettings' fields
   data = create_input(config, process_index=jax.process_index(),
                       process_count=jax.process_count())
   data.info             # DatasetInfo(num_classes, image_shape, num_train, num_eval, class_names)
@@ -44,91 +44,19 @@ from absl import flags
 from cbam_jax import _cli
 from experiments.data import augment, sources
 from experiments.data import shapes as shapes_lib
-from experiments.data.base import DATASETS, DatasetInfo, Input, config_get
-from experiments.data.base import eval_split_field as _eval_split
+from experiments.data.base import DATASETS, DatasetInfo, Input, batch_sizes
 from experiments.data.in_memory import ArrayInput
+from experiments.data.settings import DataSettings, default_data_config
 
 __all__ = [
   'DATASETS',
+  'DataSettings',
   'DatasetInfo',
   'Input',
   'create_input',
   'default_data_config',
   'split_holdout',
 ]
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Data fields with their defaults; training configs build on this.
-
-  Fields:
-    dataset: 'shapes' | 'cifar10' | 'cifar100' | 'imagenet2012' | 'imagenette' | 'folder'.
-    data_dir: tfds data dir (None: tfds default, ~/tensorflow_datasets).
-    manual_dir: tfds manual download dir for imagenet2012 (None: <data_dir>/downloads/manual).
-    download: let tfds download and prepare missing datasets (off: fail with instructions).
-    tfds_config: tfds builder config, e.g. 'full-size-v2' for imagenette (None: default).
-    folder: image folder root (root/<split>/<class>/*.jpg) or a .tar.gz of one.
-    cache_dir: where archives are extracted (None: $CBAM_JAX_CACHE or ~/.cache/cbam_jax).
-    cache_arrays: keep a folder's decoded uint8 arrays in cache_dir (a .npy per split, keyed
-      by the folder's file list, sizes and mtimes), so later runs skip JPEG decoding and TF.
-    train_split: None = the dataset's 'train'.
-    eval_split: 'auto' = the dataset's test/validation split if it has one, else a holdout;
-      a split name; or None = always carve `holdout_fraction` of train (stratified,
-      deterministic from `split_seed`, disjoint from the remaining train examples).
-    holdout_fraction, split_seed: the carved holdout.
-    image_size: None = the dataset's default (shapes/CIFAR 32, ImageNet 224).
-    augment: None = dataset default; 'none' | 'flip' | 'cifar' | 'imagenet'.
-    mean, std: per-channel normalisation in [0, 1] units (None = dataset default / computed).
-    global_batch_size, eval_batch_size (None = global_batch_size), seed (order + augment).
-    input_threads: grain threads computing batches ahead of the training step (0 = inline,
-      in the training loop's thread).
-    input_workers: grain worker processes computing batches instead of threads (0 = threads);
-      for streaming datasets, where decoding dominates (in-memory arrays are copied to
-      each worker).
-    prefetch_batches: how many batches the threads (each worker) may compute ahead.
-    shapes: the procedural dataset (see experiments.data.shapes.generate): num_train, num_eval,
-      seed, num_classes, scale_range, num_strokes, num_blobs, num_decoys, noise_std.
-  """
-  config = ml_collections.ConfigDict()
-  config.dataset = 'shapes'
-  config.data_dir = None
-  config.manual_dir = None
-  config.download = False
-  config.tfds_config = None
-  config.folder = None
-  config.cache_dir = None
-  config.cache_arrays = True
-  config.train_split = None
-  config.eval_split = 'auto'
-  config.holdout_fraction = 0.1
-  config.split_seed = 0
-  config.image_size = None
-  config.augment = None
-  config.mean = None
-  config.std = None
-  config.global_batch_size = 128
-  config.eval_batch_size = None
-  config.seed = 0
-  config.input_threads = 2
-  config.input_workers = 0
-  config.prefetch_batches = 2
-  config.shapes = ml_collections.ConfigDict(
-    dict(
-      num_train=10_000,
-      num_eval=2_000,
-      seed=0,
-      num_classes=len(shapes_lib.CLASS_NAMES),
-      scale_range=(0.12, 0.25),
-      num_strokes=3,
-      num_blobs=3,
-      num_decoys=2,
-      noise_std=0.06,
-    )
-  )
-  return config
-
-
-_get = config_get
-
 
 def split_holdout(
   labels: np.ndarray, fraction: float, seed: int
@@ -169,58 +97,52 @@ def _channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[np.nda
   return sample.mean(axis=0), np.maximum(sample.std(axis=0), 1e-3)
 
 
-def _load_shapes(config) -> tuple[dict, dict, tuple[str, ...], int]:
-  sc = _get(config, 'shapes', ml_collections.ConfigDict())
-  defaults = default_data_config().shapes
-  opt = {k: _get(sc, k, defaults[k]) for k in defaults}
-  image_size = _get(config, 'image_size', DATASETS['shapes']['image_size'])
-  eval_split = _eval_split(config)
+def _load_shapes(settings: DataSettings) -> tuple[dict, dict, tuple[str, ...], int]:
+  opt, eval_split = settings.shapes, settings.eval_split
   if eval_split not in ('auto', None, 'test', 'validation'):
     raise ValueError(
       f"'shapes' has no split {eval_split!r}: set config.eval_split to 'auto' (generate "
       'config.shapes.num_eval separate examples) or None (carve config.holdout_fraction).'
     )
   carve = eval_split is None
-  num_total = opt['num_train'] + (0 if carve else opt['num_eval'])
+  num_total = opt.num_train + (0 if carve else opt.num_eval)
   data = shapes_lib.generate(
     num_total,
-    seed=opt['seed'],
-    image_size=image_size,
-    num_classes=opt['num_classes'],
-    scale_range=tuple(opt['scale_range']),
-    num_strokes=opt['num_strokes'],
-    num_blobs=opt['num_blobs'],
-    num_decoys=opt['num_decoys'],
-    noise_std=opt['noise_std'],
+    seed=opt.seed,
+    image_size=settings.image_size,
+    num_classes=opt.num_classes,
+    scale_range=opt.scale_range,
+    num_strokes=opt.num_strokes,
+    num_blobs=opt.num_blobs,
+    num_decoys=opt.num_decoys,
+    noise_std=opt.noise_std,
   )
   if carve:
     train_index, eval_index = split_holdout(
-      data['label'], _get(config, 'holdout_fraction', 0.1), _get(config, 'split_seed', 0)
+      data['label'], settings.holdout_fraction, settings.split_seed
     )
   else:
-    train_index = np.arange(opt['num_train'])
-    eval_index = np.arange(opt['num_train'], num_total)
-  class_names = shapes_lib.CLASS_NAMES[: opt['num_classes']]
-  return _take(data, train_index), _take(data, eval_index), class_names, image_size
+    train_index = np.arange(opt.num_train)
+    eval_index = np.arange(opt.num_train, num_total)
+  class_names = shapes_lib.CLASS_NAMES[: opt.num_classes]
+  return _take(data, train_index), _take(data, eval_index), class_names, settings.image_size
 
 
-def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
-  root = sources.resolve_folder(_get(config, 'folder'), _get(config, 'cache_dir'))
+def _load_folder(settings: DataSettings) -> tuple[dict, dict, tuple[str, ...], int, str]:
+  root = sources.resolve_folder(settings.folder, settings.cache_dir)
   layout = sources.scan_folder(root)
   train_split, eval_split = sources.pick_splits(
-    list(layout), _get(config, 'train_split'), _eval_split(config),
-    where=f'image folder {root}',
+    list(layout), settings.train_split, settings.eval_split, where=f'image folder {root}',
   )
   splits = [train_split] + ([eval_split] if eval_split else [])
   cache_file = None
-  if _get(config, 'cache_arrays', True):
+  if settings.cache_arrays:
     cache_file = sources.array_cache_path(
-      root, layout, splits, _get(config, 'image_size'), _get(config, 'augment'),
-      _get(config, 'cache_dir'),
+      root, layout, splits, settings.image_size, settings.augment, settings.cache_dir,
     )
   cached = sources.load_array_cache(cache_file) if cache_file else None
   if cached is None:
-    cached = _decode_folder(config, layout, splits)
+    cached = _decode_folder(settings, layout, splits)
     if cache_file:
       sources.save_array_cache(cache_file, cached)
   class_names = tuple(str(name) for name in cached['class_names'])
@@ -228,7 +150,7 @@ def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
   train = {'image': cached[f'{train_split}/image'], 'label': cached[f'{train_split}/label']}
   if eval_split is None:
     train_index, eval_index = split_holdout(
-      train['label'], _get(config, 'holdout_fraction', 0.1), _get(config, 'split_seed', 0)
+      train['label'], settings.holdout_fraction, settings.split_seed
     )
     train, evaluation = _take(train, train_index), _take(train, eval_index)
   else:
@@ -236,14 +158,14 @@ def _load_folder(config) -> tuple[dict, dict, tuple[str, ...], int, str]:
   return train, evaluation, class_names, image_size, kind
 
 
-def _decode_folder(config, layout, splits: list[str]) -> dict[str, Any]:
+def _decode_folder(settings: DataSettings, layout, splits: list[str]) -> dict[str, Any]:
   """Decodes the folder's splits into uint8 arrays (+ metadata), in tfds ImageFolder's order
   and with its pixels (experiments.data.decode), without TensorFlow."""
   examples = {split: sources.folder_examples(layout, split) for split in splits}
-  image_size = _get(config, 'image_size')
+  image_size = settings.image_size
   if image_size is None:
     image_size = sources.native_size(examples[splits[0]][0]) or 224
-  kind = _get(config, 'augment') or ('cifar' if image_size <= 64 else 'imagenet')
+  kind = settings.augment or ('cifar' if image_size <= 64 else 'imagenet')
   size = augment.stored_size(augment.check_kind(kind), image_size)
   out: dict[str, Any] = {
     'class_names': np.array(sources.folder_class_names(layout)),
@@ -256,12 +178,11 @@ def _decode_folder(config, layout, splits: list[str]) -> dict[str, Any]:
   return out
 
 
-def _load_tfds_in_memory(config, name: str) -> tuple[dict, dict, tuple[str, ...], int, str]:
-  tfds = sources.tfds_settings(config, name)
+def _load_tfds_in_memory(settings: DataSettings) -> tuple[dict, dict, tuple[str, ...], int, str]:
+  tfds = sources.tfds_settings(settings)
   builder, full_name, data_dir, size = (tfds.builder, tfds.full_name, tfds.data_dir,
                                         tfds.stored_size)
-  image_size, kind = tfds.image_size, tfds.kind
-  train_split, eval_split = tfds.train_split, tfds.eval_split
+  train_split, eval_split = settings.train_split, settings.eval_split
 
   def load(split):
     data = sources.tfds_data_source(builder, split, name=full_name, data_dir=data_dir)
@@ -276,50 +197,44 @@ def _load_tfds_in_memory(config, name: str) -> tuple[dict, dict, tuple[str, ...]
   train = load(train_split)
   if eval_split is None:
     train_index, eval_index = split_holdout(
-      train['label'], _get(config, 'holdout_fraction', 0.1), _get(config, 'split_seed', 0)
+      train['label'], settings.holdout_fraction, settings.split_seed
     )
     train, evaluation = _take(train, train_index), _take(train, eval_index)
   else:
     evaluation = load(eval_split)
   class_names = tuple(builder.info.features['label'].names)
-  return train, evaluation, class_names, image_size, kind
+  return train, evaluation, class_names, settings.image_size, settings.augment
 
 
 def create_input(config, *, process_index: int = 0, process_count: int = 1) -> Input:
-  """Builds the input pipeline described by `config` (see `default_data_config`).
+  """Builds the input pipeline described by `config` (see `DataSettings`).
+
+  `config` (an ml_collections config or a mapping) is parsed once, here, into the
+  `DataSettings` the data code reads.
 
   Raises:
-    ValueError: unknown dataset or augment, batch sizes that do not divide process_count or
-      exceed the data, a holdout that leaves nothing.
+    ValueError: unknown dataset or augment, a misspelt data field, batch sizes that do not
+      divide process_count or exceed the data, a holdout that leaves nothing.
     FileNotFoundError: a missing folder/archive or an unprepared tfds dataset.
   """
-  name = _get(config, 'dataset', 'shapes')
-  if name not in DATASETS:
-    raise ValueError(
-      f'Unknown dataset {name!r}; set config.dataset to one of {sorted(DATASETS)} '
-      "(an image folder or .tar.gz of one: dataset='folder', folder=PATH)."
-    )
-  global_batch_size = _get(config, 'global_batch_size', 128)
-  eval_batch_size = _get(config, 'eval_batch_size', global_batch_size)
+  settings = DataSettings.from_config(config)
   # Fail on batch sizes before loading anything.
-  from experiments.data.base import batch_sizes
-
-  batch_sizes(global_batch_size, eval_batch_size, process_index, process_count)
-  defaults = DATASETS[name]
-  if defaults.get('streaming'):
+  batch_sizes(settings.global_batch_size, settings.eval_batch_size, process_index,
+              process_count)
+  if DATASETS[settings.dataset].get('streaming'):
     from experiments.data import streaming
 
     return streaming.create_streaming_input(
-      config, name, process_index=process_index, process_count=process_count
+      settings, process_index=process_index, process_count=process_count
     )
-  if name == 'shapes':
-    train, evaluation, class_names, image_size = _load_shapes(config)
-    kind = augment.check_kind(_get(config, 'augment', defaults['augment']))
-  elif name == 'folder':
-    train, evaluation, class_names, image_size, kind = _load_folder(config)
+  if settings.dataset == 'shapes':
+    train, evaluation, class_names, image_size = _load_shapes(settings)
+    kind = settings.augment
+  elif settings.dataset == 'folder':
+    train, evaluation, class_names, image_size, kind = _load_folder(settings)
   else:
-    train, evaluation, class_names, image_size, kind = _load_tfds_in_memory(config, name)
-  mean, std = _get(config, 'mean', defaults['mean']), _get(config, 'std', defaults['std'])
+    train, evaluation, class_names, image_size, kind = _load_tfds_in_memory(settings)
+  mean, std = settings.mean, settings.std
   if mean is None or std is None:
     computed_mean, computed_std = _channel_stats(train['image'])
     mean = computed_mean if mean is None else mean
@@ -332,14 +247,14 @@ def create_input(config, *, process_index: int = 0, process_count: int = 1) -> I
     augment_kind=kind,
     mean=np.asarray(mean, np.float32),
     std=np.asarray(std, np.float32),
-    global_batch_size=global_batch_size,
-    eval_batch_size=eval_batch_size,
-    seed=_get(config, 'seed', 0),
+    global_batch_size=settings.global_batch_size,
+    eval_batch_size=settings.eval_batch_size,
+    seed=settings.seed,
     process_index=process_index,
     process_count=process_count,
-    num_threads=_get(config, 'input_threads', 2),
-    prefetch=_get(config, 'prefetch_batches', 2),
-    num_workers=_get(config, 'input_workers', 0),
+    num_threads=settings.input_threads,
+    prefetch=settings.prefetch_batches,
+    num_workers=settings.input_workers,
   )
 
 

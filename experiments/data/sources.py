@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments import extras
 from experiments.data import augment, decode
-from experiments.data.base import DATASETS, config_get, eval_split_field
+from experiments.data.settings import DataSettings
 
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -446,29 +446,18 @@ def tfds_splits(builder) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSettings:
-  """A tfds dataset's builder and the config's choices for it (in-memory and streaming)."""
+  """A tfds dataset's builder, and the side its examples are stored at (in-memory and
+  streaming)."""
   builder: Any
   full_name: str
   data_dir: str | None
-  image_size: int
-  kind: str  # the augmentation kind
   stored_size: int  # the side examples are stored at before augmentation
-  train_split: str
-  eval_split: str | None  # None: carve a holdout from the train split
 
 
-def tfds_settings(config, name: str) -> TfdsSettings:
-  """The builder, sizes and splits of tfds dataset ``name`` under ``config``."""
-  defaults = DATASETS[name]
-  full_name = tfds_name(name, config_get(config, 'tfds_config'))
-  data_dir = config_get(config, 'data_dir')
-  builder = tfds_builder(full_name, data_dir, config_get(config, 'manual_dir'),
-                         bool(config_get(config, 'download', False)))
-  image_size = config_get(config, 'image_size', defaults['image_size'])
-  kind = augment.check_kind(config_get(config, 'augment', defaults['augment']))
-  eval_split = eval_split_field(config)
+def tfds_settings(settings: DataSettings) -> TfdsSettings:
+  """The builder and stored size of the tfds dataset ``settings`` asks for."""
+  full_name = tfds_name(settings.dataset, settings.tfds_config)
+  builder = tfds_builder(full_name, settings.data_dir, settings.manual_dir, settings.download)
   return TfdsSettings(
-      builder=builder, full_name=full_name, data_dir=data_dir, image_size=image_size,
-      kind=kind, stored_size=augment.stored_size(kind, image_size),
-      train_split=config_get(config, 'train_split', defaults['train_split']),
-      eval_split=defaults['eval_split'] if eval_split == 'auto' else eval_split)
+      builder=builder, full_name=full_name, data_dir=settings.data_dir,
+      stored_size=augment.stored_size(settings.augment, settings.image_size))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.data import sources
-from experiments.data.base import DATASETS, config_get
 from experiments.data.in_memory import ArrayInput
+from experiments.data.settings import DataSettings
 
 
 def _data_source(builder, split: str, *, name: str, data_dir: str | None):
@@ -29,14 +29,13 @@ def _data_source(builder, split: str, *, name: str, data_dir: str | None):
   return data
 
 
-def create_streaming_input(config, name: str, *, process_index: int = 0,
+def create_streaming_input(settings: DataSettings, *, process_index: int = 0,
                            process_count: int = 1) -> ArrayInput:
   """A tfds dataset as an ArrayInput whose examples are read and decoded per batch."""
-  defaults, tfds = DATASETS[name], sources.tfds_settings(config, name)
+  tfds = sources.tfds_settings(settings)
   builder, full_name, data_dir, side = (tfds.builder, tfds.full_name, tfds.data_dir,
                                         tfds.stored_size)
-  image_size, kind = tfds.image_size, tfds.kind
-  train_split, eval_split = tfds.train_split, tfds.eval_split
+  train_split, eval_split = settings.train_split, settings.eval_split
 
   def source(split, first=0, count=None):
     data = _data_source(builder, split, name=full_name, data_dir=data_dir)
@@ -46,7 +45,7 @@ def create_streaming_input(config, name: str, *, process_index: int = 0,
   if eval_split is None:
     # Carve the first examples in file order (tfds shuffles examples when it prepares a
     # dataset), so no pass over the labels is needed.
-    fraction = config_get(config, 'holdout_fraction', 0.1)
+    fraction = settings.holdout_fraction
     total = len(_data_source(builder, train_split, name=full_name, data_dir=data_dir))
     num_holdout = int(round(fraction * total))
     if not 0 < num_holdout < total:
@@ -59,21 +58,20 @@ def create_streaming_input(config, name: str, *, process_index: int = 0,
     evaluation = source(train_split, 0, num_holdout)
   else:
     train, evaluation = source(train_split), source(eval_split)
-  global_batch_size = config_get(config, 'global_batch_size', 128)
   return ArrayInput(
     train=train,
     eval=evaluation,
     class_names=tuple(builder.info.features['label'].names),
-    image_size=image_size,
-    augment_kind=kind,
-    mean=np.asarray(config_get(config, 'mean', defaults['mean']), np.float32),
-    std=np.asarray(config_get(config, 'std', defaults['std']), np.float32),
-    global_batch_size=global_batch_size,
-    eval_batch_size=config_get(config, 'eval_batch_size', global_batch_size),
-    seed=config_get(config, 'seed', 0),
+    image_size=settings.image_size,
+    augment_kind=settings.augment,
+    mean=np.asarray(settings.mean, np.float32),
+    std=np.asarray(settings.std, np.float32),
+    global_batch_size=settings.global_batch_size,
+    eval_batch_size=settings.eval_batch_size,
+    seed=settings.seed,
     process_index=process_index,
     process_count=process_count,
-    num_threads=config_get(config, 'input_threads', 2),
-    prefetch=config_get(config, 'prefetch_batches', 2),
-    num_workers=config_get(config, 'input_workers', 0),
+    num_threads=settings.input_threads,
+    prefetch=settings.prefetch_batches,
+    num_workers=settings.input_workers,
   )

@@ -112,10 +112,8 @@ def _dataset_normalization(config) -> tuple[np.ndarray, np.ndarray, Any]:
   """(mean, std) in [0, 1] units the run was trained with, and the input if it was built."""
   from experiments.data import pipeline as input_pipeline
 
-  mean, std = config.get('mean'), config.get('std')
-  defaults = input_pipeline.DATASETS.get(config.get('dataset', 'shapes'), {})
-  mean = defaults.get('mean') if mean is None else mean
-  std = defaults.get('std') if std is None else std
+  settings = input_pipeline.DataSettings.from_config(config)  # Fills in the dataset's.
+  mean, std = settings.mean, settings.std
   data = None
   if mean is None or std is None:  # Computed from the training images (shapes, folders).
     data = input_pipeline.create_input(config)

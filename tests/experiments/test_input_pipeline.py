@@ -1,5 +1,6 @@
 """Tests for experiments/data/pipeline.py and experiments/data/ (no network)."""
 
+import dataclasses
 import os
 import re
 import tarfile
@@ -384,7 +385,7 @@ def test_folder_decoding_equals_tensorflow(tmp_path, augment_kind, image_size):
   write_mixed_folder(root)
   config = folder_config(root, augment=augment_kind, image_size=image_size, cache_arrays=False)
   layout = sources.scan_folder(root)
-  arrays = ip._decode_folder(config, layout, ['train', 'test'])
+  arrays = ip._decode_folder(ip.DataSettings.from_config(config), layout, ['train', 'test'])
   size = int(arrays['image_size'])
   stored = augment.stored_size(augment_kind, size)
   for split in ('train', 'test'):
@@ -472,7 +473,8 @@ def test_shared_cifar10_tarball_decodes_as_tensorflow(tmp_path):
       for name in sorted(os.listdir(class_dir.path))[::10]:
         os.link(os.path.join(class_dir.path, name), sample / 'train' / class_dir.name / name)
     root = str(sample)
-  arrays = ip._decode_folder(config, sources.scan_folder(root), ['train'])
+  arrays = ip._decode_folder(ip.DataSettings.from_config(config), sources.scan_folder(root),
+                            ['train'])
   images, labels, names = tensorflow_folder_arrays(root, 'train', 32)
   assert tuple(arrays['class_names']) == names and int(arrays['image_size']) == 32
   np.testing.assert_array_equal(arrays['train/label'], labels)
@@ -760,3 +762,100 @@ def test_tensorflow_paths_name_the_extra(monkeypatch):
   with pytest.raises(ImportError, match=re.escape("needs TensorFlow, which is not installed: "
                                                   "pip install -e '.[tf]'")):
     sources.dataset_to_arrays(None, 8)
+
+
+# -- the config, parsed once into DataSettings ------------------------------------------------
+
+
+def test_settings_defaults_are_the_configs():
+  # The dataclass is the one source of truth: default_data_config() is built from it.
+  config = ip.default_data_config()
+  fields = {f.name: f for f in dataclasses.fields(ip.DataSettings)}
+  assert sorted(config) == sorted(fields)
+  for name, field in fields.items():
+    if name != 'shapes':
+      assert config[name] == field.default, name
+  assert config.shapes.to_dict() == dataclasses.asdict(ip.DataSettings().shapes)
+  settings = ip.DataSettings.from_config(config)
+  # None = the dataset's default, filled in once.
+  assert (settings.dataset, settings.image_size, settings.augment) == ('shapes', 32, 'none')
+  assert settings.eval_batch_size == settings.global_batch_size == 128
+  assert settings.eval_split == 'auto' and settings.mean is None and settings.train_split is None
+
+
+def test_settings_fill_in_the_datasets_defaults():
+  config = ip.default_data_config()
+  config.update(dataset='cifar10', global_batch_size=64)
+  settings = ip.DataSettings.from_config(config)
+  assert (settings.image_size, settings.augment, settings.train_split, settings.eval_split,
+          settings.eval_batch_size) == (32, 'cifar', 'train', 'test', 64)
+  assert settings.mean == ip.DATASETS['cifar10']['mean']
+  config.update(dataset='imagenette', eval_split=None, image_size=96, augment='flip')
+  settings = ip.DataSettings.from_config(config)
+  assert (settings.image_size, settings.augment, settings.eval_split) == (96, 'flip', None)
+
+
+def test_settings_from_a_saved_config_and_unset_placeholders():
+  # A config read back from config.json: lists for tuples, fields added since missing.
+  saved = ip.default_data_config().to_dict()
+  del saved['input_workers'], saved['shapes']['noise_std']
+  saved.update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+  settings = ip.DataSettings.from_config(saved)
+  assert settings.input_workers == 0 and settings.shapes.noise_std == 0.06
+  assert settings.mean == (0.5, 0.5, 0.5) and settings.shapes.scale_range == (0.12, 0.25)
+  # None where the field's type has no None (an unset placeholder) is the default; where it
+  # has, None is a value (eval_split None: carve a holdout).
+  config = shapes_config(seed=None, eval_split=None)
+  settings = ip.DataSettings.from_config(config)
+  assert settings.seed == 0 and settings.eval_split is None
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_settings_from_command_line_overrides():
+  from absl import flags
+  from ml_collections import config_flags
+
+  repo = os.path.join(os.path.dirname(__file__), '..', '..')
+  argv = ['prog', f'--config={repo}/experiments/configs/smoke.py', '--config.image_size=24',
+          '--config.augment=flip', '--config.shapes.num_train=50', '--config.seed=5']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+  values(argv)
+  settings = ip.DataSettings.from_config(values.config)
+  assert (settings.image_size, settings.augment, settings.shapes.num_train, settings.seed,
+          settings.eval_batch_size) == (24, 'flip', 50, 5, 32)
+
+
+@pytest.mark.parametrize('name', ['default', 'cifar10', 'imagenet', 'smoke'])
+def test_every_training_config_parses(name):
+  # A training config holds other fields too; none of them may look like a misspelt data field.
+  import importlib
+
+  config = importlib.import_module(f'experiments.configs.{name}').get_config()
+  assert ip.DataSettings.from_config(config).dataset == config.dataset
+
+
+@pytest.mark.parametrize('key, message', [
+  ('global_batch_sise', r'config.global_batch_sise is not a data field; did you mean '
+                        r'config.global_batch_size\?'),
+  ('imagesize', r'did you mean config.image_size\?'),
+  ('shapes.num_trian', r'config.shapes.num_trian is not a field of config.shapes; did you '
+                       r'mean config.shapes.num_train\?'),
+  ('shapes.colour', r'config.shapes.colour is not a field of config.shapes; the fields are '
+                    r'num_train, num_eval, '),
+])
+def test_misspelt_data_fields_are_errors(key, message):
+  config = shapes_config()
+  *parent, leaf = key.split('.')
+  (config[parent[0]] if parent else config)[leaf] = 64
+  with pytest.raises(ValueError, match=message):
+    ip.create_input(config)
+
+
+def test_settings_are_frozen():
+  settings = ip.DataSettings.from_config(shapes_config())
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    settings.seed = 1
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    settings.shapes.num_train = 1
+  assert hash(settings) == hash(ip.DataSettings.from_config(shapes_config()))
