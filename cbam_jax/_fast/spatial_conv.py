@@ -11,10 +11,11 @@ computes the same sums differently:
   faster than the conv on CPU);
 * backward (a :func:`jax.custom_vjp`): the input gradient is the correlation of the output
   gradient with the flipped kernel (again shifted multiply-adds), and the kernel gradient,
-  ``dK[i, j, c] = sum_{b, y, x} P[c, b, y + i, x + j] * g[b, y, x]``, is computed as one
-  small matrix product per offset of the leading kernel dims over blocks of the last
-  axis, whose diagonals hold the sums over the last kernel dim. Autodiff of the forward
-  instead produces ~100 separate full reductions, which XLA:CPU runs ~10x slower.
+  ``dK[i, j, c] = sum_{b, y, x} P[c, b, y + i, x + j] * g[b, y, x]``, is one matrix
+  product over blocks of the last axis (every offset of the leading kernel dims at once),
+  whose diagonals hold the sums over the last kernel dim, read by a second, tiny product.
+  Autodiff of the forward instead produces ~100 separate full reductions, which XLA:CPU
+  runs ~10x slower (and compiles slowly: docs/performance.md, "Compile time").
 
 Each correlation runs inside :func:`cbam_jax._fast.boundary.computed_once`: left to itself, XLA
 fused it into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
@@ -37,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cbam_jax._fast.boundary import boundary_pays_off, computed_once, replicated_if_explicit
@@ -106,9 +108,25 @@ def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.stack(outs)
 
 
+def _diagonal_band(k_last: int, block: int) -> np.ndarray:
+  """``band[r, x, j] = 1`` where ``r == x + j``: contracted with ``products (.., r, x)`` it
+  sums the ``j``-th diagonals, ``sum_x products[.., x + j, x]``, for every ``j`` at once."""
+  band = np.zeros((block + k_last - 1, block, k_last), np.float32)
+  for j in range(k_last):
+    band[np.arange(block) + j, np.arange(block), j] = 1
+  return band
+
+
 def _kernel_grad(planes: jax.Array, grad: jax.Array,
                  kernel_size: tuple[int, ...]) -> jax.Array:
   """``dK[*o, c] = sum_{b, s} P[c, b, s + o] * g[b, s]`` with ``P`` the padded planes.
+
+  Two matrix products, whatever the kernel size: every offset ``o`` of the leading kernel
+  dims at once (the gradient shifted by each ``o`` and stacked), over blocks of the last
+  axis; then the diagonals of each block's product, which hold the sums over the last
+  kernel dim, picked by a 0/1 band. Each product or diagonal written as its own op (7
+  products and 49 traces for 7x7) cost XLA:CPU ~1 s more to compile per CBAM module and ran
+  no faster.
 
   Args:
     planes: ``(C_in, B, *spatial)`` float32.
@@ -127,27 +145,27 @@ def _kernel_grad(planes: jax.Array, grad: jax.Array,
   # Blocks of the last axis, each with the k - 1 halo columns its diagonals reach into.
   ext = (num_blocks + 1) * block
   padded = jnp.pad(padded, [(0, 0)] * (padded.ndim - 1) + [(0, ext - padded.shape[-1])])
+  main = padded[..., :num_blocks * block].reshape(*padded.shape[:-1], num_blocks, block)
+  halo = padded[..., block:].reshape(*padded.shape[:-1], num_blocks, block)[..., :k_last - 1]
+  lhs = jnp.concatenate([main, halo], axis=-1)  # (C, B, *lead_padded, nb, block + k - 1)
   grad = jnp.pad(grad, [(0, 0)] * (grad.ndim - 1) + [(0, num_blocks * block - width)])
-  grad_blocks = grad.reshape(*grad.shape[:-1], num_blocks, block)
-  lead_sizes, lead_spatial = kernel_size[:-1], spatial[:-1]
-  grads = []
-  for offset in itertools.product(*(range(k) for k in lead_sizes)):
-    rows = _window(padded, offset + (0,), lead_spatial + (ext,))  # (C, B, *lead, ext)
-    main = rows[..., :num_blocks * block].reshape(*rows.shape[:-1], num_blocks, block)
-    halo = rows[..., block:].reshape(*rows.shape[:-1], num_blocks, block)[..., :k_last - 1]
-    lhs = jnp.concatenate([main, halo], axis=-1)  # (C, B, *lead, nb, block + k - 1)
-    contract = tuple(range(1, lhs.ndim - 1))
-    products = lax.dot_general(
-        lhs, grad_blocks, ((contract, tuple(range(grad_blocks.ndim - 1))), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        # Contracts the batch: under explicit sharding JAX asks where the sum should live.
-        out_sharding=replicated_if_explicit(lhs))  # (C, block + k - 1, block)
-    # dK[offset, j, c] is the j-th diagonal: sum_x products[c, x + j, x].
-    diagonals = jnp.stack([
-        jnp.trace(products, offset=-j, axis1=1, axis2=2) for j in range(k_last)], axis=-1)
-    grads.append(diagonals)  # (C, k_last)
-  stacked = jnp.stack(grads)  # (prod(lead), C, k_last)
-  return jnp.moveaxis(stacked.reshape(*lead_sizes, num_in, k_last), -2, -1)
+  grad_blocks = grad.reshape(*grad.shape[:-1], num_blocks, block)  # (B, *lead, nb, block)
+  lead_sizes = kernel_size[:-1]
+  # shifted[o, b, *p, nb, x] = g[b, *(p - o), nb, x], zero outside: P's rows at p meet the
+  # gradient rows they reach with offset o.
+  shifted = jnp.stack([
+      jnp.pad(grad_blocks, [(0, 0)] + [(o, k - 1 - o) for o, k in zip(
+          offset, lead_sizes, strict=True)] + [(0, 0), (0, 0)])
+      for offset in itertools.product(*(range(k) for k in lead_sizes))])
+  contract = tuple(range(1, lhs.ndim - 1))
+  products = lax.dot_general(
+      lhs, shifted, ((contract, contract), ((), ())), precision=lax.Precision.HIGHEST,
+      # Contracts the batch: under explicit sharding JAX asks where the sum should live.
+      out_sharding=replicated_if_explicit(lhs))  # (C, block + k - 1, prod(lead), block)
+  diagonals = lax.dot_general(
+      products, jnp.asarray(_diagonal_band(k_last, block)), (((1, 3), (0, 1)), ((), ())),
+      precision=lax.Precision.HIGHEST)  # (C, prod(lead), k_last)
+  return jnp.moveaxis(diagonals, 0, -1).reshape(*lead_sizes, k_last, num_in)
 
 
 @jax.custom_vjp

@@ -65,7 +65,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -82,7 +82,7 @@ PROG = 'python -m experiments.bench.benchmark'
 
 SECTIONS = ('module', 'models', 'memory', 'convs')
 # Sections run only when asked for with --only.
-EXTRA_SECTIONS = ('nnx',)
+EXTRA_SECTIONS = ('nnx', 'compile')
 
 MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048),
                  (32, 56, 56, 64), (128, 32, 32, 16))
@@ -129,22 +129,42 @@ class NaiveCBAM(nn.Module):
 _COMPILED: dict[Any, Any] = {}
 
 
+class CompileTimes(NamedTuple):
+  """Seconds to build one program: JAX's trace and lowering to StableHLO, then XLA."""
+
+  trace_s: float
+  lower_s: float
+  xla_s: float
+
+  @property
+  def total_s(self) -> float:
+    return self.trace_s + self.lower_s + self.xla_s
+
+
+_NOT_COMPILED = CompileTimes(0.0, 0.0, 0.0)
+
+
 def compile_jax(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] = (),
-                cache_key: Any = None) -> tuple[Any, float]:
-  """``jit(fn).lower(*args).compile()`` and the seconds it took (0 when cached)."""
+                cache_key: Any = None) -> tuple[Any, CompileTimes]:
+  """``jit(fn).trace(*args).lower().compile()`` and the seconds of each stage (zeros when
+  already compiled in this run)."""
   if cache_key is not None and cache_key in _COMPILED:
-    return _COMPILED[cache_key][0], 0.0
+    return _COMPILED[cache_key], _NOT_COMPILED
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=tuple(donate)).lower(*args).compile()
-  compile_s = time.perf_counter() - start
+  traced = jax.jit(fn, donate_argnums=tuple(donate)).trace(*args)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  times = CompileTimes(traced_at - start, lowered_at - traced_at,
+                       time.perf_counter() - lowered_at)
   if cache_key is not None:
-    _COMPILED[cache_key] = (compiled, compile_s)
-    return _COMPILED[cache_key]
-  return compiled, compile_s
+    _COMPILED[cache_key] = compiled
+  return compiled, times
 
 
 def jax_call(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] = (),
-             cache_key: Any = None) -> tuple[Callable[[], Any], float]:
+             cache_key: Any = None) -> tuple[Callable[[], Any], CompileTimes]:
   """A blocking call of compiled ``jit(fn)(*args)`` and its compile seconds."""
   compiled, compile_s = compile_jax(fn, args, donate, cache_key)
   state = list(args)
@@ -159,15 +179,21 @@ def jax_call(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] 
   return call, compile_s
 
 
-def time_calls(jax_calls: dict[str, tuple[Callable[[], Any], float]],
+def time_calls(jax_calls: dict[str, tuple[Callable[[], Any], CompileTimes]],
                torch_calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
-  """``{'ms' (median), 'min_ms', 'compile_s'}`` per name, all timed in one interleaved loop."""
+  """``{'ms' (median), 'min_ms', 'compile_s'}`` per name, all timed in one interleaved loop;
+  JAX's also ``trace_lower_s`` and ``xla_compile_s``, the two parts of ``compile_s``."""
   calls = {name: call for name, (call, _) in jax_calls.items()} | torch_calls
   times = timing.interleaved_times(calls, repeats)
   medians, fastest = timing.median_ms(times), timing.min_ms(times)
-  compile_s = {name: seconds for name, (_, seconds) in jax_calls.items()}
-  return {name: {'ms': ms, 'min_ms': fastest[name], 'compile_s': compile_s.get(name, 0.0)}
+  compiles = {name: _compile_fields(seconds) for name, (_, seconds) in jax_calls.items()}
+  return {name: {'ms': ms, 'min_ms': fastest[name], 'compile_s': 0.0, **compiles.get(name, {})}
           for name, ms in medians.items()}
+
+
+def _compile_fields(times: CompileTimes) -> dict[str, float]:
+  return {'compile_s': times.total_s, 'trace_lower_s': times.trace_s + times.lower_s,
+          'xla_compile_s': times.xla_s}
 
 
 def _usable_cpus() -> int:
@@ -559,19 +585,87 @@ def run_convs(cases, repeats: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Compile time of the training step, for every attention, side by side.
+
+# name, attention, attention_fields. 'cbam_xla_conv': CBAM with the lax.conv spatial conv
+# (what 'auto' picks on GPU/TPU), to separate the shift conv's share from the rest.
+COMPILE_ATTENTIONS = (('none', None, None), ('se', 'se', None), ('channel', 'channel', None),
+                      ('spatial', 'spatial', None), ('cbam', 'cbam', None),
+                      ('cbam_xla_conv', 'cbam', {'conv_impl': 'xla'}))
+TINY_COMPILE_ATTENTIONS = (('none', None, None), ('cbam', 'cbam', None))
+# NNX rows of the compile section: (name, attention).
+NNX_COMPILE_ATTENTIONS = (('nnx_none', None), ('nnx_cbam', 'cbam'))
+
+
+def _linen_compile(name, fields, attention, attention_fields, batch, size) -> CompileTimes:
+  model_fields = {**fields, 'attention_fields': attention_fields} if attention_fields else fields
+  step, args = _jax_model_setup(name, model_fields, attention, batch, size)
+  return compile_jax(step, args, donate=(0, 1, 2))[1]
+
+
+def _nnx_compile(name, fields, attention, batch, size) -> CompileTimes:
+  from flax import nnx
+
+  model, optimizer, images, labels = _nnx_setup(name, fields, batch, size, attention)
+  graphdef, state = nnx.split((model, optimizer))
+
+  def functional_step(state, images, labels):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss = _nnx_train_step(model, optimizer, images, labels)
+    return nnx.state((model, optimizer)), loss
+
+  return compile_jax(functional_step, [state, images, labels], donate=(0,))[1]
+
+
+def run_compile(cases, rounds: int, attentions=COMPILE_ATTENTIONS,
+                nnx_attentions=NNX_COMPILE_ATTENTIONS) -> list[dict[str, Any]]:
+  """Trace + lower and XLA compile seconds of the SGD training step of every model with every
+  attention, the fastest of ``rounds`` round-robin rounds (a program is compiled afresh each
+  time: JAX's in-memory caches are cleared and the persistent cache is not used)."""
+  rows = []
+  for name, fields, batch, size in cases:
+    compiles: dict[str, Callable[[], CompileTimes]] = {
+        label: functools.partial(_linen_compile, name, fields, attention, attention_fields,
+                                 batch, size)
+        for label, attention, attention_fields in attentions}
+    compiles |= {label: functools.partial(_nnx_compile, name, fields, attention, batch, size)
+                 for label, attention in nnx_attentions}
+    best: dict[str, CompileTimes] = {}
+    for _ in range(rounds):
+      for label, compile_fn in compiles.items():
+        jax.clear_caches()
+        times = compile_fn()
+        if label not in best or times.total_s < best[label].total_s:
+          best[label] = times
+    impls = {label: {'trace_s': t.trace_s, 'lower_s': t.lower_s, 'xla_compile_s': t.xla_s,
+                     'total_s': t.total_s} for label, t in best.items()}
+    for label, times in impls.items():
+      base = impls['nnx_none' if label.startswith('nnx_') and 'nnx_none' in impls else 'none']
+      times['vs_none'] = times['total_s'] / base['total_s']
+    rows.append({'model': name, 'fields': fields, 'batch': batch, 'image_size': size,
+                 'rounds': rounds, 'impls': impls})
+    print(f'{name} b{batch} {size}px compile: ' + ' | '.join(
+        f'{k} {v["total_s"]:.1f} s ({v["vs_none"]:.2f}x)' for k, v in impls.items()),
+        flush=True)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # NNX against linen: the same CBAM training step.
 
 NNX_CASES = (('resnet20', {}, 128, 32),)
 TINY_NNX_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
 
 
-def _nnx_setup(name: str, fields: dict[str, Any], batch: int, size: int):
-  """An NNX CBAM model with its optimizer (same SGD as the linen step) and the batch."""
+def _nnx_setup(name: str, fields: dict[str, Any], batch: int, size: int,
+               attention: str | None = 'cbam'):
+  """An NNX model (CBAM by default) with its optimizer (same SGD as the linen step) and the
+  batch."""
   from flax import nnx
 
   from cbam_jax.nnx import models as nnx_models
 
-  model = nnx_models.create_model(name, attention='cbam', rngs=nnx.Rngs(2), **fields)
+  model = nnx_models.create_model(name, attention=attention, rngs=nnx.Rngs(2), **fields)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, model.num_classes)
   optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
@@ -596,8 +690,10 @@ def _nnx_jit_call(model, optimizer, images, labels):
 
   step = nnx.jit(_nnx_train_step, donate_argnums=(0, 1))
   start = time.perf_counter()
-  compiled = step.lower(model, optimizer, images, labels).compile()
-  compile_s = time.perf_counter() - start
+  lowered = step.lower(model, optimizer, images, labels)  # Traces and lowers.
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = CompileTimes(lowered_at - start, 0.0, time.perf_counter() - lowered_at)
   jax.block_until_ready(step(model, optimizer, images, labels))  # Traced once, cached.
   return ((lambda: jax.block_until_ready(step(model, optimizer, images, labels)), compile_s),
           step_memory(compiled))
@@ -710,7 +806,8 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines += ['### Training step (SGD momentum), ms (images/s)', '',
               '| model | batch | JAX | JAX+CBAM | JAX nn.Conv | JAX nn.Conv+CBAM | torch CL '
               '| torch CL+CBAM | torch NCHW | torch NCHW+CBAM | CBAM overhead JAX '
-              '| JAX/torch CL (plain) | JAX/torch CL (CBAM) |', '|' + '---|' * 13]
+              '| JAX/torch CL (plain) | JAX/torch CL (CBAM) | JAX compile s (plain / CBAM) |',
+              '|' + '---|' * 14]
     for row in results['models']:
       impls = row['impls']
       cell = lambda name, impls=impls: (
@@ -721,8 +818,20 @@ def to_markdown(results: dict[str, Any]) -> str:
           cell('jax_cbam'), cell('jax_nn_conv_plain'), cell('jax_nn_conv_cbam'),
           cell('torch_cl_plain'), cell('torch_cl_cbam'), cell('torch_nchw_plain'),
           cell('torch_nchw_cbam'), _fmt(row['cbam_overhead'].get('jax')),
-          _fmt(row['jax_vs_torch'].get('cl_plain')), _fmt(row['jax_vs_torch'].get('cl_cbam'))])
+          _fmt(row['jax_vs_torch'].get('cl_plain')), _fmt(row['jax_vs_torch'].get('cl_cbam')),
+          f'{impls["jax_plain"]["compile_s"]:.1f} / {impls["jax_cbam"]["compile_s"]:.1f}'])
           + ' |')
+    lines.append('')
+  if results.get('compile'):
+    labels = list(results['compile'][0]['impls'])
+    lines += ['### Training-step compile time, s: trace+lower + XLA = total (x no attention)',
+              '', '| model | batch | ' + ' | '.join(labels) + ' |',
+              '|' + '---|' * (2 + len(labels))]
+    for row in results['compile']:
+      cells = [f'{v["trace_s"] + v["lower_s"]:.1f} + {v["xla_compile_s"]:.1f} = '
+               f'{v["total_s"]:.1f} ({v["vs_none"]:.2f}x)' for v in row['impls'].values()]
+      lines.append(f'| {row["model"]} {row["image_size"]}px | {row["batch"]} | ' +
+                   ' | '.join(cells) + ' |')
     lines.append('')
   if results.get('convs'):
     lines += ['### 3x3 conv passes (ResNet-20 shapes, NHWC / channels-last), ms', '',
@@ -768,6 +877,8 @@ def define_flags(values: flags.FlagValues) -> None:
                           f'{", ".join(EXTRA_SECTIONS)}.', flag_values=values)
   flags.DEFINE_integer('repeats', None, 'Timed calls per case (default 10, 2 with --tiny).',
                        lower_bound=1, flag_values=values)
+  flags.DEFINE_integer('compile_rounds', 1, 'Compilations per program in the compile section '
+                       '(the fastest is reported).', lower_bound=1, flag_values=values)
   flags.DEFINE_multi_string('shape', None, 'Module shape B,H,W,C; default: '
                             'the standard list.', flag_values=values)
   flags.DEFINE_multi_enum('model', None, [case[0] for case in MODEL_CASES],
@@ -805,6 +916,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results['memory'] = run_memory(model_cases)
   if 'nnx' in sections:
     results['nnx'] = run_nnx(TINY_NNX_CASES if values.tiny else NNX_CASES, repeats)
+  if 'compile' in sections:
+    results['compile'] = run_compile(
+        model_cases, values.compile_rounds,
+        TINY_COMPILE_ATTENTIONS if values.tiny else COMPILE_ATTENTIONS)
   markdown = to_markdown(results)
   print(markdown)
   if values.out is not None:
@@ -827,4 +942,6 @@ if __name__ == '__main__':
   from cbam_jax import perf
 
   perf.reexec_with_cpu_env()  # What experiments.training.train runs with (huge pages for malloc).
+  # Compile times are measured: never load a program from a persistent cache.
+  jax.config.update('jax_enable_compilation_cache', False)
   main()

@@ -35,6 +35,7 @@ from absl import flags  # noqa: E402
 
 from cbam_jax import _cli  # noqa: E402
 from cbam_jax import inspect as ci  # noqa: E402
+from experiments import compile_cache  # noqa: E402
 from experiments.inspection import visualize  # noqa: E402
 
 PROG = 'python -m experiments.inspection.localization'
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
   returns the results of every run."""
   values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  compile_cache.enable()
   try:
     tolerances = [float(t) for t in values.tolerance]
   except ValueError:

@@ -35,6 +35,7 @@ from absl import flags  # noqa: E402
 
 from cbam_jax import _cli  # noqa: E402
 from cbam_jax import inspect as ci  # noqa: E402
+from experiments import compile_cache  # noqa: E402
 
 PROG = 'python -m experiments.inspection.visualize'
 
@@ -445,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
   returns the paths written."""
   values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  compile_cache.enable()
   if values.files and values.folder:
     raise SystemExit(f'{PROG}: pass --folder or --files, not both.')
   with _cli.one_line_errors(PROG):

@@ -22,6 +22,7 @@ import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 
 from cbam_jax import _cli  # noqa: E402
+from experiments import compile_cache  # noqa: E402
 from experiments.data import pipeline as input_pipeline  # noqa: E402
 from experiments.training import checkpointing, distributed, train_lib  # noqa: E402
 
@@ -66,6 +67,7 @@ def define_flags(values: flags.FlagValues) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
   values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  compile_cache.enable()
   overrides = {}
   for item in values.data_override:
     key, sep, value = item.partition('=')

@@ -28,6 +28,7 @@ if __name__ == '__main__':
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import compile_cache  # noqa: E402
 from experiments.training import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py',
@@ -62,6 +63,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   distributed.configure_xla()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  compile_cache.enable()  # A second run with the same config does not compile again.
   from experiments.training import train_lib  # After initialize: nothing may touch devices before.
 
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

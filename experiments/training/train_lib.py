@@ -481,8 +481,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   distributed.check_batch_divides(eval_batch_size, mesh, 'eval_batch_size')
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
+  setup = _SetupLog(enabled=is_chief)
   data = input_pipeline.create_input(config, process_index=process_index,
                                      process_count=process_count)
+  setup.done(f'Data ready: {config.dataset}, {data.info.num_train} training examples')
   info, steps_per_epoch = data.info, data.steps_per_epoch
   if steps_per_epoch < 1:
     raise ValueError(f'The training split has {info.num_train} examples, fewer than one batch '
@@ -540,6 +542,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_shardings.params, state_shardings.batch_stats,
                                   batch_sharding), out_shardings=replicated)
+  setup.done('Model state ready')
+  setup.starting('Compiling the training step')
   # Compile ahead of time, so that step timings and images/s exclude compilation.
   compile_start = time.perf_counter()
   batch_spec = {
@@ -549,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     sharding=batch_sharding)}
   step_fn = step_fn.lower(abstract_state, batch_spec).compile()
   compile_seconds = time.perf_counter() - compile_start
+  setup.done('Compiled the training step')
 
   progress = _Progress(enabled=is_chief and config.progress_bar)
   history = read_metrics(workdir) if is_chief and os.path.exists(metrics_log.path) else []
@@ -640,6 +645,25 @@ def _init_from(state: TrainState, path: str, replicated, is_chief: bool) -> Trai
                        batch_stats=jax.device_put(batch_stats, replicated))
 
 
+class _SetupLog:
+  """One line per set-up phase with its seconds (process 0), so that the minute before the
+  first progress bar says what it does."""
+
+  def __init__(self, enabled: bool):
+    self._enabled, self._since = enabled, time.perf_counter()
+
+  def starting(self, what: str) -> None:
+    if self._enabled:
+      print(f'{what} ...', flush=True)
+
+  def done(self, what: str) -> None:
+    """Prints ``what`` with the seconds since the previous line (or the start)."""
+    now = time.perf_counter()
+    if self._enabled:
+      print(f'{what} ({now - self._since:.1f} s)', flush=True)
+    self._since = now
+
+
 def _epoch_line(record: Mapping[str, Any], num_epochs: int) -> str:
   line = (f'epoch {record["epoch"]}/{num_epochs} step {record["step"]}: '
           f'train loss {record["train_loss"]:.4f} acc {record["train_accuracy"]:.4f}')
@@ -661,5 +685,7 @@ def _summary_line(record: Mapping[str, Any], total_steps: int, seconds: float) -
     parts.append(f'best top-1 {100 * record["best_eval_top1"]:.2f}%')
   if 'images_per_sec' in record:
     parts.append(f'last epoch {record["images_per_sec"]:.0f} img/s')
+  if record.get('compile_seconds') is not None:
+    parts.append(f'training step compiled in {record["compile_seconds"]:.1f} s')
   parts.append(f'{seconds:.1f} s in this process')
   return ', '.join(parts) + '.'

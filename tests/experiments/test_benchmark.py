@@ -68,7 +68,21 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
     # One model, one step: the compiled programs need the same buffers within 5%.
     assert nnx_row['vs_linen'][form]['peak_memory'] == pytest.approx(1.0, abs=0.05)
 
+  (compiles,) = saved['compile']
+  assert set(compiles['impls']) == {'none', 'cbam', 'nnx_none', 'nnx_cbam'}
+  for times in compiles['impls'].values():
+    assert times['trace_s'] > 0 and times['lower_s'] >= 0 and times['xla_compile_s'] > 0
+    assert times['total_s'] == pytest.approx(
+        times['trace_s'] + times['lower_s'] + times['xla_compile_s'])
+  assert compiles['impls']['nnx_cbam']['vs_none'] == pytest.approx(
+      compiles['impls']['nnx_cbam']['total_s'] / compiles['impls']['nnx_none']['total_s'])
+  # The model rows split their compile time too.
+  assert model['impls']['jax_cbam']['trace_lower_s'] > 0
+  assert model['impls']['jax_cbam']['compile_s'] == pytest.approx(
+      model['impls']['jax_cbam']['trace_lower_s'] + model['impls']['jax_cbam']['xla_compile_s'])
+
   markdown = (tmp_path / 'results.md').read_text()
+  assert 'Training-step compile time' in markdown
   assert '| 2x8x8x32 | forward |' in markdown
   assert 'Training step' in markdown and 'memory' in markdown and 'conv passes' in markdown
   assert 'NNX vs linen' in markdown

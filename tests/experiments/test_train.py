@@ -454,7 +454,11 @@ def test_corrupt_checkpoints_fall_back_and_init_from(tmp_path, capsys):
   messages = [str(w.message) for w in caught]
   assert any('step(s) [8]' in m for m in messages), messages
   assert any('step(s) [12]' in m and 'resuming from step 4' in m for m in messages), messages
-  assert 'Resuming from step 4' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'Resuming from step 4' in out
+  # One line per set-up phase, with its time; the compile time again in the summary.
+  assert 'Data ready: shapes' in out and 'Compiling the training step ...' in out
+  assert 'Compiled the training step (' in out and 'training step compiled in' in out
   assert sorted(os.listdir(os.path.join(str(tmp_path / 'run'),
                                         checkpointing.CORRUPT_SUBDIR))) == ['12', '8']
   # Epochs 2 and 3 were trained again, to the same result.
