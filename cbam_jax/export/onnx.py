@@ -10,10 +10,11 @@ products, reductions, elementwise ops, no loops).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -41,10 +42,23 @@ def _import_converter() -> tuple[Any, Any, Any]:
     raise ImportError(f'ONNX export needs {", ".join(missing)}: pip install '
                       "'cbam_jax[export]' (docs/deploy.md says how beside the training "
                       'stack).')
-  # jax2onnx logs a warning for each optional plugin family whose library is absent
-  # (equinox, dm-pix); cbam_jax models use none of them.
-  logging.getLogger('jax2onnx').setLevel(logging.ERROR)
   return tuple(modules)
+
+
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+  """Silences jax2onnx's and onnx_ir's warnings while converting: one per optional plugin
+  family whose library is absent (equinox, dm-pix; cbam_jax uses none) and one per shape
+  constant, none of them about the model."""
+  loggers = [logging.getLogger(name) for name in ('jax2onnx', 'onnx_ir')]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels, strict=True):
+      logger.setLevel(level)
 
 
 def _check_supported(closed: Any, registry: Mapping[str, Any]) -> None:
@@ -90,9 +104,6 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
     ExportError: an operation without an ONNX conversion (named, with its source line), a
       non-float32 example, or onnxruntime's outputs differ from JAX's.
   """
-  jax2onnx, onnx, onnxruntime = _import_converter()
-  from jax2onnx.plugins import plugin_system
-
   fn = inference_function(model, variables)
   spec = input_spec(example, batch_polymorphic)
   if spec.dtype != jnp.float32:
@@ -100,14 +111,18 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
                       'the example (and the model) to float32, or use to_stablehlo.')
   if check and isinstance(example, jax.ShapeDtypeStruct):
     raise ExportError('check=True runs the model on example; pass an array, or check=False.')
+  jax2onnx, onnx, onnxruntime = _import_converter()
+  from jax2onnx.plugins import plugin_system
+
   closed = jax.make_jaxpr(fn)(spec)
   inference_only = jax.make_jaxpr(lambda x: _jaxpr.replay(closed, x))(spec)
-  plugin_system.import_all_plugins()
-  _check_supported(inference_only, plugin_system.PLUGIN_REGISTRY)
   try:
-    proto = jax2onnx.to_onnx(lambda x: _jaxpr.replay(inference_only, x), [spec],
-                             opset=opset, model_name=type(model).__name__,
-                             input_names=[INPUT_NAME])
+    with _quiet_converter():
+      plugin_system.import_all_plugins()
+      _check_supported(inference_only, plugin_system.PLUGIN_REGISTRY)
+      proto = jax2onnx.to_onnx(lambda x: _jaxpr.replay(inference_only, x), [spec],
+                               opset=opset, model_name=type(model).__name__,
+                               input_names=[INPUT_NAME])
   except (NotImplementedError, ValueError, TypeError) as error:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
     raise ExportError(f'jax2onnx could not convert {type(model).__name__}: '
@@ -116,7 +131,9 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
   path = os.fspath(path)
   onnx.save(proto, path)
   if check:
-    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # Errors only: not its notes on unused initialisers.
+    session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     got = session.run(None, {INPUT_NAME: np.asarray(example)})
     want = _flat_outputs(jax.jit(fn)(example))
     for index, (a, b) in enumerate(zip(got, want, strict=True)):
