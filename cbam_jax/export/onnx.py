@@ -1,7 +1,8 @@
 """ONNX export through jax2onnx, checked with onnxruntime.
 
-Needs the ``export`` extra (``pip install 'cbam_jax[export]'``: jax2onnx, onnx,
-onnxruntime; see docs/deploy.md for installing it beside the training stack). The program
+Needs ``pip install 'cbam_jax[export]'`` (onnx, onnx-ir, onnxruntime) and
+``pip install --no-deps jax2onnx==0.17.1`` (with its dependencies it would downgrade the
+training stack's orbax; see docs/deploy.md). The program
 is traced with JAX first and handed to jax2onnx as plain primitives
 (:mod:`cbam_jax.export._jaxpr`): the custom derivatives and the XLA:CPU fusion boundaries
 of the fast paths are inference no-ops, so the graph holds only the math (convs, matrix
@@ -40,8 +41,8 @@ def _import_converter() -> tuple[Any, Any, Any]:
       missing.append(name)
   if missing:
     raise ImportError(f'ONNX export needs {", ".join(missing)}: pip install '
-                      "'cbam_jax[export]' (docs/deploy.md says how beside the training "
-                      'stack).')
+                      "'cbam_jax[export]' && pip install --no-deps jax2onnx==0.17.1 "
+                      '(docs/deploy.md).')
   return tuple(modules)
 
 
