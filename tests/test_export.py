@@ -1,0 +1,319 @@
+"""cbam_jax.export: StableHLO (reloaded with jax.export alone) and ONNX (onnxruntime)
+outputs equal JAX's within 1e-5 at two batch sizes, for every attention member inside a
+small network of a user's own, linen and NNX, and for CBAM ResNets; the command line.
+
+The ONNX tests skip without jax2onnx, onnx and onnxruntime (the optional ``export`` extra,
+not part of ``test``: docs/deploy.md says why).
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cbam_jax import attention, saving
+from cbam_jax import nnx as cnnx
+from cbam_jax.export import ExportError, to_onnx, to_stablehlo
+from cbam_jax.export import __main__ as cli
+from cbam_jax.models import create_model
+from tests.cases import fast_subset
+from tests.random_variables import random_variables
+
+TOLERANCE = 1e-5
+# Small kernels keep the programs small; the 7x7 default is exported in the ResNet tests.
+FIELDS = {name: {'kernel_size': 3} for name in ('cbam', 'spatial', 'lcbam', 'triplet')}
+FIELDS['bam'] = {'num_dilated_convs': 1}
+MEMBERS = fast_subset(attention.available(), attention.available(), ('cbam',))
+
+
+class SmallNet(nn.Module):
+  """A user's own network with attention modules inside, one after the other."""
+  attention: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(16, (3, 3))(x)))
+    for name in self.attention:
+      x = attention.create(name, **FIELDS.get(name, {}))(x, train=train)
+    return nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
+
+
+class SmallNnxNet(nnx.Module):
+  def __init__(self, names: tuple[str, ...], *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(16, rngs=rngs)
+    self.attention = nnx.List([cnnx.create(name, 16, rngs=rngs, **FIELDS.get(name, {}))
+                               for name in names])
+    self.head = nnx.Linear(16, 5, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv(x)))
+    for module in self.attention:
+      x = module(x)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def _images(batch, size=8, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, size, size, 3)),
+                     jnp.float32)
+
+
+def _variables(model, x):
+  """Random variables whose kernels keep activations near unit scale (He-like), so that
+  1e-5 is a meaningful tolerance on the outputs."""
+  def rescale(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim > 1:
+      return leaf * np.sqrt(2.0 / np.prod(leaf.shape[:-1])) / 0.3
+    return leaf
+  return jax.tree_util.tree_map_with_path(rescale, random_variables(model, x))
+
+
+def _linen(names, size=8):
+  model = SmallNet(tuple(names))
+  return model, _variables(model, _images(1, size))
+
+
+def _nnx(names):
+  model = SmallNnxNet(tuple(names), rngs=nnx.Rngs(0))
+  model.norm.mean[...] = jnp.linspace(-0.5, 0.5, 16)  # Eval mode must use these.
+  model.norm.var[...] = jnp.linspace(0.5, 2.0, 16)
+  return model
+
+
+def _reference(model, variables, x):
+  """JAX's outputs in evaluation mode, jitted."""
+  if variables is None:
+    eval_model = nnx.merge(*nnx.split(model))
+    eval_model.eval()
+    return np.asarray(nnx.jit(lambda m, x: m(x))(eval_model, x))
+  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, x))
+
+
+def _check_stablehlo(model, variables, size=8):
+  """Exported at batch 2; reloaded and run at batches 3 and 1 against JAX."""
+  blob = to_stablehlo(model, variables, _images(2, size))
+  exported = jax.export.deserialize(blob)
+  x = _images(3, size, seed=1)
+  want = _reference(model, variables, x)
+  np.testing.assert_allclose(np.asarray(exported.call(x)), want, atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(np.asarray(exported.call(x[:1])), want[:1], atol=TOLERANCE,
+                             rtol=0)
+
+
+def _check_onnx(model, variables, path, size=8):
+  ort = pytest.importorskip('onnxruntime')
+  pytest.importorskip('onnx')
+  pytest.importorskip('jax2onnx')
+  to_onnx(model, variables, _images(2, size), path)
+  session = ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
+  x = _images(3, size, seed=1)
+  want = _reference(model, variables, x)
+  for batch in (3, 1):
+    got, = session.run(None, {'input': np.asarray(x[:batch])})
+    np.testing.assert_allclose(got, want[:batch], atol=TOLERANCE, rtol=0)
+
+
+# --------------------------------------------------------------------------- StableHLO
+
+
+# Every member in one network: one program to compile instead of eleven.
+def test_stablehlo_every_member_in_a_linen_network():
+  _check_stablehlo(*_linen(attention.available()))
+
+
+def test_stablehlo_cbam_in_an_nnx_network():
+  model = _nnx(['cbam'])
+  _check_stablehlo(model, None)
+  assert not model.norm.use_running_average  # The caller's model keeps its training mode.
+
+
+@pytest.mark.slow
+def test_stablehlo_every_member_in_an_nnx_network():
+  _check_stablehlo(_nnx(attention.available()), None)
+
+
+@pytest.mark.slow
+def test_stablehlo_cbam_resnet20():
+  model = create_model('resnet20', attention='cbam')
+  _check_stablehlo(model, _variables(model, _images(1, 16)), size=16)
+
+
+@pytest.mark.slow
+def test_stablehlo_cbam_resnet20_nnx():
+  _check_stablehlo(cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
+                   size=16)
+
+
+@pytest.mark.slow
+def test_stablehlo_cbam_resnet50():
+  model = create_model('resnet50', attention='cbam')
+  _check_stablehlo(model, _variables(model, _images(1, 32)), size=32)
+
+
+def test_stablehlo_fixed_batch_rejects_other_batches():
+  exported = jax.export.deserialize(
+      to_stablehlo(*_linen(['se']), _images(2), batch_polymorphic=False))
+  assert exported.in_avals[0].shape == (2, 8, 8, 3)
+  with pytest.raises(ValueError, match='shape'):
+    exported.call(_images(3))
+
+
+@pytest.mark.slow
+def test_stablehlo_runs_without_cbam_jax(tmp_path):
+  model, variables = _linen(['cbam'])
+  (tmp_path / 'model.stablehlo').write_bytes(to_stablehlo(model, variables, _images(2)))
+  np.save(tmp_path / 'x.npy', np.asarray(_images(3, seed=1)))
+  script = ('import sys, numpy as np, jax\n'
+            f'exported = jax.export.deserialize(open({str(tmp_path / "model.stablehlo")!r}, '
+            '"rb").read())\n'
+            f'y = exported.call(np.load({str(tmp_path / "x.npy")!r}))\n'
+            f'np.save({str(tmp_path / "y.npy")!r}, np.asarray(y))\n'
+            'assert not any(m.startswith("cbam_jax") for m in sys.modules), "imported"\n')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, env=env)
+  np.testing.assert_allclose(np.load(tmp_path / 'y.npy'),
+                             _reference(model, variables, _images(3, seed=1)),
+                             atol=TOLERANCE, rtol=0)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize('name', MEMBERS)
+def test_onnx_member_in_a_linen_network(name, tmp_path):
+  _check_onnx(*_linen([name]), tmp_path / 'model.onnx')
+
+
+@pytest.mark.parametrize('name', fast_subset(attention.available(), attention.available(),
+                                             ('cbam',)))
+def test_onnx_member_in_an_nnx_network(name, tmp_path):
+  _check_onnx(_nnx([name]), None, tmp_path / 'model.onnx')
+
+
+@pytest.mark.slow
+def test_onnx_cbam_resnet20(tmp_path):
+  model = create_model('resnet20', attention='cbam')
+  _check_onnx(model, _variables(model, _images(1, 16)), tmp_path / 'model.onnx', size=16)
+
+
+@pytest.mark.slow
+def test_onnx_cbam_resnet20_nnx(tmp_path):
+  _check_onnx(cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
+              tmp_path / 'model.onnx', size=16)
+
+
+@pytest.mark.slow
+def test_onnx_cbam_resnet50(tmp_path):
+  model = create_model('resnet50', attention='cbam')
+  _check_onnx(model, _variables(model, _images(1, 32)), tmp_path / 'model.onnx', size=32)
+
+
+def test_onnx_names_an_operation_it_cannot_convert(tmp_path):
+  pytest.importorskip('onnxruntime')
+  pytest.importorskip('onnx')
+  pytest.importorskip('jax2onnx')
+
+  class HostCall(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+  with pytest.raises(ExportError, match=r"Operation 'pure_callback' \(at .*\) has no ONNX"):
+    to_onnx(HostCall(), {'params': {}}, _images(1), tmp_path / 'model.onnx')
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_problem():
+  model, variables = _linen(['se'])
+  with pytest.raises(ExportError, match='needs its variables'):
+    to_stablehlo(model, None, _images(1))
+  with pytest.raises(ExportError, match='pass variables=None'):
+    to_stablehlo(_nnx(['se']), variables, _images(1))
+  with pytest.raises(ExportError, match='example must be an array'):
+    to_stablehlo(model, variables, [1, 2])
+  with pytest.raises(ExportError, match='flax.linen or flax.nnx module'):
+    to_stablehlo(lambda x: x, variables, _images(1))
+  with pytest.raises(ExportError, match='float32'):
+    to_onnx(model, variables, _images(1).astype(jnp.bfloat16), '/nonexistent/model.onnx')
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope='module')
+def saved_model(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('saved') / 'model'
+  # ResNet-20's layout, one block per stage, four filters: a quick program to compile.
+  model = create_model('resnet20', attention='cbam', num_classes=3, stage_sizes=(1, 1, 1),
+                       num_filters=4)
+  variables = _variables(model, _images(1, 16))
+  saving.save(directory, model, variables, name='resnet20')
+  return directory, model, variables
+
+
+def _run_cli(capsys, *argv):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([str(a) for a in argv])
+  lines = capsys.readouterr().err.strip().splitlines()
+  return exit_info.value.code, lines
+
+
+@pytest.mark.slow
+def test_cli_exports_a_saved_model_and_keeps_existing_files(saved_model, tmp_path, capsys):
+  directory, model, variables = saved_model
+  out = tmp_path / 'model.stablehlo'
+  cli.main(['--model', str(directory), '--format', 'stablehlo', '--out', str(out),
+            '--image_size', '16'])
+  x = _images(2, 16, seed=1)
+  np.testing.assert_allclose(np.asarray(jax.export.deserialize(out.read_bytes()).call(x)),
+                             _reference(model, variables, x), atol=TOLERANCE, rtol=0)
+  code, lines = _run_cli(capsys, '--model', directory, '--format', 'stablehlo', '--out', out)
+  assert code == 2 and len(lines) == 1 and 'exists; pass --overwrite' in lines[0]
+  cli.main(['--model', str(directory), '--format', 'stablehlo', '--out', str(out),
+            '--image_size', '16', '--overwrite'])
+
+
+@pytest.mark.slow
+def test_cli_exports_a_training_workdir(saved_model, tmp_path):
+  checkpointing = pytest.importorskip('experiments.training.checkpointing')
+  _, model, variables = saved_model
+  ckpts = checkpointing.Checkpoints(checkpointing.checkpoint_dir(str(tmp_path / 'run')),
+                                    async_save=False)
+  meta = {'model': saving.describe(model, name='resnet20'), 'config': {'image_size': 16}}
+  ckpts.save(7, dict(variables), meta)
+  ckpts.close()
+  out = tmp_path / 'model.stablehlo'
+  cli.main(['--model', str(tmp_path / 'run'), '--which', '7', '--format', 'stablehlo',
+            '--out', str(out)])
+  exported = jax.export.deserialize(out.read_bytes())
+  assert exported.in_avals[0].shape[1:] == (16, 16, 3)  # The config's image_size.
+  x = _images(2, 16, seed=1)
+  np.testing.assert_allclose(np.asarray(exported.call(x)), _reference(model, variables, x),
+                             atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--format', 'stablehlo', '--out', 'x'], '--model is required'),
+    (['--model', '.', '--format', 'tflite', '--out', 'x'], 'stablehlo'),
+    (['--model', '/nonexistent', '--format', 'onnx', '--out', 'x'], 'no such directory'),
+    (['--model', '.', '--format', 'onnx', '--out', '/nonexistent/x.onnx'],
+     'its folder does not exist'),
+])
+def test_cli_user_errors_are_one_line_exit_2(argv, message, capsys):
+  code, lines = _run_cli(capsys, *argv)
+  assert code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_cli_reports_a_folder_that_is_no_model(tmp_path, capsys):
+  code, lines = _run_cli(capsys, '--model', tmp_path, '--format', 'stablehlo', '--out',
+                         tmp_path / 'x')
+  assert code == 2 and len(lines) == 1 and 'neither a saved model directory' in lines[0], lines
