@@ -2,8 +2,8 @@
 
 Every function here takes a single example of shape ``(*spatial, C)`` with one, two or
 three spatial dimensions (a signal ``(L, C)``, an image ``(H, W, C)`` or a volume
-``(D, H, W, C)``). Batch them with :func:`jax.vmap`; the linen modules in
-:mod:`cbam_jax.layers` do exactly that.
+``(D, H, W, C)``). Batch them with :func:`jax.vmap`; the modules in
+:mod:`cbam_jax.attention.cbam` do exactly that.
 
 Reductions (pooling, the logits that enter the gate) are computed in float32 whatever
 the input dtype, because bfloat16 sums over thousands of positions lose several digits.
@@ -40,7 +40,7 @@ Array = jax.Array
 Params = Mapping[str, Array]
 Activation = Callable[[Array], Array]
 
-POOL_TYPES = ('avg', 'max', 'lp', 'lse')
+POOL_TYPES = _validation.POOL_TYPES
 ORDERS = ('channel_first', 'spatial_first', 'parallel')
 HIDDEN_ROUNDINGS = ('floor', 'round')
 

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cbam_jax import _validation
+from cbam_jax import _validation, functional
 from cbam_jax._fast.pool import mean_max
 from cbam_jax._fast.spatial_conv import resolve_impl, spatial_conv_planes
 
@@ -58,8 +58,6 @@ def batched_spatial_logits(
   Returns:
     ``(B, *spatial)`` float32 logits, before any normalisation or gate.
   """
-  from cbam_jax import functional
-
   impl = resolve_impl(impl)
   if impl == 'xla':
     return jax.vmap(lambda example: functional.spatial_logits(
