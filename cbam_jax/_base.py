@@ -39,6 +39,8 @@ ones_init = nn.initializers.ones_init()
 zeros_init = default_bias_init
 
 ALL_SPATIAL_DIMS = (1, 2, 3)
+# The fields a composite member (CBAM, scSE, light CBAM) passes to both of its branches.
+SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def refine_along_axis(what: str, x: Array, channel_axis: int,

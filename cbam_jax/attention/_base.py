@@ -3,6 +3,7 @@ and the NNX skin use too. Re-exported here for the members' imports."""
 
 from cbam_jax._base import (
                             ALL_SPATIAL_DIMS,
+                            SHARED_FIELDS,
                             Activation,
                             Array,
                             AttentionModule,
@@ -38,7 +39,8 @@ from cbam_jax._base import (
 )
 
 __all__ = ['ALL_SPATIAL_DIMS', 'Activation', 'Array', 'AttentionModule', 'Dtype',
-           'Initializer', 'NnxAttentionModule', 'NnxModule', 'ParamShapes', 'batch_norm',
+           'Initializer', 'NnxAttentionModule', 'NnxModule', 'ParamShapes', 'SHARED_FIELDS',
+           'batch_norm',
            'batch_norm_fields', 'channel_map_shape', 'check_has_batch', 'check_param_shape',
            'check_positive', 'check_positive_int', 'check_spatial_dims',
            'check_spatial_kernel_shape', 'check_stored_shape', 'declare_linen', 'declare_nnx',

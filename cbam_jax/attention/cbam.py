@@ -27,6 +27,7 @@ from flax import nnx
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax._base import (
+  SHARED_FIELDS,
   AttentionModule,
   Dtype,
   Initializer,
@@ -62,7 +63,6 @@ CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'hidd
                   'pool_types', 'mlp_bias', 'activation')
 SPATIAL_FIELDS = ('kernel_size', 'spatial_norm', 'use_bias', 'norm_momentum', 'norm_epsilon',
                   'norm_scale_init', 'conv_impl')
-SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def channel_param_shapes(channels: int, hidden: int, mlp_bias: bool) -> ParamShapes:
@@ -92,10 +92,11 @@ def channel_attention_map(params: Params, x: Array, *, pool_types: Sequence[str]
                           activation: Callable[[Array], Array],
                           gate: Callable[[Array], Array], dtype: Dtype | None = None,
                           precision: Any = None) -> Array:
-  """``gate(sum_p MLP(pool_p(x)))`` of a channels-last batch ``(B, *spatial, C)``: ``(B, C)``
-  float32."""
+  """``gate(sum_p MLP(pool_p(x)))`` of a checked channels-last batch ``(B, *spatial, C)``:
+  ``(B, C)`` float32."""
+  # The unchecked core: the module checked x (its boundary), pool types and channels.
   logits = jax.vmap(functools.partial(
-      F.channel_logits, pool_types=tuple(pool_types), activation=activation, dtype=dtype,
+      F._channel_logits, pool_types=tuple(pool_types), activation=activation, dtype=dtype,
       precision=precision), in_axes=(None, 0))(params, x)
   return gate(logits)
 

@@ -23,12 +23,11 @@ from cbam_jax.attention.cbam import channel_param_shapes
 
 Array = jax.Array
 
-# LightCBAM's fields that belong to each branch; the rest go to both.
+# LightCBAM's fields that belong to each branch; the rest (_base.SHARED_FIELDS) go to both.
 LIGHT_CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'mlp_bias',
                         'activation')
 LIGHT_SPATIAL_FIELDS = ('kernel_size', 'norm_momentum', 'norm_epsilon', 'norm_scale_init',
                         'conv_impl')
-LIGHT_SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def light_channel_map(params: F.Params, x: Array, *, activation, gate, dtype=None,
@@ -148,7 +147,7 @@ class LightCBAM(_base.AttentionModule):
 
   @nn.compact
   def refine(self, x: Array, train: bool) -> Array:
-    shared = {name: getattr(self, name) for name in LIGHT_SHARED_FIELDS}
+    shared = {name: getattr(self, name) for name in _base.SHARED_FIELDS}
     channel_map = LightChannelAttention(
         **{name: getattr(self, name) for name in LIGHT_CHANNEL_FIELDS}, **shared,
         name='channel').attention_map(x)
@@ -241,7 +240,7 @@ class NnxLightCBAM(_base.NnxAttentionModule):
                bias_init: _base.Initializer = _base.default_bias_init,
                num_spatial_dims: int | None = None, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
-    shared = self.field_values(LIGHT_SHARED_FIELDS)
+    shared = self.field_values(_base.SHARED_FIELDS)
     self.channel = NnxLightChannelAttention(
         in_features, **self.field_values(LIGHT_CHANNEL_FIELDS), **shared, rngs=rngs)
     self.spatial = NnxLightSpatialAttention(

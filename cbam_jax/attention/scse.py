@@ -23,7 +23,6 @@ Array = jax.Array
 AGGREGATIONS = ('add', 'max')
 SCSE_CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'mlp_bias',
                        'activation')
-SCSE_SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def sse_map(kernel: Array, bias: Array, x: Array, *, gate, dtype=None,
@@ -101,7 +100,7 @@ class ConcurrentSpatialChannelSE(_base.AttentionModule):
   def refine(self, x: Array, train: bool) -> Array:
     del train
     _validation.check_choice('aggregation', self.aggregation, AGGREGATIONS)
-    shared = {name: getattr(self, name) for name in SCSE_SHARED_FIELDS}
+    shared = {name: getattr(self, name) for name in _base.SHARED_FIELDS}
     channel_map = ChannelAttention(
         **{name: getattr(self, name) for name in SCSE_CHANNEL_FIELDS}, pool_types=SE_POOL_TYPES,
         **shared, name='channel').attention_map(x)
@@ -148,7 +147,7 @@ class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     _validation.check_choice('aggregation', aggregation, AGGREGATIONS)
-    shared = self.field_values(SCSE_SHARED_FIELDS)
+    shared = self.field_values(_base.SHARED_FIELDS)
     self.channel = NnxChannelAttention(in_features, **self.field_values(SCSE_CHANNEL_FIELDS),
                                        pool_types=SE_POOL_TYPES, **shared, rngs=rngs)
     self.spatial = NnxSpatialSqueezeExcitation(in_features, **shared, rngs=rngs)
