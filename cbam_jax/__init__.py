@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = '0.1.0'
 
-_SUBMODULES = frozenset({'attention', 'conv', 'convert', 'functional', 'inspect', 'layers',
+_SUBMODULES = frozenset({'attention', 'conv', 'convert', 'functional', 'inspect',
                          'models', 'nnx', 'perf'})
 _LAYERS = frozenset({'CBAM', 'ChannelAttention', 'SpatialAttention'})
 
@@ -23,7 +23,7 @@ __all__ = ['CBAM', 'ChannelAttention', 'SpatialAttention', 'conv', 'functional',
 
 def __getattr__(name: str) -> Any:
   if name in _LAYERS:
-    return getattr(importlib.import_module('cbam_jax.layers'), name)
+    return getattr(importlib.import_module('cbam_jax.attention.cbam'), name)
   if name in _SUBMODULES:
     return importlib.import_module(f'cbam_jax.{name}')
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
@@ -35,4 +35,4 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
   from cbam_jax import conv, functional, models
-  from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
+  from cbam_jax.attention.cbam import CBAM, ChannelAttention, SpatialAttention

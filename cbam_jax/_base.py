@@ -1,10 +1,11 @@
 """What every attention module shares, in both skins (linen and NNX): layout handling,
-field and shape checks, initialisers, and the linen base class.
+field and shape checks, initialisers, and the two base classes.
 
 A linen member subclasses :class:`AttentionModule` and implements ``refine(x, train)`` on
-channels-last ``(B, *spatial, C)`` features; the NNX members (:mod:`cbam_jax.nnx`) do the
-same through :func:`refine_along_axis`. Both validate the input, move ``channel_axis`` to
-the end and back, so every member accepts NCHW-style layouts too.
+channels-last ``(B, *spatial, C)`` features; an NNX member subclasses
+:class:`NnxAttentionModule` and implements ``refine(x)``. Both validate the input, move
+``channel_axis`` to the end and back, so every member accepts NCHW-style layouts too.
+A member's file (``cbam_jax/attention/<name>.py``) holds both; docs/extending.md shows how.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
@@ -30,8 +33,14 @@ Activation = Callable[[Array], Array]
 default_kernel_init = nn.initializers.lecun_normal()
 # PyTorch's default for Linear and Conv: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+# One object per default, so that a linen field and its NNX keyword share the same default.
+default_bias_init = nn.initializers.zeros_init()
+ones_init = nn.initializers.ones_init()
+zeros_init = default_bias_init
 
 ALL_SPATIAL_DIMS = (1, 2, 3)
+# The fields a composite member (CBAM, scSE, light CBAM) passes to both of its branches.
+SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def refine_along_axis(what: str, x: Array, channel_axis: int,
@@ -62,7 +71,7 @@ class AttentionModule(nn.Module):
   param_dtype: Dtype = jnp.float32
   precision: Any = None
   kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = nn.initializers.zeros_init()
+  bias_init: Initializer = default_bias_init
 
   # Spatial ranks the math is defined for; members that need an image override this.
   supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
@@ -150,11 +159,8 @@ def channel_map_shape(channel_map: Array, x: Array) -> Array:
   return channel_map.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
 
 
-_ONES = nn.initializers.ones_init()
-
-
 def batch_norm(train: bool, momentum: float, epsilon: float, param_dtype: Dtype, name: str,
-               scale_init: Initializer = _ONES) -> nn.BatchNorm:
+               scale_init: Initializer = ones_init) -> nn.BatchNorm:
   """A float32 linen BatchNorm over every axis but the last (statistics feed gates directly).
 
   ``momentum`` follows Flax: PyTorch's ``momentum=m`` is ``1 - m`` here. The variance is
@@ -166,7 +172,7 @@ def batch_norm(train: bool, momentum: float, epsilon: float, param_dtype: Dtype,
 
 
 def batch_norm_fields(momentum: float, epsilon: float, param_dtype: Dtype,
-                      scale_init: Initializer = _ONES) -> dict[str, Any]:
+                      scale_init: Initializer = ones_init) -> dict[str, Any]:
   """The BatchNorm settings every attention norm uses, for ``nn.`` and ``nnx.BatchNorm``."""
   return dict(momentum=momentum, epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype,
               scale_init=scale_init, use_fast_variance=False)
@@ -215,3 +221,139 @@ def check_spatial_kernel_shape(what: str, stored: Sequence[int] | None,
         f'({len(stored) - 2} spatial dimensions) but got {x.ndim - 2}-D input of shape '
         f'{tuple(x.shape)} needing {needed}. Re-initialise the module for '
         'this input rank, or check kernel_size and channel_axis.')
+
+
+# The NNX skin. Member files define their NNX classes on these; nothing here imports
+# cbam_jax.nnx, so that a member's one file serves both skins without an import circle.
+
+# Keywords of an NNX member's __init__ that are not fields (not stored as attributes).
+_NNX_NON_FIELDS = frozenset({'self', '__class__', 'in_features', 'num_spatial_dims', 'rngs'})
+
+
+def nnx_field_names(cls: type) -> tuple[str, ...]:
+  """The fields of an NNX member: its ``__init__``'s keywords but ``in_features``,
+  ``num_spatial_dims`` and ``rngs``; the same names as its linen class's fields."""
+  return tuple(name for name in inspect.signature(cls.__init__).parameters
+               if name not in _NNX_NON_FIELDS)
+
+
+class NnxModule(nnx.Module):
+  """An NNX class defined beside its linen twin, as ``Nnx<Name>``: ``__name__`` (in
+  messages and reprs) is ``<Name>``, the name ``cbam_jax.nnx`` exports it under, so both
+  skins say the same; ``__qualname__`` keeps the prefix (pickling finds the class)."""
+
+  def __init_subclass__(cls, **kwargs: Any) -> None:
+    super().__init_subclass__(**kwargs)
+    if cls.__name__.startswith('Nnx'):
+      cls.__name__ = cls.__name__[len('Nnx'):]
+
+
+class NnxAttentionModule(NnxModule):
+  """NNX base class: ``module(x)`` maps ``(B, *spatial, C)`` to the same shape and dtype.
+
+  A subclass's ``__init__(self, in_features, *, <every field, typed and defaulted>, rngs)``
+  names every field as :class:`flax.nnx.Linear` does and starts with
+  ``self.set_fields(in_features, locals())``. Modules start in training mode (BatchNorm on
+  batch statistics, as ``nnx.BatchNorm`` does); switch with ``model.eval()`` /
+  ``model.train()``. Attention maps are recorded with :func:`sow_map`.
+  """
+
+  supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
+
+  def __init_subclass__(cls, **kwargs: Any) -> None:
+    super().__init_subclass__(**kwargs)
+    if '__init__' in vars(cls):
+      cls.__init__ = _named_unknown_fields(cls.__init__)
+
+  def set_fields(self, in_features: int, fields: Mapping[str, Any]) -> None:
+    """Stores ``in_features`` and ``fields`` (``locals()`` of ``__init__``: its non-field
+    keywords are skipped) as attributes; lists become tuples (NNX keeps non-array
+    attributes as static, hashable data)."""
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+      raise ValueError(f'{type(self).__name__} needs in_features, the channel count, as a '
+                       f'positive int; got {in_features!r}.')
+    self.in_features = in_features
+    for name, value in fields.items():
+      if name not in _NNX_NON_FIELDS:
+        setattr(self, name, tuple(value) if isinstance(value, list) else value)
+
+  def field_values(self, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(self, name) for name in names}
+
+  def refine(self, x: Array) -> Array:
+    """Channels-last ``(B, *spatial, C)`` -> refined features in ``x.dtype``."""
+    raise NotImplementedError
+
+  def __call__(self, x: Array) -> Array:
+    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
+    return refine_along_axis(type(self).__name__, x, self.channel_axis, self.refine,
+                             self.supported_spatial_dims)
+
+
+def _named_unknown_fields(init: Callable[..., None]) -> Callable[..., None]:
+  """``init`` that names the closest field of a misspelt keyword (Python's own TypeError
+  names only the bad one), as :func:`check_fields_at_init` does for linen."""
+  declared = tuple(inspect.signature(init).parameters)
+
+  @functools.wraps(init)
+  def checked_init(self, *args: Any, **fields: Any) -> None:
+    unknown = set(fields) - set(declared)
+    if unknown:
+      raise TypeError(unknown_fields_message(
+          type(self).__name__, unknown, set(declared) - _NNX_NON_FIELDS))
+    init(self, *args, **fields)
+
+  return checked_init
+
+
+def sow_map(module: nnx.Module, name: str, value: Array) -> None:
+  """Records an attention map as ``nnx.Intermediate`` while ``nnx.capture`` collects them.
+
+  Flax 0.12 deprecates ``sow`` outside ``nnx.capture`` (there it would also store the map
+  in the module's state, one more every call); so maps are recorded only under capture:
+  ``y, maps = nnx.capture(model, nnx.Intermediate)(x)``.
+  """
+  if hasattr(module, '__captures__'):
+    module.sow(nnx.Intermediate, name, value)
+
+
+def nnx_batch_norm(num_features: int, momentum: float, epsilon: float, param_dtype: Any,
+                   rngs: nnx.Rngs, scale_init: Initializer = ones_init) -> nnx.BatchNorm:
+  """The NNX twin of :func:`batch_norm` (same settings); training mode."""
+  return nnx.BatchNorm(num_features, use_running_average=False,
+                       **batch_norm_fields(momentum, epsilon, param_dtype, scale_init),
+                       rngs=rngs)
+
+
+# name -> ('kernel' | 'bias', shape): which initialiser and shape each parameter gets.
+ParamShapes = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def declare_linen(module: nn.Module, shapes: ParamShapes) -> dict[str, Array]:
+  """``{name: module.param(name, ...)}`` for each ``name -> (kind, shape)``, with the
+  module's ``kernel_init`` or ``bias_init``."""
+  inits = {'kernel': module.kernel_init, 'bias': module.bias_init}
+  return {name: module.param(name, inits[kind], shape, module.param_dtype)
+          for name, (kind, shape) in shapes.items()}
+
+
+def declare_nnx(module: nnx.Module, shapes: ParamShapes, rngs: nnx.Rngs) -> None:
+  """``module.<name> = nnx.Param(...)`` for each ``name -> (kind, shape)``: the NNX twin of
+  :func:`declare_linen` (same initialisers, same order of keys)."""
+  inits = {'kernel': module.kernel_init, 'bias': module.bias_init}
+  for name, (kind, shape) in shapes.items():
+    setattr(module, name, nnx.Param(inits[kind](rngs.params(), shape, module.param_dtype)))
+
+
+def nnx_values(module: nnx.Module, names: Sequence[str]) -> dict[str, Array]:
+  """``{name: array}`` of those ``names`` the module has as parameters."""
+  return {name: getattr(module, name)[...] for name in names
+          if isinstance(getattr(module, name, None), nnx.Variable)}
+
+
+def num_spatial_dims_for(kernel_size: Any, num_spatial_dims: int | None) -> int:
+  """The input rank an NNX member's spatial parameters are built for: given, or
+  ``len(kernel_size)``, or 2 (images)."""
+  if num_spatial_dims is not None:
+    return num_spatial_dims
+  return len(kernel_size) if isinstance(kernel_size, Sequence) else 2

@@ -1,4 +1,6 @@
-"""Trace-time input checks shared by the functional core and the linen modules.
+"""Trace-time input checks shared by the functional core and the modules of both skins.
+
+It imports nothing from cbam_jax, so that every layer can import it.
 
 Shapes and dtypes are static under ``jit``, so every check here runs once per trace and
 costs nothing at run time. Each raises ``ValueError`` or ``TypeError`` naming the problem
@@ -13,6 +15,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 MAX_SPATIAL_DIMS = 3
+# The global pools of cbam_jax.functional.global_pool (re-exported there).
+POOL_TYPES = ('avg', 'max', 'lp', 'lse')
 
 
 def check_choice(what: str, value: object, valid: Sequence[str]) -> None:
@@ -21,7 +25,6 @@ def check_choice(what: str, value: object, valid: Sequence[str]) -> None:
 
 
 def check_pool_types(pool_types: Sequence[str]) -> None:
-  from cbam_jax.functional import POOL_TYPES  # Late import: functional imports us.
   if isinstance(pool_types, str) or not pool_types:
     raise ValueError(
         f'pool_types must be a non-empty sequence such as (\'avg\', \'max\'), got '

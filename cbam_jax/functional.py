@@ -2,8 +2,8 @@
 
 Every function here takes a single example of shape ``(*spatial, C)`` with one, two or
 three spatial dimensions (a signal ``(L, C)``, an image ``(H, W, C)`` or a volume
-``(D, H, W, C)``). Batch them with :func:`jax.vmap`; the linen modules in
-:mod:`cbam_jax.layers` do exactly that.
+``(D, H, W, C)``). Batch them with :func:`jax.vmap`; the modules in
+:mod:`cbam_jax.attention.cbam` do exactly that.
 
 Reductions (pooling, the logits that enter the gate) are computed in float32 whatever
 the input dtype, because bfloat16 sums over thousands of positions lose several digits.
@@ -40,7 +40,7 @@ Array = jax.Array
 Params = Mapping[str, Array]
 Activation = Callable[[Array], Array]
 
-POOL_TYPES = ('avg', 'max', 'lp', 'lse')
+POOL_TYPES = _validation.POOL_TYPES
 ORDERS = ('channel_first', 'spatial_first', 'parallel')
 HIDDEN_ROUNDINGS = ('floor', 'round')
 
@@ -110,6 +110,15 @@ def global_pool(x: Array, kind: str) -> Array:
   """
   _validation.check_features(x, batched=False)
   _validation.check_choice('pool type', kind, POOL_TYPES)
+  return _global_pool(x, kind)
+
+
+# The unchecked cores below serve the checked public functions and the batched modules
+# (cbam_jax.attention.cbam, cbam_jax._fast), whose inputs their own boundary has checked:
+# every call validates its input once.
+
+
+def _global_pool(x: Array, kind: str) -> Array:
   flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   if kind == 'avg':
     pooled = jnp.mean(flat, axis=0)
@@ -133,6 +142,10 @@ def channel_pool(x: Array) -> Array:
     ``(*spatial, 2)`` float32: ``[..., 0]`` is the channel mean, ``[..., 1]`` the max.
   """
   _validation.check_features(x, batched=False)
+  return _channel_pool(x)
+
+
+def _channel_pool(x: Array) -> Array:
   x32 = x.astype(jnp.float32)
   pooled = jnp.stack([jnp.mean(x32, axis=-1), jnp.max(x32, axis=-1)], axis=-1)
   chex.assert_shape(pooled, (*x.shape[:-1], 2))
@@ -186,8 +199,14 @@ def channel_logits(
   _validation.check_features(x, batched=False)
   _validation.check_pool_types(pool_types)
   _validation.check_channels(x, params['fc1_kernel'].shape[0], 'channel attention')
+  return _channel_logits(params, x, pool_types=pool_types, activation=activation, dtype=dtype,
+                         precision=precision)
+
+
+def _channel_logits(params: Params, x: Array, *, pool_types: Sequence[str],
+                    activation: Activation, dtype: Any, precision: Any) -> Array:
   # One MLP pass over the stacked descriptors: the same shared weights for every pool.
-  pooled = jnp.stack([global_pool(x, kind) for kind in pool_types])
+  pooled = jnp.stack([_global_pool(x, kind) for kind in pool_types])
   logits = shared_mlp(params, pooled, activation=activation, dtype=dtype,
                       precision=precision)
   return jnp.sum(logits, axis=0)
@@ -240,9 +259,14 @@ def spatial_logits(
   every choice gives the same numbers.
   """
   _validation.check_features(x, batched=False)
+  _validation.check_spatial_kernel(params['conv_kernel'], x, batched=False)
+  return _spatial_logits(params, x, dtype=dtype, precision=precision, impl=impl)
+
+
+def _spatial_logits(params: Params, x: Array, *, dtype: Any, precision: Any,
+                    impl: str) -> Array:
   kernel = params['conv_kernel']
-  _validation.check_spatial_kernel(kernel, x, batched=False)
-  pooled = channel_pool(x)
+  pooled = _channel_pool(x)
   if dtype is None:
     dtype = jnp.result_type(pooled, kernel)
   logits = spatial_conv(pooled.astype(dtype), kernel.astype(dtype), precision=precision,

@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +41,6 @@ import jax.numpy as jnp
 
 from cbam_jax import _base, _validation
 from cbam_jax import attention as attention_registry
-from cbam_jax.attention import presets
 from cbam_jax.conv import MaterializedInputConv
 
 Array = jax.Array
@@ -166,63 +164,14 @@ def _shortcut(block: ResidualBlock, x: Array, features: int, strides: int) -> Ar
   return block.norm(name='downsample_bn')(x)
 
 
-def _factory_class(factory: Callable[..., Any]) -> Any:
-  while isinstance(factory, functools.partial):
-    factory = factory.func
-  return factory
-
-
-def _with_supported_fields(factory: Callable[..., nn.Module],
-                           fields: Mapping[str, Any]) -> Callable[..., nn.Module]:
-  """``factory`` with those ``fields`` it declares and a partial has not already set."""
-  cls = _factory_class(factory)
-  preset = factory.keywords if isinstance(factory, functools.partial) else {}
-  if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-    declared = {f.name for f in dataclasses.fields(cls)}
-    fields = {k: v for k, v in fields.items() if k in declared and k not in preset}
-  else:  # A plain function: pass everything it has not been given yet.
-    fields = {k: v for k, v in fields.items() if k not in preset}
-  return functools.partial(factory, **fields) if fields else factory
-
-
-# The models' configuration of the registry's modules: the official CBAM code's.
-MODEL_PRESET = 'official'
-
-
-def preset_fields(name: str, zero_init_spatial_gate: bool, preset: str = MODEL_PRESET
-                  ) -> dict[str, Any]:
-  """The fields the models give the attention registered as ``name``: ``preset``'s, with
-  the spatial BatchNorm scale zero-initialised only when ``zero_init_spatial_gate``."""
-  fields = presets.fields(preset, name)
-  if 'norm_scale_init' in fields and not zero_init_spatial_gate:
-    fields['norm_scale_init'] = nn.initializers.ones_init()
-  return fields
-
-
 def resolve_attention(spec: AttentionSpec, *, dtype: Dtype, param_dtype: Dtype,
                       zero_init_spatial_gate: bool = True,
                       what: str = 'attention') -> Callable[..., nn.Module] | None:
-  """A factory ``f(name=...)`` for ``spec``, with the model's dtypes filled in.
-
-  Args:
-    spec: ``None``; a name from :func:`cbam_jax.attention.available` (``'cbam'`` and
-      ``'spatial'`` get the official configuration: spatial BatchNorm, scale zero-initialised
-      when ``zero_init_spatial_gate``); or a module class / ``functools.partial``, used as
-      given apart from ``dtype``/``param_dtype`` where the factory declares but does not
-      already set them.
-  """
-  if spec is None:
-    return None
-  if isinstance(spec, str):
-    factory = attention_registry.resolve(spec)
-    fields = preset_fields(spec, zero_init_spatial_gate)
-  elif callable(spec):
-    factory, fields = spec, {}
-  else:
-    raise TypeError(
-        f'{what} must be None, a name ({", ".join(attention_registry.available())}) or a '
-        f'module factory such as functools.partial(CBAM, ...); got {type(spec).__name__}.')
-  return _with_supported_fields(factory, {**fields, 'dtype': dtype, 'param_dtype': param_dtype})
+  """A factory ``f(name=...)`` for ``spec``, with the model's dtypes filled in: see
+  :func:`cbam_jax.attention.resolve_attention` (``skin='linen'``, the official preset)."""
+  return attention_registry.resolve_attention(
+      spec, skin='linen', dtype=dtype, param_dtype=param_dtype,
+      zero_init_spatial_gate=zero_init_spatial_gate, what=what)
 
 
 @_base.check_fields_at_init

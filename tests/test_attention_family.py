@@ -15,7 +15,8 @@ from cbam_jax import attention
 from cbam_jax.attention import _base
 
 ALL = attention.available()
-IMAGE_ONLY = ('coord', 'triplet')
+# The members defined for images only, as registered.
+IMAGE_ONLY = tuple(name for name in ALL if attention.member(name).spatial_dims == (2,))
 WITH_BATCH_NORM = ('bam', 'coord', 'triplet', 'lcbam')
 PARAMETER_FREE = ('simam',)
 # The fast run (-m "not slow") keeps CBAM, its branches and the cheap members; the members
@@ -69,7 +70,7 @@ def test_unknown_name_lists_valid_names():
 
 def test_register_twice_is_an_error():
   with pytest.raises(ValueError, match='already registered'):
-    attention.register('eca', attention.EfficientChannelAttention)
+    attention.register(attention.member('eca'))
 
 
 # Compiles dominate the run time: each member is compiled twice (an eval pass and a
@@ -198,7 +199,8 @@ def test_other_channel_count_is_a_clear_error(name):
 
 SOWN = {
     'eca': {'channel_map': (2, 32)},
-    'bam': {'channel': {'channel_logits': (2, 32)}, 'spatial': {'spatial_logits': (2, 6, 5)}},
+    'bam': {'attention_map': SHAPE, 'channel': {'channel_logits': (2, 32)},
+            'spatial': {'spatial_logits': (2, 6, 5)}},
     'scse': {'channel': {'channel_map': (2, 32)}, 'spatial': {'spatial_map': (2, 6, 5)}},
     'coord': {'height_map': (2, 6, 32), 'width_map': (2, 5, 32)},
     'triplet': {'channel_width_map': (2, 32, 5), 'height_channel_map': (2, 6, 32),
@@ -215,9 +217,9 @@ def test_sown_maps(name):
                         is_leaf=lambda t: isinstance(t, tuple))
   expected = jax.tree.map(lambda s: (s,), SOWN[name], is_leaf=lambda t: isinstance(t, tuple))
   assert shapes == expected
-  for leaf in jax.tree_util.tree_leaves(sown):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
     assert leaf.dtype == jnp.float32
-    if name != 'bam':  # BAM sows logits, the others maps in [0, 1].
+    if path[-2].key.endswith('_map'):  # Maps are in [0, 1]; BAM's *_logits are not maps.
       assert np.all((leaf >= 0) & (leaf <= 1))
 
 

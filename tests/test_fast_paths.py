@@ -14,10 +14,10 @@ import pytest
 from absl.testing import parameterized
 
 from cbam_jax import functional as F
-from cbam_jax import layers
 from cbam_jax._fast.logits import batched_spatial_logits, channel_pool_planes
 from cbam_jax._fast.pool import mean_max
 from cbam_jax._fast.spatial_conv import resolve_impl, spatial_conv, spatial_conv_planes
+from cbam_jax.attention.cbam import CBAM
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -187,7 +187,7 @@ def test_fast_module_matches_xla_module(shape, fields, train):
   """``CBAM(conv_impl=...)``: the fast path is invisible in outputs and gradients."""
   x = _random(14, shape)
   cotangent = _random(15, shape)
-  reference = layers.CBAM(conv_impl='xla', **fields)
+  reference = CBAM(conv_impl='xla', **fields)
   variables = jax.jit(reference.init)(jax.random.PRNGKey(16), x)
   if 'batch_stats' in variables:  # Non-trivial running statistics for eval mode.
     variables = {**variables,
@@ -200,7 +200,7 @@ def test_fast_module_matches_xla_module(shape, fields, train):
 
   results = {}
   for impl in ('xla', 'shift'):  # 'auto' is 'shift' on CPU (test_auto_picks_shift_on_cpu).
-    module = layers.CBAM(conv_impl=impl, **fields)
+    module = CBAM(conv_impl=impl, **fields)
     results[impl] = jax.jit(jax.value_and_grad(
         functools.partial(loss, module), argnums=(0, 1), has_aux=True))(
             variables['params'], x)
@@ -324,7 +324,7 @@ def test_fast_paths_under_explicit_sharding():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
   x = jax.random.normal(jax.random.key(0), (16, 9, 7, 12))
   sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec('data')))
-  module = layers.CBAM(spatial_norm=True, reduction_ratio=4, conv_impl='shift')
+  module = CBAM(spatial_norm=True, reduction_ratio=4, conv_impl='shift')
   variables = module.init(jax.random.key(1), x)
 
   def loss(params, x):

@@ -30,7 +30,6 @@ FIELDS = {
     'simam': {},
     'lcbam': dict(reduction_ratio=4, kernel_size=3, mlp_bias=True),
 }
-TWO_D_ONLY = ('coord', 'triplet')
 
 # (name, spatial shape, channel_axis, train): every member once, and together every mode
 # (train/eval), layout (NHWC/NCHW) and rank (1-D/2-D/3-D) each member supports. Kept to a
@@ -106,7 +105,7 @@ def test_same_maps_and_parameters_as_linen(name):
 def test_fields_are_the_linen_fields_with_the_same_defaults():
   for name in attention.available():
     linen_cls, nnx_cls = attention.resolve(name), cnnx.resolve(name)
-    assert nnx_cls.linen_twin is linen_cls
+    assert attention.member(name).nnx is nnx_cls
     model = nnx.eval_shape(lambda cls=nnx_cls: cls(16, rngs=nnx.Rngs(0)))
     for field, value in _base.resolve_fields(linen_cls, {}).items():
       assert getattr(model, field) == value, (name, field)

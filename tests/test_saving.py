@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cbam_jax import attention, models, saving
+from cbam_jax.attention.cbam import CBAM
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.layers import CBAM
 
 pytest.importorskip('orbax.checkpoint')
 

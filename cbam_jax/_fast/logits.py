@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cbam_jax import _validation
+from cbam_jax import _validation, functional
 from cbam_jax._fast.pool import mean_max
 from cbam_jax._fast.spatial_conv import resolve_impl, spatial_conv_planes
 
@@ -49,7 +49,8 @@ def batched_spatial_logits(
 
   Args:
     params: ``conv_kernel (*k, 2, 1)`` and optional ``conv_bias (1,)``.
-    x: ``(B, *spatial, C)`` channels-last batch, 1 to 3 spatial dims.
+    x: ``(B, *spatial, C)`` channels-last batch, 1 to 3 spatial dims, already checked
+      (:func:`cbam_jax._validation.check_features`).
     dtype: compute dtype of the convolution; ``None`` promotes the pooled maps (float32)
       with the kernel.
     precision: passed to the ``'xla'`` convolution.
@@ -58,15 +59,13 @@ def batched_spatial_logits(
   Returns:
     ``(B, *spatial)`` float32 logits, before any normalisation or gate.
   """
-  from cbam_jax import functional
-
   impl = resolve_impl(impl)
-  if impl == 'xla':
-    return jax.vmap(lambda example: functional.spatial_logits(
-        params, example, dtype=dtype, precision=precision, impl='xla'))(x)
-  _validation.check_features(x, batched=True)
+  # The caller (the module) has checked the features; the kernel is checked against them.
   kernel = params['conv_kernel']
   _validation.check_spatial_kernel(kernel, x, batched=True)
+  if impl == 'xla':
+    return jax.vmap(lambda example: functional._spatial_logits(
+        params, example, dtype=dtype, precision=precision, impl='xla'))(x)
   planes = channel_pool_planes(x)
   if dtype is None:
     dtype = jnp.result_type(planes, kernel)

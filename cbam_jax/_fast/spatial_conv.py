@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from cbam_jax._fast.boundary import boundary_pays_off, computed_once, replicated_if_explicit
+from cbam_jax._validation import check_choice
 
 IMPLS = ('auto', 'xla', 'shift')
 
@@ -54,7 +55,6 @@ _KERNEL_GRAD_BLOCK = 64
 
 def resolve_impl(impl: str) -> str:
   """``'auto'`` -> ``'shift'`` on CPU (measured faster), ``'xla'`` elsewhere."""
-  from cbam_jax._validation import check_choice
   check_choice('spatial conv impl', impl, IMPLS)
   if impl == 'auto':
     return 'shift' if boundary_pays_off() else 'xla'

@@ -1,10 +1,12 @@
-"""The attention family behind one factory.
+"""The attention family behind one registry, for both skins.
 
-``create(name, **kwargs)`` returns a linen module that maps ``(B, *spatial, C)`` features
-to refined features of the same shape and dtype, called as ``module(x, train=False)``.
-The models' ``attention=`` argument accepts the same names. :mod:`cbam_jax.attention.presets`
-names the paper's, the official code's and timm's fields of each; :mod:`cbam_jax.nnx` has
-every member as a Flax NNX module under the same name.
+Each member is one file, ``cbam_jax/attention/<name>.py``: its math, its linen module, its
+NNX module and one ``register(Member(...))`` (docs/extending.md). ``create(name, **fields)``
+returns a linen module that maps ``(B, *spatial, C)`` features to refined features of the
+same shape and dtype, called as ``module(x, train=False)``; ``cbam_jax.nnx.create(name,
+in_features, rngs=..., **fields)`` its NNX twin. The models' ``attention=`` argument accepts
+the same names (:func:`resolve_attention`). :mod:`cbam_jax.attention.presets` names the
+paper's, the official code's and timm's fields of each.
 
 ==========  ==========================================================  ===========
 name        module                                                      spatial dims
@@ -25,14 +27,24 @@ name        module                                                      spatial 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any
-
-import flax.linen as nn
-
 from cbam_jax.attention import presets
+from cbam_jax.attention._registry import (
+    MODEL_PRESET,
+    Member,
+    available,
+    create,
+    member,
+    member_of,
+    members,
+    name_of,
+    preset_fields,
+    register,
+    resolve,
+    resolve_attention,
+    unregister,
+)
 from cbam_jax.attention.bam import BottleneckAttention
+from cbam_jax.attention.cbam import CBAM, ChannelAttention, SpatialAttention
 from cbam_jax.attention.coord import CoordinateAttention
 from cbam_jax.attention.eca import EfficientChannelAttention, eca_kernel_size
 from cbam_jax.attention.lcbam import LightCBAM, LightChannelAttention, LightSpatialAttention
@@ -40,70 +52,11 @@ from cbam_jax.attention.scse import ConcurrentSpatialChannelSE, SpatialSqueezeEx
 from cbam_jax.attention.se import SqueezeExcitation
 from cbam_jax.attention.simam import SimAM
 from cbam_jax.attention.triplet import TripletAttention
-from cbam_jax.layers import CBAM, ChannelAttention, SpatialAttention
 
-ModuleFactory = Callable[..., nn.Module]
-
-# name -> factory. Each factory takes keyword fields (dtype, param_dtype, ...) and returns
-# a linen Module. Register new members with `register`.
-_REGISTRY: dict[str, ModuleFactory] = {}
-
-
-def register(name: str, factory: ModuleFactory) -> None:
-  """Makes ``create(name)`` and ``attention=name`` build ``factory(**kwargs)``."""
-  if name in _REGISTRY:
-    raise ValueError(f'Attention {name!r} is already registered.')
-  _REGISTRY[name] = factory
-
-
-def available() -> tuple[str, ...]:
-  """Names accepted by :func:`create`, sorted."""
-  return tuple(sorted(_REGISTRY))
-
-
-def create(name: str, **kwargs: Any) -> nn.Module:
-  """Builds the attention module called ``name`` with the given fields."""
-  return resolve(name)(**kwargs)
-
-
-def name_of(factory: Any) -> str:
-  """The registry name of ``factory`` (a registered class or a ``functools.partial`` of
-  one); a clear error otherwise."""
-  cls = factory
-  while isinstance(cls, functools.partial):
-    cls = cls.func
-  for name, registered in _REGISTRY.items():
-    if registered is cls:
-      return name
-  raise ValueError(f'{factory!r} is not a registered attention module; registered: '
-                   f'{", ".join(available())}.')
-
-
-def resolve(name: str) -> ModuleFactory:
-  """The factory registered under ``name``; a clear error listing the names otherwise."""
-  try:
-    return _REGISTRY[name]
-  except (KeyError, TypeError):
-    raise ValueError(
-        f'Unknown attention {name!r}. Valid names: {", ".join(available())}; or pass a '
-        'module class or functools.partial.') from None
-
-
-register('cbam', CBAM)
-register('channel', ChannelAttention)
-register('spatial', SpatialAttention)
-register('se', SqueezeExcitation)
-register('eca', EfficientChannelAttention)
-register('bam', BottleneckAttention)
-register('scse', ConcurrentSpatialChannelSE)
-register('coord', CoordinateAttention)
-register('triplet', TripletAttention)
-register('simam', SimAM)
-register('lcbam', LightCBAM)
-
-__all__ = ['available', 'create', 'name_of', 'presets', 'register', 'resolve',
-           'BottleneckAttention', 'CBAM',
-           'ChannelAttention', 'ConcurrentSpatialChannelSE', 'CoordinateAttention',
-           'EfficientChannelAttention', 'LightCBAM', 'LightChannelAttention',
-           'LightSpatialAttention', 'SimAM', 'SpatialAttention', 'SpatialSqueezeExcitation',
-           'SqueezeExcitation', 'TripletAttention', 'eca_kernel_size']
+__all__ = ['MODEL_PRESET', 'Member', 'available', 'create', 'member', 'member_of', 'members',
+           'name_of', 'preset_fields', 'presets', 'register', 'resolve', 'resolve_attention',
+           'unregister', 'BottleneckAttention', 'CBAM', 'ChannelAttention',
+           'ConcurrentSpatialChannelSE', 'CoordinateAttention', 'EfficientChannelAttention',
+           'LightCBAM', 'LightChannelAttention', 'LightSpatialAttention', 'SimAM',
+           'SpatialAttention', 'SpatialSqueezeExcitation', 'SqueezeExcitation',
+           'TripletAttention', 'eca_kernel_size']

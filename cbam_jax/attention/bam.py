@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention._registry import Member, register
 
 Array = jax.Array
 Layer = Callable[[Array], Array]
@@ -69,15 +72,17 @@ def bam_spatial_logits(x: Array, *, reduce_conv: Layer, reduce_norm: Layer,
 
 
 def bam_refine(x: Array, channel_logits: Array, spatial_logits: Array, *, combine: str,
-               gate: Layer) -> Array:
-  """``x * (1 + gate(Mc (+|*) Ms))``."""
+               gate: Layer) -> tuple[Array, Array]:
+  """``x * (1 + M)`` with ``M = gate(Mc (+|*) Ms)``; returns it and ``M`` (``x``'s shape,
+  float32), the map sown as ``attention_map``."""
   channel_part = _base.channel_map_shape(channel_logits, x)
   spatial_part = spatial_logits[..., None]
   if combine == 'sum':
     logits = channel_part + spatial_part
   else:
     logits = channel_part * spatial_part
-  return F.apply_gate(x, 1 + gate(logits))
+  attention_map = gate(logits)
+  return F.apply_gate(x, 1 + attention_map), attention_map
 
 
 class _BAMBranch(nn.Module):
@@ -92,7 +97,7 @@ class _BAMBranch(nn.Module):
   param_dtype: _base.Dtype = jnp.float32
   precision: object = None
   kernel_init: _base.Initializer = _base.default_kernel_init
-  bias_init: _base.Initializer = nn.initializers.zeros_init()
+  bias_init: _base.Initializer = _base.default_bias_init
 
   def _norm(self, train: bool, name: str) -> nn.BatchNorm:
     return _base.batch_norm(train, self.norm_momentum, self.norm_epsilon, self.param_dtype,
@@ -155,9 +160,10 @@ class BottleneckAttention(_base.AttentionModule):
 
   Params: ``channel: {fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, norm}``, ``spatial:
   {reduce_conv, reduce_norm, dilated_conv{i}, dilated_norm{i}, final_conv}`` and
-  ``batch_stats`` for every ``norm``. Sows the pre-gate ``channel_logits`` ``(B, C)`` and
-  ``spatial_logits`` ``(B, *spatial)`` (logits, not maps: the gate acts on their
-  combination).
+  ``batch_stats`` for every ``norm``. Sows the map ``attention_map`` ``(B, *spatial, C)``
+  (``gate(Mc (+|*) Ms)``, float32 in [0, 1]) and, from the branches, the pre-gate logits
+  ``channel_logits`` ``(B, C)`` and ``spatial_logits`` ``(B, *spatial)`` (not maps: the gate
+  acts on their combination).
 
   Attributes:
     reduction_ratio: hidden width of both branches is ``max(1, C // reduction_ratio)``.
@@ -201,4 +207,114 @@ class BottleneckAttention(_base.AttentionModule):
     spatial_logits = BAMSpatialGate(
         num_dilated_convs=self.num_dilated_convs, dilation=self.dilation,
         dilated_kernel_size=self.dilated_kernel_size, **shared, name='spatial')(x, train)
-    return bam_refine(x, channel_logits, spatial_logits, combine=self.combine, gate=self.gate)
+    out, attention_map = bam_refine(x, channel_logits, spatial_logits, combine=self.combine,
+                                    gate=self.gate)
+    self.sow('intermediates', 'attention_map', attention_map)
+    return out
+
+
+_MLP_PARAMS = ('fc1_kernel', 'fc1_bias', 'fc2_kernel', 'fc2_bias')
+
+
+class _NnxBAMBranch(_base.NnxModule):
+
+  def _norm(self, features: int, fields: dict[str, Any], rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return _base.nnx_batch_norm(features, fields['norm_momentum'], fields['norm_epsilon'],
+                                fields['param_dtype'], rngs)
+
+
+class NnxBAMChannelGate(_NnxBAMBranch):
+  """BAM's channel branch: params ``fc1_*``, ``fc2_*``, ``norm`` (and ``output_norm``)."""
+
+  def __init__(self, in_features: int, hidden: int, fields: dict[str, Any], rngs: nnx.Rngs):
+    self.hidden, self.activation = hidden, fields['activation']
+    self.dtype, self.precision = fields['dtype'], fields['precision']
+    self.kernel_init, self.bias_init = fields['kernel_init'], fields['bias_init']
+    self.param_dtype = fields['param_dtype']
+    _base.declare_nnx(self, {'fc1_kernel': ('kernel', (in_features, hidden)),
+                             'fc1_bias': ('bias', (hidden,)),
+                             'fc2_kernel': ('kernel', (hidden, in_features)),
+                             'fc2_bias': ('bias', (in_features,))}, rngs)
+    self.norm = self._norm(hidden, fields, rngs)
+    self.has_output_norm = fields['output_norm']
+    if self.has_output_norm:
+      self.output_norm = self._norm(in_features, fields, rngs)
+
+  def __call__(self, x: Array) -> Array:
+    _base.check_param_shape(type(self).__name__, ('fc1_kernel',), self.fc1_kernel.shape,
+                            (x.shape[-1], self.hidden), x)
+    logits = bam_channel_logits(
+        _base.nnx_values(self, _MLP_PARAMS), x, hidden_norm=self.norm,
+        output_norm=self.output_norm if self.has_output_norm else None,
+        activation=self.activation, dtype=self.dtype, precision=self.precision)
+    _base.sow_map(self, 'channel_logits', logits)
+    return logits
+
+
+class NnxBAMSpatialGate(_NnxBAMBranch):
+  """BAM's spatial branch: ``reduce_conv``, ``dilated_conv{i}``, ``final_conv`` and norms."""
+
+  def __init__(self, in_features: int, hidden: int, num_spatial: int, fields: dict[str, Any],
+               rngs: nnx.Rngs):
+    self.hidden, self.activation = hidden, fields['activation']
+    self.num_dilated_convs = fields['num_dilated_convs']
+    conv = functools.partial(
+        nnx.Conv, dtype=fields['dtype'], param_dtype=fields['param_dtype'],
+        precision=fields['precision'], kernel_init=fields['kernel_init'],
+        bias_init=fields['bias_init'], rngs=rngs)
+    self.reduce_conv = conv(in_features, hidden, (1,) * num_spatial)
+    self.reduce_norm = self._norm(hidden, fields, rngs)
+    for i in range(self.num_dilated_convs):
+      setattr(self, f'dilated_conv{i}', conv(
+          hidden, hidden, (fields['dilated_kernel_size'],) * num_spatial, padding='SAME',
+          kernel_dilation=(fields['dilation'],) * num_spatial))
+      setattr(self, f'dilated_norm{i}', self._norm(hidden, fields, rngs))
+    self.final_conv = conv(hidden, 1, (1,) * num_spatial)
+    self.has_output_norm = fields['output_norm']
+    if self.has_output_norm:
+      self.output_norm = self._norm(1, fields, rngs)
+
+  def __call__(self, x: Array) -> Array:
+    _base.check_param_shape(type(self).__name__, ('reduce_conv', 'kernel'),
+                            self.reduce_conv.kernel.shape,
+                            (1,) * (x.ndim - 2) + (x.shape[-1], self.hidden), x)
+    logits = bam_spatial_logits(
+        x, reduce_conv=self.reduce_conv, reduce_norm=self.reduce_norm,
+        dilated=[(getattr(self, f'dilated_conv{i}'), getattr(self, f'dilated_norm{i}'))
+                 for i in range(self.num_dilated_convs)],
+        final_conv=self.final_conv,
+        output_norm=self.output_norm if self.has_output_norm else None,
+        activation=self.activation)
+    _base.sow_map(self, 'spatial_logits', logits)
+    return logits
+
+
+class NnxBottleneckAttention(_base.NnxAttentionModule):
+  """:class:`BottleneckAttention` in NNX: submodules ``channel`` and ``spatial`` as in linen;
+  ``num_spatial_dims`` (2) is the input rank its convolutions are built for."""
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 16,
+               hidden_features: int | None = None, hidden_rounding: str = 'floor',
+               num_dilated_convs: int = 2, dilation: int = 4, dilated_kernel_size: int = 3,
+               combine: str = 'sum', output_norm: bool = False, norm_momentum: float = 0.9,
+               norm_epsilon: float = 1e-5, activation: Callable[[Array], Array] = nn.relu,
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init,
+               num_spatial_dims: int = 2, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    check_bam_fields(combine, dilated_kernel_size, dilation)
+    hidden = F.hidden_size(in_features, reduction_ratio, hidden_features, hidden_rounding)
+    fields = self.field_values(_base.nnx_field_names(type(self)))
+    self.channel = NnxBAMChannelGate(in_features, hidden, fields, rngs)
+    self.spatial = NnxBAMSpatialGate(in_features, hidden, num_spatial_dims, fields, rngs)
+
+  def refine(self, x: Array) -> Array:
+    out, attention_map = bam_refine(x, self.channel(x), self.spatial(x), combine=self.combine,
+                                    gate=self.gate)
+    _base.sow_map(self, 'attention_map', attention_map)
+    return out
+
+
+register(Member('bam', BottleneckAttention, NnxBottleneckAttention, maps=('attention_map',)))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention._registry import Member, register
 
 Array = jax.Array
 
@@ -99,3 +102,44 @@ class CoordinateAttention(_base.AttentionModule):
     self.sow('intermediates', 'height_map', height_map)
     self.sow('intermediates', 'width_map', width_map)
     return out
+
+
+class NnxCoordinateAttention(_base.NnxAttentionModule):
+  """:class:`CoordinateAttention` in NNX: ``conv1``, ``bn1``, ``conv_h``, ``conv_w``; 2-D
+  only."""
+
+  supported_spatial_dims = (2,)
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 32, min_hidden: int = 8,
+               hidden_features: int | None = None, norm_momentum: float = 0.9,
+               norm_epsilon: float = 1e-5, activation: Callable[[Array], Array] = nn.hard_swish,
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    hidden = coord_hidden_size(in_features, reduction_ratio, min_hidden, hidden_features)
+    dense = functools.partial(
+        nnx.Linear, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+    self.conv1 = dense(in_features, hidden)
+    self.bn1 = _base.nnx_batch_norm(hidden, norm_momentum, norm_epsilon, param_dtype, rngs)
+    self.conv_h = dense(hidden, in_features)
+    self.conv_w = dense(hidden, in_features)
+
+  def refine(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    _base.check_param_shape(type(self).__name__, ('conv1', 'kernel'), self.conv1.kernel.shape,
+                            (channels, coord_hidden_size(channels, self.reduction_ratio,
+                                                         self.min_hidden,
+                                                         self.hidden_features)), x)
+    out, height_map, width_map = coord_attention(
+        x, conv1=self.conv1, bn1=self.bn1, conv_h=self.conv_h, conv_w=self.conv_w,
+        activation=self.activation, gate=self.gate)
+    _base.sow_map(self, 'height_map', height_map)
+    _base.sow_map(self, 'width_map', width_map)
+    return out
+
+
+register(Member('coord', CoordinateAttention, NnxCoordinateAttention,
+                maps=('height_map', 'width_map')))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention._registry import Member, register
 
 Array = jax.Array
 
@@ -94,3 +97,32 @@ class EfficientChannelAttention(_base.AttentionModule):
   def refine(self, x: Array, train: bool) -> Array:
     del train  # No BatchNorm.
     return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+
+
+class NnxEfficientChannelAttention(_base.NnxAttentionModule):
+  """:class:`EfficientChannelAttention` in NNX: param ``conv_kernel (k, 1, 1)``; records
+  ``channel_map``."""
+
+  def __init__(self, in_features: int, *, kernel_size: int | None = None, gamma: float = 2,
+               beta: float = 1, gate: Callable[[Array], Array] = nn.sigmoid,
+               channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    size = eca_kernel_size_for(in_features, kernel_size, gamma, beta)
+    self.conv_kernel = nnx.Param(kernel_init(rngs.params(), (size, 1, 1), param_dtype))
+
+  def attention_map(self, x: Array) -> Array:
+    _validation.check_features(x, batched=True)
+    channel_map = eca_attention_map(self.conv_kernel[...], x, gate=self.gate,
+                                    dtype=self.dtype, precision=self.precision)
+    _base.sow_map(self, 'channel_map', channel_map)
+    return channel_map
+
+  def refine(self, x: Array) -> Array:
+    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+
+
+register(Member('eca', EfficientChannelAttention, NnxEfficientChannelAttention,
+                maps=('channel_map',)))

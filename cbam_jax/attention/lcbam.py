@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
-from cbam_jax.layers import channel_param_shapes
+from cbam_jax.attention._registry import Member, register
+from cbam_jax.attention.cbam import channel_param_shapes
 
 Array = jax.Array
 
-# LightCBAM's fields that belong to each branch; the rest go to both.
+# LightCBAM's fields that belong to each branch; the rest (_base.SHARED_FIELDS) go to both.
 LIGHT_CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'mlp_bias',
                         'activation')
 LIGHT_SPATIAL_FIELDS = ('kernel_size', 'norm_momentum', 'norm_epsilon', 'norm_scale_init',
                         'conv_impl')
-LIGHT_SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def light_channel_map(params: F.Params, x: Array, *, activation, gate, dtype=None,
@@ -73,10 +75,7 @@ class LightChannelAttention(_base.AttentionModule):
     hidden = F.hidden_size(channels, self.reduction_ratio, self.hidden_features,
                            self.hidden_rounding)
     _base.check_stored_shape(self, ('fc1_kernel',), (channels, hidden), x)
-    inits = {'kernel': self.kernel_init, 'bias': self.bias_init}
-    params = {name: self.param(name, inits[kind], shape, self.param_dtype)
-              for name, (kind, shape) in channel_param_shapes(channels, hidden,
-                                                             self.mlp_bias).items()}
+    params = _base.declare_linen(self, channel_param_shapes(channels, hidden, self.mlp_bias))
     channel_map = light_channel_map(params, x, activation=self.activation, gate=self.gate,
                                     dtype=self.dtype, precision=self.precision)
     self.sow('intermediates', 'channel_map', channel_map)
@@ -105,7 +104,7 @@ class LightSpatialAttention(_base.AttentionModule):
   kernel_size: int | Sequence[int] = 7
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_scale_init: _base.Initializer = nn.initializers.ones_init()
+  norm_scale_init: _base.Initializer = _base.ones_init
   conv_impl: str = 'auto'
   gate: Callable[[Array], Array] = nn.sigmoid
 
@@ -142,13 +141,13 @@ class LightCBAM(_base.AttentionModule):
   kernel_size: int | Sequence[int] = 7
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_scale_init: _base.Initializer = nn.initializers.ones_init()
+  norm_scale_init: _base.Initializer = _base.ones_init
   conv_impl: str = 'auto'
   gate: Callable[[Array], Array] = nn.sigmoid
 
   @nn.compact
   def refine(self, x: Array, train: bool) -> Array:
-    shared = {name: getattr(self, name) for name in LIGHT_SHARED_FIELDS}
+    shared = {name: getattr(self, name) for name in _base.SHARED_FIELDS}
     channel_map = LightChannelAttention(
         **{name: getattr(self, name) for name in LIGHT_CHANNEL_FIELDS}, **shared,
         name='channel').attention_map(x)
@@ -157,3 +156,102 @@ class LightCBAM(_base.AttentionModule):
         **{name: getattr(self, name) for name in LIGHT_SPATIAL_FIELDS}, **shared,
         name='spatial').attention_map(refined, train)
     return F.apply_gate(refined, spatial_map[..., None])
+
+
+_MLP_PARAMS = ('fc1_kernel', 'fc1_bias', 'fc2_kernel', 'fc2_bias')
+
+
+class NnxLightChannelAttention(_base.NnxAttentionModule):
+  """:class:`LightChannelAttention` in NNX; params as ``cbam_jax.nnx.ChannelAttention``'s."""
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 16,
+               hidden_features: int | None = None, hidden_rounding: str = 'round',
+               mlp_bias: bool = False, activation: Callable[[Array], Array] = nn.relu,
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    hidden = F.hidden_size(in_features, reduction_ratio, hidden_features, hidden_rounding)
+    _base.declare_nnx(self, channel_param_shapes(in_features, hidden, mlp_bias), rngs)
+
+  def attention_map(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    _base.check_param_shape(type(self).__name__, ('fc1_kernel',), self.fc1_kernel.shape,
+                            (channels, F.hidden_size(channels, self.reduction_ratio,
+                                                     self.hidden_features,
+                                                     self.hidden_rounding)), x)
+    channel_map = light_channel_map(_base.nnx_values(self, _MLP_PARAMS), x,
+                                    activation=self.activation, gate=self.gate,
+                                    dtype=self.dtype, precision=self.precision)
+    _base.sow_map(self, 'channel_map', channel_map)
+    return channel_map
+
+  def refine(self, x: Array) -> Array:
+    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+
+
+class NnxLightSpatialAttention(_base.NnxAttentionModule):
+  """:class:`LightSpatialAttention` in NNX: param ``conv_kernel (*k, 1, 1)`` and ``norm``;
+  ``num_spatial_dims`` as ``cbam_jax.nnx.SpatialAttention``'s."""
+
+  def __init__(self, in_features: int, *, kernel_size: int | Sequence[int] = 7,
+               norm_momentum: float = 0.9, norm_epsilon: float = 1e-5,
+               norm_scale_init: _base.Initializer = _base.ones_init, conv_impl: str = 'auto',
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init,
+               num_spatial_dims: int | None = None, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    num_spatial = _base.num_spatial_dims_for(kernel_size, num_spatial_dims)
+    sizes = _validation.spatial_kernel_size(kernel_size, num_spatial)
+    self.conv_kernel = nnx.Param(kernel_init(rngs.params(), (*sizes, 1, 1), param_dtype))
+    self.norm = _base.nnx_batch_norm(1, norm_momentum, norm_epsilon, param_dtype, rngs,
+                                     norm_scale_init)
+
+  def attention_map(self, x: Array) -> Array:
+    _validation.check_has_batch(type(self).__name__, x, self.conv_kernel.ndim - 2)
+    kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
+    _base.check_param_shape(type(self).__name__, ('conv_kernel',), self.conv_kernel.shape,
+                            (*kernel_size, 1, 1), x)
+    spatial_map = light_spatial_map(self.conv_kernel[...], x, norm=self.norm, gate=self.gate,
+                                    dtype=self.dtype, precision=self.precision,
+                                    impl=self.conv_impl)
+    _base.sow_map(self, 'spatial_map', spatial_map)
+    return spatial_map
+
+  def refine(self, x: Array) -> Array:
+    return F.apply_gate(x, self.attention_map(x)[..., None])
+
+
+class NnxLightCBAM(_base.NnxAttentionModule):
+  """:class:`LightCBAM` in NNX: submodules ``channel`` and ``spatial``."""
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 16,
+               hidden_features: int | None = None, hidden_rounding: str = 'round',
+               mlp_bias: bool = False, activation: Callable[[Array], Array] = nn.relu,
+               kernel_size: int | Sequence[int] = 7, norm_momentum: float = 0.9,
+               norm_epsilon: float = 1e-5, norm_scale_init: _base.Initializer = _base.ones_init,
+               conv_impl: str = 'auto', gate: Callable[[Array], Array] = nn.sigmoid,
+               channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init,
+               num_spatial_dims: int | None = None, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    shared = self.field_values(_base.SHARED_FIELDS)
+    self.channel = NnxLightChannelAttention(
+        in_features, **self.field_values(LIGHT_CHANNEL_FIELDS), **shared, rngs=rngs)
+    self.spatial = NnxLightSpatialAttention(
+        in_features, num_spatial_dims=num_spatial_dims,
+        **self.field_values(LIGHT_SPATIAL_FIELDS), **shared, rngs=rngs)
+
+  def refine(self, x: Array) -> Array:
+    refined = F.apply_gate(x, _base.channel_map_shape(self.channel.attention_map(x), x))
+    return F.apply_gate(refined, self.spatial.attention_map(refined)[..., None])
+
+
+# The module's defaults are timm's LightCbamModule.
+register(Member('lcbam', LightCBAM, NnxLightCBAM, maps=('channel_map', 'spatial_map'),
+                presets={'timm': {}}))

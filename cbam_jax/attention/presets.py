@@ -17,7 +17,8 @@ preset      what it is
 =========== ==================================================================================
 
 The models (``create_model(..., attention='cbam')``) use ``'official'``; the converter asks
-for the preset of the checkpoint's source.
+for the preset of the checkpoint's source. Each member declares its presets where it is
+registered (``Member(..., presets={'timm': {...}})`` in its file); this module reads them.
 """
 
 from __future__ import annotations
@@ -25,31 +26,10 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any
 
-import flax.linen as nn
-
 from cbam_jax import _validation
+from cbam_jax.attention import _registry
 
-_OFFICIAL_SPATIAL = dict(spatial_norm=True, norm_momentum=0.99, norm_epsilon=1e-5,
-                         norm_scale_init=nn.initializers.zeros_init())
-_TIMM_SPATIAL = dict(spatial_norm=True, norm_momentum=0.9, norm_epsilon=1e-5)
-
-_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    'paper': {},
-    'official': {
-        'cbam': dict(reduction_ratio=16, mlp_bias=True, **_OFFICIAL_SPATIAL),
-        'spatial': dict(_OFFICIAL_SPATIAL),
-    },
-    'timm': {
-        'cbam': dict(reduction_ratio=16, hidden_rounding='round', mlp_bias=False,
-                     **_TIMM_SPATIAL),
-        'channel': dict(reduction_ratio=16, hidden_rounding='round', mlp_bias=False),
-        'spatial': dict(_TIMM_SPATIAL),
-        'se': dict(reduction_ratio=16, hidden_rounding='round', hidden_divisor=8),
-        'lcbam': {},  # The module's defaults are timm's LightCbamModule.
-    },
-}
-
-PRESETS = tuple(_PRESETS)
+PRESETS = _registry.PRESETS
 
 
 def available_presets() -> tuple[str, ...]:
@@ -60,10 +40,11 @@ def available_presets() -> tuple[str, ...]:
 def fields(preset: str, name: str, **overrides: Any) -> dict[str, Any]:
   """The fields of attention ``name`` under ``preset``, updated with ``overrides``."""
   _validation.check_choice('attention preset', preset, PRESETS)
-  return {**_PRESETS[preset].get(name, {}), **overrides}
+  return {**_registry.member(name).presets.get(preset, {}), **overrides}
 
 
 def table(preset: str) -> MappingProxyType:
   """Read-only ``{name: fields}`` of every module ``preset`` configures."""
   _validation.check_choice('attention preset', preset, PRESETS)
-  return MappingProxyType({k: MappingProxyType(v) for k, v in _PRESETS[preset].items()})
+  return MappingProxyType({member.name: member.presets[preset]
+                           for member in _registry.members() if preset in member.presets})

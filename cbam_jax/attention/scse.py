@@ -4,23 +4,25 @@ MICCAI 2018)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention._registry import Member, register
+from cbam_jax.attention.cbam import ChannelAttention, NnxChannelAttention
 from cbam_jax.attention.se import SE_POOL_TYPES
-from cbam_jax.layers import ChannelAttention
 
 Array = jax.Array
 
 AGGREGATIONS = ('add', 'max')
 SCSE_CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'mlp_bias',
                        'activation')
-SCSE_SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def sse_map(kernel: Array, bias: Array, x: Array, *, gate, dtype=None,
@@ -98,9 +100,62 @@ class ConcurrentSpatialChannelSE(_base.AttentionModule):
   def refine(self, x: Array, train: bool) -> Array:
     del train
     _validation.check_choice('aggregation', self.aggregation, AGGREGATIONS)
-    shared = {name: getattr(self, name) for name in SCSE_SHARED_FIELDS}
+    shared = {name: getattr(self, name) for name in _base.SHARED_FIELDS}
     channel_map = ChannelAttention(
         **{name: getattr(self, name) for name in SCSE_CHANNEL_FIELDS}, pool_types=SE_POOL_TYPES,
         **shared, name='channel').attention_map(x)
     spatial_map = SpatialSqueezeExcitation(**shared, name='spatial').attention_map(x)
     return scse_combine(x, channel_map, spatial_map, self.aggregation)
+
+
+class NnxSpatialSqueezeExcitation(_base.NnxAttentionModule):
+  """:class:`SpatialSqueezeExcitation` in NNX: params ``conv_kernel (C, 1)``, ``conv_bias
+  (1,)``; records ``spatial_map``."""
+
+  def __init__(self, in_features: int, *, gate: Callable[[Array], Array] = nn.sigmoid,
+               channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    _base.declare_nnx(self, {'conv_kernel': ('kernel', (in_features, 1)),
+                             'conv_bias': ('bias', (1,))}, rngs)
+
+  def attention_map(self, x: Array) -> Array:
+    _base.check_param_shape(type(self).__name__, ('conv_kernel',), self.conv_kernel.shape,
+                            (x.shape[-1], 1), x)
+    spatial_map = sse_map(self.conv_kernel[...], self.conv_bias[...], x, gate=self.gate,
+                          dtype=self.dtype, precision=self.precision)
+    _base.sow_map(self, 'spatial_map', spatial_map)
+    return spatial_map
+
+  def refine(self, x: Array) -> Array:
+    return F.apply_gate(x, self.attention_map(x)[..., None])
+
+
+class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
+  """:class:`ConcurrentSpatialChannelSE` in NNX: submodules ``channel`` (cSE) and
+  ``spatial`` (sSE)."""
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 16,
+               hidden_features: int | None = None, hidden_rounding: str = 'floor',
+               mlp_bias: bool = True, activation: Callable[[Array], Array] = nn.relu,
+               aggregation: str = 'add', gate: Callable[[Array], Array] = nn.sigmoid,
+               channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    _validation.check_choice('aggregation', aggregation, AGGREGATIONS)
+    shared = self.field_values(_base.SHARED_FIELDS)
+    self.channel = NnxChannelAttention(in_features, **self.field_values(SCSE_CHANNEL_FIELDS),
+                                       pool_types=SE_POOL_TYPES, **shared, rngs=rngs)
+    self.spatial = NnxSpatialSqueezeExcitation(in_features, **shared, rngs=rngs)
+
+  def refine(self, x: Array) -> Array:
+    return scse_combine(x, self.channel.attention_map(x), self.spatial.attention_map(x),
+                        self.aggregation)
+
+
+register(Member('scse', ConcurrentSpatialChannelSE, NnxConcurrentSpatialChannelSE,
+                maps=('channel_map', 'spatial_map')))

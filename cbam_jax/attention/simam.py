@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention._registry import Member, register
 
 Array = jax.Array
 
@@ -58,3 +61,24 @@ class SimAM(_base.AttentionModule):
     attention_map = simam_map(x, e_lambda=self.e_lambda, gate=self.gate)
     self.sow('intermediates', 'attention_map', attention_map)
     return F.apply_gate(x, attention_map)
+
+
+class NnxSimAM(_base.NnxAttentionModule):
+  """:class:`SimAM` in NNX: no parameters; records ``attention_map``."""
+
+  def __init__(self, in_features: int, *, e_lambda: float = 1e-4,
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # Parameter-free; accepted so every member is built alike.
+    self.set_fields(in_features, locals())
+
+  def refine(self, x: Array) -> Array:
+    attention_map = simam_map(x, e_lambda=self.e_lambda, gate=self.gate)
+    _base.sow_map(self, 'attention_map', attention_map)
+    return F.apply_gate(x, attention_map)
+
+
+register(Member('simam', SimAM, NnxSimAM, maps=('attention_map',)))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax.attention import _base
+from cbam_jax.attention._registry import Member, register
 
 Array = jax.Array
 
@@ -117,3 +120,50 @@ class TripletAttention(_base.AttentionModule):
     for name, value in maps.items():
       self.sow('intermediates', name, value)
     return out
+
+
+class NnxZPoolGate(_base.NnxModule):
+  """Triplet attention's branch in NNX: param ``conv_kernel (k, k, 2, 1)`` and ``norm``."""
+
+  def __init__(self, fields: dict[str, Any], rngs: nnx.Rngs):
+    self.kernel_size = _validation.spatial_kernel_size(fields['kernel_size'], 2)
+    self.gate, self.dtype = fields['gate'], fields['dtype']
+    self.precision, self.conv_impl = fields['precision'], fields['conv_impl']
+    self.conv_kernel = nnx.Param(fields['kernel_init'](
+        rngs.params(), (*self.kernel_size, 2, 1), fields['param_dtype']))
+    self.norm = _base.nnx_batch_norm(1, fields['norm_momentum'], fields['norm_epsilon'],
+                                     fields['param_dtype'], rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return zpool_gate_map(self.conv_kernel[...], x, norm=self.norm, gate=self.gate,
+                          dtype=self.dtype, precision=self.precision, impl=self.conv_impl)
+
+
+class NnxTripletAttention(_base.NnxAttentionModule):
+  """:class:`TripletAttention` in NNX: branches ``cw``, ``hc`` (and ``hw``); 2-D only."""
+
+  supported_spatial_dims = (2,)
+
+  def __init__(self, in_features: int, *, kernel_size: int | Sequence[int] = 7,
+               use_spatial: bool = True, norm_momentum: float = 0.99,
+               norm_epsilon: float = 1e-5, conv_impl: str = 'auto',
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    fields = self.field_values(_base.nnx_field_names(type(self)))
+    self.cw = NnxZPoolGate(fields, rngs)
+    self.hc = NnxZPoolGate(fields, rngs)
+    if use_spatial:
+      self.hw = NnxZPoolGate(fields, rngs)
+
+  def refine(self, x: Array) -> Array:
+    out, maps = triplet_attention(x, self.cw, self.hc, self.hw if self.use_spatial else None)
+    for name, value in maps.items():
+      _base.sow_map(self, name, value)
+    return out
+
+
+register(Member('triplet', TripletAttention, NnxTripletAttention,
+                maps=('channel_width_map', 'height_channel_map', 'spatial_map')))

@@ -17,8 +17,8 @@ import numpy as np
 from cbam_jax import functional as F
 from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
+from cbam_jax.attention.cbam import CBAM
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.layers import CBAM
 from cbam_jax.models import BLOCKS, ResNet
 
 SOURCES = ('official', 'timm', 'torchvision')

@@ -21,7 +21,6 @@ from flax import nnx
 from cbam_jax import attention as linen_attention
 from cbam_jax import models as linen_models
 from cbam_jax.nnx import _base
-from cbam_jax.nnx.attention import create, resolve
 from cbam_jax.nnx.conv import MaterializedInputConv
 
 Array = jax.Array
@@ -33,44 +32,15 @@ __all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'available_models', 'create_mod
            'count_params', 'resolve_attention']
 
 
-def _unwrap(spec: Any) -> tuple[Any, dict[str, Any]]:
-  cls, keywords = spec, {}
-  while isinstance(cls, functools.partial):
-    keywords = {**cls.keywords, **keywords}
-    cls = cls.func
-  return cls, keywords
-
-
-def _nnx_factory(spec: Any, dtype: Any, param_dtype: Any, what: str) -> Any:
-  """An NNX or linen attention class (or partial) -> a partial of the NNX class with the
-  model's dtypes where it does not set them, as linen fills them; anything else as given."""
-  cls, keywords = _unwrap(spec)
-  if isinstance(cls, type) and issubclass(cls, _base.AttentionModule):
-    cls = cls.linen_twin
-  twin = _base.nnx_twin(cls)
-  if twin is None:
-    return spec
-  linen = linen_models.resolve_attention(functools.partial(cls, **keywords), dtype=dtype,
-                                         param_dtype=param_dtype, what=what)
-  return functools.partial(twin, **_unwrap(linen)[1])
-
-
 def resolve_attention(spec: AttentionSpec, *, dtype: Any, param_dtype: Any,
                       zero_init_spatial_gate: bool = True,
                       what: str = 'attention') -> Callable[..., nnx.Module] | None:
   """A factory ``f(in_features, *, rngs)`` for ``spec``, as the linen
-  :func:`cbam_jax.models.resolve_attention` resolves it (same preset, same dtypes)."""
-  if spec is None:
-    return None
-  if isinstance(spec, str):
-    resolve(spec)
-    fields = linen_models.preset_fields(spec, zero_init_spatial_gate)
-    return functools.partial(create, spec, **fields, dtype=dtype, param_dtype=param_dtype)
-  if callable(spec):
-    return _nnx_factory(spec, dtype, param_dtype, what)
-  raise TypeError(
-      f'{what} must be None, a name ({", ".join(linen_attention.available())}) or a '
-      f'factory f(in_features, *, rngs) of an NNX module; got {type(spec).__name__}.')
+  :func:`cbam_jax.models.resolve_attention` resolves it (same preset, same dtypes): see
+  :func:`cbam_jax.attention.resolve_attention` (``skin='nnx'``)."""
+  return linen_attention.resolve_attention(
+      spec, skin='nnx', dtype=dtype, param_dtype=param_dtype,
+      zero_init_spatial_gate=zero_init_spatial_gate, what=what)
 
 
 class BasicBlock(nnx.Module):

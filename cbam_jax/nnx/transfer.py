@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
+from cbam_jax import attention
 from cbam_jax import models as linen_models
-from cbam_jax.nnx import _base
 from cbam_jax.nnx import models as nnx_models
 
 __all__ = ['from_linen', 'load_linen', 'to_linen']
@@ -101,8 +101,8 @@ def from_linen(module: nn.Module, variables: Mapping[str, Any], *,
     fields = {k: v for k, v in fields.items() if k not in ('conv', 'norm')}
     return _build_and_load(lambda: nnx_models.ResNet(in_features=in_features, rngs=nnx.Rngs(0),
                                                      **fields), variables)
-  twin = _base.nnx_twin(type(module))
-  if twin is None:
+  member = attention.member_of(type(module))
+  if member is None:
     raise TypeError(f'{type(module).__name__} has no NNX twin; from_linen takes a '
                     'cbam_jax.models.ResNet or a cbam_jax attention module.')
   if sample_shape is None:
@@ -110,6 +110,7 @@ def from_linen(module: nn.Module, variables: Mapping[str, Any], *,
                      'module: its parameters depend on the channel count and input rank.')
   shape = tuple(sample_shape)
   kwargs: dict[str, Any] = {}
+  twin = member.nnx
   if 'num_spatial_dims' in inspect.signature(twin.__init__).parameters:
     kwargs['num_spatial_dims'] = len(shape) - 2
   in_features = int(shape[fields.get('channel_axis', -1)])

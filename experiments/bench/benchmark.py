@@ -74,7 +74,8 @@ import numpy as np
 import optax
 from absl import flags
 
-from cbam_jax import _cli, layers, models
+from cbam_jax import _cli, models
+from cbam_jax.attention.cbam import CBAM
 from cbam_jax.conv import materializes_input
 from experiments.bench import timing
 
@@ -283,10 +284,10 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _jax_module_cases(x: jax.Array, key: jax.Array,
                       tiny: bool) -> dict[str, tuple[nn.Module, Any]]:
-  cases = {'cbam_jax': layers.CBAM(spatial_norm=True), 'naive': NaiveCBAM()}
+  cases = {'cbam_jax': CBAM(spatial_norm=True), 'naive': NaiveCBAM()}
   if not tiny:  # Each case is two compilations; CI checks the plumbing with two.
-    cases['xla'] = layers.CBAM(spatial_norm=True, conv_impl='xla')
-    cases['paper'] = layers.CBAM()
+    cases['xla'] = CBAM(spatial_norm=True, conv_impl='xla')
+    cases['paper'] = CBAM()
   return {name: (module, module.init(key, x)) for name, module in cases.items()}
 
 

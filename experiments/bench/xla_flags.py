@@ -69,7 +69,8 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
   import optax
   from jax import lax
 
-  from cbam_jax import layers, models
+  from cbam_jax import models
+  from cbam_jax.attention.cbam import CBAM
 
   def blocking_call(fn, *args):
     compiled = jax.jit(fn).lower(*args).compile()
@@ -101,7 +102,7 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
 
   xc = jax.random.normal(key, cbam_shape)
   for impl in ('xla', 'shift'):
-    module = layers.CBAM(spatial_norm=True, conv_impl=impl)
+    module = CBAM(spatial_norm=True, conv_impl=impl)
     variables = module.init(key, xc)
 
     def module_loss(params, x, module=module, variables=variables):

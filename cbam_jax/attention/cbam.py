@@ -1,15 +1,16 @@
-"""Flax linen modules for CBAM, built on :mod:`cbam_jax.functional`.
+"""CBAM (Woo et al., ECCV 2018) and its two branches, in both skins, on
+:mod:`cbam_jax.functional`.
 
-Each module declares its parameters and ``jax.vmap``s the single-example math over the
-batch. Inputs are ``(B, *spatial, C)`` with 1 to 3 spatial dimensions; ``channel_axis``
-accepts other layouts (``1`` for NCHW) and gives exactly the transposed result.
+One file per member: the batched math (module-level functions both skins call), the linen
+modules (:class:`CBAM`, :class:`ChannelAttention`, :class:`SpatialAttention`), their NNX
+twins (:class:`NnxCBAM`, ... exported as ``cbam_jax.nnx.CBAM``, ...) and the registrations
+(``'cbam'``, ``'channel'``, ``'spatial'``). Inputs are ``(B, *spatial, C)`` with 1 to 3
+spatial dimensions; ``channel_axis`` accepts other layouts (``1`` for NCHW) and gives
+exactly the transposed result.
 
-Attention maps are sown into the ``'intermediates'`` collection, float32 in [0, 1]:
-``channel_map`` with shape ``(B, C)`` and ``spatial_map`` with shape ``(B, *spatial)``.
-
-The batched maps (:func:`channel_attention_map`, :func:`spatial_attention_map`), the
-parameter shapes and the field checks are module-level functions: the NNX modules
-(:mod:`cbam_jax.nnx`) call the same ones.
+Attention maps are sown (linen ``'intermediates'``, NNX ``nnx.Intermediate``), float32 in
+[0, 1]: ``channel_map`` with shape ``(B, C)`` and ``spatial_map`` with shape
+``(B, *spatial)``.
 """
 
 from __future__ import annotations
@@ -20,37 +21,48 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 from cbam_jax._base import (
+  SHARED_FIELDS,
   AttentionModule,
+  Dtype,
   Initializer,
+  NnxAttentionModule,
+  ParamShapes,
   batch_norm,
   channel_map_shape,
   check_has_batch,
   check_spatial_kernel_shape,
+  declare_linen,
+  declare_nnx,
+  default_bias_init,
   default_kernel_init,
-  torch_default_kernel_init,
+  nnx_batch_norm,
+  nnx_values,
+  num_spatial_dims_for,
+  ones_init,
+  sow_map,
+  zeros_init,
 )
 from cbam_jax._fast.logits import batched_spatial_logits
+from cbam_jax.attention._registry import Member, register
 
 Array = jax.Array
-Dtype = Any
 Params = Mapping[str, Array]
-# name -> ('kernel' | 'bias', shape): which initialiser and shape each parameter gets.
-ParamShapes = dict[str, tuple[str, tuple[int, ...]]]
 
-__all__ = ['ChannelAttention', 'SpatialAttention', 'CBAM', 'channel_attention_map',
-           'channel_param_shapes', 'spatial_attention_map', 'spatial_param_shapes',
-           'default_kernel_init', 'torch_default_kernel_init']
+__all__ = ['ChannelAttention', 'SpatialAttention', 'CBAM', 'NnxCBAM', 'NnxChannelAttention',
+           'NnxSpatialAttention', 'channel_attention_map', 'channel_param_shapes',
+           'spatial_attention_map', 'spatial_param_shapes']
 
 # CBAM's fields that belong to each branch; the rest (SHARED_FIELDS) go to both.
 CHANNEL_FIELDS = ('reduction_ratio', 'hidden_features', 'hidden_rounding', 'hidden_divisor',
                   'pool_types', 'mlp_bias', 'activation')
 SPATIAL_FIELDS = ('kernel_size', 'spatial_norm', 'use_bias', 'norm_momentum', 'norm_epsilon',
                   'norm_scale_init', 'conv_impl')
-SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init', 'gate')
 
 
 def channel_param_shapes(channels: int, hidden: int, mlp_bias: bool) -> ParamShapes:
@@ -80,10 +92,11 @@ def channel_attention_map(params: Params, x: Array, *, pool_types: Sequence[str]
                           activation: Callable[[Array], Array],
                           gate: Callable[[Array], Array], dtype: Dtype | None = None,
                           precision: Any = None) -> Array:
-  """``gate(sum_p MLP(pool_p(x)))`` of a channels-last batch ``(B, *spatial, C)``: ``(B, C)``
-  float32."""
+  """``gate(sum_p MLP(pool_p(x)))`` of a checked channels-last batch ``(B, *spatial, C)``:
+  ``(B, C)`` float32."""
+  # The unchecked core: the module checked x (its boundary), pool types and channels.
   logits = jax.vmap(functools.partial(
-      F.channel_logits, pool_types=tuple(pool_types), activation=activation, dtype=dtype,
+      F._channel_logits, pool_types=tuple(pool_types), activation=activation, dtype=dtype,
       precision=precision), in_axes=(None, 0))(params, x)
   return gate(logits)
 
@@ -121,12 +134,6 @@ def cbam_in_order(x: Array, channel_map: Callable[[Array], Array] | None,
 
   return F.gate_in_order(x, channel_gate if channel_map else None,
                          spatial_gate if spatial_map else None, order=order)[0]
-
-
-def _declare(module: nn.Module, shapes: ParamShapes) -> dict[str, Array]:
-  inits = {'kernel': module.kernel_init, 'bias': module.bias_init}
-  return {name: module.param(name, inits[kind], shape, module.param_dtype)
-          for name, (kind, shape) in shapes.items()}
 
 
 class ChannelAttention(AttentionModule):
@@ -167,7 +174,7 @@ class ChannelAttention(AttentionModule):
     if self.has_variable('params', 'fc1_kernel'):
       _validation.check_channels(x, self.get_variable('params', 'fc1_kernel').shape[0],
                                  type(self).__name__)
-    params = _declare(self, channel_param_shapes(channels, hidden, self.mlp_bias))
+    params = declare_linen(self, channel_param_shapes(channels, hidden, self.mlp_bias))
     channel_map = channel_attention_map(
         params, x, pool_types=self.pool_types, activation=self.activation, gate=self.gate,
         dtype=self.dtype, precision=self.precision)
@@ -200,7 +207,7 @@ class SpatialAttention(AttentionModule):
   use_bias: bool | None = None
   norm_momentum: float = 0.99
   norm_epsilon: float = 1e-5
-  norm_scale_init: Initializer = nn.initializers.ones_init()
+  norm_scale_init: Initializer = ones_init
   gate: Callable[[Array], Array] = nn.sigmoid
   conv_impl: str = 'auto'
 
@@ -215,7 +222,7 @@ class SpatialAttention(AttentionModule):
       check_spatial_kernel_shape(type(self).__name__,
                                  self.get_variable('params', 'conv_kernel').shape,
                                  kernel_size, 2, x)
-    params = _declare(self, spatial_param_shapes(
+    params = declare_linen(self, spatial_param_shapes(
         kernel_size, spatial_use_bias(self.spatial_norm, self.use_bias)))
     norm = None
     if self.spatial_norm:
@@ -262,7 +269,7 @@ class CBAM(AttentionModule):
   use_bias: bool | None = None
   norm_momentum: float = 0.99
   norm_epsilon: float = 1e-5
-  norm_scale_init: Initializer = nn.initializers.ones_init()
+  norm_scale_init: Initializer = ones_init
   order: str = 'channel_first'
   use_channel: bool = True
   use_spatial: bool = True
@@ -283,3 +290,144 @@ class CBAM(AttentionModule):
         x, self.channel.attention_map if self.use_channel else None,
         functools.partial(self.spatial.attention_map, train=train) if self.use_spatial
         else None, self.order)
+
+
+# The NNX skin: the same fields (as keywords, same defaults), parameters and math.
+
+_CHANNEL_PARAMS = ('fc1_kernel', 'fc1_bias', 'fc2_kernel', 'fc2_bias')
+_SPATIAL_PARAMS = ('conv_kernel', 'conv_bias')
+
+
+class NnxChannelAttention(NnxAttentionModule):
+  """:class:`ChannelAttention` in NNX (``cbam_jax.nnx.ChannelAttention``).
+
+  Params ``fc1_kernel (C, hidden)``, ``fc2_kernel``, biases with ``mlp_bias``; records
+  ``channel_map`` ``(B, C)`` under ``nnx.capture``.
+  """
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 16,
+               hidden_features: int | None = None, hidden_rounding: str = 'floor',
+               hidden_divisor: int = 1, pool_types: Sequence[str] = ('avg', 'max'),
+               mlp_bias: bool = True, activation: Callable[[Array], Array] = nn.relu,
+               gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               precision: Any = None, kernel_init: Initializer = default_kernel_init,
+               bias_init: Initializer = default_bias_init, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    _validation.check_pool_types(self.pool_types)
+    hidden = F.hidden_size(in_features, reduction_ratio, hidden_features, hidden_rounding,
+                           hidden_divisor)
+    declare_nnx(self, channel_param_shapes(in_features, hidden, mlp_bias), rngs)
+
+  def attention_map(self, x: Array) -> Array:
+    """``(B, C)`` float32 channel map of channels-last ``x``."""
+    _validation.check_features(x, batched=True)
+    _validation.check_channels(x, self.in_features, type(self).__name__)
+    channel_map = channel_attention_map(
+        nnx_values(self, _CHANNEL_PARAMS), x, pool_types=self.pool_types,
+        activation=self.activation, gate=self.gate, dtype=self.dtype, precision=self.precision)
+    sow_map(self, 'channel_map', channel_map)
+    return channel_map
+
+  def refine(self, x: Array) -> Array:
+    return F.apply_gate(x, channel_map_shape(self.attention_map(x), x))
+
+
+class NnxSpatialAttention(NnxAttentionModule):
+  """:class:`SpatialAttention` in NNX (``cbam_jax.nnx.SpatialAttention``).
+
+  Params ``conv_kernel (*k, 2, 1)``, ``conv_bias``, ``norm`` (an ``nnx.BatchNorm``) with
+  ``spatial_norm``; records ``spatial_map`` ``(B, *spatial)`` under ``nnx.capture``. The
+  parameters depend on the input rank: ``num_spatial_dims`` (default: the length of a
+  sequence ``kernel_size``, else 2).
+  """
+
+  def __init__(self, in_features: int, *, kernel_size: int | Sequence[int] = 7,
+               spatial_norm: bool = False, use_bias: bool | None = None,
+               norm_momentum: float = 0.99, norm_epsilon: float = 1e-5,
+               norm_scale_init: Initializer = ones_init,
+               gate: Callable[[Array], Array] = nn.sigmoid, conv_impl: str = 'auto',
+               channel_axis: int = -1, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, precision: Any = None,
+               kernel_init: Initializer = default_kernel_init,
+               bias_init: Initializer = default_bias_init,
+               num_spatial_dims: int | None = None, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    num_spatial = num_spatial_dims_for(self.kernel_size, num_spatial_dims)
+    kernel_size = _validation.spatial_kernel_size(self.kernel_size, num_spatial)
+    declare_nnx(self, spatial_param_shapes(kernel_size, spatial_use_bias(spatial_norm,
+                                                                         use_bias)), rngs)
+    if spatial_norm:
+      self.norm = nnx_batch_norm(1, norm_momentum, norm_epsilon, param_dtype, rngs,
+                                 norm_scale_init)
+
+  def attention_map(self, x: Array) -> Array:
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    _validation.check_features(x, batched=True)
+    _validation.check_has_batch(type(self).__name__, x, self.conv_kernel.ndim - 2)
+    kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
+    check_spatial_kernel_shape(type(self).__name__, self.conv_kernel.shape, kernel_size, 2, x)
+    spatial_map = spatial_attention_map(
+        nnx_values(self, _SPATIAL_PARAMS), x, norm=self.norm if self.spatial_norm else None,
+        gate=self.gate, dtype=self.dtype, precision=self.precision, impl=self.conv_impl)
+    sow_map(self, 'spatial_map', spatial_map)
+    return spatial_map
+
+  def refine(self, x: Array) -> Array:
+    return F.apply_gate(x, self.attention_map(x)[..., None])
+
+
+class NnxCBAM(NnxAttentionModule):
+  """:class:`CBAM` in NNX (``cbam_jax.nnx.CBAM``).
+
+  ``NnxCBAM(in_features=64, rngs=nnx.Rngs(0), spatial_norm=True)`` creates its parameters
+  eagerly. Submodules ``channel`` (:class:`NnxChannelAttention`) and ``spatial``
+  (:class:`NnxSpatialAttention`), as in linen; ``num_spatial_dims`` as the latter's.
+  """
+
+  def __init__(self, in_features: int, *, reduction_ratio: float = 16,
+               hidden_features: int | None = None, hidden_rounding: str = 'floor',
+               hidden_divisor: int = 1, pool_types: Sequence[str] = ('avg', 'max'),
+               mlp_bias: bool = True, activation: Callable[[Array], Array] = nn.relu,
+               gate: Callable[[Array], Array] = nn.sigmoid, kernel_size: int | Sequence[int] = 7,
+               spatial_norm: bool = False, use_bias: bool | None = None,
+               norm_momentum: float = 0.99, norm_epsilon: float = 1e-5,
+               norm_scale_init: Initializer = ones_init, order: str = 'channel_first',
+               use_channel: bool = True, use_spatial: bool = True, conv_impl: str = 'auto',
+               channel_axis: int = -1, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, precision: Any = None,
+               kernel_init: Initializer = default_kernel_init,
+               bias_init: Initializer = default_bias_init,
+               num_spatial_dims: int | None = None, rngs: nnx.Rngs):
+    self.set_fields(in_features, locals())
+    check_cbam_fields(order, use_channel, use_spatial)
+    shared = self.field_values(SHARED_FIELDS)
+    if use_channel:
+      self.channel = NnxChannelAttention(
+          in_features, **self.field_values(CHANNEL_FIELDS), **shared, rngs=rngs)
+    if use_spatial:
+      self.spatial = NnxSpatialAttention(
+          in_features, num_spatial_dims=num_spatial_dims,
+          **self.field_values(SPATIAL_FIELDS), **shared, rngs=rngs)
+
+  def refine(self, x: Array) -> Array:
+    return cbam_in_order(
+        x, self.channel.attention_map if self.use_channel else None,
+        self.spatial.attention_map if self.use_spatial else None, self.order)
+
+
+# Jongchan/attention-module's CBAM: a bias-free spatial conv + BatchNorm (PyTorch momentum
+# 0.01, Flax 0.99) whose scale the official ResNet zero-initialises.
+_OFFICIAL_SPATIAL = dict(spatial_norm=True, norm_momentum=0.99, norm_epsilon=1e-5,
+                         norm_scale_init=zeros_init)
+# timm's CbamModule: round(C / 16), no MLP bias, spatial BatchNorm with PyTorch momentum 0.1.
+_TIMM_SPATIAL = dict(spatial_norm=True, norm_momentum=0.9, norm_epsilon=1e-5)
+_TIMM_CHANNEL = dict(reduction_ratio=16, hidden_rounding='round', mlp_bias=False)
+
+register(Member('cbam', CBAM, NnxCBAM, maps=('channel_map', 'spatial_map'), presets={
+    'official': dict(reduction_ratio=16, mlp_bias=True, **_OFFICIAL_SPATIAL),
+    'timm': dict(**_TIMM_CHANNEL, **_TIMM_SPATIAL)}))
+register(Member('channel', ChannelAttention, NnxChannelAttention, maps=('channel_map',),
+                presets={'timm': _TIMM_CHANNEL}))
+register(Member('spatial', SpatialAttention, NnxSpatialAttention, maps=('spatial_map',),
+                presets={'official': _OFFICIAL_SPATIAL, 'timm': _TIMM_SPATIAL}))
