@@ -58,6 +58,7 @@ from cbam_jax.nnx.conv import MaterializedInputConv as NNXMaterializedInputConv
 Array = jax.Array
 Dtype = Any
 ModuleDef = Any
+
 STEMS = ('imagenet', 'cifar')
 SHORTCUTS = ('projection', 'pad')
 
