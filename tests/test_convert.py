@@ -107,10 +107,10 @@ def test_inferred_architecture():
       'use_spatial': True}
   _, _, cifar = convert.from_pytorch(
       reference('official_cifar_basic').state_dict(), 'official', return_report=True)
-  assert (cifar.config['fields']['stem'], cifar.config['fields']['stage_sizes'],
-          cifar.config['fields']['block']) == (
+  cifar_fields = cifar.config['fields']
+  assert (cifar_fields['stem'], cifar_fields['stage_sizes'], cifar_fields['block']) == (
       'cifar', [2, 1, 1, 1], 'basic')
-  assert cifar.config['fields']['attention']['fields']['use_spatial']
+  assert cifar_fields['attention']['fields']['use_spatial']
   no_spatial = convert.from_pytorch(
       reference('official_no_spatial').state_dict(), 'official', return_report=True)[2]
   assert not no_spatial.config['fields']['attention']['fields']['use_spatial']
