@@ -17,12 +17,15 @@ with ``nn.Conv``): see docs/performance.md.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from cbam_jax._fast.boundary import boundary_pays_off, computed_once
 
-__all__ = ['MaterializedInputConv', 'materializes_input']
+__all__ = ['MaterializedInputConv', 'NnxMaterializedInputConv', 'materializes_input']
 
 
 def materializes_input(materialize_input: bool | None = None) -> bool:
@@ -62,3 +65,19 @@ class MaterializedInputConv(nn.Conv):
 
 
 _CONV_CALL = getattr(nn.Conv.__call__, '__wrapped__', nn.Conv.__call__)
+
+
+class NnxMaterializedInputConv(nnx.Conv):
+  """The NNX twin of :class:`MaterializedInputConv` (``cbam_jax.nnx.MaterializedInputConv``):
+  ``nnx.Conv`` (same arguments, parameters and numbers) plus ``materialize_input``:
+  ``None`` (default) materialises on the CPU backend only; ``True``/``False`` force it."""
+
+  def __init__(self, *args: Any, materialize_input: bool | None = None, **kwargs: Any):
+    materializes_input(materialize_input)  # Checks the value.
+    super().__init__(*args, **kwargs)
+    self.materialize_input = materialize_input
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if materializes_input(self.materialize_input):
+      inputs = computed_once(lambda value: value, inputs)
+    return super().__call__(inputs)

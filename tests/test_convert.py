@@ -87,9 +87,9 @@ def test_logits_match_pytorch(name, source, size, attention):
   model, variables, report = convert.from_pytorch(
       torch_model.state_dict(), source, return_report=True, **kwargs)
   if attention is None:
-    assert report.config['attention'] is None
+    assert report.config['fields']['attention'] is None
   else:
-    assert report.config['attention']['class'] == attention
+    assert report.config['fields']['attention']['class'] == attention
   assert not report.new_keys and not report.missing_keys and not report.unexpected_keys
   expected = refs.nchw_logits(torch_model, x)
   np.testing.assert_allclose(jax_logits(model, variables, x), expected, rtol=0, atol=TOLERANCE)
@@ -98,7 +98,7 @@ def test_logits_match_pytorch(name, source, size, attention):
 def test_inferred_architecture():
   _, _, official = convert.from_pytorch(
       reference('official_imagenet_bottleneck').state_dict(), 'official', return_report=True)
-  config = official.config
+  config = official.config['fields']
   assert (config['stage_sizes'], config['block'], config['num_filters'], config['stem'],
           config['num_classes']) == ([1, 1, 1, 1], 'bottleneck', 8, 'imagenet', 7)
   assert config['attention']['fields'] == {
@@ -107,21 +107,22 @@ def test_inferred_architecture():
       'use_spatial': True}
   _, _, cifar = convert.from_pytorch(
       reference('official_cifar_basic').state_dict(), 'official', return_report=True)
-  assert (cifar.config['stem'], cifar.config['stage_sizes'], cifar.config['block']) == (
+  cifar_fields = cifar.config['fields']
+  assert (cifar_fields['stem'], cifar_fields['stage_sizes'], cifar_fields['block']) == (
       'cifar', [2, 1, 1, 1], 'basic')
-  assert cifar.config['attention']['fields']['use_spatial']
+  assert cifar_fields['attention']['fields']['use_spatial']
   no_spatial = convert.from_pytorch(
       reference('official_no_spatial').state_dict(), 'official', return_report=True)[2]
-  assert not no_spatial.config['attention']['fields']['use_spatial']
+  assert not no_spatial.config['fields']['attention']['fields']['use_spatial']
   bam = convert.from_pytorch(
-      reference('official_bam').state_dict(), 'official', return_report=True)[2].config
+      reference('official_bam').state_dict(), 'official', return_report=True)[2].config['fields']
   assert bam['attention'] is None
   assert bam['stage_attention']['class'] == 'BottleneckAttention'
   assert {k: bam['stage_attention']['fields'][k] for k in ('combine', 'num_dilated_convs')} == {
       'combine': 'product', 'num_dilated_convs': 2}
   timm_cbam = convert.from_pytorch(
       reference('timm_cbam_basic').state_dict(), 'timm', return_report=True)[2]
-  assert {k: timm_cbam.config['attention']['fields'][k]
+  assert {k: timm_cbam.config['fields']['attention']['fields'][k]
           for k in ('hidden_rounding', 'mlp_bias', 'norm_momentum')} == {
               'hidden_rounding': 'round', 'mlp_bias': False, 'norm_momentum': 0.9}
 
@@ -130,7 +131,7 @@ def test_timm_se_hidden_sizes_follow_make_divisible():
   # timm: hidden = make_divisible(C / 16, 8): 16 -> 8, 32 -> 8, 64 -> 8 (C // 16 = 1, 2, 4).
   _, variables, report = convert.from_pytorch(reference('timm_se_basic').state_dict(), 'timm',
                                               return_report=True)
-  fields = report.config['attention']['fields']
+  fields = report.config['fields']['attention']['fields']
   assert (fields['hidden_rounding'], fields['hidden_divisor']) == ('round', 8)
   hidden = [variables['params'][block]['attention']['channel']['fc1_kernel'].shape
             for block in ('layer1_0', 'layer2_0', 'layer3_0')]
@@ -196,7 +197,7 @@ def test_torchvision_backbone_into_cbam_resnet():
       if any(getattr(p, 'key', None) == 'attention' for p in path)]
   assert sorted(report.new_keys) == sorted(attention_paths)
   assert len(attention_paths) == 5 * 9  # 5 blocks x (4 MLP + conv + 2 BN + 2 BN stats).
-  assert report.config['attention'] == 'cbam'
+  assert report.config['fields']['attention'] == 'cbam'
   # Forward runs; the fresh spatial gates start at 0.5 (official zero-init BN scale).
   logits, state_out = jax.jit(functools.partial(model.apply, mutable=['intermediates']))(
       variables, images(40))
@@ -220,7 +221,7 @@ def test_cli_round_trip(tmp_path, capsys):
   with open(out_dir / 'model.json') as f:
     meta = json.load(f)
   assert meta['format'] == saving.FORMAT and meta['source'] == 'official'
-  assert meta['model']['stage_sizes'] == [2, 1]
+  assert meta['model']['fields']['stage_sizes'] == [2, 1]
   model, variables = saving.load(out_dir)
   np.testing.assert_allclose(jax_logits(model, variables, x), refs.nchw_logits(torch_model, x),
                              rtol=0, atol=TOLERANCE)

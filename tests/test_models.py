@@ -18,6 +18,7 @@ from absl.testing import parameterized
 
 from cbam_jax import CBAM, models
 from cbam_jax import attention as attention_registry
+from cbam_jax.models import _blocks
 
 # RBG keys: initialising with threefry costs ~1 s of XLA compile per new parameter shape
 # on CPU, which dominated this file's run time.
@@ -422,7 +423,7 @@ def test_zero_init_residual_and_kernel_init():
 
 def test_pad_shortcut_subsamples_and_zero_pads_channels():
   x = jax.random.normal(KEY, (2, 5, 5, 4))
-  padded = models._pad_shortcut(x, 8, 2)
+  padded = _blocks.pad_shortcut(x, 8, 2)
   assert padded.shape == (2, 3, 3, 8)
   np.testing.assert_array_equal(padded[..., 2:6], x[:, ::2, ::2, :])
   assert not jnp.any(padded[..., :2]) and not jnp.any(padded[..., 6:])

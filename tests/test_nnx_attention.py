@@ -12,8 +12,8 @@ from flax import nnx
 from nnx_parity import assert_same_step, randomized
 
 import cbam_jax.nnx as cnnx
-from cbam_jax import attention
-from cbam_jax.nnx import _base, transfer
+from cbam_jax import _base, attention
+from cbam_jax.nnx import transfer
 
 # name -> fields exercising the non-default paths (BatchNorm, biases, options).
 FIELDS = {

@@ -11,7 +11,7 @@ torch = pytest.importorskip('torch')
 from nnx_parity import assert_close  # noqa: E402
 
 from cbam_jax import convert  # noqa: E402
-from cbam_jax.nnx import models as nnx_models  # noqa: E402
+from cbam_jax import nnx as cbam_nnx  # noqa: E402
 from experiments.bench import torch_reference as refs  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
@@ -34,7 +34,7 @@ def test_nnx_logits_match_linen(build, source, size):
   linen_model, variables = convert.from_pytorch(torch_model.state_dict(), source)
   model, report = convert.from_pytorch(torch_model.state_dict(), source, api='nnx',
                                        return_report=True)
-  assert isinstance(model, nnx_models.ResNet) and not report.missing_keys
+  assert isinstance(model, cbam_nnx.ResNet) and not report.missing_keys
   expected = jax.jit(linen_model.apply)(variables, x)
   model.eval()
   assert_close(nnx.jit(lambda m, x: m(x))(model, x), expected)

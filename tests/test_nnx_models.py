@@ -13,7 +13,7 @@ from flax import nnx
 from nnx_parity import assert_close, assert_same_step, randomized
 
 from cbam_jax import models
-from cbam_jax.nnx import models as nnx_models
+from cbam_jax import nnx as cbam_nnx
 from cbam_jax.nnx import transfer
 
 MODELS_DOC = Path(__file__).resolve().parents[1] / 'docs' / 'models.md'
@@ -44,15 +44,15 @@ CHECKED_MODELS = ('resnet18', 'resnet50', 'resnet20', 'resnet_tiny')
 def test_every_model_name_and_documented_param_count():
   rows = documented_param_counts()
   assert {name for name, _, _ in rows} == set(models.available_models())
-  assert nnx_models.available_models() == models.available_models()
+  assert cbam_nnx.available_models() == models.available_models()
   for name, attention, expected in rows:
     if name not in CHECKED_MODELS:
       continue
-    model = nnx.eval_shape(lambda n=name, a=attention: nnx_models.create_model(
+    model = nnx.eval_shape(lambda n=name, a=attention: cbam_nnx.create_model(
         n, attention=a, rngs=nnx.Rngs(0)))
-    assert nnx_models.count_params(model) == expected, (name, attention)
+    assert cbam_nnx.count_params(model) == expected, (name, attention)
   with pytest.raises(ValueError, match="Unknown model 'resnet19'"):
-    nnx_models.create_model('resnet19', rngs=nnx.Rngs(0))
+    cbam_nnx.create_model('resnet19', rngs=nnx.Rngs(0))
 
 
 # (model fields, image size, train): basic and bottleneck blocks, CIFAR and ImageNet stems,
@@ -76,7 +76,7 @@ def test_matches_linen_model(fields, size, train):
   x = images(size=size)
   variables = randomized(jax.eval_shape(linen_model.init, jax.random.key(0), x), seed=3)
   model = transfer.from_linen(linen_model, variables)
-  assert isinstance(model, nnx_models.ResNet)
+  assert isinstance(model, cbam_nnx.ResNet)
   assert_same_step(linen_model, model, variables, x, train)
 
 
@@ -84,12 +84,12 @@ def test_matches_linen_model(fields, size, train):
 def test_same_structure_as_linen_create_model():
   linen_model = models.create_model('resnet20', attention='cbam')
   variables = jax.eval_shape(linen_model.init, jax.random.key(0), images(size=32))
-  model = nnx.eval_shape(lambda: nnx_models.create_model('resnet20', attention='cbam',
+  model = nnx.eval_shape(lambda: cbam_nnx.create_model('resnet20', attention='cbam',
                                                          rngs=nnx.Rngs(0)))
   shapes = jax.tree_util.tree_map(jnp.shape, transfer.to_linen(model))
   assert shapes == jax.tree_util.tree_map(jnp.shape, dict(variables))
   # The official preset: spatial BatchNorm, scale zero-initialised (gate starts at 0.5).
-  real = nnx_models.create_model('resnet_tiny', attention='cbam', rngs=rngs())
+  real = cbam_nnx.create_model('resnet_tiny', attention='cbam', rngs=rngs())
   np.testing.assert_array_equal(real.layer1_0.attention.spatial.norm.scale[...], 0.0)
   assert real.layer1_0.attention.spatial.norm.momentum == 0.99
 
@@ -97,7 +97,7 @@ def test_same_structure_as_linen_create_model():
 @pytest.mark.slow
 def test_training_loop_then_split_merge_and_orbax_round_trips(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
-  model = nnx_models.create_model('resnet_tiny', attention='cbam', rngs=rngs())
+  model = cbam_nnx.create_model('resnet_tiny', attention='cbam', rngs=rngs())
   x = images(batch=8)
   labels = jnp.arange(8) % 10
   optimizer = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
@@ -132,7 +132,7 @@ def test_training_loop_then_split_merge_and_orbax_round_trips(tmp_path):
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / 'state', state)
     checkpointer.wait_until_finished()
-    abstract = nnx.eval_shape(lambda: nnx_models.create_model(
+    abstract = nnx.eval_shape(lambda: cbam_nnx.create_model(
         'resnet_tiny', attention='cbam', rngs=nnx.Rngs(2)))
     abstract_graphdef, abstract_state = nnx.split(abstract)
     restored = checkpointer.restore(tmp_path / 'state', abstract_state)
@@ -145,7 +145,7 @@ def test_training_loop_then_split_merge_and_orbax_round_trips(tmp_path):
 
 
 def test_load_linen_names_what_does_not_fit():
-  model = nnx.eval_shape(lambda: nnx_models.create_model('resnet_tiny', attention='cbam',
+  model = nnx.eval_shape(lambda: cbam_nnx.create_model('resnet_tiny', attention='cbam',
                                                          rngs=nnx.Rngs(0)))
   linen_model = models.create_model('resnet_tiny', attention='se')
   variables = jax.eval_shape(linen_model.init, jax.random.key(0), images())

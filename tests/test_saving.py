@@ -69,7 +69,9 @@ def test_partial_description_takes_the_named_models_defaults():
   model = saving.build({'name': 'resnet20', 'attention': 'se', 'dtype': 'bfloat16'})
   assert model == models.create_model('resnet20', attention='se', dtype=jnp.bfloat16)
   description = saving.describe(model, name='resnet20')
-  assert description['stage_sizes'] == [3, 3, 3] and description['shortcut'] == 'pad'
+  assert description['size'] == 'resnet20' and description['backbone'] == 'resnet'
+  assert description['fields']['stage_sizes'] == [3, 3, 3]
+  assert description['fields']['shortcut'] == 'pad'
   assert saving.same_model({'name': 'resnet20', 'attention': 'se', 'dtype': 'bfloat16'},
                            description)
   assert not saving.same_model({'name': 'resnet20'}, description)
@@ -83,7 +85,7 @@ def test_save_and_load_round_trip(tmp_path):
               extra={'source': 'test'})
   meta = saving.read_model_json(tmp_path)
   assert meta['format'] == saving.FORMAT and meta['source'] == 'test'
-  assert meta['model']['in_channels'] == 1 and meta['model']['name'] == 'resnet_tiny'
+  assert meta['model']['in_channels'] == 1 and meta['model']['size'] == 'resnet_tiny'
   loaded_model, loaded = saving.load(tmp_path)
   assert loaded_model == model  # The same module and the same arrays: the same logits.
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded), variables)
@@ -119,16 +121,37 @@ def test_load_as_nnx(tmp_path):
     saving.load(tmp_path, api='torch')
 
 
-def test_legacy_converted_directory_is_read(tmp_path):
-  """Directories written by cbam_jax.convert before cbam_jax.saving: same layout."""
+# The model.json of format 1 (cbam_jax.model/1) that cbam_jax.saving.save wrote for
+# models.create_model('resnet_tiny', attention='se') (flat ResNet fields), byte for byte.
+FORMAT_1_MODEL_JSON = {
+    'format': 'cbam_jax.model/1',
+    'model': {'name': 'resnet_tiny', 'stage_sizes': [1, 1], 'block': 'basic', 'num_filters': 8,
+              'stem': 'cifar', 'num_classes': 10, 'shortcut': 'projection', 'attention': 'se',
+              'stage_attention': None, 'attention_fields': None,
+              'zero_init_spatial_gate': True, 'zero_init_residual': False,
+              'dtype': 'float32', 'param_dtype': 'float32', 'in_channels': 3}}
+
+
+@pytest.mark.parametrize('old_format', ['cbam_jax.model/1', 'cbam_jax.convert/1'])
+def test_format_1_directory_is_read(tmp_path, old_format):
+  """Directories saved before descriptions named their backbone (cbam_jax.model/1), and
+  written by cbam_jax.convert before cbam_jax.saving existed (cbam_jax.convert/1)."""
   model = models.create_model('resnet_tiny', attention='se')
-  saving.save(tmp_path, model, _random_variables(model))
-  meta = json.loads((tmp_path / 'model.json').read_text())
-  meta['format'] = 'cbam_jax.convert/1'
-  for key in ('dtype', 'param_dtype', 'attention_fields'):  # Fields it did not write.
-    del meta['model'][key]
+  variables = _random_variables(model)
+  saving.save(tmp_path, model, variables)
+  meta = json.loads(json.dumps(FORMAT_1_MODEL_JSON))
+  meta['format'] = old_format
+  if old_format == 'cbam_jax.convert/1':
+    for key in ('name', 'dtype', 'param_dtype', 'attention_fields'):  # Not written then.
+      del meta['model'][key]
   (tmp_path / 'model.json').write_text(json.dumps(meta))
-  assert saving.load(tmp_path)[0] == model
+  loaded_model, loaded = saving.load(tmp_path)
+  assert loaded_model == model
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded), variables)
+  description = saving.read_model_json(tmp_path)['model']
+  assert description['backbone'] == 'resnet' and description['fields']['attention'] == 'se'
+  assert saving.same_model(description, saving.describe(model, name='resnet_tiny'))
+  assert saving.same_model(FORMAT_1_MODEL_JSON['model'], saving.describe(model))
 
 
 # --------------------------------------------------------------------------- errors
@@ -144,7 +167,7 @@ def test_missing_and_garbled_model_json(tmp_path):
   with pytest.raises(ValueError, match="format 'list'"):
     saving.load(tmp_path)
   (tmp_path / 'model.json').write_text('{"format": "other/2", "model": {}}')
-  with pytest.raises(ValueError, match="format 'other/2'; expected 'cbam_jax.model/1'"):
+  with pytest.raises(ValueError, match="format 'other/2'; expected 'cbam_jax.model/2'"):
     saving.load(tmp_path)
   (tmp_path / 'model.json').write_text('{"format": "cbam_jax.model/1"}')
   with pytest.raises(ValueError, match='no "model" entry'):
@@ -161,7 +184,7 @@ def test_missing_and_garbled_model_json(tmp_path):
 
 
 def test_bad_descriptions():
-  with pytest.raises(ValueError, match='JSON object of ResNet fields'):
+  with pytest.raises(ValueError, match='description is a JSON object'):
     saving.build(['resnet_tiny'])
   with pytest.raises(ValueError, match="no stage_sizes or block and no name"):
     saving.build({'num_classes': 3})
@@ -189,7 +212,7 @@ def test_what_cannot_be_described():
     saving.describe(tiny.clone(attention=functools.partial(CBAM, reduction_ratio=object())))
   with pytest.raises(TypeError, match='ResNet.act=.*not the default'):
     saving.describe(tiny.clone(act=jax.nn.gelu))
-  with pytest.raises(TypeError, match='Expected a cbam_jax.models.ResNet'):
+  with pytest.raises(TypeError, match='Expected a registered backbone network'):
     saving.describe(CBAM())
   with pytest.raises(ValueError, match="Unknown model 'tiny'"):
     saving.describe(tiny, name='tiny')

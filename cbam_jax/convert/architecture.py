@@ -19,7 +19,7 @@ from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.cbam import CBAM
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.models import BLOCKS, ResNet
+from cbam_jax.models.resnet import BLOCKS, ResNet
 
 SOURCES = ('official', 'timm', 'torchvision')
 

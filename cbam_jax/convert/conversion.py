@@ -81,7 +81,7 @@ def from_pytorch(
   Returns:
     With ``api='linen'``: ``(model, variables)`` with ``variables = {'params': ...,
     'batch_stats': ...}`` (float32), for ``model.apply(variables, images_nhwc)``. With
-    ``api='nnx'``: the :class:`cbam_jax.nnx.models.ResNet` holding those weights (in
+    ``api='nnx'``: the :class:`cbam_jax.nnx.ResNet` holding those weights (in
     training mode, as every new NNX module; call ``model.eval()`` for inference). Plus
     the report if asked.
 

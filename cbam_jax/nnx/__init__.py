@@ -6,9 +6,9 @@ defaults, named in the signature. Each attention class lives in its member's fil
 (``cbam_jax/attention/<name>.py``, e.g. :class:`cbam_jax.attention.cbam.NnxCBAM`) beside
 its linen twin. Modules start in training mode (``model.eval()`` / ``model.train()``
 switch BatchNorm); attention maps are recorded as ``nnx.Intermediate`` under
-``nnx.capture``. :func:`create_model` builds the linen zoo's ResNets; :func:`to_linen`,
-:func:`from_linen` and :func:`load_linen` move weights between the two APIs. See
-docs/nnx.md.
+``nnx.capture``. :func:`create_model` builds the registered backbones
+(:mod:`cbam_jax.models`, one registry for both skins); :func:`to_linen`, :func:`from_linen`
+and :func:`load_linen` move weights between the two APIs. See docs/nnx.md.
 """
 
 from cbam_jax.attention._registry import available
@@ -31,7 +31,12 @@ from cbam_jax.attention.se import NnxSqueezeExcitation as SqueezeExcitation
 from cbam_jax.attention.simam import NnxSimAM as SimAM
 from cbam_jax.attention.triplet import NnxTripletAttention as TripletAttention
 from cbam_jax.attention.triplet import NnxZPoolGate as ZPoolGate
-from cbam_jax.nnx.models import ResNet, available_models, count_params, create_model
+from cbam_jax.conv import NnxMaterializedInputConv as MaterializedInputConv
+from cbam_jax.models import available_models
+from cbam_jax.models import count_nnx_params as count_params
+from cbam_jax.models import create_nnx_model as create_model
+from cbam_jax.models._attention import resolve_nnx_attention as resolve_attention
+from cbam_jax.models.resnet import ResNetNNX as ResNet
 from cbam_jax.nnx.transfer import from_linen, load_linen, to_linen
 
 __all__ = ['CBAM', 'BAMChannelGate', 'BAMSpatialGate', 'BottleneckAttention',
@@ -39,5 +44,5 @@ __all__ = ['CBAM', 'BAMChannelGate', 'BAMSpatialGate', 'BottleneckAttention',
            'EfficientChannelAttention', 'LightCBAM', 'LightChannelAttention',
            'LightSpatialAttention', 'SimAM', 'SpatialAttention', 'SpatialSqueezeExcitation',
            'SqueezeExcitation', 'TripletAttention', 'ZPoolGate', 'available', 'create',
-           'resolve', 'ResNet', 'available_models', 'count_params', 'create_model',
-           'from_linen', 'load_linen', 'to_linen']
+           'resolve', 'MaterializedInputConv', 'ResNet', 'available_models', 'count_params',
+           'create_model', 'resolve_attention', 'from_linen', 'load_linen', 'to_linen']

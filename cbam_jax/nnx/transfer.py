@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from cbam_jax import attention
-from cbam_jax import models as linen_models
-from cbam_jax.nnx import models as nnx_models
+from cbam_jax import attention, models
 
 __all__ = ['from_linen', 'load_linen', 'to_linen']
 
@@ -85,26 +83,30 @@ def _fields(module: nn.Module) -> dict[str, Any]:
 
 def from_linen(module: nn.Module, variables: Mapping[str, Any], *,
                sample_shape: Sequence[int] | None = None) -> nnx.Module:
-  """The NNX twin of a linen attention module or :class:`cbam_jax.models.ResNet`, holding
-  ``variables``; in training mode, like every new NNX module.
+  """The NNX twin of a linen attention module or registered backbone network (e.g.
+  :class:`cbam_jax.models.ResNet`), holding ``variables``; in training mode, like every new
+  NNX module.
 
   Args:
-    module: a linen ``ResNet`` or attention module (any class in :mod:`cbam_jax.attention`).
+    module: a linen backbone network (:mod:`cbam_jax.models`) or attention module (any
+      class in :mod:`cbam_jax.attention`).
     variables: its ``{'params', 'batch_stats'}``.
     sample_shape: for an attention module, the shape of an input (``in_features`` and the
       number of spatial dims are read from it and ``channel_axis``); not needed for a
-      ResNet (read from ``conv1``).
+      backbone (read from its stem's parameters).
   """
   fields = _fields(module)
-  if isinstance(module, linen_models.ResNet):
-    in_features = int(variables['params']['conv1']['kernel'].shape[-2])
-    fields = {k: v for k, v in fields.items() if k not in ('conv', 'norm')}
-    return _build_and_load(lambda: nnx_models.ResNet(in_features=in_features, rngs=nnx.Rngs(0),
-                                                     **fields), variables)
+  backbone = models.backbone_of(module)
+  if backbone is not None:
+    in_features = backbone.in_features(variables['params'])
+    fields = {k: v for k, v in fields.items() if k not in backbone.linen_only}
+    return _build_and_load(lambda: backbone.nnx(in_features=in_features, rngs=nnx.Rngs(0),
+                                                **fields), variables)
   member = attention.member_of(type(module))
   if member is None:
     raise TypeError(f'{type(module).__name__} has no NNX twin; from_linen takes a '
-                    'cbam_jax.models.ResNet or a cbam_jax attention module.')
+                    'registered backbone network (cbam_jax.models) or a cbam_jax attention '
+                    'module.')
   if sample_shape is None:
     raise ValueError('from_linen needs sample_shape (the shape of an input) for an attention '
                      'module: its parameters depend on the channel count and input rank.')

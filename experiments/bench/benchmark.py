@@ -664,9 +664,9 @@ def _nnx_setup(name: str, fields: dict[str, Any], batch: int, size: int,
   batch."""
   from flax import nnx
 
-  from cbam_jax.nnx import models as nnx_models
+  from cbam_jax.nnx import create_model as create_nnx_model
 
-  model = nnx_models.create_model(name, attention=attention, rngs=nnx.Rngs(2), **fields)
+  model = create_nnx_model(name, attention=attention, rngs=nnx.Rngs(2), **fields)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
   labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, model.num_classes)
   optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)

@@ -58,17 +58,17 @@ class Run:
     names = self.meta.get('dataset', {}).get('class_names')
     if names:
       return tuple(names)
-    return tuple(str(i) for i in range(int(self.meta['model']['num_classes'])))
+    return tuple(str(i) for i in range(int(self.meta['model']['fields']['num_classes'])))
 
   @property
   def attention(self) -> str:
     """The attention's registry name (or class name), 'none' without attention."""
-    spec = self.meta['model'].get('attention')
+    spec = self.meta['model']['fields'].get('attention')
     return str(spec['class'] if isinstance(spec, dict) else spec or 'none')
 
   @property
   def model_name(self) -> str:
-    return str(self.meta['model'].get('name') or 'ResNet')
+    return str(self.meta['model'].get('size') or self.meta['model']['backbone'])
 
   @property
   def image_size(self) -> int:

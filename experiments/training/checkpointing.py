@@ -315,7 +315,8 @@ def load_model(path: str, which: str | int = 'latest', *, sharding: Any = None
 
   Returns:
     ``(model, {'params', 'batch_stats'}, meta, step)``: the model is rebuilt from
-    ``meta['model']`` (a :mod:`cbam_jax.saving` model description).
+    ``meta['model']``, a :mod:`cbam_jax.saving` model description, returned in its
+    canonical form (:func:`cbam_jax.saving.canonical`, whatever format was saved).
 
   Raises:
     FileNotFoundError: no checkpoints folder at ``path`` or no such checkpoint in it.
@@ -328,7 +329,7 @@ def load_model(path: str, which: str | int = 'latest', *, sharding: Any = None
   try:
     step = ckpts.choose_step(which if step is None else step)
     meta = ckpts.restore_meta(step)
-    description = meta['model']
+    description = meta['model'] = saving.canonical(meta['model'])
     model = saving.build(description)
     abstract = saving.abstract_variables(model, description.get('in_channels', 3))
     if sharding is not None:

@@ -85,10 +85,12 @@ def attention_from_config(value: Any) -> str | None:
 
 def model_description(config: ml_collections.ConfigDict, num_classes: int,
                       in_channels: int = 3) -> dict[str, Any]:
-  """The :mod:`cbam_jax.saving` description of the model ``config.model`` asks for.
+  """The :mod:`cbam_jax.saving` description (canonical: every field) of the model
+  ``config.model`` asks for; nothing is built.
 
-  ``config.model`` is a partial description (``name`` plus the fields to change); saved
-  with every checkpoint, :func:`cbam_jax.saving.build` rebuilds the module from it.
+  ``config.model`` is ``name`` (a model of :func:`cbam_jax.models.available_models`) plus
+  the fields of its backbone to change; saved with every checkpoint,
+  :func:`cbam_jax.saving.build` builds the network from it.
   """
   # Unset placeholders (None) mean the model's default.
   fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
@@ -97,6 +99,7 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int,
   if 'name' not in fields:
     raise ValueError('config.model.name is missing; set it to one of '
                      f'{", ".join(models.available_models())}.')
+  name = fields.pop('name')
   fields['attention'] = attention_from_config(fields.get('attention'))
   fields['stage_attention'] = attention_from_config(fields.get('stage_attention'))
   fields['num_classes'] = int(num_classes)
@@ -105,11 +108,12 @@ def model_description(config: ml_collections.ConfigDict, num_classes: int,
     raise ValueError(f'config.model.dtype={dtype!r} is not supported; use one of '
                      f'{", ".join(_DTYPES)}.')
   try:
-    model = saving.build(fields)
+    family = models.backbone_for_model(name).family
+    return saving.canonical({'backbone': family, 'size': name, 'fields': fields,
+                             'in_channels': int(in_channels)})
   except ValueError as error:
     raise ValueError(f'config.model: {error} Fields of config.model other than name are '
-                     'ResNet fields.') from None
-  return saving.describe(model, in_channels=in_channels, name=fields['name'])
+                     "fields of the named model's backbone.") from None
 
 
 def parse_attention_fields(spec: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -452,7 +456,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 def _check_same_model(expected: Mapping[str, Any], directory: str) -> Callable[[dict], None]:
   def check(meta: dict) -> None:
     saved = meta.get('model')
-    # Compared as models: a description written before a field existed still matches.
+    # Compared as canonical descriptions (every field filled in): one written before a
+    # field existed, or in format 1, still matches.
     if saved is not None and not saving.same_model(saved, expected):
       raise ValueError(
           f'The checkpoints in {directory} are of another model ({saved}) than this config '
@@ -492,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = config.num_epochs * steps_per_epoch
 
   fields = model_description(config, info.num_classes, info.image_shape[-1])
-  model = saving.build(fields)
+  model = saving.build(fields)  # The one build: resuming compares descriptions.
   tx, schedule = create_optimizer(config, steps_per_epoch)
   replicated = distributed.replicated(mesh)
   batch_sharding = distributed.batch_sharded(mesh)

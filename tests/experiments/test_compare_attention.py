@@ -245,7 +245,7 @@ def test_study_end_to_end_through_experiments_train(tmp_path, monkeypatch):
   (row,) = json.loads((out / 'runs.json').read_text())
   assert row['status'] == 'finished' and row['epochs'] == 1 and row['commit']
   with open(tmp_path / 'runs' / 'r4' / 'seed0' / 'config.json') as f:
-    assert json.load(f)['model']['attention_fields'] == {'reduction_ratio': 4}
+    assert json.load(f)['model']['fields']['attention_fields'] == {'reduction_ratio': 4}
 
 
 @pytest.mark.slow  # Compiles three ResNets, twice each.

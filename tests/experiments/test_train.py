@@ -142,8 +142,9 @@ def test_model_description_attention_none_and_dtype():
   config.model.attention = 'None'
   config.model.dtype = 'bfloat16'
   description = train_lib.model_description(config, num_classes=6)
-  assert description['attention'] is None and description['num_classes'] == 6
-  assert description['name'] == 'resnet_tiny' and description['dtype'] == 'bfloat16'
+  fields = description['fields']
+  assert fields['attention'] is None and fields['num_classes'] == 6
+  assert description['size'] == 'resnet_tiny' and fields['dtype'] == 'bfloat16'
   model = saving.build(json.loads(json.dumps(description)))
   assert model.attention is None and model.dtype == jnp.bfloat16
   assert model.param_dtype == jnp.float32
@@ -186,8 +187,8 @@ def test_variant_fields_from_the_command_line():
                                   lock_config=True)
   values(argv)
   fields = train_lib.model_description(values.config, num_classes=6)
-  assert fields['zero_init_spatial_gate'] is False
-  assert fields['attention_fields'] == {'reduction_ratio': 4}
+  assert fields['fields']['zero_init_spatial_gate'] is False
+  assert fields['fields']['attention_fields'] == {'reduction_ratio': 4}
   model = saving.build(json.loads(json.dumps(fields)))  # As from a checkpoint.
   assert model.zero_init_spatial_gate is False and model.attention_fields['reduction_ratio'] == 4
   hash(model)  # FrozenDict: the module stays hashable.
@@ -285,7 +286,8 @@ def test_smoke_config_end_to_end(tmp_path):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   with open(os.path.join(workdir, 'config.json')) as f:
     meta = json.load(f)
-  assert meta['model']['attention'] == 'cbam' and meta['model']['num_classes'] == 6
+  assert meta['model']['fields']['attention'] == 'cbam'
+  assert meta['model']['fields']['num_classes'] == 6
   # Mid-epoch checkpoints every 4 steps plus epoch ends; the last 3 (+ the best) are kept.
   steps = checkpointing.Checkpoints(checkpointing.checkpoint_dir(workdir),
                                     read_only=True).all_steps()
@@ -530,6 +532,6 @@ def test_load_pretrained_from_a_saved_model(tmp_path):
   loaded, description = train_lib.load_pretrained(str(tmp_path))
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
                               jax.tree.map(np.asarray, dict(variables)))
-  assert description['num_classes'] == 6
+  assert description['fields']['num_classes'] == 6
   with pytest.raises(FileNotFoundError, match='init_from'):
     train_lib.load_pretrained(str(tmp_path / 'missing'))

@@ -1,6 +1,8 @@
-"""ResNets with attention in every residual block, in the style of Flax's examples/imagenet.
+"""The ResNet family: linen and NNX ResNets with attention in every residual block (in the
+style of Flax's examples/imagenet), their sizes and their registration.
 
-One :class:`ResNet` module; the named sizes are ``functools.partial``s of it:
+One :class:`ResNet` module per skin (:class:`ResNetNNX` is ``cbam_jax.nnx.ResNet``); the
+named sizes (:data:`SIZES`, also ``functools.partial``s of the linen one):
 
 * ImageNet (7x7/2 stem + 3x3/2 max-pool): ``ResNet18/34/50/101/152``, torchvision layout
   (projection shortcut = 1x1 conv with stride + BatchNorm; bottleneck stride on the 3x3 conv
@@ -21,7 +23,7 @@ downsample_conv, downsample_bn, attention``; ``stage_attention{stage}``; ``fc``.
 
 Example::
 
-  model = create_model('resnet50', attention='cbam', num_classes=1000)
+  model = cbam_jax.models.create_model('resnet50', attention='cbam', num_classes=1000)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
   _, state = model.apply(variables, images, mutable=['intermediates'])
@@ -31,62 +33,38 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cbam_jax import _base, _validation
-from cbam_jax import attention as attention_registry
-from cbam_jax.conv import MaterializedInputConv
+from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
+from cbam_jax.models import Backbone, Field, register_backbone
+from cbam_jax.models._attention import AttentionSpec, resolve_attention, resolve_nnx_attention
+from cbam_jax.models._blocks import (
+    check_images,
+    conv_kernel_init,
+    head_kernel_init,
+    pad_shortcut,
+    same_padding,
+)
 
 Array = jax.Array
 Dtype = Any
 ModuleDef = Any
-# None | registry name | module factory (a Module class or a functools.partial of one).
-AttentionSpec = str | Callable[..., nn.Module] | None
-
-# Kaiming normal with fan_out, as torchvision and the official CBAM code initialise convs.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# Official CBAM code: kaiming_normal(fc.weight), i.e. fan_in, and a zero bias.
-head_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 STEMS = ('imagenet', 'cifar')
 SHORTCUTS = ('projection', 'pad')
 
 __all__ = [
-    'BLOCKS', 'BasicBlock', 'Bottleneck', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101',
-    'ResNet152', 'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'CifarResNet18',
-    'ResNetTiny', 'available_models', 'count_params', 'create_model', 'resolve_attention',
-    'summary',
+    'BLOCKS', 'SIZES', 'BasicBlock', 'BasicBlockNNX', 'Bottleneck', 'BottleneckNNX', 'ResNet',
+    'ResNetNNX', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152', 'ResNet20',
+    'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'CifarResNet18', 'ResNetTiny',
 ]
-
-
-def same_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  # Symmetric k // 2 padding like PyTorch's Conv2d(padding=k // 2). Flax's 'SAME' pads
-  # (0, 1) for stride 2 on even sizes, which would break weight conversion parity.
-  return ((kernel_size // 2, kernel_size // 2),) * 2
-
-
-def pad_shortcut(x: Array, features: int, strides: int) -> Array:
-  """He et al. option A: subsample by ``strides`` and zero-pad channels up to ``features``.
-
-  Channels are padded equally on both sides (extra one after), as in the widely used
-  PyTorch CIFAR reference (akamaster/pytorch_resnet_cifar10).
-  """
-  x = x[:, ::strides, ::strides, :]
-  extra = features - x.shape[-1]
-  if extra < 0:
-    raise ValueError(
-        f"shortcut='pad' cannot reduce channels ({x.shape[-1]} -> {features}); use "
-        "shortcut='projection'.")
-  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-
-
-_pad_shortcut = pad_shortcut  # The name tests/test_models.py reads.
 
 
 class ResidualBlock(nn.Module):
@@ -162,16 +140,6 @@ def _shortcut(block: ResidualBlock, x: Array, features: int, strides: int) -> Ar
     return pad_shortcut(x, features, strides)
   x = block.conv(features, (1, 1), strides, name='downsample_conv')(x)
   return block.norm(name='downsample_bn')(x)
-
-
-def resolve_attention(spec: AttentionSpec, *, dtype: Dtype, param_dtype: Dtype,
-                      zero_init_spatial_gate: bool = True,
-                      what: str = 'attention') -> Callable[..., nn.Module] | None:
-  """A factory ``f(name=...)`` for ``spec``, with the model's dtypes filled in: see
-  :func:`cbam_jax.attention.resolve_attention` (``skin='linen'``, the official preset)."""
-  return attention_registry.resolve_attention(
-      spec, skin='linen', dtype=dtype, param_dtype=param_dtype,
-      zero_init_spatial_gate=zero_init_spatial_gate, what=what)
 
 
 @_base.check_fields_at_init
@@ -284,95 +252,214 @@ def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int]) ->
     raise ValueError(f'stage_sizes must be positive block counts, got {stage_sizes!r}.')
 
 
-def check_images(x: Array) -> None:
-  shape = getattr(x, 'shape', None)
-  if shape is None or len(shape) != 4:
-    raise ValueError(
-        f'ResNet expects NHWC images of shape (B, H, W, C); got '
-        f'{None if shape is None else tuple(shape)}. Add a batch axis with x[None] or '
-        'transpose NCHW input with x.transpose(0, 2, 3, 1).')
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f'ResNet expects floating-point images, got {x.dtype}; convert with '
-                    'x.astype(jnp.float32) (and scale integer images to [0, 1]).')
+_CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem='cifar', shortcut='pad', num_classes=10)
 
+# Model name -> the ResNet fields that make it.
+SIZES: dict[str, dict[str, Any]] = {
+    'resnet18': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
+    'resnet34': dict(stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
+    'resnet50': dict(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
+    'resnet101': dict(stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck),
+    'resnet152': dict(stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
+    'resnet20': dict(_CIFAR, stage_sizes=(3, 3, 3)),
+    'resnet32': dict(_CIFAR, stage_sizes=(5, 5, 5)),
+    'resnet44': dict(_CIFAR, stage_sizes=(7, 7, 7)),
+    'resnet56': dict(_CIFAR, stage_sizes=(9, 9, 9)),
+    'resnet110': dict(_CIFAR, stage_sizes=(18, 18, 18)),
+    'cifar_resnet18': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, stem='cifar',
+                           num_classes=10),
+    'resnet_tiny': dict(stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8, stem='cifar',
+                        num_classes=10),
+}
 
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
-ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck)
-ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)
-
-_cifar = functools.partial(ResNet, block_cls=BasicBlock, num_filters=16, stem='cifar',
-                           shortcut='pad', num_classes=10)
-ResNet20 = functools.partial(_cifar, stage_sizes=(3, 3, 3))
-ResNet32 = functools.partial(_cifar, stage_sizes=(5, 5, 5))
-ResNet44 = functools.partial(_cifar, stage_sizes=(7, 7, 7))
-ResNet56 = functools.partial(_cifar, stage_sizes=(9, 9, 9))
-ResNet110 = functools.partial(_cifar, stage_sizes=(18, 18, 18))
-
-CifarResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock,
-                                  stem='cifar', num_classes=10)
-ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8,
-                               stem='cifar', num_classes=10)
+ResNet18 = functools.partial(ResNet, **SIZES['resnet18'])
+ResNet34 = functools.partial(ResNet, **SIZES['resnet34'])
+ResNet50 = functools.partial(ResNet, **SIZES['resnet50'])
+ResNet101 = functools.partial(ResNet, **SIZES['resnet101'])
+ResNet152 = functools.partial(ResNet, **SIZES['resnet152'])
+ResNet20 = functools.partial(ResNet, **SIZES['resnet20'])
+ResNet32 = functools.partial(ResNet, **SIZES['resnet32'])
+ResNet44 = functools.partial(ResNet, **SIZES['resnet44'])
+ResNet56 = functools.partial(ResNet, **SIZES['resnet56'])
+ResNet110 = functools.partial(ResNet, **SIZES['resnet110'])
+CifarResNet18 = functools.partial(ResNet, **SIZES['cifar_resnet18'])
+ResNetTiny = functools.partial(ResNet, **SIZES['resnet_tiny'])
 
 # The block types by the name a model description (cbam_jax.saving) gives them.
 BLOCKS: dict[str, type[nn.Module]] = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
-_MODELS: dict[str, Callable[..., ResNet]] = {
-    'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,
-    'resnet101': ResNet101, 'resnet152': ResNet152,
-    'resnet20': ResNet20, 'resnet32': ResNet32, 'resnet44': ResNet44,
-    'resnet56': ResNet56, 'resnet110': ResNet110,
-    'cifar_resnet18': CifarResNet18, 'resnet_tiny': ResNetTiny,
-}
+
+# --------------------------------------------------------------------------- NNX
 
 
-def available_models() -> tuple[str, ...]:
-  """Names accepted by :func:`create_model`."""
-  return tuple(_MODELS)
+class BasicBlockNNX(nnx.Module):
+  """Two 3x3 convs; ``features`` output channels (as :class:`BasicBlock`)."""
+
+  expansion = 1
+
+  def __init__(self, in_features: int, features: int, *, strides: int, conv, norm,
+               act: Callable[[Array], Array], attention, shortcut: str,
+               zero_init_residual: bool, rngs: nnx.Rngs):
+    self.act, self.strides, self.shortcut = act, strides, shortcut
+    pad = same_padding(3)
+    self.conv1 = conv(in_features, features, (3, 3), strides, padding=pad)
+    self.bn1 = norm(features)
+    self.conv2 = conv(features, features, (3, 3), padding=pad)
+    self.bn2 = norm(features, **last_norm_kwargs(zero_init_residual))
+    _attach_attention_and_shortcut(self, in_features, features, conv, norm, attention, rngs)
+
+  def __call__(self, x: Array) -> Array:
+    y = self.act(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return _finish(self, x, y)
 
 
-def model_factory(name: str) -> Callable[..., ResNet]:
-  """The ``functools.partial`` of :class:`ResNet` called ``name``; a clear error otherwise."""
-  try:
-    return _MODELS[name]
-  except (KeyError, TypeError):
-    raise ValueError(
-        f'Unknown model {name!r}. Valid names: {", ".join(_MODELS)}.') from None
+class BottleneckNNX(nnx.Module):
+  """1x1 -> 3x3 (stride) -> 1x1; ``4 * features`` output channels (as :class:`Bottleneck`)."""
+
+  expansion = 4
+
+  def __init__(self, in_features: int, features: int, *, strides: int, conv, norm,
+               act: Callable[[Array], Array], attention, shortcut: str,
+               zero_init_residual: bool, rngs: nnx.Rngs):
+    self.act, self.strides, self.shortcut = act, strides, shortcut
+    out = features * self.expansion
+    self.conv1 = conv(in_features, features, (1, 1))
+    self.bn1 = norm(features)
+    self.conv2 = conv(features, features, (3, 3), strides, padding=same_padding(3))
+    self.bn2 = norm(features)
+    self.conv3 = conv(features, out, (1, 1))
+    self.bn3 = norm(out, **last_norm_kwargs(zero_init_residual))
+    _attach_attention_and_shortcut(self, in_features, out, conv, norm, attention, rngs)
+
+  def __call__(self, x: Array) -> Array:
+    y = self.act(self.bn1(self.conv1(x)))
+    y = self.act(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return _finish(self, x, y)
 
 
-def create_model(name: str, **fields: Any) -> ResNet:
-  """The model called ``name`` (e.g. ``'resnet50'``) with ``fields`` overriding defaults.
+def _attach_attention_and_shortcut(block, in_features, out, conv, norm, attention, rngs):
+  block.out_features = out
+  block.has_attention = attention is not None
+  if block.has_attention:
+    block.attention = attention(out, rngs=rngs)
+  block.identity = block.strides == 1 and in_features == out
+  if not block.identity and block.shortcut == 'projection':
+    block.downsample_conv = conv(in_features, out, (1, 1), block.strides)
+    block.downsample_bn = norm(out)
 
-  CIFAR models (``resnet20`` ... ``resnet110``, ``cifar_resnet18``, ``resnet_tiny``)
-  default to ``num_classes=10``; ImageNet ones to 1000.
+
+def _finish(block, x: Array, y: Array) -> Array:
+  if block.has_attention:
+    y = block.attention(y)
+  if block.identity:
+    residual = x
+  elif block.shortcut == 'pad':
+    residual = pad_shortcut(x, block.out_features, block.strides)
+  else:
+    residual = block.downsample_bn(block.downsample_conv(x))
+  return block.act(residual + y)
+
+
+_NNX_BLOCKS = {BasicBlock: BasicBlockNNX, Bottleneck: BottleneckNNX}
+
+
+class ResNetNNX(nnx.Module):
+  """ResNet v1 with attention in every block, in NNX (``cbam_jax.nnx.ResNet``); the fields
+  of :class:`ResNet` (but ``conv`` and ``norm``, which are ``nnx.Conv`` with a materialised
+  input on CPU and ``nnx.BatchNorm``), plus ``in_features`` (image channels, 3) and ``rngs``.
+
+  The model starts in training mode; ``model.eval()`` switches BatchNorm to the running
+  statistics.
   """
-  return model_factory(name)(**fields)
+
+  def __init__(self, *, in_features: int = 3, rngs: nnx.Rngs, **fields: Any):
+    for name in ('conv', 'norm'):
+      if name in fields:
+        raise TypeError(f'The NNX ResNet has no {name!r} field: it uses nnx.Conv (with a '
+                        'materialised input on CPU) and nnx.BatchNorm.')
+    f = _base.resolve_fields(ResNet, fields)
+    check_resnet_fields(f['stem'], f['shortcut'], f['stage_sizes'])
+    block_cls = _NNX_BLOCKS.get(f['block_cls'], f['block_cls'])
+    self.stem, self.act, self.num_classes = f['stem'], f['act'], f['num_classes']
+    self.stage_sizes = tuple(int(n) for n in f['stage_sizes'])
+    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=f['dtype'],
+                             param_dtype=f['param_dtype'], kernel_init=f['kernel_init'],
+                             rngs=rngs)
+    # Flax momentum 0.9 = PyTorch momentum 0.1, as in linen.
+    norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
+                             epsilon=1e-5, dtype=f['dtype'], param_dtype=f['param_dtype'],
+                             rngs=rngs)
+    dtypes = dict(dtype=f['dtype'], param_dtype=f['param_dtype'],
+                  zero_init_spatial_gate=f['zero_init_spatial_gate'])
+    attention = resolve_nnx_attention(f['attention'], **dtypes)
+    if attention is not None and f['attention_fields']:
+      attention = functools.partial(attention, **f['attention_fields'])
+    stage_attention = resolve_nnx_attention(f['stage_attention'], what='stage_attention',
+                                            **dtypes)
+
+    filters = f['num_filters']
+    if self.stem == 'imagenet':
+      self.conv1 = conv(in_features, filters, (7, 7), (2, 2), padding=same_padding(7))
+    else:
+      self.conv1 = conv(in_features, filters, (3, 3), padding=same_padding(3))
+    self.bn1 = norm(filters)
+    channels = filters
+    names = []
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        block = block_cls(
+            channels, filters * 2**stage, strides=2 if stage > 0 and index == 0 else 1,
+            conv=conv, norm=norm, act=self.act, attention=attention, shortcut=f['shortcut'],
+            zero_init_residual=f['zero_init_residual'], rngs=rngs)
+        setattr(self, f'layer{stage + 1}_{index}', block)
+        names.append(f'layer{stage + 1}_{index}')
+        channels = block.out_features
+      if stage_attention is not None and stage < len(self.stage_sizes) - 1:
+        setattr(self, f'stage_attention{stage + 1}', stage_attention(channels, rngs=rngs))
+        names.append(f'stage_attention{stage + 1}')
+    self.block_names = tuple(names)
+    self.fc = nnx.Linear(channels, self.num_classes, dtype=jnp.float32,
+                         param_dtype=f['param_dtype'], kernel_init=head_kernel_init, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    """Logits ``(B, num_classes)`` float32 of NHWC images ``x``."""
+    check_images(x)
+    x = self.act(self.bn1(self.conv1(x)))
+    if self.stem == 'imagenet':
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=same_padding(3))
+    for name in self.block_names:
+      x = getattr(self, name)(x)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return self.fc(x).astype(jnp.float32)
 
 
-def count_params(variables: Mapping[str, Any]) -> int:
-  """Number of scalars in the ``'params'`` collection (arrays or ``jax.ShapeDtypeStruct``s).
-
-  BatchNorm statistics (``batch_stats``) are not parameters and are not counted.
-  """
-  if not isinstance(variables, Mapping) or 'params' not in variables:
-    raise ValueError(
-        'count_params expects variables with a \'params\' collection, e.g. the result of '
-        'model.init(...) or jax.eval_shape(model.init, ...); wrap a bare parameter tree '
-        'as {\'params\': params}.')
-  leaves = jax.tree_util.tree_leaves(variables['params'])
-  return sum(math.prod(jnp.shape(leaf)) for leaf in leaves)
+# --------------------------------------------------------------------------- registration
 
 
-def summary(model: nn.Module, input_shape: Sequence[int], *, depth: int | None = None,
-            dtype: Dtype = jnp.float32, width: int = 160) -> str:
-  """A per-module table (shapes, parameter counts) of ``model`` on zeros of ``input_shape``.
+def _head_init(model: ResNet, features: int, key: jax.Array) -> dict[str, Any]:
+  """Fresh ``fc`` parameters, as :class:`ResNet` initialises its head."""
+  head = nn.Dense(model.num_classes, param_dtype=model.param_dtype,
+                  kernel_init=head_kernel_init)
+  return head.init(key, jnp.zeros((1, features)))['params']
 
-  Built by ``nn.tabulate`` in eval mode, as plain text ``width`` columns wide; ``depth``
-  limits the nesting shown.
-  """
-  if len(tuple(input_shape)) != 4:
-    raise ValueError(f'input_shape must be (B, H, W, C), got {tuple(input_shape)!r}.')
-  table = nn.tabulate(model, jax.random.key(0), depth=depth, compute_flops=False,
-                      console_kwargs={'force_terminal': False, 'width': width})
-  return table(jnp.zeros(tuple(input_shape), dtype), train=False)
+
+BACKBONE = register_backbone(Backbone(
+    family='resnet', linen=ResNet, nnx=ResNetNNX, sizes=SIZES,
+    fields={
+        'stage_sizes': Field('tuple'),
+        'block': Field('choice', attr='block_cls', choices=BLOCKS),
+        'num_filters': Field(),
+        'stem': Field(),
+        'num_classes': Field(),
+        'shortcut': Field(),
+        'attention': Field('attention'),
+        'stage_attention': Field('attention'),
+        'attention_fields': Field('mapping'),
+        'zero_init_spatial_gate': Field(),
+        'zero_init_residual': Field(),
+        'dtype': Field('dtype'),
+        'param_dtype': Field('dtype'),
+    },
+    linen_only=('conv', 'norm'), head='fc', head_init=_head_init))

@@ -1,0 +1,314 @@
+"""Backbone conformance, read from the registry: every model of
+:func:`cbam_jax.models.available_models` in both skins, and a toy backbone defined here
+(one linen and one NNX network, one registration) that passes the same checks.
+
+Parameter counts are traced (``jax.eval_shape``), never computed; parity, saving and
+training run on small models only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from cases import fast_subset
+from flax import nnx
+from nnx_parity import assert_same_step, randomized
+
+import cbam_jax.nnx as cbam_nnx
+from cbam_jax import models, saving
+from cbam_jax.models import _blocks
+from cbam_jax.nnx import transfer
+
+# (no attention, attention='cbam') parameters at each model's default num_classes (1000
+# ImageNet, 10 CIFAR), ImageNet models on 224x224, CIFAR ones on 32x32. Computed from the
+# code before the registry (fd0e580) by jax.eval_shape; the no-attention ImageNet counts are
+# torchvision's (resnet18 11,689,512, resnet34 21,797,672, resnet50 25,557,032, resnet101
+# 44,549,160, resnet152 60,192,808), the CBAM ones the official CBAM code's, resnet20 the
+# 0.27M of He et al. 2016 (269,722).
+EXPECTED_PARAMS = {
+    'resnet18': (11_689_512, 11_779_392),
+    'resnet34': (21_797_672, 21_960_468),
+    'resnet50': (25_557_032, 28_089_624),
+    'resnet101': (44_549_160, 49_330_172),
+    'resnet152': (60_192_808, 66_826_848),
+    'resnet20': (269_722, 272_995),
+    'resnet32': (464_154, 469_609),
+    'resnet44': (658_586, 666_223),
+    'resnet56': (853_018, 862_837),
+    'resnet110': (1_727_962, 1_747_600),
+    'cifar_resnet18': (11_173_962, 11_263_842),
+    'resnet_tiny': (5_266, 5_540),
+}
+# Traced in both skins, with and without CBAM: each block type and stem (the fast run keeps
+# the CIFAR ones).
+BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50')
+# Small enough to run (parity, saving, training).
+SMALL = ('resnet_tiny', 'resnet20')
+
+
+def _image_size(name: str) -> int:
+  return 32 if models.create_model(name).num_classes == 10 else 224
+
+
+def _images(batch: int = 2, size: int = 8, channels: int = 3, seed: int = 1) -> jax.Array:
+  return jax.random.normal(jax.random.key(seed), (batch, size, size, channels))
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def _linen_variables(name: str, attention: str | None, size: int):
+  model = models.create_model(name, attention=attention)
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+
+
+def check_param_counts(name: str, expected: tuple[int, int] | None, size: int
+                       ) -> tuple[int, int]:
+  """Linen and NNX networks of ``name`` have ``expected`` (no attention, CBAM) parameters
+  (traced), and the same parameter and statistic trees; returns the counts."""
+  counts = []
+  for attention in (None, 'cbam'):
+    variables = _linen_variables(name, attention, size)
+    model = nnx.eval_shape(lambda a=attention: cbam_nnx.create_model(
+        name, attention=a, rngs=nnx.Rngs(0)))
+    assert models.count_params(variables) == cbam_nnx.count_params(model), (name, attention)
+    shapes = jax.tree.map(jnp.shape, transfer.to_linen(model))
+    assert shapes == jax.tree.map(jnp.shape, {'params': variables['params'],
+                                              'batch_stats': variables.get('batch_stats', {})})
+    counts.append(models.count_params(variables))
+  if expected is not None:
+    assert tuple(counts) == expected, name
+  return tuple(counts)
+
+
+def check_parity(name: str, train: bool, size: int = 8, **fields) -> None:
+  """The NNX twin of the linen network (random weights) gives its outputs, updated
+  statistics and gradients."""
+  linen = models.create_model(name, **fields)
+  x = _images(size=size)
+  variables = randomized(jax.eval_shape(linen.init, jax.random.key(0), x), seed=3)
+  model = transfer.from_linen(linen, variables)
+  assert isinstance(model, models.backbone_for_model(name).nnx)
+  assert_same_step(linen, model, variables, x, train)
+
+
+def check_saving(tmp_path, name: str, **fields) -> None:
+  """Description -> JSON -> network round trip, and a saved directory read back in both
+  skins."""
+  linen = models.create_model(name, **fields)
+  description = saving.describe(linen, name=name)
+  assert description['backbone'] == models.backbone_for_model(name).family
+  assert description['size'] == name
+  again = saving.build(json.loads(json.dumps(description)))
+  assert again == linen and saving.describe(again, name=name) == description
+  assert saving.same_model({'backbone': description['backbone'], 'size': name,
+                            'fields': {}}, saving.describe(models.create_model(name)))
+  variables = randomized(saving.abstract_variables(linen), seed=5)
+  saving.save(tmp_path, linen, variables, name=name)
+  loaded_model, loaded = saving.load(tmp_path)
+  assert loaded_model == linen
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
+                              jax.tree.map(np.asarray, variables))
+  nnx_model = saving.load(tmp_path, api='nnx')
+  assert isinstance(nnx_model, models.backbone_for_model(name).nnx)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, transfer.to_linen(nnx_model)),
+                              jax.tree.map(np.asarray, variables))
+
+
+def check_training_step(name: str, **fields) -> None:
+  """A few SGD steps on one batch lower its loss and move every BatchNorm statistic."""
+  model = models.create_model(name, **fields)
+  x = _images(batch=8)
+  labels = jnp.arange(8) % model.num_classes
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  tx = optax.sgd(0.05, momentum=0.9)
+
+  @jax.jit
+  def step(params, batch_stats, opt_state):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                    train=True, mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    changes, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, changes), updates['batch_stats'], opt_state, loss
+
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  opt_state, losses = tx.init(params), []
+  for _ in range(4):
+    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), batch_stats,
+                       variables.get('batch_stats', {}))
+  assert all(m > 0 for m in jax.tree_util.tree_leaves(moved))
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_registry_lists_every_model_once_for_both_skins():
+  assert models.available_models() == tuple(EXPECTED_PARAMS)
+  assert cbam_nnx.available_models() == models.available_models()
+  assert models.available_backbones() == ('resnet',)
+  for name in models.available_models():
+    backbone = models.backbone_for_model(name)
+    assert isinstance(models.create_model(name), backbone.linen)
+  with pytest.raises(ValueError, match="Unknown model 'resnet19'. Valid names: resnet18"):
+    models.create_model('resnet19')
+  with pytest.raises(ValueError, match="Unknown model 'resnet19'"):
+    cbam_nnx.create_model('resnet19', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="already registered"):
+    models.register_backbone(models.get_backbone('resnet'))
+
+
+@pytest.mark.parametrize('name', fast_subset(list(BOTH_SKINS), list(BOTH_SKINS),
+                                             ('resnet_tiny', 'resnet20')))
+def test_param_counts_in_both_skins(name):
+  check_param_counts(name, EXPECTED_PARAMS[name], _image_size(name))
+
+
+# The others: one linen trace each (tracing a deep network in NNX too, and with CBAM, took
+# minutes in all; tests/test_models.py traces the CBAM counts).
+OTHERS = [name for name in EXPECTED_PARAMS if name not in BOTH_SKINS]
+
+
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) for name in OTHERS])
+def test_param_counts_without_attention(name):
+  variables = _linen_variables(name, None, _image_size(name))
+  assert models.count_params(variables) == EXPECTED_PARAMS[name][0]
+
+
+@pytest.mark.parametrize('name,train,attention', [
+    ('resnet_tiny', False, None),
+    pytest.param('resnet20', True, 'se', marks=pytest.mark.slow),
+])
+def test_linen_nnx_parity(name, train, attention):
+  check_parity(name, train, attention=attention)
+
+
+@pytest.mark.slow
+def test_linen_nnx_parity_with_attention_fields():
+  check_parity('resnet_tiny', False, attention='cbam', attention_fields={'reduction_ratio': 4})
+
+
+@pytest.mark.parametrize('name', fast_subset(list(SMALL), list(SMALL), ('resnet_tiny',)))
+def test_saving_round_trip(tmp_path, name):
+  check_saving(tmp_path, name, attention='cbam')
+
+
+@pytest.mark.slow
+def test_training_step():
+  check_training_step('resnet_tiny', attention='se')
+
+
+# --------------------------------------------------------------------------- a new family
+
+
+class ToyNet(nn.Module):
+  """A toy backbone: one 3x3 conv, BatchNorm, attention, global pooling, a Dense head."""
+
+  features: int = 4
+  num_classes: int = 3
+  attention: models._attention.AttentionSpec = None
+  dtype: jnp.dtype = jnp.float32
+  act: object = nn.relu  # Code, not data: a description holds only the default.
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _blocks.check_images(x, 'ToyNet')
+    x = nn.Conv(self.features, (3, 3), padding=_blocks.same_padding(3), dtype=self.dtype,
+                name='conv1')(x)
+    x = self.act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name='bn1')(x))
+    attention = models.resolve_attention(self.attention, dtype=self.dtype,
+                                         param_dtype=jnp.float32)
+    if attention is not None:
+      x = attention(name='attention')(x, train=train)
+    return nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+class ToyNetNNX(nnx.Module):
+  """ToyNet in NNX."""
+
+  def __init__(self, *, in_features: int = 3, features: int = 4, num_classes: int = 3,
+               attention=None, dtype=jnp.float32, act=nn.relu, rngs: nnx.Rngs):
+    self.act = act
+    self.conv1 = nnx.Conv(in_features, features, (3, 3), padding=_blocks.same_padding(3),
+                          dtype=dtype, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(features, momentum=0.9, rngs=rngs)
+    attention = models._attention.resolve_nnx_attention(attention, dtype=dtype,
+                                                         param_dtype=jnp.float32)
+    self.attention = None if attention is None else attention(features, rngs=rngs)
+    self.fc = nnx.Linear(features, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.act(self.bn1(self.conv1(x)))
+    if self.attention is not None:
+      x = self.attention(x)
+    return self.fc(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+def _toy_head_init(model, features, key):
+  return nn.Dense(model.num_classes).init(key, jnp.zeros((1, features)))['params']
+
+
+@pytest.fixture
+def toy_backbone():
+  """The toy family registered for one test: its whole registration is this call."""
+  backbone = models.register_backbone(models.Backbone(
+      family='toy', linen=ToyNet, nnx=ToyNetNNX,
+      sizes={'toy_small': {'features': 4}, 'toy_wide': {'features': 8, 'num_classes': 5}},
+      fields={'features': models.Field(), 'num_classes': models.Field(),
+              'attention': models.Field('attention'), 'dtype': models.Field('dtype')},
+      head_init=_toy_head_init))
+  try:
+    yield backbone
+  finally:
+    models.unregister_backbone('toy')
+  assert 'toy_small' not in models.available_models()
+
+
+@pytest.mark.slow
+def test_a_toy_backbone_passes_the_suite(tmp_path, toy_backbone):
+  assert models.available_models()[-2:] == ('toy_small', 'toy_wide')
+  assert cbam_nnx.available_models() == models.available_models()
+  # conv1 3x3x3x8 + 8, bn1 2 x 8, fc 8x5 + 5.
+  plain, with_cbam = check_param_counts('toy_wide', None, 8)
+  assert plain == 3 * 3 * 3 * 8 + 8 + 2 * 8 + 8 * 5 + 5 and with_cbam > plain
+  check_parity('toy_small', True, attention='se')
+  check_saving(tmp_path / 'toy', 'toy_wide', attention='cbam')
+  check_training_step('toy_small', attention='cbam')
+  # A new head for fine-tuning, from the family's head_init.
+  model, variables = saving.load(tmp_path / 'toy', num_classes=2)
+  assert model.num_classes == 2 and variables['params']['fc']['kernel'].shape == (8, 2)
+  # Code fields are not saved; the family's own fields are checked.
+  with pytest.raises(TypeError, match=r'ToyNet.act=.*not the default'):
+    saving.describe(ToyNet(act=jax.nn.gelu))
+  with pytest.raises(ValueError, match=r"'feature' \(did you mean 'features'"):
+    saving.build({'backbone': 'toy', 'size': 'toy_small', 'fields': {'feature': 3}})
+  with pytest.raises(ValueError, match="Model 'resnet20' is not of the 'toy' family"):
+    saving.build({'backbone': 'toy', 'size': 'resnet20'})
+
+
+def test_registration_errors():
+  class NotToy(nn.Module):
+    width: int = 1
+
+  fields = {'depth': models.Field()}
+  with pytest.raises(ValueError, match='NotToy has no field.*depth'):
+    models.register_backbone(models.Backbone('not_toy', NotToy, object, fields, {'n': {}}))
+  with pytest.raises(ValueError, match="Model name.*resnet20 are already registered"):
+    models.register_backbone(models.Backbone('not_toy', NotToy, object, {}, {'resnet20': {}}))
+  with pytest.raises(ValueError, match='Field kind'):
+    models.Field('blob')
+  with pytest.raises(ValueError, match="Unknown backbone 'not_toy'"):
+    models.unregister_backbone('not_toy')
+  assert models.available_backbones() == ('resnet',)
