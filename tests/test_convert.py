@@ -242,7 +242,7 @@ def test_cli_errors_are_one_line(tmp_path):
     convert.main(['in.pth', 'out', '--no-strict'])
   with pytest.raises(SystemExit, match='give IN.pth and OUT_DIR'):
     convert.main(['in.pth'])
-  with pytest.raises(SystemExit, match='unexpected argument'):
+  with pytest.raises(SystemExit, match='give IN.pth and OUT_DIR, got 3'):
     convert.main(['in.pth', 'out', 'more'])
   with pytest.raises(SystemExit, match='source'):
     convert.main(['in.pth', 'out', '--source=caffe'])

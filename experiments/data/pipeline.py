@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from cbam_jax import _cli
+from experiments import cli
 from experiments.data import augment, sources
 from experiments.data import shapes as shapes_lib
 from experiments.data.base import DATASETS, DatasetInfo, Input, config_get
@@ -88,25 +88,27 @@ def default_data_config() -> ml_collections.ConfigDict:
     shapes: the procedural dataset (see experiments.data.shapes.generate): num_train, num_eval,
       seed, num_classes, scale_range, num_strokes, num_blobs, num_decoys, noise_std.
   """
+  # Unset fields are typed placeholders (None), so the command line can set them.
+  placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.dataset = 'shapes'
-  config.data_dir = None
-  config.manual_dir = None
+  config.data_dir = placeholder(str)
+  config.manual_dir = placeholder(str)
   config.download = False
-  config.tfds_config = None
-  config.folder = None
-  config.cache_dir = None
+  config.tfds_config = placeholder(str)
+  config.folder = placeholder(str)
+  config.cache_dir = placeholder(str)
   config.cache_arrays = True
-  config.train_split = None
+  config.train_split = placeholder(str)
   config.eval_split = 'auto'
   config.holdout_fraction = 0.1
   config.split_seed = 0
-  config.image_size = None
-  config.augment = None
-  config.mean = None
-  config.std = None
+  config.image_size = placeholder(int)
+  config.augment = placeholder(str)
+  config.mean = placeholder(tuple)
+  config.std = placeholder(tuple)
   config.global_batch_size = 128
-  config.eval_batch_size = None
+  config.eval_batch_size = placeholder(int)
   config.seed = 0
   config.input_threads = 2
   config.input_workers = 0
@@ -411,7 +413,7 @@ def _override(config: ml_collections.ConfigDict, item: str) -> None:
   """Applies one ``--set KEY=VALUE`` (KEY may be dotted) to ``config``."""
   key, sep, value = item.partition('=')
   if not sep or not key:
-    raise SystemExit(f'{PROG}: --set {item!r}: write KEY=VALUE, e.g. --set augment=none.')
+    raise cli.UserError(f'--set {item!r}: write KEY=VALUE, e.g. --set augment=none.')
   target = config
   *parents, leaf = key.split('.')
   try:
@@ -419,16 +421,16 @@ def _override(config: ml_collections.ConfigDict, item: str) -> None:
       target = target[p]
     target[leaf] = _parse_value(value)
   except (KeyError, AttributeError, TypeError):
-    raise SystemExit(f'{PROG}: --set {item!r}: {key!r} is not a field of the data config '
-                     '(experiments.data.pipeline.default_data_config()).') from None
+    raise cli.UserError(f'--set {item!r}: {key!r} is not a field of the data config '
+                        '(experiments.data.pipeline.default_data_config()).') from None
 
 
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> None:
   """The ``--bench`` command line (``argv`` without the program name; default
   ``sys.argv[1:]``): times the training batches of a data config."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
-  with _cli.one_line_errors(PROG):
-    config = _load_config_file(values.config) if values.config else default_data_config()
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  config = _load_config_file(values.config) if values.config else default_data_config()
   if values.dataset:
     config.dataset = values.dataset
   if values.folder:
