@@ -16,6 +16,7 @@ import difflib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -62,16 +63,26 @@ def exit_with(prog: str, error: BaseException | str) -> NoReturn:
   raise exit_error from None
 
 
+def _show_warning(prog: str, message: Warning | str, category: type[Warning], *args: Any,
+                  **kwargs: Any) -> None:
+  """Shows a warning as one line, ``prog: warning: message`` (no source line)."""
+  print(f'{prog}: {category.__name__}: {" ".join(str(message).split())}', file=sys.stderr,
+        flush=True)
+
+
 def command(prog: str, *errors: type[Exception]) -> Callable[[_Main], _Main]:
   """Decorates a ``main``: :class:`UserError`, :data:`USER_ERRORS` and ``errors`` become
-  one line on stderr and exit status 2 (the traceback with ``CBAM_JAX_TRACEBACK=1``)."""
+  one line on stderr and exit status 2 (the traceback with ``CBAM_JAX_TRACEBACK=1``), and
+  warnings are shown as one line each."""
   caught = (UserError, *USER_ERRORS, *errors)
 
   def decorate(main: _Main) -> _Main:
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
       try:
-        return main(*args, **kwargs)
+        with warnings.catch_warnings():
+          warnings.showwarning = functools.partial(_show_warning, prog)
+          return main(*args, **kwargs)
       except caught as error:
         if os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
           raise

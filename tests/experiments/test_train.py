@@ -282,7 +282,7 @@ def test_a_refused_run_changes_nothing_in_the_workdir(tmp_path):
       ({'model.attention': 'cbam'}, ValueError, 'another model'),
       ({'num_epochs': 0}, ValueError, 'num_epochs must be >= 1'),
       ({'global_batch_size': 12}, ValueError, 'does not divide'),
-      ({'global_batch_size': 128, 'eval_batch_size': 16}, ValueError, 'fewer than one batch'),
+      ({'global_batch_size': 128, 'eval_batch_size': 16}, ValueError, 'exceeds the 64'),
       ({'dataset': 'folder', 'folder': str(tmp_path / 'nowhere')}, FileNotFoundError,
        'nowhere'),
       ({'model.name': 'resnet_tine'}, ValueError, 'resnet_tine'),
@@ -291,13 +291,29 @@ def test_a_refused_run_changes_nothing_in_the_workdir(tmp_path):
   ]
   for overrides, error, message in refusals:
     with pytest.raises(error, match=message):
-      train_lib.train_and_evaluate(tiny_config(num_epochs=1, **overrides), workdir)
+      train_lib.train_and_evaluate(tiny_config(**{'num_epochs': 1, **overrides}), workdir)
     assert _snapshot(workdir) == before, overrides
   # A fresh workdir refused for a bad init_from gets no config.json either.
   fresh = str(tmp_path / 'fresh')
   with pytest.raises(FileNotFoundError, match='init_from'):
     train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / 'none')), fresh)
   assert not os.path.exists(os.path.join(fresh, 'config.json'))
+
+  # The latest checkpoint's arrays zeroed: evaluation falls back to the newest readable one
+  # and says so; asked for that step, it names the folder and --which.
+  for root, _, names in os.walk(os.path.join(checkpointing.checkpoint_dir(workdir), '4', 'state')):
+    for name in names:
+      if 'ocdbt' in root or os.sep + 'd' in root:
+        path = os.path.join(root, name)
+        with open(path, 'wb') as f:
+          f.write(bytes(os.path.getsize(path)) or b'\0')
+  with pytest.warns(RuntimeWarning, match=r'step\(s\) \[4\] .* using step 2, the newest readable'):
+    _, _, _, step = checkpointing.load_model(workdir)
+  assert step == 2
+  with pytest.raises(FileNotFoundError, match=r'No readable checkpoint in .*checkpoints: '
+                     r'step\(s\) \[4\] could not be read .*pass --which with one of the other '
+                     r'steps \(\[2\]\)'):
+    checkpointing.load_model(workdir, '4')
 
 
 @pytest.mark.slow
