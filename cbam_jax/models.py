@@ -279,13 +279,15 @@ class ResNet(nn.Module):
   kernel_init: Callable[..., Array] = conv_kernel_init
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, *, channels_last: bool = False) -> Array:
     """Logits ``(B, num_classes)`` float32 of NHWC images ``x`` ``(B, H, W, C)``.
 
     In train mode BatchNorm uses batch statistics and updates ``batch_stats`` (apply with
-    ``mutable=['batch_stats']``); attention maps are sown into ``intermediates``.
+    ``mutable=['batch_stats']``); attention maps are sown into ``intermediates``. Images
+    that look channels-first (see :func:`check_images`) are refused unless
+    ``channels_last=True`` says they are NHWC.
     """
-    self._check(x)
+    self._check(x, channels_last)
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     # Flax momentum 0.9 = PyTorch momentum 0.1.
@@ -323,9 +325,9 @@ class ResNet(nn.Module):
                  kernel_init=head_kernel_init, name='fc')(x)
     return x.astype(jnp.float32)
 
-  def _check(self, x: Array) -> None:
+  def _check(self, x: Array, channels_last: bool = False) -> None:
     check_resnet_fields(self.stem, self.shortcut, self.stage_sizes)
-    check_images(x)
+    check_images(x, channels_last=channels_last)
 
 
 def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int]) -> None:
@@ -335,13 +337,29 @@ def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int]) ->
     raise ValueError(f'stage_sizes must be positive block counts, got {stage_sizes!r}.')
 
 
-def check_images(x: Array) -> None:
+# Channel counts of images: an axis 1 of this size before two larger axes is NCHW.
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def check_images(x: Array, *, channels_last: bool = False) -> None:
+  """Refuses what is not a batch of NHWC float images, or looks like NCHW images.
+
+  NCHW is assumed, unless ``channels_last``, when axis 1 has 1, 3 or 4 entries (grey, RGB,
+  RGBA) and axes 2 and 3 both have more than 4 (e.g. ``(2, 3, 224, 224)``): read as NHWC
+  that would be 3-pixel-high images of 224 channels.
+  """
   shape = getattr(x, 'shape', None)
   if shape is None or len(shape) != 4:
     raise ValueError(
         f'ResNet expects NHWC images of shape (B, H, W, C); got '
         f'{None if shape is None else tuple(shape)}. Add a batch axis with x[None] or '
         'transpose NCHW input with x.transpose(0, 2, 3, 1).')
+  if (not channels_last and shape[1] in _IMAGE_CHANNELS
+      and min(shape[2], shape[3]) > max(_IMAGE_CHANNELS)):
+    raise ValueError(
+        f'ResNet expects NHWC images (B, H, W, C); {tuple(shape)} looks channels-first '
+        f'(NCHW, {shape[1]} channels). Transpose with x.transpose(0, 2, 3, 1), or apply with '
+        f'channels_last=True if these are {shape[1]}-pixel-high images of {shape[3]} channels.')
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f'ResNet expects floating-point images, got {x.dtype}; convert with '
                     'x.astype(jnp.float32) (and scale integer images to [0, 1]).')
@@ -398,7 +416,11 @@ def create_model(name: str, **fields: Any) -> ResNet:
   CIFAR models (``resnet20`` ... ``resnet110``, ``cifar_resnet18``, ``resnet_tiny``)
   default to ``num_classes=10``; ImageNet ones to 1000.
   """
-  return model_factory(name)(**fields)
+  model = model_factory(name)(**fields)
+  for what in ('attention', 'stage_attention'):  # An unknown name fails here, not at init.
+    resolve_attention(getattr(model, what), what=what, dtype=model.dtype,
+                      param_dtype=model.param_dtype)
+  return model
 
 
 def count_params(variables: Mapping[str, Any]) -> int:
