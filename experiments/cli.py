@@ -45,7 +45,8 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
 
 
 def did_you_mean(name: str, choices: Iterable[str], template: str = '{}') -> str:
-  """``' Did you mean X?'`` for the closest choice (``template`` formats it), or ``''``."""
+  """``' Did you mean X?'`` for the closest choice (``template`` formats it, e.g. ``'{!r}'``
+  or ``'--config.{}'``), or ``''``."""
   found = closest(name, choices)
   return f' Did you mean {template.format(found)}?' if found else ''
 

@@ -80,9 +80,8 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   except IsADirectoryError:
     raise ValueError(f'{os.fspath(path)!r} is a folder, not a PyTorch checkpoint file.') from None
   except Exception as error:  # torch.load raises many types for a non-checkpoint.
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ValueError(
         f'{os.fspath(path)!r} is not a PyTorch checkpoint that torch.load(weights_only=True) can '
-        f'read ({reason}). Pass a .pth/.pt file saved with torch.save(model.state_dict(), ...).'
-    ) from error
+        f'read ({type(error).__name__}). Pass a .pth/.pt file saved with '
+        'torch.save(model.state_dict(), ...).') from error
   return prepare(checkpoint)

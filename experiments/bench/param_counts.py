@@ -80,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   for name in values.models:
     if name not in models.available_models():
-      raise cli.UserError(f'unknown model {name!r} in --models; valid: '
-                          f'{", ".join(models.available_models())}.')
+      raise cli.UserError(
+          f'unknown model {name!r} in --models.'
+          f'{cli.did_you_mean(name, models.available_models(), "{!r}")} Valid: '
+          f'{", ".join(models.available_models())}.')
   attentions = parse_attentions(values.attention)
   print(table(values.models, attentions))
 

@@ -43,7 +43,8 @@ IN_PROCESS = [
     ('benchmark: bad --shape', 'experiments.bench.benchmark', ['--shape', '2,8,8'],
      r"--shape must be B,H,W,C with positive sizes, got '2,8,8'"),
     ('param_counts: unknown model', 'experiments.bench.param_counts',
-     ['--models', 'resnet21'], r"unknown model 'resnet21' in --models; valid: "),
+     ['--models', 'resnet21'], r"unknown model 'resnet21' in --models\. Did you mean "
+     r"'resnet\d+'\? Valid: resnet18, "),
     ('xla_flags: unknown flag set', 'experiments.bench.xla_flags', ['--flags', 'onednnn'],
      r'--flags=onednnn: value should be one of'),
     ('compare_attention: bad --mode', 'experiments.bench.compare_attention', ['--mode', 'tain'],
