@@ -51,6 +51,31 @@ def did_you_mean(name: str, choices: Iterable[str], template: str = '{}') -> str
   return f' Did you mean {template.format(found)}?' if found else ''
 
 
+def set_field(config: Any, key: str, value: Any, what: str) -> None:
+  """Sets the existing field ``key`` (dotted, e.g. ``shapes.num_train``) of an
+  ``ml_collections.ConfigDict`` to ``value``.
+
+  Raises:
+    UserError: ``key`` names no field (``what`` says where it came from, e.g.
+      ``"--set 'x=1'"``); the closest field is suggested. An unlocked ConfigDict would
+      otherwise add the misspelt field silently.
+  """
+  target, parents = config, key.split('.')
+  *parents, leaf = parents
+  for depth, name in enumerate([*parents, leaf]):
+    fields = list(target.keys()) if hasattr(target, 'keys') else []
+    if name not in fields:
+      prefix = '.'.join(parents[:depth])
+      dotted = [f'{prefix}.{f}' if prefix else f for f in fields]
+      raise UserError(f'{what}: {key!r} is not a config field.{did_you_mean(key, dotted, "{!r}")}')
+    if depth < len(parents):
+      target = target[name]
+  try:
+    target[leaf] = value
+  except TypeError as error:
+    raise UserError(f'{what}: {" ".join(str(error).split())}') from None
+
+
 def exit_with(prog: str, error: BaseException | str) -> NoReturn:
   """Prints ``prog: error`` as one line on stderr and exits with status 2.
 

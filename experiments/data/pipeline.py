@@ -414,15 +414,7 @@ def _override(config: ml_collections.ConfigDict, item: str) -> None:
   key, sep, value = item.partition('=')
   if not sep or not key:
     raise cli.UserError(f'--set {item!r}: write KEY=VALUE, e.g. --set augment=none.')
-  target = config
-  *parents, leaf = key.split('.')
-  try:
-    for p in parents:
-      target = target[p]
-    target[leaf] = _parse_value(value)
-  except (KeyError, AttributeError, TypeError):
-    raise cli.UserError(f'--set {item!r}: {key!r} is not a field of the data config '
-                        '(experiments.data.pipeline.default_data_config()).') from None
+  cli.set_field(config, key, _parse_value(value), f'--set {item!r}')
 
 
 @cli.command(PROG)

@@ -41,7 +41,7 @@ def evaluate_checkpoint(workdir: str, which: str = 'latest',
   model, variables, meta, step = checkpointing.load_model(workdir, which, sharding=replicated)
   config = ml_collections.ConfigDict(meta['config'])
   for key, value in (overrides or {}).items():
-    config[key] = value
+    cli.set_field(config, key, value, f'--data_override {key}')
   eval_batch_size = config.get('eval_batch_size') or config.global_batch_size
   distributed.check_batch_divides(eval_batch_size, mesh, 'eval_batch_size')
   data = input_pipeline.create_input(config, process_index=jax.process_index(),

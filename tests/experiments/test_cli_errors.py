@@ -51,6 +51,10 @@ IN_PROCESS = [
      r'--mode=tain: value should be one of'),
     ('data pipeline: malformed --set', 'experiments.data.pipeline', ['--set', 'augment'],
      r"--set 'augment': write KEY=VALUE"),
+    ('data pipeline: misspelt --set key', 'experiments.data.pipeline',
+     ['--set', 'shapes.num_trian=64'],
+     r"--set 'shapes.num_trian=64': 'shapes.num_trian' is not a config field\. Did you mean "
+     r"'shapes.num_train'\?"),
 ]
 
 
