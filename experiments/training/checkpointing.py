@@ -26,12 +26,28 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from cbam_jax import saving
+from experiments import cli
 
 PyTree = Any
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CORRUPT_SUBDIR = 'corrupt_checkpoints'
 BEST_METRIC = 'eval_top1'
+
+
+class CheckpointWriteError(cli.UserError):
+  """A checkpoint could not be written (a full disk, a read-only or vanished folder)."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind ``error`` (orbax wraps them), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -162,11 +178,29 @@ class Checkpoints:
     # the replicas to write in parallel, compiling a slice per array and device (seconds on
     # CPU, for no gain where all devices share one host's memory).
     state = jax.device_get(state)
-    self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(dict(meta))),
-        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-        force=True)
+    with self._writing(step):
+      self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(dict(meta))),
+          metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+          force=True)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns an OSError of a write (no space left, read-only) into CheckpointWriteError."""
+    try:
+      yield
+    except Exception as error:
+      cause = _os_error(error)
+      if cause is None:
+        raise
+      finished = [s for s in self.manager.all_steps() if s != step]
+      kept = f'step {max(finished)}' if finished else 'none yet'
+      raise CheckpointWriteError(
+          f'Could not write the checkpoint{"" if step is None else f" of step {step}"} to '
+          f'{self.directory}: {cause.strerror or cause}. The checkpoints written before '
+          f'(latest: {kept}) are intact; free some space or make the folder writable (or use '
+          'another --workdir), then rerun the same command to resume.') from error
 
   def restore(self, step: int, abstract_state: PyTree | None) -> tuple[PyTree, dict]:
     """``(state, meta)`` at ``step``; arrays laid out like ``abstract_state``'s shardings."""
@@ -279,7 +313,8 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until background writes are on disk."""
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()

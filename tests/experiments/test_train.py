@@ -6,6 +6,7 @@ without attention on 16x16 images; the smoke-config test runs the CBAM model.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -346,6 +347,30 @@ def test_skip_nonfinite_keeps_the_state_of_a_bad_step():
   bad = step(state, {**batch, 'image': batch['image'].at[0, 0, 0, 0].set(jnp.nan)})
   assert int(bad.step) == 1
   chex.assert_trees_all_equal(bad.replace(step=state.step), state)
+
+
+def test_a_full_disk_during_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch):
+  ckpts = checkpointing.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False)
+  state = {'params': {'w': np.arange(4, dtype=np.float32)}}
+  ckpts.save(1, state, {'model': {}})
+  save = ckpts.manager.save
+
+  def full_disk(step, *args, **kwargs):
+    if step == 2:  # Orbax wraps the OSError of the failed write.
+      raise RuntimeError('write failed') from OSError(errno.ENOSPC, 'No space left on device')
+    return save(step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpts.manager, 'save', full_disk)
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=r'Could not write the checkpoint of step 2 to .*checkpoints: No space '
+                           r'left on device\. The checkpoints written before \(latest: step 1\) '
+                           r'are intact; free some space .* rerun the same command to resume\.'):
+    ckpts.save(2, state, {'model': {}})
+  assert ckpts.all_steps() == [1]
+  restored, _ = ckpts.restore(1, None)
+  np.testing.assert_array_equal(restored['params']['w'], state['params']['w'])
+  ckpts.close()
 
 
 # --------------------------------------------------------------------------- end to end
