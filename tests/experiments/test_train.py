@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,6 +302,14 @@ def test_a_refused_run_changes_nothing_in_the_workdir(tmp_path):
     train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / 'none')), fresh)
   assert not os.path.exists(os.path.join(fresh, 'config.json'))
 
+  # A save killed halfway leaves orbax's temporary folder (renamed into place only when
+  # complete): readers do not see it, and the latest complete checkpoint is used.
+  checkpoints = checkpointing.checkpoint_dir(workdir)
+  partial = os.path.join(checkpoints, '6.orbax-checkpoint-tmp-1234567890')
+  shutil.copytree(os.path.join(checkpoints, '4'), partial)
+  shutil.rmtree(os.path.join(partial, 'meta'))
+  assert checkpointing.load_model(workdir)[3] == 4
+
   # The latest checkpoint's arrays zeroed: evaluation falls back to the newest readable one
   # and says so; asked for that step, it names the folder and --which.
   for root, _, names in os.walk(os.path.join(checkpointing.checkpoint_dir(workdir), '4', 'state')):
@@ -334,16 +344,25 @@ def test_a_diverged_run_stops_without_saving_a_nonfinite_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state(workdir, step)))
 
 
+class _TinyClassifier(flax.linen.Module):
+  """BatchNorm and a Dense head: what train_step needs, compiled in a blink."""
+
+  @flax.linen.compact
+  def __call__(self, x, train=False):
+    x = flax.linen.BatchNorm(use_running_average=not train)(x.reshape(x.shape[0], -1))
+    return flax.linen.Dense(6)(x)
+
+
 def test_skip_nonfinite_keeps_the_state_of_a_bad_step():
-  model = saving.build(train_lib.model_description(tiny_config(), 6))
-  tx = optax.sgd(0.1)
+  model, tx = _TinyClassifier(), optax.sgd(0.1)
   state = jax.jit(functools.partial(train_lib.create_train_state, model, tx, (8, 8, 3), 0))()
-  batch = {'image': jnp.ones((4, 8, 8, 3)), 'label': jnp.zeros(4, jnp.int32)}
+  batch = {'image': jax.random.normal(jax.random.key(1), (4, 8, 8, 3)),
+           'label': jnp.zeros(4, jnp.int32)}
   step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, label_smoothing=0.0,
                                    skip_nonfinite=True))
   good = step(state, batch)
   assert int(good.step) == 1 and float(good.epoch_sums['count']) == 4
-  assert not np.array_equal(good.params['fc']['kernel'], state.params['fc']['kernel'])
+  assert not np.array_equal(good.params['Dense_0']['kernel'], state.params['Dense_0']['kernel'])
   bad = step(state, {**batch, 'image': batch['image'].at[0, 0, 0, 0].set(jnp.nan)})
   assert int(bad.step) == 1
   chex.assert_trees_all_equal(bad.replace(step=state.step), state)
