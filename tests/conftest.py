@@ -26,7 +26,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # no faster (docs/testing.md).
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_platforms', 'cpu')

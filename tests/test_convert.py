@@ -4,6 +4,7 @@ torchvision backbone path, the CLI round trip and the error messages."""
 import functools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -243,11 +244,41 @@ def test_cli_errors_are_one_line(tmp_path):
     convert.main(['in.pth', 'out', '--no-strict'])
   with pytest.raises(SystemExit, match='give IN.pth and OUT_DIR'):
     convert.main(['in.pth'])
-  with pytest.raises(SystemExit, match='unexpected argument'):
+  with pytest.raises(SystemExit, match='give IN.pth and OUT_DIR, got 3'):
     convert.main(['in.pth', 'out', 'more'])
   with pytest.raises(SystemExit, match='source'):
     convert.main(['in.pth', 'out', '--source=caffe'])
 
+
+
+@pytest.mark.slow
+def test_cli_overwrite_source_hint_and_interrupted_conversion(tmp_path, monkeypatch, capsys):
+  path, out = tmp_path / 'timm.pth', tmp_path / 'out'
+  torch.save(reference('timm_cbam_basic').state_dict(), path)
+  with pytest.raises(SystemExit, match=r'not match the inferred .official. model: .* The state '
+                     r'dict fits --source=timm: pass that\.$') as error:
+    convert.main([str(path), str(out), '--source=official'])
+  assert error.value.code == 2 and not out.exists()
+  assert convert.main([str(path), str(out), '--source=timm']) == 0
+  written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  with pytest.raises(SystemExit, match='exists and is not empty; pass --overwrite'):
+    convert.main([str(path), str(out), '--source=timm'])
+
+  # Killed halfway through writing (here: an interrupt inside saving.save): the previous
+  # output stays as it was and nothing half-written is left beside it.
+  def interrupted_save(directory, *args, **kwargs):
+    (pathlib.Path(directory) / 'model.json').write_text('{')
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(saving, 'save', interrupted_save)
+  with pytest.raises(KeyboardInterrupt):
+    convert.main([str(path), str(out), '--source=timm', '--overwrite'])
+  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'timm.pth']
+  monkeypatch.undo()
+  assert convert.main([str(path), str(out), '--source=timm', '--overwrite']) == 0
+  model, _ = saving.load(out)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'timm.pth']
 
 @pytest.mark.slow
 def test_module_entry_point_and_lazy_torch():

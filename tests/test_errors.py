@@ -103,3 +103,25 @@ def test_misspelt_nnx_field_suggests_the_right_one():
   with pytest.raises(TypeError, match=r"CBAM got unexpected field\(s\) \['reduction'\].*"
                                       r"did you mean 'reduction_ratio'"):
     cnnx.CBAM(16, reduction=4, rngs=nnx.Rngs(0))
+
+
+def test_unknown_attention_fails_when_the_model_is_built():
+  with pytest.raises(ValueError, match=r"Unknown attention 'cbma'\. Valid names: .*cbam"):
+    models.create_model('resnet_tiny', attention='cbma')
+  with pytest.raises(ValueError, match=r"Unknown attention 'bma'"):
+    models.create_model('resnet_tiny', stage_attention='bma')
+
+
+def test_channels_first_images_are_refused_unless_said_otherwise():
+  model = models.create_model('resnet_tiny')
+  nchw = jnp.ones((2, 3, 16, 16))
+  with pytest.raises(ValueError, match=r'\(2, 3, 16, 16\) looks channels-first \(NCHW, 3 '
+                     r'channels\)\. Transpose with x\.transpose\(0, 2, 3, 1\), or apply with '
+                     r'channels_last=True'):
+    _init(model, nchw)
+  variables = jax.eval_shape(lambda k, x: model.init(k, x, channels_last=True),
+                             jax.random.key(0), nchw)
+  assert variables['params']['conv1']['kernel'].shape[2] == 16  # Taken as 16 channels.
+  # NHWC images, even tiny ones, pass: (2, 16, 16, 3) and (2, 3, 3, 16).
+  for shape in ((2, 16, 16, 3), (2, 3, 3, 16)):
+    assert _init(model, jnp.ones(shape))['params']['conv1']['kernel'].shape[2] == shape[3]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import chex
 import flax.linen
@@ -254,46 +253,6 @@ class MeanMaxTest(chex.TestCase):
     self.assertEqual(grad.dtype, jnp.bfloat16)
 
 
-def test_configure_cpu_refuses_once_jax_has_started():
-  from cbam_jax import perf
-  jnp.ones(1).block_until_ready()  # The backend is up, so new XLA flags would be ignored.
-  with pytest.raises(RuntimeError, match='before JAX starts'):
-    perf.configure_cpu(['--xla_cpu_use_onednn=true'])
-
-
-@pytest.mark.parametrize('environ,libc,thp,expected', [
-    ({}, ('glibc', '2.36'), 'madvise', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}),
-    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, ('glibc', '2.39'), 'always',
-     {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'}),
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, ('glibc', '2.36'), 'madvise', {}),  # opt-out
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, ('glibc', '2.36'), 'madvise', {}),  # done
-    ({}, ('glibc', '2.31'), 'madvise', {}),  # hugetlb came in glibc 2.35
-    ({}, ('glibc', '2.36'), 'never', {}),
-    ({}, ('glibc', '2.36'), None, {}),  # no THP on this kernel
-    ({}, ('', ''), 'madvise', {}),  # musl, macOS
-])
-def test_cpu_env_updates(environ, libc, thp, expected):
-  from cbam_jax import perf
-  assert perf.cpu_env_updates(environ, libc=libc, thp_mode=thp) == expected
-
-
-def test_reexec_with_cpu_env_restarts_once(monkeypatch):
-  from cbam_jax import perf
-  calls = []
-  monkeypatch.setattr(perf.os, 'execve', lambda *args: calls.append(args))
-  monkeypatch.setattr(perf, 'cpu_env_updates', lambda: {'GLIBC_TUNABLES': 'x=1'})
-  monkeypatch.setattr(perf.sys, 'orig_argv',
-                      ['python', '-m', 'experiments.training.train', '--a=1'])
-  perf.reexec_with_cpu_env()
-  (executable, argv, env), = calls
-  assert executable == perf.sys.executable
-  assert argv == [perf.sys.executable, '-m', 'experiments.training.train', '--a=1']
-  assert env['GLIBC_TUNABLES'] == 'x=1' and env['PATH'] == perf.os.environ['PATH']
-  monkeypatch.setattr(perf, 'cpu_env_updates', lambda: {})
-  perf.reexec_with_cpu_env()  # Nothing to change (e.g. the restarted process): no exec.
-  assert len(calls) == 1
-
-
 def test_computed_once_is_fn_under_jit_vmap_and_nested_gradients():
   from cbam_jax._fast.boundary import computed_once
 
@@ -349,18 +308,3 @@ def test_fast_paths_under_explicit_sharding():
     out = jax.jit(conv.apply)(conv_vars, sharded)
   expected = flax.linen.Conv(4, (3, 3)).apply(conv_vars, x)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_importing_perf_does_not_import_jax():
-  # Scripts re-exec with perf.reexec_with_cpu_env() before their heavy imports; importing
-  # perf (and so the cbam_jax package) must not already have loaded JAX.
-  import subprocess
-  import sys
-
-  code = ('import sys; from cbam_jax import perf; import cbam_jax; '
-          'assert "jax" not in sys.modules, "jax imported"; '
-          'from cbam_jax import CBAM; assert "jax" in sys.modules; print(CBAM.__name__)')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                       check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
-  assert out.stdout.strip() == 'CBAM'

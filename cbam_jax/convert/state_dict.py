@@ -77,4 +77,11 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     checkpoint = torch.load(os.fspath(path), map_location='cpu', weights_only=True)
   except FileNotFoundError:
     raise FileNotFoundError(f'No PyTorch checkpoint at {os.fspath(path)!r}.') from None
+  except IsADirectoryError:
+    raise ValueError(f'{os.fspath(path)!r} is a folder, not a PyTorch checkpoint file.') from None
+  except Exception as error:  # torch.load raises many types for a non-checkpoint.
+    raise ValueError(
+        f'{os.fspath(path)!r} is not a PyTorch checkpoint that torch.load(weights_only=True) can '
+        f'read ({type(error).__name__}). Pass a .pth/.pt file saved with '
+        'torch.save(model.state_dict(), ...).') from error
   return prepare(checkpoint)

@@ -183,7 +183,12 @@ def create_model(name: str, **fields: Any) -> nn.Module:
   CIFAR models (``resnet20`` ... ``resnet110``, ``cifar_resnet18``, ``resnet_tiny``)
   default to ``num_classes=10``; ImageNet ones to 1000.
   """
-  return backbone_for_model(name).create(name, **fields)
+  model = backbone_for_model(name).create(name, **fields)
+  for what in ('attention', 'stage_attention'):  # An unknown name fails here, not at init.
+    if hasattr(model, what):
+      resolve_attention(getattr(model, what), what=what, dtype=model.dtype,
+                        param_dtype=model.param_dtype)
+  return model
 
 
 def create_nnx_model(name: str, *, rngs: Any, in_features: int = 3, **fields: Any) -> Any:

@@ -196,13 +196,15 @@ class ResNet(nn.Module):
   kernel_init: Callable[..., Array] = conv_kernel_init
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, *, channels_last: bool = False) -> Array:
     """Logits ``(B, num_classes)`` float32 of NHWC images ``x`` ``(B, H, W, C)``.
 
     In train mode BatchNorm uses batch statistics and updates ``batch_stats`` (apply with
-    ``mutable=['batch_stats']``); attention maps are sown into ``intermediates``.
+    ``mutable=['batch_stats']``); attention maps are sown into ``intermediates``. Images
+    that look channels-first (see :func:`check_images`) are refused unless
+    ``channels_last=True`` says they are NHWC.
     """
-    self._check(x)
+    self._check(x, channels_last)
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     # Flax momentum 0.9 = PyTorch momentum 0.1.
@@ -240,9 +242,9 @@ class ResNet(nn.Module):
                  kernel_init=head_kernel_init, name='fc')(x)
     return x.astype(jnp.float32)
 
-  def _check(self, x: Array) -> None:
+  def _check(self, x: Array, channels_last: bool = False) -> None:
     check_resnet_fields(self.stem, self.shortcut, self.stage_sizes)
-    check_images(x)
+    check_images(x, channels_last=channels_last)
 
 
 def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int]) -> None:
@@ -423,9 +425,10 @@ class ResNetNNX(nnx.Module):
     self.fc = nnx.Linear(channels, self.num_classes, dtype=jnp.float32,
                          param_dtype=f['param_dtype'], kernel_init=head_kernel_init, rngs=rngs)
 
-  def __call__(self, x: Array) -> Array:
-    """Logits ``(B, num_classes)`` float32 of NHWC images ``x``."""
-    check_images(x)
+  def __call__(self, x: Array, *, channels_last: bool = False) -> Array:
+    """Logits ``(B, num_classes)`` float32 of NHWC images ``x``; ``channels_last`` as in
+    the linen :class:`ResNet`."""
+    check_images(x, channels_last=channels_last)
     x = self.act(self.bn1(self.conv1(x)))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=same_padding(3))

@@ -74,9 +74,10 @@ import numpy as np
 import optax
 from absl import flags
 
-from cbam_jax import _cli, models
+from cbam_jax import models
 from cbam_jax.attention.cbam import CBAM
 from cbam_jax.conv import materializes_input
+from experiments import cli
 from experiments.bench import timing
 
 PROG = 'python -m experiments.bench.benchmark'
@@ -888,10 +889,11 @@ def define_flags(values: flags.FlagValues) -> None:
                            flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
   returns the results."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   repeats = values.repeats or (2 if values.tiny else 10)  # lower_bound=1: never 0.
   sections = values.only or list(SECTIONS)
   module_shapes = (tuple(_shape(s) for s in values.shape) if values.shape else
@@ -940,7 +942,7 @@ def _jsonable(value: Any) -> Any:
 
 
 if __name__ == '__main__':
-  from cbam_jax import perf
+  from experiments import perf
 
   perf.reexec_with_cpu_env()  # What experiments.training.train runs with (huge pages for malloc).
   # Compile times are measured: never load a program from a persistent cache.

@@ -49,7 +49,7 @@ from typing import Any
 
 from absl import flags
 
-from cbam_jax import _cli
+from experiments import cli
 from experiments.bench import timing
 
 PROG = 'python -m experiments.bench.compare_attention'
@@ -77,8 +77,8 @@ def parse_variants(spec: str) -> list[str]:
   valid = ('none', *registry.available(), STAGE_BAM)
   for variant in variants:
     if variant not in valid:
-      raise SystemExit(f'Unknown attention {variant!r}; use "all" or a comma-separated list '
-                       f'of {", ".join(valid)}.')
+      raise cli.UserError(f'Unknown attention {variant!r}; use "all" or a comma-separated list '
+                          f'of {", ".join(valid)}.')
   return variants
 
 
@@ -188,13 +188,13 @@ def parse_variant(spec: str) -> Variant:
     name, attention = head, head
   name, attention = name.strip(), attention.strip()
   if not name.replace('_', '').replace('@', '').replace('-', '').isalnum():
-    raise SystemExit(f'Variant {spec!r}: the name {name!r} must be letters, digits, _ or -.')
+    raise cli.UserError(f'Variant {spec!r}: the name {name!r} must be letters, digits, _ or -.')
   pairs = []
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep or not key.strip():
-      raise SystemExit(f'Variant {spec!r}: {item!r} is not FIELD=VALUE; write e.g. '
-                       'cbam_r4=cbam:attention_fields.reduction_ratio=4.')
+      raise cli.UserError(f'Variant {spec!r}: {item!r} is not FIELD=VALUE; write e.g. '
+                          'cbam_r4=cbam:attention_fields.reduction_ratio=4.')
     pairs.append((key.strip(), value.strip()))
   return Variant(name, attention, tuple(pairs))
 
@@ -207,7 +207,7 @@ def parse_study_variants(spec: str) -> list[Variant]:
   parse_variants(','.join(v.attention for v in variants))  # Unknown attention names fail here.
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
-    raise SystemExit(f'Variant names must be unique; got {", ".join(names)}.')
+    raise cli.UserError(f'Variant names must be unique; got {", ".join(names)}.')
   return variants
 
 
@@ -219,9 +219,9 @@ def parse_seeds(spec: str) -> list[int]:
     try:
       seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
     except ValueError:
-      raise SystemExit(f'--seeds {spec!r}: use e.g. 0-4 or 0,1,2.') from None
+      raise cli.UserError(f'--seeds {spec!r}: use e.g. 0-4 or 0,1,2.') from None
   if not seeds or len(set(seeds)) != len(seeds):
-    raise SystemExit(f'--seeds {spec!r}: give at least one seed, each once.')
+    raise cli.UserError(f'--seeds {spec!r}: give at least one seed, each once.')
   return seeds
 
 
@@ -310,8 +310,8 @@ def _check_budget(workdir: str, epochs: int) -> None:
   with open(path) as f:
     saved = json.load(f).get('config', {}).get('num_epochs')
   if saved is not None and int(saved) != epochs:
-    raise SystemExit(f'{workdir} holds a run of num_epochs={saved}, not {epochs}: its learning-'
-                     'rate schedule differs. Use another --workdir_root for this budget.')
+    raise cli.UserError(f'{workdir} holds a run of num_epochs={saved}, not {epochs}: its learning-'
+                        'rate schedule differs. Use another --workdir_root for this budget.')
 
 
 def _is_finished(workdir: str) -> bool:
@@ -533,9 +533,10 @@ def define_flags(values: flags.FlagValues) -> None:
                            flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> None:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   contrasts = [_contrast(spec) for spec in values.contrast]
 
   if values.mode == 'table':

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from cbam_jax import _cli, models
 from cbam_jax import attention as attention_registry
+from cbam_jax import models
+from experiments import cli
 
 PROG = 'python -m experiments.bench.param_counts'
 
@@ -73,15 +74,17 @@ def define_flags(values: flags.FlagValues) -> None:
                       flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> None:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   for name in values.models:
     if name not in models.available_models():
-      raise SystemExit(f'{PROG}: unknown model {name!r} in --models; valid: '
-                       f'{", ".join(models.available_models())}.')
-  with _cli.one_line_errors(PROG, ValueError):
-    attentions = parse_attentions(values.attention)
+      raise cli.UserError(
+          f'unknown model {name!r} in --models.'
+          f'{cli.did_you_mean(name, models.available_models(), "{!r}")} Valid: '
+          f'{", ".join(models.available_models())}.')
+  attentions = parse_attentions(values.attention)
   print(table(values.models, attentions))
 
 

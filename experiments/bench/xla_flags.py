@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from cbam_jax import _cli
+from experiments import cli
 from experiments.bench import timing
 
 PROG = 'python -m experiments.bench.xla_flags'
@@ -42,7 +42,7 @@ FLAG_SETS = {
     'vector_512': {'XLA_FLAGS': '--xla_cpu_prefer_vector_width=512'},
     'eigen_single_thread': {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'},
     'fast_math': {'XLA_FLAGS': '--xla_cpu_enable_fast_math=true'},
-    # Transparent huge pages for malloc: what cbam_jax.perf.reexec_with_cpu_env sets.
+    # Transparent huge pages for malloc: what experiments.perf.reexec_with_cpu_env sets.
     'huge_pages': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
 }
 
@@ -152,10 +152,11 @@ def define_flags(values: flags.FlagValues) -> None:
                        flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> dict:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
   returns the times of each flag set."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   if values.worker:
     print(json.dumps(_worker(values.tiny, values.repeats)))
     return {}

@@ -62,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.lr_decay_factor = 0.1
   config.label_smoothing = 0.0
   config.grad_clip_norm = 0.0  # Clip gradients to this global norm; 0 = no clipping.
+  # A NaN or infinite loss or gradient: 'stop' the run with an error (checked every
+  # `log_every_steps` and before every checkpoint; nothing non-finite is saved), or 'skip'
+  # those steps (the parameters stay as they were; the epoch line says how many).
+  config.on_nonfinite = 'stop'
 
   # Checkpoints (orbax) under `<workdir>/checkpoints`: one at the end of every epoch and
   # every `checkpoint_every_steps` steps (0 = epoch ends only); the last

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from cbam_jax import _cli
+from experiments import cli
 from experiments.data import augment, sources
 from experiments.data import shapes as shapes_lib
 from experiments.data.base import DATASETS, DatasetInfo, Input, batch_sizes
@@ -326,24 +326,16 @@ def _override(config: ml_collections.ConfigDict, item: str) -> None:
   """Applies one ``--set KEY=VALUE`` (KEY may be dotted) to ``config``."""
   key, sep, value = item.partition('=')
   if not sep or not key:
-    raise SystemExit(f'{PROG}: --set {item!r}: write KEY=VALUE, e.g. --set augment=none.')
-  target = config
-  *parents, leaf = key.split('.')
-  try:
-    for p in parents:
-      target = target[p]
-    target[leaf] = _parse_value(value)
-  except (KeyError, AttributeError, TypeError):
-    raise SystemExit(f'{PROG}: --set {item!r}: {key!r} is not a field of the data config '
-                     '(experiments.data.pipeline.default_data_config()).') from None
+    raise cli.UserError(f'--set {item!r}: write KEY=VALUE, e.g. --set augment=none.')
+  cli.set_field(config, key, _parse_value(value), f'--set {item!r}')
 
 
+@cli.command(PROG)
 def main(argv: list[str] | None = None) -> None:
   """The ``--bench`` command line (``argv`` without the program name; default
   ``sys.argv[1:]``): times the training batches of a data config."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
-  with _cli.one_line_errors(PROG):
-    config = _load_config_file(values.config) if values.config else default_data_config()
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  config = _load_config_file(values.config) if values.config else default_data_config()
   if values.dataset:
     config.dataset = values.dataset
   if values.folder:

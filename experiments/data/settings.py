@@ -143,10 +143,24 @@ class DataSettings:
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The data fields with their defaults (`DataSettings`'); training configs build on this."""
-  config = ml_collections.ConfigDict(_field_defaults(DataSettings))
+  """The data fields with their defaults (`DataSettings`'); training configs build on this.
+
+  A field that defaults to None is a typed placeholder, so that the command line can set
+  it (`--config.folder=DIR`): ml_collections refuses to override a plain None.
+  """
+  hints = typing.get_type_hints(DataSettings)
+  defaults = {name: ml_collections.config_dict.placeholder(_value_type(hints[name]))
+                    if value is None else value
+              for name, value in _field_defaults(DataSettings).items()}
+  config = ml_collections.ConfigDict(defaults)
   config.shapes = ml_collections.ConfigDict(_field_defaults(ShapesSettings))
   return config
+
+
+def _value_type(hint: Any) -> type:
+  """`str` of `str | None`, `tuple` of `tuple[float, ...] | None`."""
+  (value_type,) = [t for t in typing.get_args(hint) if t is not type(None)]
+  return typing.get_origin(value_type) or value_type
 
 
 def _field_defaults(cls) -> dict[str, Any]:

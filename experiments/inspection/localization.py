@@ -9,11 +9,11 @@ split: top-1 accuracy, and for the spatial attention of the last block of each s
 Grad-CAM (predicted class) of the same blocks, both upsampled bilinearly to the input:
 
 * mass: fraction of the map's mass inside the object's ground-truth box
-  (:func:`cbam_jax.inspect.attention_mass_in_box`) of the raw map (sigmoid gates; Grad-CAM
+  (:func:`cbam_jax.inspection.attention_mass_in_box`) of the raw map (sigmoid gates; Grad-CAM
   is always min-max normalised) and of the map min-max normalised per image, which
   discounts a gate's constant floor,
 * pointing: how often the map's maximum falls in the box, within ``--tolerance`` pixels
-  (:func:`cbam_jax.inspect.pointing_game`).
+  (:func:`cbam_jax.inspection.pointing_game`).
 
 Two baselines need no model: a uniform map (its mass is the box's area fraction; pointing
 at a random pixel) and a map peaked at the image centre. Prints a Markdown table; ``--json``
@@ -29,14 +29,13 @@ from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-from cbam_jax import _cli  # noqa: E402
-from cbam_jax import inspect as ci  # noqa: E402
-from experiments import compile_cache  # noqa: E402
-from experiments.inspection import visualize  # noqa: E402
+from cbam_jax import inspection as ci
+from experiments import cli, compile_cache
+from experiments.inspection import visualize
 
 PROG = 'python -m experiments.inspection.localization'
 
@@ -141,22 +140,22 @@ def define_flags(values: flags.FlagValues) -> None:
                       flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
   returns the results of every run."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   compile_cache.enable()
   try:
     tolerances = [float(t) for t in values.tolerance]
   except ValueError:
-    raise SystemExit(f'{PROG}: --tolerance wants numbers, e.g. --tolerance=0,2,15; got '
-                     f'{",".join(values.tolerance)}.') from None
+    raise cli.UserError(f'--tolerance wants numbers, e.g. --tolerance=0,2,15; got '
+                        f'{",".join(values.tolerance)}.') from None
   if any(t < 0 for t in tolerances):
-    raise SystemExit(f'{PROG}: --tolerance must be >= 0.')
+    raise cli.UserError('--tolerance must be >= 0.')
   results, reference = [], None
   for workdir in values.workdir:
-    with _cli.one_line_errors(PROG):
-      run = visualize.load_run(workdir, values.which)
+    run = visualize.load_run(workdir, values.which)
     images = _eval_split(run, values.num_examples)
     result = score_run(run, images, tolerances, values.batch_size)
     result['name'] = os.path.basename(os.path.abspath(workdir).rstrip('/'))

@@ -28,14 +28,13 @@ from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-from cbam_jax import _cli  # noqa: E402
-from cbam_jax import inspect as ci  # noqa: E402
-from experiments import compile_cache  # noqa: E402
+from cbam_jax import inspection as ci
+from experiments import cli, compile_cache
 
 PROG = 'python -m experiments.inspection.visualize'
 
@@ -442,21 +441,21 @@ def define_flags(values: flags.FlagValues) -> None:
                        'documentation).', flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> list[str]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``);
   returns the paths written."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   compile_cache.enable()
   if values.files and values.folder:
-    raise SystemExit(f'{PROG}: pass --folder or --files, not both.')
-  with _cli.one_line_errors(PROG):
-    run = load_run(values.workdir, values.which)
-    if values.files:
-      images = file_images(run, values.files)
-    elif values.folder:
-      images = folder_images(run, values.folder, values.num_images)
-    else:
-      images = eval_images(run, values.num_images, values.offset)
+    raise cli.UserError('pass --folder or --files, not both.')
+  run = load_run(values.workdir, values.which)
+  if values.files:
+    images = file_images(run, values.files)
+  elif values.folder:
+    images = folder_images(run, values.folder, values.num_images)
+  else:
+    images = eval_images(run, values.num_images, values.offset)
   written = visualize(run, images, values.out, rows_per_figure=values.rows,
                       cam_block=values.block, top_k=values.top_k, dpi=values.dpi,
                       palette=values.palette)

@@ -16,6 +16,7 @@ import json
 import logging as python_logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -25,12 +26,28 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from cbam_jax import saving
+from experiments import cli
 
 PyTree = Any
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CORRUPT_SUBDIR = 'corrupt_checkpoints'
 BEST_METRIC = 'eval_top1'
+
+
+class CheckpointWriteError(cli.UserError):
+  """A checkpoint could not be written (a full disk, a read-only or vanished folder)."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind ``error`` (orbax wraps them), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -68,6 +85,27 @@ def _read_only_without_warning():
     yield
   finally:
     logger.removeFilter(drop)
+
+
+def _drop_closed_event_loop_errors() -> None:
+  """Silences the "Event loop is closed" errors that the reads of a failed restore report,
+  once per array, when they finish after orbax closed its event loop (a traceback each on
+  stderr, around the one useful warning). Other unraisable errors reach the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_event_loop', False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    previous(unraisable)
+
+  hook.drops_closed_event_loop = True
+  sys.unraisablehook = hook
+
+
+_drop_closed_event_loop_errors()
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
@@ -140,11 +178,29 @@ class Checkpoints:
     # the replicas to write in parallel, compiling a slice per array and device (seconds on
     # CPU, for no gain where all devices share one host's memory).
     state = jax.device_get(state)
-    self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(dict(meta))),
-        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-        force=True)
+    with self._writing(step):
+      self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(dict(meta))),
+          metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+          force=True)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns an OSError of a write (no space left, read-only) into CheckpointWriteError."""
+    try:
+      yield
+    except Exception as error:
+      cause = _os_error(error)
+      if cause is None:
+        raise
+      finished = [s for s in self.manager.all_steps() if s != step]
+      kept = f'step {max(finished)}' if finished else 'none yet'
+      raise CheckpointWriteError(
+          f'Could not write the checkpoint{"" if step is None else f" of step {step}"} to '
+          f'{self.directory}: {cause.strerror or cause}. The checkpoints written before '
+          f'(latest: {kept}) are intact; free some space or make the folder writable (or use '
+          'another --workdir), then rerun the same command to resume.') from error
 
   def restore(self, step: int, abstract_state: PyTree | None) -> tuple[PyTree, dict]:
     """``(state, meta)`` at ``step``; arrays laid out like ``abstract_state``'s shardings."""
@@ -257,7 +313,8 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Blocks until background writes are on disk."""
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
@@ -327,15 +384,42 @@ def load_model(path: str, which: str | int = 'latest', *, sharding: Any = None
                             'written by python -m experiments.training.train --workdir DIR.')
   ckpts = Checkpoints(directory, read_only=True)
   try:
-    step = ckpts.choose_step(which if step is None else step)
-    meta = ckpts.restore_meta(step)
-    description = meta['model'] = saving.canonical(meta['model'])
-    model = saving.build(description)
-    abstract = saving.abstract_variables(model, description.get('in_channels', 3))
-    if sharding is not None:
-      abstract = jax.tree.map(
-          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract)
-    variables = ckpts.restore_variables(step, abstract)
+    if step is None and which == 'latest':
+      ckpts.choose_step('latest')  # No checkpoint at all: the usual message.
+      candidates = list(reversed(ckpts.all_steps()))  # Fall back to older ones.
+    else:
+      candidates = [ckpts.choose_step(which if step is None else step)]
+    unreadable = []
+    for step in candidates:
+      try:
+        model, variables, meta = _read_model(ckpts, step, sharding)
+        break
+      except Exception as error:  # noqa: BLE001 - any read error means "try an older one".
+        unreadable.append((step, ' '.join(f'{type(error).__name__}: {error}'.split())[:300]))
+    else:
+      others = sorted(set(ckpts.all_steps()) - {s for s, _ in unreadable})
+      hint = (f'pass --which with one of the other steps ({others})' if others else
+              'retrain, or restore the checkpoints from a backup')
+      raise FileNotFoundError(
+          f'No readable checkpoint in {directory}: step(s) {[s for s, _ in unreadable]} could '
+          f'not be read ({unreadable[0][1]}); {hint}.')
   finally:
     ckpts.close()
+  if unreadable:
+    warnings.warn(
+        f'Checkpoint(s) at step(s) {[s for s, _ in unreadable]} in {directory} could not be '
+        f'read ({unreadable[0][1]}); using step {step}, the newest readable one. Pass --which '
+        'to choose another.', RuntimeWarning, stacklevel=2)
   return model, variables, meta, step
+
+
+def _read_model(ckpts: Checkpoints, step: int, sharding: Any
+                ) -> tuple[Any, dict[str, PyTree], dict[str, Any]]:
+  meta = ckpts.restore_meta(step)
+  description = meta['model'] = saving.canonical(meta['model'])
+  model = saving.build(description)
+  abstract = saving.abstract_variables(model, description.get('in_channels', 3))
+  if sharding is not None:
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract)
+  return model, ckpts.restore_variables(step, abstract), meta

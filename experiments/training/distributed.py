@@ -119,14 +119,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
 
 
 def configure_xla() -> None:
-  """Applies the project's XLA:CPU settings, where the project has them.
+  """Applies the project's XLA:CPU settings (:func:`experiments.perf.configure_cpu`).
 
   Must run before JAX starts its backends (before ``initialize`` and any device use).
   """
-  try:
-    from cbam_jax import perf
-  except ImportError:
-    return
-  configure = getattr(perf, 'configure_cpu', None)
-  if configure is not None:
-    configure()
+  from experiments import perf
+
+  perf.configure_cpu()

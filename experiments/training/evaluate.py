@@ -17,14 +17,13 @@ from collections.abc import Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import flags  # noqa: E402
+import jax
+import ml_collections
+from absl import flags
 
-from cbam_jax import _cli  # noqa: E402
-from experiments import compile_cache  # noqa: E402
-from experiments.data import pipeline as input_pipeline  # noqa: E402
-from experiments.training import checkpointing, distributed, train_lib  # noqa: E402
+from experiments import cli, compile_cache
+from experiments.data import pipeline as input_pipeline
+from experiments.training import checkpointing, distributed, train_lib
 
 PROG = 'python -m experiments.training.evaluate'
 
@@ -42,7 +41,7 @@ def evaluate_checkpoint(workdir: str, which: str = 'latest',
   model, variables, meta, step = checkpointing.load_model(workdir, which, sharding=replicated)
   config = ml_collections.ConfigDict(meta['config'])
   for key, value in (overrides or {}).items():
-    config[key] = value
+    cli.set_field(config, key, value, f'--data_override {key}')
   eval_batch_size = config.get('eval_batch_size') or config.global_batch_size
   distributed.check_batch_divides(eval_batch_size, mesh, 'eval_batch_size')
   data = input_pipeline.create_input(config, process_index=jax.process_index(),
@@ -64,21 +63,21 @@ def define_flags(values: flags.FlagValues) -> None:
                             flag_values=values)
 
 
+@cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
-  values, _ = _cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   compile_cache.enable()
   overrides = {}
   for item in values.data_override:
     key, sep, value = item.partition('=')
     if not sep:
-      raise SystemExit(f'{PROG}: --data_override wants KEY=VALUE; got {item!r}.')
+      raise cli.UserError(f'--data_override wants KEY=VALUE; got {item!r}.')
     try:
       overrides[key] = json.loads(value)
     except json.JSONDecodeError:
       overrides[key] = value
-  with _cli.one_line_errors(PROG):
-    result = evaluate_checkpoint(values.workdir, values.which, overrides)
+  result = evaluate_checkpoint(values.workdir, values.which, overrides)
   if jax.process_index() == 0:
     print(f'step {result["step"]}: top-1 {100 * result["eval_top1"]:.2f}%  '
           f'top-5 {100 * result["eval_top5"]:.2f}%  loss {result["eval_loss"]:.4f}  '

@@ -14,22 +14,16 @@ orbax checkpoints.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-if __name__ == '__main__':
-  from cbam_jax import perf
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-  # Before the heavy imports: glibc reads its tunables (huge pages for malloc, ~1.2x faster
-  # XLA:CPU steps) only at process start, so this restarts the process once if needed.
-  perf.reexec_with_cpu_env()
+from experiments import cli, perf
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from experiments import compile_cache  # noqa: E402
-from experiments.training import distributed  # noqa: E402
+PROG = 'python -m experiments.training.train'
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/default.py',
                                           'Training configuration file.', lock_config=True)
@@ -41,8 +35,37 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index.')
 
 
+def _config_fields() -> list[str]:
+  """Every field of the training config, dotted (``model.attention``)."""
+  from experiments.configs import base_config
+
+  def walk(config, prefix):
+    for key, value in config.items():
+      if hasattr(value, 'items'):
+        yield from walk(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}'
+
+  return list(walk(base_config(), ''))
+
+
+def _config_field_hint(argv: list[str]) -> str:
+  """``' Did you mean --config.X?'`` for the first top-level flag that names a config field."""
+  for arg in argv[1:]:
+    name = arg[2:].split('=', 1)[0] if arg.startswith('--') else ''
+    if not name or name.startswith('config') or name in flags.FLAGS:
+      continue
+    fields = _config_fields()
+    field = next((f for f in fields if f == name or f.endswith(f'.{name}')), None)
+    field = field or cli.closest(name, fields)
+    if field is not None:
+      return f' Did you mean --config.{field}{arg[2 + len(name):]}?'
+  return ''
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a one-line error for config overrides that name no field."""
+  """absl flag parsing with one-line errors (exit status 2), e.g. for config overrides that
+  name no field or top-level flags that are config fields."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:
@@ -50,24 +73,55 @@ def parse_flags(argv: list[str]) -> list[str]:
     # ml_collections quotes its message twice ('\\'name\\'\\nDid you mean ...'): unwrap it.
     message = str(error).replace('\\n', ' ').replace('\n', ' ').replace('\\', '')
     message = message.replace("'", '').strip('" ')
-    sys.exit(f'Bad config override ({" ".join(overrides)}): no such field: {message}. '
-             'The fields and their defaults are in experiments/configs/__init__.py.')
+    cli.exit_with(PROG, f'Bad config override ({" ".join(overrides)}): no such field: '
+                  f'{message}. The fields and their defaults are in '
+                  'experiments/configs/__init__.py.')
   except flags.Error as error:
-    sys.exit(f'{error}\nPass --helpfull to list the flags.')
+    hint = _config_field_hint(argv) if 'Unknown command line flag' in str(error) else ''
+    message = str(error).split('Did you mean')[0].strip() if hint else str(error)
+    cli.exit_with(PROG, f'{message}{hint} Pass --helpfull to list the flags.')
 
 
+def _config() -> ml_collections.ConfigDict:
+  """The ``--config`` file's config with the overrides, or a UserError naming the file."""
+  try:
+    config = _CONFIG.value
+    config.keys()  # A file that failed to load raises here, on first use.
+    return config
+  except OSError as error:
+    path = config_flags.get_config_filename(flags.FLAGS['config'])
+    if not os.path.isfile(path):
+      folder = os.path.dirname(path) or '.'
+      names = [os.path.join(os.path.dirname(path), name) for name in
+               (os.listdir(folder) if os.path.isdir(folder) else []) if name.endswith('.py')]
+      raise cli.UserError(f'--config={path}: no such config file.'
+                          f'{cli.did_you_mean(path, names, "--config={}")} The configs are in '
+                          'experiments/configs/.') from None
+    raise cli.UserError(f'--config={path} could not be loaded: '
+                        f'{str(error).strip().splitlines()[-1].strip()}') from error
+
+
+@cli.command(PROG)
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}. Pass --helpfull to list '
+                        'the flags.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  config = _config()
+  from experiments import compile_cache  # JAX: only after the restart below.
+  from experiments.training import distributed
+
   distributed.configure_xla()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   compile_cache.enable()  # A second run with the same config does not compile again.
   from experiments.training import train_lib  # After initialize: nothing may touch devices before.
 
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_lib.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':
+  # Before JAX is imported: glibc reads its tunables (huge pages for malloc, ~1.2x faster
+  # XLA:CPU steps) only at process start, so this restarts the process once if needed.
+  perf.reexec_with_cpu_env()
   app.run(main, flags_parser=parse_flags)

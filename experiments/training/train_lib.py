@@ -28,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from cbam_jax import models, saving
+from experiments import cli
 from experiments.configs import NO_ATTENTION
 from experiments.data import pipeline as input_pipeline
 from experiments.training import checkpointing, distributed
@@ -39,6 +40,12 @@ TIMING_KEYS = ('images_per_sec', 'input_wait_fraction', 'epoch_seconds', 'compil
                'wall_time')
 METRICS_FILE = 'metrics.jsonl'
 _DTYPES = ('float32', 'bfloat16', 'float16')
+# config.on_nonfinite: what a non-finite loss or gradient does.
+ON_NONFINITE = ('stop', 'skip')
+
+
+class DivergedError(cli.UserError):
+  """The loss or the parameters became NaN or infinite; the run stopped before saving them."""
 
 
 @flax.struct.dataclass
@@ -207,8 +214,13 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, label_smoothing: float) -> TrainState:
-  """One optimiser step on a global batch ``{'image': (B, H, W, C), 'label': (B,)}``."""
+               tx: optax.GradientTransformation, label_smoothing: float,
+               skip_nonfinite: bool = False) -> TrainState:
+  """One optimiser step on a global batch ``{'image': (B, H, W, C), 'label': (B,)}``.
+
+  With ``skip_nonfinite``, a step whose loss or gradient norm is not finite changes nothing
+  but the step counter (its examples are not counted in ``epoch_sums``).
+  """
 
   def loss_fn(params):
     logits, updates = model.apply(_variables(params, state.batch_stats), batch['image'],
@@ -225,8 +237,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   epoch_sums = {'loss': sums['loss'] + jnp.sum(losses),
                 'correct': sums['correct'] + correct.astype(jnp.float32),
                 'count': sums['count'] + jnp.float32(losses.shape[0])}
-  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                    opt_state=opt_state, epoch_sums=epoch_sums)
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state, epoch_sums=epoch_sums)
+  if not skip_nonfinite:
+    return new_state
+  finite = jnp.isfinite(jnp.sum(losses)) & jnp.isfinite(optax.tree.norm(grads))
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return kept.replace(step=state.step + 1)
 
 
 def eval_step(params: PyTree, batch_stats: PyTree, batch: Mapping[str, jax.Array], *,
@@ -451,6 +468,38 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.eval_every_epochs must be >= 1.')
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f'config.label_smoothing must be in [0, 1); got {config.label_smoothing}.')
+  if config.get('on_nonfinite', 'stop') not in ON_NONFINITE:
+    raise ValueError(f'config.on_nonfinite={config.on_nonfinite!r} is not one of '
+                     f'{", ".join(ON_NONFINITE)}.')
+
+
+def _mean(sums: Mapping[str, Any], key: str) -> float:
+  """``sums[key] / sums['count']``; NaN (without a warning) when nothing was counted."""
+  return float(sums[key] / sums['count']) if sums['count'] else float('nan')
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _check_finite(config: ml_collections.ConfigDict, sums: Mapping[str, Any], step: int,
+                  params: PyTree | None = None) -> None:
+  """Raises DivergedError if the epoch's loss sum (or ``params``, when given) is not finite.
+
+  The loss sum holds every step of the epoch so far, so one NaN step is caught at the next
+  check (every ``log_every_steps``, and before every checkpoint).
+  """
+  loss = float(sums['loss'])
+  if np.isfinite(loss) and (params is None or bool(_all_finite(params))):
+    return
+  what = f'the train loss is {loss}' if not np.isfinite(loss) else 'the parameters are not finite'
+  raise DivergedError(
+      f'Training diverged: {what} by step {step}; stopped without saving it. Likely causes: '
+      f'a learning rate too high (config.learning_rate={config.learning_rate}), no gradient '
+      f'clipping (config.grad_clip_norm={config.grad_clip_norm}), float16 overflow '
+      f'(config.model.dtype), or non-finite input values. Lower the learning rate, or set '
+      "config.on_nonfinite='skip' to skip such steps.")
 
 
 def _check_same_model(expected: Mapping[str, Any], directory: str) -> Callable[[dict], None]:
@@ -515,9 +564,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           'dataset': {'name': config.dataset, 'num_classes': info.num_classes,
                       'image_shape': list(info.image_shape),
                       'class_names': list(info.class_names)}}
-  if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(meta, f, indent=2)
 
   ckpts = checkpointing.Checkpoints(checkpointing.checkpoint_dir(workdir),
                                     keep=config.keep_checkpoints,
@@ -536,13 +582,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init_from:
       state = _init_from(state, config.init_from, replicated, is_chief)
 
+  if is_chief:  # Only now: a refused run (another model, a bad init_from) changes nothing.
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(meta, f, indent=2)
   metrics_log = MetricsLog(workdir, tensorboard=_tensorboard_on(config.tensorboard, is_chief),
                            enabled=is_chief)
   start_step = int(jax.device_get(state.step))
   metrics_log.truncate_after(start_step)
 
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+      functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing,
+                        skip_nonfinite=config.get('on_nonfinite', 'stop') == 'skip'),
       in_shardings=(state_shardings, batch_sharding), out_shardings=state_shardings)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_shardings.params, state_shardings.batch_stats,
@@ -588,13 +638,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         step += 1
         if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
           sums = jax.device_get(state.epoch_sums)  # Waits for the device: not every step.
+          _check_finite(config, sums, step)
           done = step - epoch * steps_per_epoch - first_step
           rate = done * config.global_batch_size / (time.perf_counter() - epoch_start)
-          progress.update(done - shown, loss=f'{sums["loss"] / sums["count"]:.4f}',
-                          acc=f'{sums["correct"] / sums["count"]:.3f}', img_s=f'{rate:.0f}')
+          progress.update(done - shown, loss=f'{_mean(sums, "loss"):.4f}',
+                          acc=f'{_mean(sums, "correct"):.3f}', img_s=f'{rate:.0f}')
           shown = done
         if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
             and step % steps_per_epoch != 0):
+          _check_finite(config, jax.device_get(state.epoch_sums), step, state.params)
           ckpts.save(step, state.to_dict(), meta)
       if step != (epoch + 1) * steps_per_epoch:
         raise RuntimeError(f'The input pipeline yielded {step - epoch * steps_per_epoch} '
@@ -602,6 +654,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       sums = jax.device_get(state.epoch_sums)
       epoch_seconds = time.perf_counter() - epoch_start
       progress.close()
+      _check_finite(config, sums, step, state.params)
+      skipped = round(float((step - epoch * steps_per_epoch) * config.global_batch_size
+                            - sums['count']) / config.global_batch_size)
+      if skipped:
+        if skipped == steps_per_epoch:
+          raise DivergedError(f'Training diverged: every step of epoch {epoch + 1} had a '
+                              'non-finite loss or gradient and was skipped. Lower the '
+                              'learning rate (config.learning_rate).')
+        if is_chief:
+          print(f'Skipped {skipped} step(s) of epoch {epoch + 1} with a non-finite loss or '
+                "gradient (config.on_nonfinite='skip').", flush=True)
       record = {'epoch': epoch + 1, 'step': step,
                 'train_loss': float(sums['loss'] / sums['count']),
                 'train_accuracy': float(sums['correct'] / sums['count']),

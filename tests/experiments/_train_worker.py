@@ -19,7 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from absl import app, flags  # noqa: E402  (after the environment above)
+from absl import app, flags
 
 flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
 flags.DEFINE_string('config_json', '{}', 'JSON object of overrides to the smoke config.')

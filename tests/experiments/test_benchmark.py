@@ -111,13 +111,13 @@ def test_bench_command_lines_reject_bad_values_in_one_line(module, argv, message
 
 
 def test_repeated_flags_collect_every_value():
-  from cbam_jax import _cli
+  from experiments import cli
   from experiments.bench import xla_flags
-  values, _ = _cli.parse(['--only', 'module', '--only=nnx', '--shape', '1,2,2,8', '--model',
+  values, _ = cli.parse(['--only', 'module', '--only=nnx', '--shape', '1,2,2,8', '--model',
                           'resnet20'], benchmark.define_flags, prog='b', usage='')
   assert values.only == ['module', 'nnx'] and values.model == ['resnet20']
   assert values.shape == ['1,2,2,8'] and benchmark._shape(values.shape[0]) == (1, 2, 2, 8)
-  values, _ = _cli.parse(['--flags', 'onednn', '--flags', 'fast_math', '--worker'],
+  values, _ = cli.parse(['--flags', 'onednn', '--flags', 'fast_math', '--worker'],
                          xla_flags.define_flags, prog='x', usage='')
   assert values.flags == ['onednn', 'fast_math'] and values.worker and values.repeats == 10
 

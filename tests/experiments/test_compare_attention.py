@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from cbam_jax import attention as registry
+from experiments import cli
 from experiments.bench import compare_attention as compare
 
 
@@ -19,7 +20,7 @@ def test_all_variants_are_none_every_registry_name_and_bam_at_stages():
 
 
 def test_unknown_variant_lists_the_valid_ones():
-  with pytest.raises(SystemExit, match=r"Unknown attention 'sse'.*none, .*se.*bam@stages"):
+  with pytest.raises(cli.UserError, match=r"Unknown attention 'sse'.*none, .*se.*bam@stages"):
     compare.parse_variants('se,sse')
 
 
@@ -52,7 +53,7 @@ def test_named_variants_with_field_overrides():
     ('x=sse', "Unknown attention 'sse'"), ('cbam,cbam', 'unique'),
     ('r4=cbam:reduction_ratio', 'not FIELD=VALUE'), ('a b=cbam', 'must be letters')])
 def test_bad_variants_name_the_problem(spec, message):
-  with pytest.raises(SystemExit, match=message):
+  with pytest.raises(cli.UserError, match=message):
     compare.parse_study_variants(spec)
 
 
@@ -60,13 +61,12 @@ def test_parse_seeds():
   assert compare.parse_seeds('0-4') == [0, 1, 2, 3, 4]
   assert compare.parse_seeds('3, 0-1') == [3, 0, 1]
   for bad in ('', '0,0', 'a'):
-    with pytest.raises(SystemExit, match='--seeds'):
+    with pytest.raises(cli.UserError, match='--seeds'):
       compare.parse_seeds(bad)
 
 
 def test_command_line_flags_repeat_and_reject_bad_values_in_one_line():
-  from cbam_jax import _cli
-  values, _ = _cli.parse(['--mode', 'train', '--train_flag', '--config.seed=1',
+  values, _ = cli.parse(['--mode', 'train', '--train_flag', '--config.seed=1',
                           '--train_flag=--config.warmup_epochs=0', '--contrast', 'a:b',
                           '--contrast=c:d'], compare.define_flags, prog='c', usage='')
   assert values.train_flag == ['--config.seed=1', '--config.warmup_epochs=0']
@@ -199,7 +199,7 @@ def test_run_study_refuses_a_workdir_of_another_budget(tmp_path, monkeypatch,
                                                          fake_provenance):
   _write_metrics(tmp_path / 'none' / 'seed0', [0.5], num_epochs=10)
   monkeypatch.setattr(compare.subprocess, 'run', lambda *a, **k: pytest.fail('ran'))
-  with pytest.raises(SystemExit, match='num_epochs=10, not 30'):
+  with pytest.raises(cli.UserError, match='num_epochs=10, not 30'):
     compare.run_study([compare.Variant('none', 'none')], [0], root=str(tmp_path),
                       config='c.py', epochs=30, extra=[])
 

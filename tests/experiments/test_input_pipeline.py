@@ -745,7 +745,7 @@ def test_benchmark_cli(capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['--set', 'augment'], r"--set 'augment': write KEY=VALUE"),
-    (['--set', 'shapes.nope.x=1'], r"'shapes.nope.x' is not a field of the data config"),
+    (['--set', 'shapes.nope.x=1'], r"'shapes.nope.x' is not a config field"),
     (['--batch-size', '16'], r"Unknown command line flag 'batch-size'. Did you mean: batch_size"),
     (['--bench', '0'], r'--bench=0: 0 is not a positive integer'),
 ])

@@ -6,8 +6,11 @@ without attention on 16x16 images; the smoke-config test runs the CBAM model.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,9 +18,11 @@ import sys
 import time
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -258,6 +263,134 @@ def test_bad_config_key_on_the_command_line(tmp_path):
   last_line = process.stderr.strip().splitlines()[-1]
   assert 'Bad config override (--config.num_epoch=3)' in last_line, process.stderr[-2000:]
   assert 'Did you mean "num_epochs"' in last_line
+
+
+def _snapshot(workdir):
+  """Every file under ``workdir`` with its bytes and modification time."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, workdir)] = (f.read(), os.stat(path).st_mtime_ns)
+  return files
+
+
+@pytest.mark.slow
+def test_a_refused_run_changes_nothing_in_the_workdir(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(tiny_config(num_epochs=1, async_checkpointing=False), workdir)
+  before = _snapshot(workdir)
+  assert 'config.json' in before and 'metrics.jsonl' in before
+  refusals = [  # Every way the trainer refuses a run, each into the same workdir.
+      ({'model.attention': 'cbam'}, ValueError, 'another model'),
+      ({'num_epochs': 0}, ValueError, 'num_epochs must be >= 1'),
+      ({'global_batch_size': 12}, ValueError, 'does not divide'),
+      ({'global_batch_size': 128, 'eval_batch_size': 16}, ValueError, 'exceeds the 64'),
+      ({'dataset': 'folder', 'folder': str(tmp_path / 'nowhere')}, FileNotFoundError,
+       'nowhere'),
+      ({'model.name': 'resnet_tine'}, ValueError, 'resnet_tine'),
+      ({'on_nonfinite': 'ignore'}, ValueError, 'on_nonfinite'),
+      ({'keep_checkpoints': 0}, ValueError, 'keep_checkpoints'),
+  ]
+  for overrides, error, message in refusals:
+    with pytest.raises(error, match=message):
+      train_lib.train_and_evaluate(tiny_config(**{'num_epochs': 1, **overrides}), workdir)
+    assert _snapshot(workdir) == before, overrides
+  # A fresh workdir refused for a bad init_from gets no config.json either.
+  fresh = str(tmp_path / 'fresh')
+  with pytest.raises(FileNotFoundError, match='init_from'):
+    train_lib.train_and_evaluate(tiny_config(init_from=str(tmp_path / 'none')), fresh)
+  assert not os.path.exists(os.path.join(fresh, 'config.json'))
+
+  # A save killed halfway leaves orbax's temporary folder (renamed into place only when
+  # complete): readers do not see it, and the latest complete checkpoint is used.
+  checkpoints = checkpointing.checkpoint_dir(workdir)
+  partial = os.path.join(checkpoints, '6.orbax-checkpoint-tmp-1234567890')
+  shutil.copytree(os.path.join(checkpoints, '4'), partial)
+  shutil.rmtree(os.path.join(partial, 'meta'))
+  assert checkpointing.load_model(workdir)[3] == 4
+
+  # The latest checkpoint's arrays zeroed: evaluation falls back to the newest readable one
+  # and says so; asked for that step, it names the folder and --which.
+  for root, _, names in os.walk(os.path.join(checkpointing.checkpoint_dir(workdir), '4', 'state')):
+    for name in names:
+      if 'ocdbt' in root or os.sep + 'd' in root:
+        path = os.path.join(root, name)
+        with open(path, 'wb') as f:
+          f.write(bytes(os.path.getsize(path)) or b'\0')
+  with pytest.warns(RuntimeWarning, match=r'step\(s\) \[4\] .* using step 2, the newest readable'):
+    _, _, _, step = checkpointing.load_model(workdir)
+  assert step == 2
+  with pytest.raises(FileNotFoundError, match=r'No readable checkpoint in .*checkpoints: '
+                     r'step\(s\) \[4\] could not be read .*pass --which with one of the other '
+                     r'steps \(\[2\]\)'):
+    checkpointing.load_model(workdir, '4')
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_without_saving_a_nonfinite_checkpoint(tmp_path):
+  config = tiny_config(learning_rate=1e30, lr_reference_batch_size=0, num_epochs=1,
+                       async_checkpointing=False, log_every_steps=1, checkpoint_every_steps=1)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train_lib.DivergedError,
+                     match=r'Training diverged: .* by step \d+; stopped without saving it\. '
+                           r'Likely causes: a learning rate too high \(config.learning_rate='):
+    train_lib.train_and_evaluate(config, workdir)
+  ckpts = checkpointing.Checkpoints(checkpointing.checkpoint_dir(workdir), read_only=True)
+  steps = ckpts.all_steps()
+  ckpts.close()
+  assert len(steps) < 4  # It stopped before the end of the epoch.
+  for step in steps:
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state(workdir, step)))
+
+
+class _TinyClassifier(flax.linen.Module):
+  """BatchNorm and a Dense head: what train_step needs, compiled in a blink."""
+
+  @flax.linen.compact
+  def __call__(self, x, train=False):
+    x = flax.linen.BatchNorm(use_running_average=not train)(x.reshape(x.shape[0], -1))
+    return flax.linen.Dense(6)(x)
+
+
+def test_skip_nonfinite_keeps_the_state_of_a_bad_step():
+  model, tx = _TinyClassifier(), optax.sgd(0.1)
+  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx, (8, 8, 3), 0))()
+  batch = {'image': jax.random.normal(jax.random.key(1), (4, 8, 8, 3)),
+           'label': jnp.zeros(4, jnp.int32)}
+  step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, label_smoothing=0.0,
+                                   skip_nonfinite=True))
+  good = step(state, batch)
+  assert int(good.step) == 1 and float(good.epoch_sums['count']) == 4
+  assert not np.array_equal(good.params['Dense_0']['kernel'], state.params['Dense_0']['kernel'])
+  bad = step(state, {**batch, 'image': batch['image'].at[0, 0, 0, 0].set(jnp.nan)})
+  assert int(bad.step) == 1
+  chex.assert_trees_all_equal(bad.replace(step=state.step), state)
+
+
+def test_a_full_disk_during_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch):
+  ckpts = checkpointing.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False)
+  state = {'params': {'w': np.arange(4, dtype=np.float32)}}
+  ckpts.save(1, state, {'model': {}})
+  save = ckpts.manager.save
+
+  def full_disk(step, *args, **kwargs):
+    if step == 2:  # Orbax wraps the OSError of the failed write.
+      raise RuntimeError('write failed') from OSError(errno.ENOSPC, 'No space left on device')
+    return save(step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpts.manager, 'save', full_disk)
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=r'Could not write the checkpoint of step 2 to .*checkpoints: No space '
+                           r'left on device\. The checkpoints written before \(latest: step 1\) '
+                           r'are intact; free some space .* rerun the same command to resume\.'):
+    ckpts.save(2, state, {'model': {}})
+  assert ckpts.all_steps() == [1]
+  restored, _ = ckpts.restore(1, None)
+  np.testing.assert_array_equal(restored['params']['w'], state['params']['w'])
+  ckpts.close()
 
 
 # --------------------------------------------------------------------------- end to end

@@ -12,13 +12,13 @@ import pytest
 pytest.importorskip('matplotlib')
 pytest.importorskip('orbax.checkpoint')
 
-from random_variables import random_variables  # noqa: E402
+from random_variables import random_variables
 
-from cbam_jax import saving  # noqa: E402
-from experiments.configs import base_config  # noqa: E402
-from experiments.data import pipeline as input_pipeline  # noqa: E402
-from experiments.inspection import localization, visualize  # noqa: E402
-from experiments.training import checkpointing, train_lib  # noqa: E402
+from cbam_jax import saving
+from experiments.configs import base_config
+from experiments.data import pipeline as input_pipeline
+from experiments.inspection import localization, visualize
+from experiments.training import checkpointing, train_lib
 
 # Each test runs a command-line tool end to end.
 pytestmark = pytest.mark.slow

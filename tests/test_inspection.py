@@ -1,4 +1,4 @@
-"""Tests for cbam_jax.inspect: map extraction, upsampling, Grad-CAM, localisation scores."""
+"""Tests for cbam_jax.inspection: map extraction, upsampling, Grad-CAM, localisation scores."""
 
 import functools
 
@@ -12,7 +12,7 @@ from absl.testing import parameterized
 from random_variables import random_variables
 
 from cbam_jax import CBAM, ChannelAttention, SpatialAttention, models
-from cbam_jax import inspect as ci
+from cbam_jax import inspection as ci
 from cbam_jax.attention import SqueezeExcitation
 
 

@@ -1,4 +1,4 @@
-"""CPU performance settings for training scripts.
+"""CPU performance settings for the training and benchmark scripts (free of JAX to import).
 
 XLA reads ``XLA_FLAGS`` once, when its CPU backend starts (the first computation), so
 :func:`configure_cpu` must run before anything touches a JAX array. It only adds flags
