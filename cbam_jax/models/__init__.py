@@ -5,7 +5,7 @@ its named sizes and one :func:`register_backbone` call. The registry is the spin
 everything else reads: :func:`create_model` (linen), :func:`cbam_jax.nnx.create_model`
 (NNX), :func:`available_models`, :mod:`cbam_jax.saving` (a family's declared
 :class:`Field`\\ s are its model description) and the trainer. Adding a family touches
-neither saving nor the trainer; see docs/extending_backbone.md.
+neither saving nor the trainer; see docs/extending.md.
 
 Example::
 
