@@ -89,11 +89,10 @@ def exit_with(prog: str, error: BaseException | str) -> NoReturn:
   raise exit_error from None
 
 
-def _show_warning(prog: str, message: Warning | str, category: type[Warning], *args: Any,
-                  **kwargs: Any) -> None:
-  """Shows a warning as one line, ``prog: warning: message`` (no source line)."""
-  print(f'{prog}: {category.__name__}: {" ".join(str(message).split())}', file=sys.stderr,
-        flush=True)
+def _format_warning(prog: str, message: Warning | str, category: type[Warning], *args: Any,
+                    **kwargs: Any) -> str:
+  """A warning as one line, ``prog: Category: message`` (no source line)."""
+  return f'{prog}: {category.__name__}: {" ".join(str(message).split())}\n'
 
 
 def command(prog: str, *errors: type[Exception]) -> Callable[[_Main], _Main]:
@@ -105,14 +104,17 @@ def command(prog: str, *errors: type[Exception]) -> Callable[[_Main], _Main]:
   def decorate(main: _Main) -> _Main:
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+      # Only the display changes: warnings recorded (pytest.warns) are recorded as before.
+      format_warning, warnings.formatwarning = (warnings.formatwarning,
+                                                functools.partial(_format_warning, prog))
       try:
-        with warnings.catch_warnings():
-          warnings.showwarning = functools.partial(_show_warning, prog)
-          return main(*args, **kwargs)
+        return main(*args, **kwargs)
       except caught as error:
         if os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
           raise
         exit_with(prog, error)
+      finally:
+        warnings.formatwarning = format_warning
 
     return wrapped  # type: ignore[return-value]
 

@@ -72,6 +72,9 @@ class _DropAbslMessage(python_logging.Filter):
 # Orbax warns for checkpoints saved without metrics. Mid-epoch checkpoints have no eval
 # accuracy by design: they are resume points, never candidates for "best".
 python_logging.getLogger('absl').addFilter(_DropAbslMessage('did not provide metrics'))
+# Orbax logs an ERROR for each unreadable step it lists; the warning or error that follows
+# (see Checkpoints) names those steps once.
+python_logging.getLogger('absl').addFilter(_DropAbslMessage('Failed to json parse Metadata'))
 
 
 @contextlib.contextmanager
@@ -151,8 +154,14 @@ class Checkpoints:
     except Exception as error:  # noqa: BLE001 - orbax reads every step's metadata here.
       unreadable = [step for step in _step_dirs(self.directory)
                     if not _metadata_readable(os.path.join(self.directory, str(step)))]
-      if self._options.read_only or not unreadable:
+      if not unreadable:
         raise
+      if self._options.read_only:
+        raise FileNotFoundError(
+            f'Cannot list the checkpoints in {self.directory}: the metadata of step(s) '
+            f'{unreadable} cannot be read ({type(error).__name__}: {error}). Move those step '
+            f'folders aside (to {self._corrupt_dir()}; resuming training does that), then '
+            'pass --which.') from error
       self._set_aside(unreadable, f'{type(error).__name__}: {error}', reload=False)
       return open_manager()
 

@@ -326,6 +326,13 @@ def test_a_refused_run_changes_nothing_in_the_workdir(tmp_path):
                      r'step\(s\) \[4\] could not be read .*pass --which with one of the other '
                      r'steps \(\[2\]\)'):
     checkpointing.load_model(workdir, '4')
+  # Metadata that orbax cannot even list: a read-only reader says what to do.
+  for name in ('_CHECKPOINT_METADATA', os.path.join('metrics', 'metrics')):
+    with open(os.path.join(checkpoints, '4', name), 'w') as f:
+      f.write('garbage')
+  with pytest.raises(FileNotFoundError, match=r'Cannot list the checkpoints in .*: the metadata '
+                     r'of step\(s\) \[4\] cannot be read .*Move those step folders aside'):
+    checkpointing.load_model(workdir)
 
 
 @pytest.mark.slow
