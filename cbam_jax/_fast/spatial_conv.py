@@ -95,13 +95,19 @@ def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   kernel_size = kernel.shape[:-2]
   spatial = planes.shape[2:]
+  num_in, num_out = kernel.shape[-2:]
   padded = _pad_same(planes, kernel_size)
+  # Each input plane and each weight split off once, not per tap: every traced op here costs
+  # tracing, lowering and XLA time, and this loop is unrolled (98 taps for CBAM's 7x7).
+  inputs = [plane[0] for plane in jnp.split(padded, num_in)]
+  weights = dict(zip(np.ndindex(kernel.shape), (
+      weight.reshape(()) for weight in jnp.split(kernel.reshape(-1), kernel.size)), strict=True))
   outs = []
-  for out_channel in range(kernel.shape[-1]):
+  for out_channel in range(num_out):
     acc = None
     for offset in itertools.product(*(range(k) for k in kernel_size)):
-      for in_channel in range(kernel.shape[-2]):
-        term = _window(padded[in_channel], offset, spatial) * kernel[
+      for in_channel in range(num_in):
+        term = _window(inputs[in_channel], offset, spatial) * weights[
             offset + (in_channel, out_channel)]
         acc = term if acc is None else acc + term
     outs.append(acc)
