@@ -118,13 +118,15 @@ def _check_onnx(model, variables, path, size=8):
   ort = pytest.importorskip('onnxruntime')
   pytest.importorskip('onnx')
   pytest.importorskip('jax2onnx')
-  to_onnx(model, variables, _images(2, size), path)
+  proto = to_onnx(model, variables, _images(2, size), path)
+  assert 'Loop' not in {node.op_type for node in proto.graph.node}  # No fusion boundaries.
   session = ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
   x = _images(3, size, seed=1)
   want = _reference(model, variables, x)
   for batch in (3, 1):
     got, = session.run(None, {'input': np.asarray(x[:batch])})
     _assert_close(got, want[:batch])
+  return proto
 
 
 # --------------------------------------------------------------------------- StableHLO
@@ -189,7 +191,9 @@ def test_stablehlo_runs_without_cbam_jax(tmp_path):
 
 @pytest.mark.parametrize('name', MEMBERS)
 def test_onnx_member_in_a_linen_network(name, tmp_path):
-  _check_onnx(*_linen([name]), tmp_path / 'model.onnx')
+  proto = _check_onnx(*_linen([name]), tmp_path / 'model.onnx')
+  if name == 'cbam':  # The network's conv and CBAM's spatial conv, each one plain Conv.
+    assert [node.op_type for node in proto.graph.node].count('Conv') == 2
 
 
 @pytest.mark.parametrize('name', fast_subset(attention.available(), attention.available(),

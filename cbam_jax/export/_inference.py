@@ -27,12 +27,19 @@ class ExportError(ValueError):
 _PLAIN_CONV = {'conv_impl': 'xla', 'materialize_input': False}
 
 
+def _set_plain_conv(module: Any, setattr_fn: Callable[[Any, str, Any], None]) -> None:
+  """Sets the ``_PLAIN_CONV`` fields of a cbam_jax module (a user's module may have a field
+  of the same name that means something else)."""
+  if type(module).__module__.startswith('cbam_jax.'):
+    for name, value in _PLAIN_CONV.items():
+      if hasattr(module, name):
+        setattr_fn(module, name, value)
+
+
 def _plain_conv_interceptor(next_fun, args, kwargs, context):
-  """Sets every module's ``_PLAIN_CONV`` fields as it is called (each call of ``apply``
-  binds fresh module instances, so the caller's model is left as it is)."""
-  for name, value in _PLAIN_CONV.items():
-    if hasattr(context.module, name):
-      object.__setattr__(context.module, name, value)
+  """Sets every cbam_jax module's ``_PLAIN_CONV`` fields as it is called (each call of
+  ``apply`` binds fresh module instances, so the caller's model is left as it is)."""
+  _set_plain_conv(context.module, object.__setattr__)
   return next_fun(*args, **kwargs)
 
 
@@ -56,9 +63,7 @@ def inference_function(model: Any, variables: Mapping[str, Any] | None, *,
     eval_model.eval()
     if plain_conv:
       for _, module in nnx.iter_modules(eval_model):
-        for name, value in _PLAIN_CONV.items():
-          if hasattr(module, name):
-            setattr(module, name, value)
+        _set_plain_conv(module, setattr)
     graphdef, state = nnx.split(eval_model)
 
     def nnx_inference(x):
