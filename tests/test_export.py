@@ -114,10 +114,15 @@ def _check_stablehlo(model, variables, size=8):
   _assert_close(np.asarray(exported.call(x[:1])), want[:1])
 
 
-def _check_onnx(model, variables, path, size=8):
-  ort = pytest.importorskip('onnxruntime')
-  pytest.importorskip('onnx')
+@pytest.fixture
+def ort():
+  """onnxruntime; the test skips (before building its model) without the ONNX converter."""
   pytest.importorskip('jax2onnx')
+  pytest.importorskip('onnx')
+  return pytest.importorskip('onnxruntime')
+
+
+def _check_onnx(ort, model, variables, path, size=8):
   proto = to_onnx(model, variables, _images(2, size), path)
   assert 'Loop' not in {node.op_type for node in proto.graph.node}  # No fusion boundaries.
   session = ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
@@ -190,40 +195,38 @@ def test_stablehlo_runs_without_cbam_jax(tmp_path):
 
 
 @pytest.mark.parametrize('name', MEMBERS)
-def test_onnx_member_in_a_linen_network(name, tmp_path):
-  proto = _check_onnx(*_linen([name]), tmp_path / 'model.onnx')
+def test_onnx_member_in_a_linen_network(name, tmp_path, ort):
+  proto = _check_onnx(ort, *_linen([name]), tmp_path / 'model.onnx')
   if name == 'cbam':  # The network's conv and CBAM's spatial conv, each one plain Conv.
     assert [node.op_type for node in proto.graph.node].count('Conv') == 2
 
 
 @pytest.mark.parametrize('name', fast_subset(attention.available(), attention.available(),
                                              ('cbam',)))
-def test_onnx_member_in_an_nnx_network(name, tmp_path):
-  _check_onnx(_nnx([name]), None, tmp_path / 'model.onnx')
+def test_onnx_member_in_an_nnx_network(name, tmp_path, ort):
+  _check_onnx(ort, _nnx([name]), None, tmp_path / 'model.onnx')
 
 
 @pytest.mark.slow
-def test_onnx_cbam_resnet20(tmp_path):
+def test_onnx_cbam_resnet20(tmp_path, ort):
   model = create_model('resnet20', attention='cbam')
-  _check_onnx(model, _variables(model, _images(1, 16)), tmp_path / 'model.onnx', size=16)
+  _check_onnx(ort, model, _variables(model, _images(1, 16)), tmp_path / 'model.onnx', size=16)
 
 
 @pytest.mark.slow
-def test_onnx_cbam_resnet20_nnx(tmp_path):
-  _check_onnx(cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
+def test_onnx_cbam_resnet20_nnx(tmp_path, ort):
+  _check_onnx(ort, cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
               tmp_path / 'model.onnx', size=16)
 
 
 @pytest.mark.slow
-def test_onnx_cbam_resnet50(tmp_path):
+def test_onnx_cbam_resnet50(tmp_path, ort):
   model = create_model('resnet50', attention='cbam')
-  _check_onnx(model, _variables(model, _images(1, 32)), tmp_path / 'model.onnx', size=32)
+  _check_onnx(ort, model, _variables(model, _images(1, 32)), tmp_path / 'model.onnx', size=32)
 
 
-def test_onnx_names_an_operation_it_cannot_convert(tmp_path):
-  pytest.importorskip('onnxruntime')
-  pytest.importorskip('onnx')
-  pytest.importorskip('jax2onnx')
+def test_onnx_names_an_operation_it_cannot_convert(tmp_path, ort):
+  del ort  # Only its skip.
 
   class HostCall(nn.Module):
     @nn.compact
