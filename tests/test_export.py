@@ -66,11 +66,12 @@ def _images(batch, size=8, seed=0):
 
 
 def _variables(model, x):
-  """Random variables whose kernels keep activations near unit scale (He-like), so that
-  1e-5 is a meaningful tolerance on the outputs."""
+  """Random variables whose kernels have unit gain (std 1/sqrt(fan_in)), so that the
+  outputs stay near unit scale through 50 layers and 1e-5 is a meaningful tolerance (with
+  He's gain a random ResNet-50 amplifies float32 rounding to ~2e-5 of its largest logit)."""
   def rescale(path, leaf):
     if jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim > 1:
-      return leaf * np.sqrt(2.0 / np.prod(leaf.shape[:-1])) / 0.3
+      return leaf * np.sqrt(1.0 / np.prod(leaf.shape[:-1])) / 0.3
     return leaf
   return jax.tree_util.tree_map_with_path(rescale, random_variables(model, x))
 
@@ -96,28 +97,41 @@ def _reference(model, variables, x):
   return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, x))
 
 
+def _assert_close(got, want):
+  """Within 1e-5 of the outputs' scale: absolute for outputs up to 1 (the small networks),
+  relative to the largest output beyond (float32 keeps ~7 digits of a ResNet-50 logit)."""
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=TOLERANCE * max(1.0, float(np.max(np.abs(want)))))
+
+
 def _check_stablehlo(model, variables, size=8):
   """Exported at batch 2; reloaded and run at batches 3 and 1 against JAX."""
   blob = to_stablehlo(model, variables, _images(2, size))
   exported = jax.export.deserialize(blob)
   x = _images(3, size, seed=1)
   want = _reference(model, variables, x)
-  np.testing.assert_allclose(np.asarray(exported.call(x)), want, atol=TOLERANCE, rtol=0)
-  np.testing.assert_allclose(np.asarray(exported.call(x[:1])), want[:1], atol=TOLERANCE,
-                             rtol=0)
+  _assert_close(np.asarray(exported.call(x)), want)
+  _assert_close(np.asarray(exported.call(x[:1])), want[:1])
 
 
-def _check_onnx(model, variables, path, size=8):
-  ort = pytest.importorskip('onnxruntime')
-  pytest.importorskip('onnx')
+@pytest.fixture
+def ort():
+  """onnxruntime; the test skips (before building its model) without the ONNX converter."""
   pytest.importorskip('jax2onnx')
-  to_onnx(model, variables, _images(2, size), path)
+  pytest.importorskip('onnx')
+  return pytest.importorskip('onnxruntime')
+
+
+def _check_onnx(ort, model, variables, path, size=8):
+  proto = to_onnx(model, variables, _images(2, size), path)
+  assert 'Loop' not in {node.op_type for node in proto.graph.node}  # No fusion boundaries.
   session = ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
   x = _images(3, size, seed=1)
   want = _reference(model, variables, x)
   for batch in (3, 1):
     got, = session.run(None, {'input': np.asarray(x[:batch])})
-    np.testing.assert_allclose(got, want[:batch], atol=TOLERANCE, rtol=0)
+    _assert_close(got, want[:batch])
+  return proto
 
 
 # --------------------------------------------------------------------------- StableHLO
@@ -139,12 +153,8 @@ def test_stablehlo_every_member_in_an_nnx_network():
   _check_stablehlo(_nnx(attention.available()), None)
 
 
-@pytest.mark.slow
-def test_stablehlo_cbam_resnet20():
-  model = create_model('resnet20', attention='cbam')
-  _check_stablehlo(model, _variables(model, _images(1, 16)), size=16)
-
-
+# The linen CIFAR ResNet goes through StableHLO in the command-line tests, the ImageNet one
+# here; CI's time goes to one of each API.
 @pytest.mark.slow
 def test_stablehlo_cbam_resnet20_nnx():
   _check_stablehlo(cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
@@ -178,47 +188,45 @@ def test_stablehlo_runs_without_cbam_jax(tmp_path):
             'assert not any(m.startswith("cbam_jax") for m in sys.modules), "imported"\n')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   subprocess.run([sys.executable, '-c', script], check=True, cwd=tmp_path, env=env)
-  np.testing.assert_allclose(np.load(tmp_path / 'y.npy'),
-                             _reference(model, variables, _images(3, seed=1)),
-                             atol=TOLERANCE, rtol=0)
+  _assert_close(np.load(tmp_path / 'y.npy'), _reference(model, variables, _images(3, seed=1)))
 
 
 # --------------------------------------------------------------------------- ONNX
 
 
 @pytest.mark.parametrize('name', MEMBERS)
-def test_onnx_member_in_a_linen_network(name, tmp_path):
-  _check_onnx(*_linen([name]), tmp_path / 'model.onnx')
+def test_onnx_member_in_a_linen_network(name, tmp_path, ort):
+  proto = _check_onnx(ort, *_linen([name]), tmp_path / 'model.onnx')
+  if name == 'cbam':  # The network's conv and CBAM's spatial conv, each one plain Conv.
+    assert [node.op_type for node in proto.graph.node].count('Conv') == 2
 
 
 @pytest.mark.parametrize('name', fast_subset(attention.available(), attention.available(),
                                              ('cbam',)))
-def test_onnx_member_in_an_nnx_network(name, tmp_path):
-  _check_onnx(_nnx([name]), None, tmp_path / 'model.onnx')
+def test_onnx_member_in_an_nnx_network(name, tmp_path, ort):
+  _check_onnx(ort, _nnx([name]), None, tmp_path / 'model.onnx')
 
 
 @pytest.mark.slow
-def test_onnx_cbam_resnet20(tmp_path):
+def test_onnx_cbam_resnet20(tmp_path, ort):
   model = create_model('resnet20', attention='cbam')
-  _check_onnx(model, _variables(model, _images(1, 16)), tmp_path / 'model.onnx', size=16)
+  _check_onnx(ort, model, _variables(model, _images(1, 16)), tmp_path / 'model.onnx', size=16)
 
 
 @pytest.mark.slow
-def test_onnx_cbam_resnet20_nnx(tmp_path):
-  _check_onnx(cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
+def test_onnx_cbam_resnet20_nnx(tmp_path, ort):
+  _check_onnx(ort, cnnx.create_model('resnet20', attention='cbam', rngs=nnx.Rngs(0)), None,
               tmp_path / 'model.onnx', size=16)
 
 
 @pytest.mark.slow
-def test_onnx_cbam_resnet50(tmp_path):
+def test_onnx_cbam_resnet50(tmp_path, ort):
   model = create_model('resnet50', attention='cbam')
-  _check_onnx(model, _variables(model, _images(1, 32)), tmp_path / 'model.onnx', size=32)
+  _check_onnx(ort, model, _variables(model, _images(1, 32)), tmp_path / 'model.onnx', size=32)
 
 
-def test_onnx_names_an_operation_it_cannot_convert(tmp_path):
-  pytest.importorskip('onnxruntime')
-  pytest.importorskip('onnx')
-  pytest.importorskip('jax2onnx')
+def test_onnx_names_an_operation_it_cannot_convert(tmp_path, ort):
+  del ort  # Only its skip.
 
   class HostCall(nn.Module):
     @nn.compact
@@ -274,8 +282,8 @@ def test_cli_exports_a_saved_model_and_keeps_existing_files(saved_model, tmp_pat
   cli.main(['--model', str(directory), '--format', 'stablehlo', '--out', str(out),
             '--image_size', '16'])
   x = _images(2, 16, seed=1)
-  np.testing.assert_allclose(np.asarray(jax.export.deserialize(out.read_bytes()).call(x)),
-                             _reference(model, variables, x), atol=TOLERANCE, rtol=0)
+  _assert_close(np.asarray(jax.export.deserialize(out.read_bytes()).call(x)),
+                _reference(model, variables, x))
   code, lines = _run_cli(capsys, '--model', directory, '--format', 'stablehlo', '--out', out)
   assert code == 2 and len(lines) == 1 and 'exists; pass --overwrite' in lines[0]
   cli.main(['--model', str(directory), '--format', 'stablehlo', '--out', str(out),
@@ -297,8 +305,7 @@ def test_cli_exports_a_training_workdir(saved_model, tmp_path):
   exported = jax.export.deserialize(out.read_bytes())
   assert exported.in_avals[0].shape[1:] == (16, 16, 3)  # The config's image_size.
   x = _images(2, 16, seed=1)
-  np.testing.assert_allclose(np.asarray(exported.call(x)), _reference(model, variables, x),
-                             atol=TOLERANCE, rtol=0)
+  _assert_close(np.asarray(exported.call(x)), _reference(model, variables, x))
 
 
 @pytest.mark.parametrize('argv, message', [

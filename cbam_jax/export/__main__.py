@@ -67,31 +67,32 @@ def _parse(argv: Sequence[str]) -> flags.FlagValues:
   return values
 
 
-def _load(path: str, which: str) -> tuple[Any, Any, dict[str, Any], str]:
-  """``(model, variables, description, image_size or None)`` of a saved model or workdir."""
+def _load(path: str, which: str) -> tuple[Any, Any, int | None]:
+  """``(model, variables, the training config's image_size or None)`` of a saved model
+  directory or, failing that, a training workdir."""
   from cbam_jax import saving
 
   if not os.path.isdir(path):
     raise UsageError(f'--model {path}: no such directory.')
-  if os.path.isfile(os.path.join(path, saving.MODEL_JSON)):
-    try:
-      meta = saving.read_model_json(path)
-      model, variables = saving.load(path)
-    except (OSError, ValueError) as error:
-      raise UsageError(str(error)) from None
-    return model, variables, meta['model'], None
+  try:
+    model, variables = saving.load(path)
+    return model, variables, None
+  except FileNotFoundError:
+    pass  # Not a saved model directory: a training workdir?
+  except (OSError, ValueError) as error:
+    raise UsageError(str(error)) from None
   try:
     from experiments.training import checkpointing
   except ImportError:
-    raise UsageError(f'--model {path} has no {saving.MODEL_JSON}; reading a training workdir '
-                     'needs the repository\'s experiments package: run from the repository '
-                     'root.') from None
+    raise UsageError(f'--model {path} is not a saved model directory; reading a training '
+                     "workdir needs the repository's experiments package: run from the "
+                     'repository root.') from None
   try:
     model, variables, meta, _ = checkpointing.load_model(path, which)
   except (OSError, ValueError) as error:
-    raise UsageError(f'{error} (--model is neither a saved model directory, with '
-                     f'{saving.MODEL_JSON}, nor a training workdir.)') from None
-  return model, variables, meta['model'], meta.get('config', {}).get('image_size')
+    raise UsageError(f'{error} (--model is neither a saved model directory nor a training '
+                     'workdir.)') from None
+  return model, variables, meta.get('config', {}).get('image_size')
 
 
 def run(argv: Sequence[str]) -> str:
@@ -114,9 +115,10 @@ def run(argv: Sequence[str]) -> str:
 
   from cbam_jax import export
 
-  model, variables, description, config_size = _load(values.model, values.which)
+  model, variables, config_size = _load(values.model, values.which)
   size = values.image_size or config_size or _DEFAULT_SIZES.get(model.stem, 224)
-  shape = (values.batch_size, size, size, description.get('in_channels', 3))
+  in_channels = variables['params']['conv1']['kernel'].shape[-2]  # The stem conv's input.
+  shape = (values.batch_size, size, size, in_channels)
   example = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
   polymorphic = not values.fixed_batch
   try:

@@ -22,9 +22,35 @@ class ExportError(ValueError):
   """A model, input or operation that cannot be exported (the message says which, and why)."""
 
 
-def inference_function(model: Any, variables: Mapping[str, Any] | None
-                       ) -> Callable[[jax.Array], Any]:
+# The spatial conv's implementation field and the value that gives one plain conv op; and
+# the conv-input fusion boundary's field and the value that turns it off. Same numbers.
+_PLAIN_CONV = {'conv_impl': 'xla', 'materialize_input': False}
+
+
+def _set_plain_conv(module: Any, setattr_fn: Callable[[Any, str, Any], None]) -> None:
+  """Sets the ``_PLAIN_CONV`` fields of a cbam_jax module (a user's module may have a field
+  of the same name that means something else)."""
+  if type(module).__module__.startswith('cbam_jax.'):
+    for name, value in _PLAIN_CONV.items():
+      if hasattr(module, name):
+        setattr_fn(module, name, value)
+
+
+def _plain_conv_interceptor(next_fun, args, kwargs, context):
+  """Sets every cbam_jax module's ``_PLAIN_CONV`` fields as it is called (each call of
+  ``apply`` binds fresh module instances, so the caller's model is left as it is)."""
+  _set_plain_conv(context.module, object.__setattr__)
+  return next_fun(*args, **kwargs)
+
+
+def inference_function(model: Any, variables: Mapping[str, Any] | None, *,
+                       plain_conv: bool = False) -> Callable[[jax.Array], Any]:
   """``x -> model(x)`` in evaluation mode with the weights bound as constants.
+
+  ``plain_conv``: every cbam_jax module's spatial conv is ``lax.conv``
+  (``conv_impl='xla'``) and no conv input is materialised through a fusion boundary
+  (``materialize_input=False``): the same numbers, one conv op instead of the CPU fast
+  path's shifted multiply-adds and one-trip loops.
 
   Raises:
     ExportError: ``model`` is neither a linen nor an NNX module, or ``variables`` do not
@@ -35,6 +61,9 @@ def inference_function(model: Any, variables: Mapping[str, Any] | None
       raise ExportError('An NNX model holds its own weights; pass variables=None.')
     eval_model = nnx.merge(*nnx.split(model))  # A copy: the caller's model keeps its mode.
     eval_model.eval()
+    if plain_conv:
+      for _, module in nnx.iter_modules(eval_model):
+        _set_plain_conv(module, setattr)
     graphdef, state = nnx.split(eval_model)
 
     def nnx_inference(x):
@@ -48,6 +77,9 @@ def inference_function(model: Any, variables: Mapping[str, Any] | None
     kwargs = {'train': False} if 'train' in call_parameters else {}
 
     def linen_inference(x):
+      if plain_conv:
+        with nn.intercept_methods(_plain_conv_interceptor):
+          return model.apply(variables, x, **kwargs)
       return model.apply(variables, x, **kwargs)
     return linen_inference
   raise ExportError(f'Expected a flax.linen or flax.nnx module, got {type(model).__name__}.')

@@ -12,7 +12,11 @@ XLA:CPU's scheduler taken out; the numbers are those of the original program:
   (the loop's own result for any trip count). Other loops stay loops;
 * ``pad`` of an array with a symbolic (batch) dimension, edge padding only, becomes
   concatenations with blocks of the padding value: jax2onnx 0.17's ``pad`` cannot name a
-  symbolic dimension in its output shape.
+  symbolic dimension in its output shape;
+* ``reduce_window_max`` over an array of rank 4 or more that pools fewer axes (the
+  ImageNet stem's 3x3 max-pool over ``(B, H, W, C)``) pools a ``(B * C, H, W)`` view
+  instead: jax2onnx 0.17 makes it a ``MaxPool`` with a kernel of the array's rank, and
+  onnxruntime pools at most three dimensions.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def _evaluate(jaxpr: jex_core.Jaxpr, consts: Any, args: Any) -> list[Any]:
       outs = _evaluate(inner.jaxpr, inner.consts, invals)
     elif name == 'while' and _loop_is_boundary(eqn, used):
       outs = _run_boundary_once(eqn, invals, used)
+    elif name == 'reduce_window_max' and _pools_fewer_axes(eqn.params, invals[0].ndim):
+      outs = [_max_pool_merged(invals[0], eqn.params)]
     elif name == 'pad' and _is_symbolic_edge_pad(invals[0], eqn.params['padding_config']):
       outs = [_pad_by_concatenation(*invals, eqn.params['padding_config'])]
     else:
@@ -128,3 +134,39 @@ def _pad_by_concatenation(operand: Any, padding_value: Any, padding_config: Any)
     if len(parts) > 1:
       operand = lax.concatenate(parts, axis)
   return operand
+
+
+_WINDOW_PARAMS = ('window_dimensions', 'window_strides', 'padding', 'base_dilation',
+                  'window_dilation')
+
+
+def _pooled_axes(params: Any) -> list[int]:
+  return [axis for axis, (window, stride, pad, base, dilation) in
+          enumerate(zip(*(params[k] for k in _WINDOW_PARAMS), strict=True))
+          if (window, stride, tuple(pad), base, dilation) != (1, 1, (0, 0), 1, 1)]
+
+
+def _pools_fewer_axes(params: Any, ndim: int) -> bool:
+  return ndim > 3 and len(_pooled_axes(params)) < ndim - 1
+
+
+def _max_pool_merged(operand: Any, params: Any) -> Any:
+  """The max-pool of ``operand`` over its pooled axes, computed on a view whose other
+  axes are merged into one leading axis."""
+  pooled = _pooled_axes(params)
+  others = [axis for axis in range(operand.ndim) if axis not in pooled]
+  moved = lax.transpose(operand, (*others, *pooled))
+  other_shape = moved.shape[:len(others)]
+  size = 1
+  for dim in other_shape:
+    size = size * dim
+  merged = lax.reshape(moved, (size, *moved.shape[len(others):]))
+  out = lax.reduce_window_max_p.bind(
+      merged, **{k: (((0, 0),) if k == 'padding' else (1,)) +
+                 tuple(tuple(params[k][a]) if k == 'padding' else params[k][a]
+                       for a in pooled) for k in _WINDOW_PARAMS})
+  out = lax.reshape(out, (*other_shape, *out.shape[1:]))
+  order = [0] * operand.ndim
+  for position, axis in enumerate((*others, *pooled)):
+    order[axis] = position
+  return lax.transpose(out, tuple(order))

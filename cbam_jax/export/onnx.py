@@ -3,10 +3,13 @@
 Needs ``pip install 'cbam_jax[export]'`` (onnx, onnx-ir, onnxruntime) and
 ``pip install --no-deps jax2onnx==0.17.1`` (with its dependencies it would downgrade the
 training stack's orbax; see docs/deploy.md). The program
-is traced with JAX first and handed to jax2onnx as plain primitives
-(:mod:`cbam_jax.export._jaxpr`): the custom derivatives and the XLA:CPU fusion boundaries
-of the fast paths are inference no-ops, so the graph holds only the math (convs, matrix
-products, reductions, elementwise ops, no loops).
+is traced with JAX first, every cbam_jax spatial conv as one ``lax.conv`` (``conv_impl='xla'``,
+no conv-input fusion boundary: the same numbers as the CPU fast path, one ONNX ``Conv``
+instead of ~100 shifted multiply-adds, which jax2onnx converts in time quadratic in the
+number of operations), and handed to jax2onnx as plain primitives
+(:mod:`cbam_jax.export._jaxpr`: custom derivatives and fusion boundaries are inference
+no-ops), so the graph holds only the math: convs, matrix products, reductions,
+elementwise ops, no loops.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
     ExportError: an operation without an ONNX conversion (named, with its source line), a
       non-float32 example, or onnxruntime's outputs differ from JAX's.
   """
-  fn = inference_function(model, variables)
+  fn = inference_function(model, variables, plain_conv=True)
+  reference = inference_function(model, variables)
   spec = input_spec(example, batch_polymorphic)
   if spec.dtype != jnp.float32:
     raise ExportError(f'ONNX export is tested for float32 inputs; got {spec.dtype}. Cast '
@@ -136,7 +140,7 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
     options.log_severity_level = 3  # Errors only: not its notes on unused initialisers.
     session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     got = session.run(None, {INPUT_NAME: np.asarray(example)})
-    want = _flat_outputs(jax.jit(fn)(example))
+    want = _flat_outputs(jax.jit(reference)(example))
     for index, (a, b) in enumerate(zip(got, want, strict=True)):
       error = float(np.max(np.abs(a - b))) if a.size else 0.0
       scale = max(1.0, float(np.max(np.abs(b))) if b.size else 0.0)

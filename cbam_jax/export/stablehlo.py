@@ -1,7 +1,8 @@
 """StableHLO export: a serialised :mod:`jax.export` artifact that runs with JAX alone.
 
-The artifact is the same program ``jax.jit`` runs (bit-identical outputs on the platform it
-was exported on), weights included as constants. Reload and run it without cbam_jax::
+The artifact is the program ``jax.jit`` runs, weights included as constants; its outputs
+equal jit's to float32 rounding (the shape-polymorphic module is compiled on its own, so
+XLA may fuse it differently). Reload and run it without cbam_jax::
 
   exported = jax.export.deserialize(open('model.stablehlo', 'rb').read())
   logits = exported.call(images)      # any batch size when exported batch-polymorphic
