@@ -9,8 +9,9 @@ and the fix.
 
 from __future__ import annotations
 
+import difflib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax.numpy as jnp
 
@@ -19,9 +20,18 @@ MAX_SPATIAL_DIMS = 3
 POOL_TYPES = ('avg', 'max', 'lp', 'lse')
 
 
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+  """``' Did you mean 'x'?'`` for the valid name closest to a misspelt ``name``, else ''."""
+  if not isinstance(name, str):
+    return ''
+  close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+  return f' Did you mean {close[0]!r}?' if close else ''
+
+
 def check_choice(what: str, value: object, valid: Sequence[str]) -> None:
   if value not in valid:
-    raise ValueError(f'Unknown {what} {value!r}; use one of {tuple(valid)}.')
+    raise ValueError(f'Unknown {what} {value!r};{did_you_mean(value, valid)} use one of '
+                     f'{tuple(valid)}.')
 
 
 def check_pool_types(pool_types: Sequence[str]) -> None:

@@ -162,7 +162,8 @@ def test_registry_lists_every_model_once_for_both_skins():
   for name in models.available_models():
     backbone = models.backbone_for_model(name)
     assert isinstance(models.create_model(name), backbone.linen)
-  with pytest.raises(ValueError, match="Unknown model 'resnet19'. Valid names: resnet18"):
+  with pytest.raises(ValueError,
+                     match=r"Unknown model 'resnet19'. Did you mean 'resnet18'\? Valid names"):
     models.create_model('resnet19')
   with pytest.raises(ValueError, match="Unknown model 'resnet19'"):
     cbam_nnx.create_model('resnet19', rngs=nnx.Rngs(0))

@@ -106,7 +106,8 @@ def test_misspelt_nnx_field_suggests_the_right_one():
 
 
 def test_unknown_attention_fails_when_the_model_is_built():
-  with pytest.raises(ValueError, match=r"Unknown attention 'cbma'\. Valid names: .*cbam"):
+  with pytest.raises(ValueError,
+                     match=r"Unknown attention 'cbma'\. Did you mean 'cbam'\? Valid names: .*cbam"):
     models.create_model('resnet_tiny', attention='cbma')
   with pytest.raises(ValueError, match=r"Unknown attention 'bma'"):
     models.create_model('resnet_tiny', stage_attention='bma')

@@ -267,6 +267,13 @@ def test_unregistered_toy_is_gone():
     attention.member('toy_gain')
 
 
+def test_a_misspelt_name_gets_the_closest():
+  with pytest.raises(ValueError, match=r"Unknown attention 'cbma'. Did you mean 'cbam'\?"):
+    attention.create('cbma')
+  with pytest.raises(ValueError, match=r"Unknown attention 'zzz'. Valid names"):  # No guess.
+    attention.create('zzz')
+
+
 def test_register_checks_the_record():
   with pytest.raises(TypeError, match='Member'):
     attention.register(('toy', ChannelGain))

@@ -100,7 +100,8 @@ def member(name: str) -> Member:
     return _MEMBERS[name]
   except (KeyError, TypeError):
     raise ValueError(
-        f'Unknown attention {name!r}. Valid names: {", ".join(available())}; or pass a '
+        f'Unknown attention {name!r}.{_validation.did_you_mean(name, available())} Valid '
+        f'names: {", ".join(available())}; or pass a '
         'module class or functools.partial.') from None
 
 

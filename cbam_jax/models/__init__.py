@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cbam_jax import _validation
+
 Dtype = Any
 
 # How a description (cbam_jax.saving) stores a field: 'value' a JSON value as is, 'tuple' a
@@ -173,7 +175,8 @@ def backbone_for_model(name: str) -> Backbone:
     return _BACKBONES[_SIZES[name]]
   except (KeyError, TypeError):
     raise ValueError(
-        f'Unknown model {name!r}. Valid names: {", ".join(_SIZES)}.') from None
+        f'Unknown model {name!r}.{_validation.did_you_mean(name, _SIZES)} Valid names: '
+        f'{", ".join(_SIZES)}.') from None
 
 
 def create_model(name: str, **fields: Any) -> nn.Module:

@@ -625,6 +625,8 @@ def test_tfds_missing_dataset_names_fix(tmp_path):
 def test_unknown_dataset():
   with pytest.raises(ValueError, match="Unknown dataset 'mnist'.*config.dataset"):
     ip.create_input(shapes_config(dataset='mnist'))
+  with pytest.raises(ValueError, match=r"Unknown dataset 'cifar1O'. Did you mean 'cifar10'\?"):
+    ip.create_input(shapes_config(dataset='cifar1O'))
 
 
 def test_unknown_augment():
