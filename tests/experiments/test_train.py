@@ -376,8 +376,12 @@ def test_skip_nonfinite_keeps_the_state_of_a_bad_step():
   chex.assert_trees_all_equal(bad.replace(step=state.step), state)
 
 
-def test_a_full_disk_during_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(
-    tmp_path, monkeypatch):
+# Injected, as orbax reports them: this machine's tests run as root, whom no folder refuses.
+@pytest.mark.parametrize('code, reason', [(errno.ENOSPC, 'No space left on device'),
+                                          (errno.EROFS, 'Read-only file system')],
+                         ids=['full_disk', 'read_only'])
+def test_a_failed_write_during_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, code, reason):
   ckpts = checkpointing.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False)
   state = {'params': {'w': np.arange(4, dtype=np.float32)}}
   ckpts.save(1, state, {'model': {}})
@@ -385,14 +389,15 @@ def test_a_full_disk_during_a_save_is_one_clear_error_and_keeps_the_last_checkpo
 
   def full_disk(step, *args, **kwargs):
     if step == 2:  # Orbax wraps the OSError of the failed write.
-      raise RuntimeError('write failed') from OSError(errno.ENOSPC, 'No space left on device')
+      raise RuntimeError('write failed') from OSError(code, reason)
     return save(step, *args, **kwargs)
 
   monkeypatch.setattr(ckpts.manager, 'save', full_disk)
   with pytest.raises(checkpointing.CheckpointWriteError,
-                     match=r'Could not write the checkpoint of step 2 to .*checkpoints: No space '
-                           r'left on device\. The checkpoints written before \(latest: step 1\) '
-                           r'are intact; free some space .* rerun the same command to resume\.'):
+                     match=rf'Could not write the checkpoint of step 2 to .*checkpoints: {reason}'
+                           r'\. The checkpoints written before \(latest: step 1\) are intact; '
+                           r'free some space or make the folder writable .* rerun the same '
+                           r'command to resume\.'):
     ckpts.save(2, state, {'model': {}})
   assert ckpts.all_steps() == [1]
   restored, _ = ckpts.restore(1, None)
