@@ -405,6 +405,45 @@ def test_a_failed_write_during_a_save_is_one_clear_error_and_keeps_the_last_chec
   ckpts.close()
 
 
+_KILLED_DURING_SAVE = """
+import os, signal, sys, threading, time
+import numpy as np
+from experiments.training import checkpointing
+
+directory = sys.argv[1]
+ckpts = checkpointing.Checkpoints(directory, async_save=False)
+ckpts.save(1, {'params': {'w': np.arange(4, dtype=np.float32)}}, {'model': {}})
+
+
+def kill_once_writing():  # SIGKILL as soon as step 2's files appear, before they are complete.
+  while not any(name.startswith('2') for name in os.listdir(directory)):
+    time.sleep(0.0005)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+threading.Thread(target=kill_once_writing, daemon=True).start()
+ckpts.save(2, {'params': {'w': np.ones((64, 1024, 1024), np.float32)}}, {'model': {}})
+print('the save finished before the kill')
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint_for_the_resume(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  result = subprocess.run([sys.executable, '-c', _KILLED_DURING_SAVE, directory], cwd=REPO,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+  assert any(name.startswith('2') for name in os.listdir(directory))  # Killed mid-write.
+  ckpts = checkpointing.Checkpoints(directory, async_save=False)
+  assert ckpts.all_steps() == [1]  # What a resume reads: the complete checkpoint only.
+  restored, _ = ckpts.restore(1, None)
+  np.testing.assert_array_equal(restored['params']['w'], np.arange(4, dtype=np.float32))
+  ckpts.save(2, restored, {'model': {}})  # And the run goes on from it.
+  assert ckpts.all_steps() == [1, 2]
+  ckpts.close()
+
+
 # --------------------------------------------------------------------------- end to end
 
 
