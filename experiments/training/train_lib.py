@@ -25,20 +25,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from cbam_jax import models, saving
 from experiments import cli
 from experiments.configs import NO_ATTENTION
 from experiments.data import pipeline as input_pipeline
-from experiments.training import checkpointing, distributed
+from experiments.training import checkpointing, distributed, metrics, optimizer, pretrained
 
 PyTree = Any
 
-# metrics.jsonl keys that measure speed rather than results (they differ between runs).
-TIMING_KEYS = ('images_per_sec', 'input_wait_fraction', 'epoch_seconds', 'compile_seconds',
-               'wall_time')
-METRICS_FILE = 'metrics.jsonl'
 _DTYPES = ('float32', 'bfloat16', 'float16')
 # config.on_nonfinite: what a non-finite loss or gradient does.
 ON_NONFINITE = ('stop', 'skip')
@@ -145,59 +140,6 @@ def parse_attention_fields(spec: str | Mapping[str, Any]) -> dict[str, Any]:
   return fields
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup, then 'cosine' to zero, 'step' decay or 'constant'."""
-  peak = config.learning_rate
-  if config.lr_reference_batch_size:
-    peak *= config.global_batch_size / config.lr_reference_batch_size
-  total_steps = config.num_epochs * steps_per_epoch
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  if config.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.0)
-  if config.schedule == 'step':
-    boundaries = {int(epoch * steps_per_epoch): config.lr_decay_factor
-                  for epoch in config.lr_decay_epochs}
-    after_warmup = optax.piecewise_constant_schedule(
-        peak, {step - warmup_steps: factor for step, factor in boundaries.items()
-               if step > warmup_steps})
-  elif config.schedule == 'constant':
-    after_warmup = optax.constant_schedule(peak)
-  else:
-    raise ValueError(f'config.schedule={config.schedule!r} is not one of cosine, step, '
-                     'constant.')
-  if not warmup_steps:
-    return after_warmup
-  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-  return optax.join_schedules([warmup, after_warmup], [warmup_steps])
-
-
-def decay_mask(params: PyTree) -> PyTree:
-  """True for kernels (2+ dims); biases and normalisation scales/offsets are not decayed."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """``(optimiser, learning-rate schedule)`` for ``config``."""
-  schedule = learning_rate_schedule(config, steps_per_epoch)
-  parts = []
-  if config.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if config.optimizer == 'sgd':
-    if config.weight_decay:
-      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
-                           nesterov=bool(config.nesterov and config.momentum)))
-  elif config.optimizer == 'adamw':
-    parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                             weight_decay=config.weight_decay, mask=decay_mask))
-  else:
-    raise ValueError(f'config.optimizer={config.optimizer!r} is not one of sgd, adamw.')
-  return optax.chain(*parts), schedule
-
-
 # --------------------------------------------------------------------------- steps
 
 
@@ -294,166 +236,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                     epoch_sums=zero_epoch_sums())
 
 
-def load_pretrained(path: str) -> tuple[dict[str, PyTree], dict[str, Any] | None]:
-  """``({'params', 'batch_stats'}, model description or None)`` from a checkpoint folder.
-
-  Accepts: a folder written by :func:`cbam_jax.saving.save` / ``python -m cbam_jax.convert``
-  (``model.json`` + ``variables/``); a workdir / checkpoints folder / step folder of this
-  trainer (its latest step); or a plain orbax PyTree checkpoint of
-  ``{'params', 'batch_stats'}``.
-  """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'config.init_from={path!r} is not a directory; point it at a '
-                            'checkpoint written by this trainer or by cbam_jax.convert.')
-  if os.path.isfile(os.path.join(path, saving.MODEL_JSON)):
-    _, variables = saving.load(path)
-    return variables, saving.read_model_json(path)['model']
-  directory, step = checkpointing.find_checkpoint(path)
-  if step is not None or (os.path.isdir(directory) and any(
-      name.isdigit() for name in os.listdir(directory))):
-    _, variables, meta, _ = checkpointing.load_model(path, 'latest')
-    return variables, meta['model']
-  with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(path)
-  if 'params' not in tree:
-    raise ValueError(f'{path} holds no \'params\' entry (keys: {sorted(tree)}); expected '
-                     'a checkpoint of {\'params\', \'batch_stats\'}.')
-  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}, None
-
-
-def merge_pretrained(fresh: PyTree, pretrained: PyTree, what: str) -> tuple[PyTree, list[str]]:
-  """``fresh`` with every array of matching path and shape taken from ``pretrained``.
-
-  Returns:
-    ``(merged, skipped)``: ``skipped`` lists the paths kept from ``fresh`` (absent from
-    ``pretrained`` or of another shape, e.g. a classifier head for other classes).
-  """
-  flat_pretrained = {jax.tree_util.keystr(path): leaf for path, leaf in
-                     jax.tree_util.tree_flatten_with_path(pretrained)[0]}
-  skipped = []
-
-  def pick(path, leaf):
-    key = jax.tree_util.keystr(path)
-    source = flat_pretrained.get(key)
-    if source is None or tuple(np.shape(source)) != tuple(leaf.shape):
-      skipped.append(f'{what}{key}')
-      return leaf
-    return jnp.asarray(source, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(pick, fresh), skipped
-
-
 # --------------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-  """``metrics.jsonl`` (one JSON object per epoch) and TensorBoard scalars, process 0 only."""
-
-  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool):
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.enabled = enabled
-    self._writer = None
-    if enabled and tensorboard:
-      self._writer = _TensorBoardWriter(os.path.join(workdir, 'tensorboard'))
-
-  def truncate_after(self, step: int) -> None:
-    """Drops lines written after the checkpoint being resumed from (they are redone)."""
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)['step'] <= step]
-    if len(kept) != len(lines):
-      with open(self.path, 'w') as f:
-        f.writelines(kept)
-
-  def write(self, record: Mapping[str, Any]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-    if self._writer is not None:
-      self._writer.scalars(record['step'], {k: v for k, v in record.items()
-                                            if k not in ('epoch', 'step', 'wall_time')})
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of ``<workdir>/metrics.jsonl``, in order."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _tensorboard_on(setting: bool | None, is_chief: bool) -> bool:
-  """config.tensorboard: True (needs TensorFlow), False, or None = on if TensorFlow is
-  installed (a line says so when it is not)."""
-  if setting is not None:
-    return bool(setting)
-  from experiments import extras
-
-  if extras.tensorflow_installed():
-    return True
-  if is_chief:
-    print(f'TensorBoard summaries off: TensorFlow is not installed ({extras.TF_EXTRA}); '
-          'metrics.jsonl has every metric.', flush=True)
-  return False
-
-
-class _TensorBoardWriter:
-  """Scalar event files through ``tf.summary.write`` (no ``tensorboard`` package needed)."""
-
-  def __init__(self, logdir: str):
-    from experiments import extras
-
-    # Heavy import; only when TensorBoard output is on.
-    tf = extras.import_tensorflow('TensorBoard summaries (config.tensorboard=True)')
-    from tensorflow.core.framework import summary_pb2
-
-    self._tf = tf
-    self._metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-    self._writer = tf.summary.create_file_writer(logdir)
-
-  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
-    with self._writer.as_default():
-      for name, value in values.items():
-        if isinstance(value, (int, float)):
-          self._tf.summary.write(name, self._tf.constant(float(value), self._tf.float32),
-                                 step=step, metadata=self._metadata)
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-
-
-class _Progress:
-  """tqdm bar per epoch with loss / accuracy / images per second (process 0 only)."""
-
-  def __init__(self, enabled: bool):
-    self.enabled = enabled
-    self._bar = None
-
-  def start(self, epoch: int, num_epochs: int, steps: int, initial: int) -> None:
-    if self.enabled:
-      import tqdm
-
-      self._bar = tqdm.tqdm(total=steps, initial=initial, desc=f'epoch {epoch}/{num_epochs}',
-                            unit='step', leave=True, dynamic_ncols=True)
-
-  def update(self, n: int, **postfix: Any) -> None:
-    if self._bar is not None:
-      if postfix:
-        self._bar.set_postfix(postfix, refresh=False)
-      self._bar.update(n)
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -535,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   distributed.check_batch_divides(eval_batch_size, mesh, 'eval_batch_size')
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
-  setup = _SetupLog(enabled=is_chief)
+  setup = metrics.SetupLog(enabled=is_chief)
   data = input_pipeline.create_input(config, process_index=process_index,
                                      process_count=process_count)
   setup.done(f'Data ready: {config.dataset}, {data.info.num_train} training examples')
@@ -547,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   fields = model_description(config, info.num_classes, info.image_shape[-1])
   model = saving.build(fields)  # The one build: resuming compares descriptions.
-  tx, schedule = create_optimizer(config, steps_per_epoch)
+  tx, schedule = optimizer.create_optimizer(config, steps_per_epoch)
   replicated = distributed.replicated(mesh)
   batch_sharding = distributed.batch_sharded(mesh)
 
@@ -580,13 +363,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # compile on CPU; the values are deterministic for a given setting).
     state = init.lower().compile(compiler_options={'xla_backend_optimization_level': 0})()
     if config.init_from:
-      state = _init_from(state, config.init_from, replicated, is_chief)
+      state = pretrained.init_from(state, config.init_from, replicated, is_chief)
 
   if is_chief:  # Only now: a refused run (another model, a bad init_from) changes nothing.
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(meta, f, indent=2)
-  metrics_log = MetricsLog(workdir, tensorboard=_tensorboard_on(config.tensorboard, is_chief),
-                           enabled=is_chief)
+  metrics_log = metrics.MetricsLog(
+      workdir, tensorboard=metrics.tensorboard_on(config.tensorboard, is_chief), enabled=is_chief)
   start_step = int(jax.device_get(state.step))
   metrics_log.truncate_after(start_step)
 
@@ -610,8 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compile_seconds = time.perf_counter() - compile_start
   setup.done('Compiled the training step')
 
-  progress = _Progress(enabled=is_chief and config.progress_bar)
-  history = read_metrics(workdir) if is_chief and os.path.exists(metrics_log.path) else []
+  progress = metrics.Progress(enabled=is_chief and config.progress_bar)
+  history = metrics.read_metrics(workdir) if is_chief and os.path.exists(metrics_log.path) else []
   best_top1 = max((r['eval_top1'] for r in history if r.get('eval_top1') is not None),
                   default=None)
   record: dict[str, Any] = history[-1] if history else {}
@@ -680,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      'wall_time': time.time()})
       metrics_log.write(record)
       if is_chief:
-        print(_epoch_line(record, config.num_epochs), flush=True)
+        print(metrics.epoch_line(record, config.num_epochs), flush=True)
       # After the metrics line: a checkpoint at step S implies that line S is on disk.
       ckpts.save(step, state.to_dict(), meta,
                  metrics={'eval_top1': record['eval_top1']} if 'eval_top1' in record else None)
@@ -693,67 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   record = dict(record)
   record['best_eval_top1'] = best_top1
   if is_chief:
-    print(_summary_line(record, total_steps, time.time() - start_time), flush=True)
+    print(metrics.summary_line(record, total_steps, time.time() - start_time), flush=True)
   return record
 
 
-def _init_from(state: TrainState, path: str, replicated, is_chief: bool) -> TrainState:
-  pretrained, _ = load_pretrained(path)
-  params, skipped_params = merge_pretrained(state.params, pretrained['params'], 'params')
-  batch_stats, skipped_stats = merge_pretrained(state.batch_stats,
-                                                pretrained.get('batch_stats', {}), 'batch_stats')
-  skipped = skipped_params + skipped_stats
-  if len(skipped_params) == len(jax.tree.leaves(state.params)):
-    raise ValueError(f'config.init_from={path!r}: no parameter matches this model by name '
-                     'and shape; is it a checkpoint of the same architecture?')
-  if is_chief:
-    print(f'Initialised from {path}; kept the fresh init for {len(skipped)} array(s)'
-          + (f': {", ".join(skipped[:8])}' if skipped else '') + '.', flush=True)
-  return state.replace(params=jax.device_put(params, replicated),
-                       batch_stats=jax.device_put(batch_stats, replicated))
-
-
-class _SetupLog:
-  """One line per set-up phase with its seconds (process 0), so that the minute before the
-  first progress bar says what it does."""
-
-  def __init__(self, enabled: bool):
-    self._enabled, self._since = enabled, time.perf_counter()
-
-  def starting(self, what: str) -> None:
-    if self._enabled:
-      print(f'{what} ...', flush=True)
-
-  def done(self, what: str) -> None:
-    """Prints ``what`` with the seconds since the previous line (or the start)."""
-    now = time.perf_counter()
-    if self._enabled:
-      print(f'{what} ({now - self._since:.1f} s)', flush=True)
-    self._since = now
-
-
-def _epoch_line(record: Mapping[str, Any], num_epochs: int) -> str:
-  line = (f'epoch {record["epoch"]}/{num_epochs} step {record["step"]}: '
-          f'train loss {record["train_loss"]:.4f} acc {record["train_accuracy"]:.4f}')
-  if 'eval_top1' in record:
-    line += (f' | eval loss {record["eval_loss"]:.4f} top-1 {record["eval_top1"]:.4f} '
-             f'top-5 {record["eval_top5"]:.4f}')
-  return line + (f' | {record["images_per_sec"]:.0f} img/s, input wait '
-                 f'{100 * record["input_wait_fraction"]:.1f}%')
-
-
-def _summary_line(record: Mapping[str, Any], total_steps: int, seconds: float) -> str:
-  if not record.get('step'):
-    return 'Done: no epochs run.'
-  parts = [f'Done: {record["epoch"]} epochs ({total_steps} steps)']
-  if record.get('eval_top1') is not None:
-    parts.append(f'eval top-1 {100 * record["eval_top1"]:.2f}% '
-                 f'top-5 {100 * record["eval_top5"]:.2f}%')
-  if record.get('best_eval_top1') is not None:
-    parts.append(f'best top-1 {100 * record["best_eval_top1"]:.2f}%')
-  if 'images_per_sec' in record:
-    parts.append(f'last epoch {record["images_per_sec"]:.0f} img/s')
-  if record.get('compile_seconds') is not None:
-    parts.append(f'training step compiled in {record["compile_seconds"]:.1f} s')
-  parts.append(f'{seconds:.1f} s in this process')
-  return ', '.join(parts) + '.'

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from cbam_jax import saving
 from experiments.configs import smoke
-from experiments.training import checkpointing, evaluate, train_lib
+from experiments.training import checkpointing, evaluate, metrics, optimizer, pretrained, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(REPO, 'tests', 'experiments', '_train_worker.py')
@@ -58,7 +58,7 @@ def final_state(workdir: str, step: int | None = None) -> dict:
 
 def results(records: list[dict]) -> list[dict]:
   """metrics.jsonl records without the speed measurements."""
-  return [{k: v for k, v in r.items() if k not in train_lib.TIMING_KEYS} for r in records]
+  return [{k: v for k, v in r.items() if k not in metrics.TIMING_KEYS} for r in records]
 
 
 def run_worker(workdir, overrides, *, devices=1, step_delay=0.0, distributed=None,
@@ -93,7 +93,7 @@ class OptimizerTest(chex.TestCase):
               'bias': jnp.ones((2,))}, 'fc': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones((3,))}}
     config = tiny_config(weight_decay=0.5, learning_rate=1.0, momentum=0.0,
                          lr_reference_batch_size=0, schedule='constant')
-    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=4)
+    tx, _ = optimizer.create_optimizer(config, steps_per_epoch=4)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     # With zero gradients only the decay moves parameters: -lr * wd * p on kernels only.
@@ -106,14 +106,14 @@ class OptimizerTest(chex.TestCase):
     config = tiny_config(schedule='step', learning_rate=0.1, lr_reference_batch_size=8,
                          global_batch_size=16, warmup_epochs=1.0, num_epochs=10,
                          lr_decay_epochs=(3, 6), lr_decay_factor=0.1)
-    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10)
+    schedule = optimizer.learning_rate_schedule(config, steps_per_epoch=10)
     # Peak 0.1 * 16 / 8 = 0.2, linear warmup over epoch 1, x0.1 at epochs 3 and 6.
     np.testing.assert_allclose(
         [schedule(s) for s in (0, 5, 10, 29, 30, 59, 60, 99)],
         [0.0, 0.1, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-5)
 
   def test_cosine_schedule_ends_at_zero(self):
-    schedule = train_lib.learning_rate_schedule(
+    schedule = optimizer.learning_rate_schedule(
         tiny_config(learning_rate=0.4, lr_reference_batch_size=0, warmup_epochs=0.5,
                     num_epochs=2), steps_per_epoch=4)
     np.testing.assert_allclose([schedule(0), schedule(2), schedule(8)], [0.0, 0.4, 0.0],
@@ -123,16 +123,16 @@ class OptimizerTest(chex.TestCase):
     params = {'kernel': jnp.ones((2, 2))}
     config = tiny_config(optimizer='adamw', grad_clip_norm=1e-3, learning_rate=0.1,
                          lr_reference_batch_size=0, schedule='constant', weight_decay=0.0)
-    tx, _ = train_lib.create_optimizer(config, steps_per_epoch=4)
+    tx, _ = optimizer.create_optimizer(config, steps_per_epoch=4)
     updates, _ = tx.update({'kernel': jnp.full((2, 2), 100.0)}, tx.init(params), params)
     # Adam normalises the (clipped) gradient: the first step is -lr * sign(g).
     chex.assert_trees_all_close(updates['kernel'], jnp.full((2, 2), -0.1), rtol=1e-3)
 
   def test_unknown_optimizer_and_schedule(self):
     with pytest.raises(ValueError, match='optimizer'):
-      train_lib.create_optimizer(tiny_config(optimizer='lamb'), 4)
+      optimizer.create_optimizer(tiny_config(optimizer='lamb'), 4)
     with pytest.raises(ValueError, match='schedule'):
-      train_lib.create_optimizer(tiny_config(schedule='linear'), 4)
+      optimizer.create_optimizer(tiny_config(schedule='linear'), 4)
 
   def test_label_smoothing_loss(self):
     logits = jnp.array([[2.0, 0.0, -1.0]])
@@ -219,8 +219,8 @@ def test_config_files_and_command_line_overrides():
 
 def test_merge_pretrained_keeps_mismatched_shapes():
   fresh = {'conv': {'kernel': jnp.zeros((3, 3))}, 'fc': {'kernel': jnp.zeros((4, 6))}}
-  pretrained = {'conv': {'kernel': np.ones((3, 3))}, 'fc': {'kernel': np.ones((4, 10))}}
-  merged, skipped = train_lib.merge_pretrained(fresh, pretrained, 'params')
+  weights = {'conv': {'kernel': np.ones((3, 3))}, 'fc': {'kernel': np.ones((4, 10))}}
+  merged, skipped = pretrained.merge_pretrained(fresh, weights, 'params')
   np.testing.assert_array_equal(merged['conv']['kernel'], np.ones((3, 3)))
   np.testing.assert_array_equal(merged['fc']['kernel'], np.zeros((4, 6)))
   assert skipped == ["params['fc']['kernel']"]
@@ -232,11 +232,11 @@ def test_merge_pretrained_keeps_mismatched_shapes():
 def test_tensorboard_without_tensorflow_names_the_extra(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` fails
   with pytest.raises(ImportError, match=r"TensorBoard.*pip install -e '\.\[tf\]'"):
-    train_lib.MetricsLog(str(tmp_path), tensorboard=True, enabled=True)
+    metrics.MetricsLog(str(tmp_path), tensorboard=True, enabled=True)
   monkeypatch.setattr('importlib.util.find_spec', lambda name, *a: None)
-  assert not train_lib._tensorboard_on(None, is_chief=True)
+  assert not metrics.tensorboard_on(None, is_chief=True)
   assert 'TensorBoard summaries off' in capsys.readouterr().out
-  assert not train_lib._tensorboard_on(False, is_chief=True)
+  assert not metrics.tensorboard_on(False, is_chief=True)
 
 
 def test_batch_that_does_not_divide_over_devices(tmp_path):
@@ -454,13 +454,13 @@ def test_smoke_config_end_to_end(tmp_path):
   config.progress_bar = False
   final = train_lib.train_and_evaluate(config, workdir)
 
-  records = train_lib.read_metrics(workdir)
+  records = metrics.read_metrics(workdir)
   steps_per_epoch = config.shapes.num_train // config.global_batch_size
   assert [r['epoch'] for r in records] == list(range(1, config.num_epochs + 1))
   assert [r['step'] for r in records] == [e * steps_per_epoch for e in (1, 2)]
   for record in records:
     for key in ('train_loss', 'train_accuracy', 'eval_loss', 'eval_top1', 'eval_top5',
-                'learning_rate', *train_lib.TIMING_KEYS):
+                'learning_rate', *metrics.TIMING_KEYS):
       assert np.isfinite(record[key]), (key, record)
     assert 0 <= record['eval_top1'] <= record['eval_top5'] <= 1
     assert 0 <= record['train_accuracy'] <= 1 and record['images_per_sec'] > 0
@@ -513,7 +513,7 @@ def test_image_folder_end_to_end(tmp_path):
   config = tiny_config(dataset='folder', folder=str(tmp_path / 'images'), eval_split='test',
                        num_epochs=2, learning_rate=0.1, augment='none')
   final = train_lib.train_and_evaluate(config, str(tmp_path / 'work'))
-  records = train_lib.read_metrics(str(tmp_path / 'work'))
+  records = metrics.read_metrics(str(tmp_path / 'work'))
   assert [r['step'] for r in records] == [2, 4]
   assert final['eval_top1'] == records[-1]['eval_top1'] and 0 <= final['eval_top1'] <= 1
 
@@ -589,7 +589,7 @@ def test_folder_training_without_tensorflow(tmp_path, source, monkeypatch):
     [str(blocker)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
   output = finish(run_worker(tmp_path / 'work', overrides))
   assert 'tensorflow imported: False' in output and 'TensorBoard summaries off' in output
-  records = train_lib.read_metrics(str(tmp_path / 'work'))
+  records = metrics.read_metrics(str(tmp_path / 'work'))
   assert len(records) == 1 and np.isfinite(records[0]['train_loss'])
 
   # Batches from the arrays the TensorFlow-free run decoded (its array cache) equal batches
@@ -629,7 +629,7 @@ def test_corrupt_checkpoints_fall_back_and_init_from(tmp_path, capsys):
   config = tiny_config(num_epochs=3, checkpoint_every_steps=0, async_checkpointing=False)
   workdir = str(tmp_path / 'run')
   train_lib.train_and_evaluate(config, workdir)
-  reference, records = final_state(workdir), train_lib.read_metrics(workdir)
+  reference, records = final_state(workdir), metrics.read_metrics(workdir)
   checkpoints = checkpointing.checkpoint_dir(workdir)
   assert sorted(os.listdir(checkpoints)) == ['12', '4', '8']
   _corrupt(os.path.join(checkpoints, '12', 'state'))  # Arrays unreadable, metadata fine.
@@ -649,7 +649,7 @@ def test_corrupt_checkpoints_fall_back_and_init_from(tmp_path, capsys):
                                         checkpointing.CORRUPT_SUBDIR))) == ['12', '8']
   # Epochs 2 and 3 were trained again, to the same result.
   chex.assert_trees_all_equal(final_state(workdir), reference)
-  assert results(train_lib.read_metrics(workdir)) == results(records)
+  assert results(metrics.read_metrics(workdir)) == results(records)
 
   # Fine-tuning from that workdir with lr 0 (weight decay is scaled by lr too) keeps the
   # pretrained parameters exactly.
@@ -677,9 +677,9 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
   finish(run_worker(tmp_path / 'b', overrides, compilation_cache=cache))
   finish(uninterrupted)
   chex.assert_trees_all_equal(final_state(str(tmp_path / 'b')), final_state(str(tmp_path / 'a')))
-  resumed = train_lib.read_metrics(str(tmp_path / 'b'))
+  resumed = metrics.read_metrics(str(tmp_path / 'b'))
   assert [r['epoch'] for r in resumed] == [1, 2]
-  assert results(resumed) == results(train_lib.read_metrics(str(tmp_path / 'a')))
+  assert results(resumed) == results(metrics.read_metrics(str(tmp_path / 'a')))
 
 
 @pytest.mark.slow
@@ -701,7 +701,7 @@ def test_same_result_on_1_device_8_devices_and_2_processes(tmp_path):
   for other in ('eight', 'two_processes'):
     # Reductions (BatchNorm statistics, gradients) are summed in another order.
     chex.assert_trees_all_close(final_state(str(tmp_path / other)), one, atol=1e-5, rtol=1e-5)
-    assert len(train_lib.read_metrics(str(tmp_path / other))) == 2
+    assert len(metrics.read_metrics(str(tmp_path / other))) == 2
 
 
 def test_load_pretrained_from_a_saved_model(tmp_path):
@@ -713,9 +713,9 @@ def test_load_pretrained_from_a_saved_model(tmp_path):
   rng = np.random.default_rng(3)
   variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
   saving.save(tmp_path, model, variables)
-  loaded, description = train_lib.load_pretrained(str(tmp_path))
+  loaded, description = pretrained.load_pretrained(str(tmp_path))
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
                               jax.tree.map(np.asarray, dict(variables)))
   assert description['fields']['num_classes'] == 6
   with pytest.raises(FileNotFoundError, match='init_from'):
-    train_lib.load_pretrained(str(tmp_path / 'missing'))
+    pretrained.load_pretrained(str(tmp_path / 'missing'))
