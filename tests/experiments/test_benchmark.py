@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from experiments.bench import benchmark
+from experiments.bench.benchmark import _models as benchmark_models
 
 
 @pytest.mark.slow
@@ -116,7 +117,7 @@ def test_repeated_flags_collect_every_value():
   values, _ = cli.parse(['--only', 'module', '--only=nnx', '--shape', '1,2,2,8', '--model',
                           'resnet20'], benchmark.define_flags, prog='b', usage='')
   assert values.only == ['module', 'nnx'] and values.model == ['resnet20']
-  assert values.shape == ['1,2,2,8'] and benchmark._shape(values.shape[0]) == (1, 2, 2, 8)
+  assert values.shape == ['1,2,2,8'] and benchmark.parse_shape(values.shape[0]) == (1, 2, 2, 8)
   values, _ = cli.parse(['--flags', 'onednn', '--flags', 'fast_math', '--worker'],
                          xla_flags.define_flags, prog='x', usage='')
   assert values.flags == ['onednn', 'fast_math'] and values.worker and values.repeats == 10
@@ -167,7 +168,7 @@ def test_torch_runs_on_the_same_kind_of_device_as_jax(backend, cuda, expected):
 def test_torch_columns_are_dropped_when_torch_cannot_use_jaxs_device(monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, 'torch', _fake_torch(cuda_available=False))
   monkeypatch.setattr(benchmark.jax, 'default_backend', lambda: 'gpu')
-  assert benchmark._torch() is None
+  assert benchmark.torch_side() is None
   assert 'no gpu device' in capsys.readouterr().out
 
 
@@ -184,7 +185,7 @@ def test_torch_calls_on_a_gpu_block_until_the_work_is_done():
 @pytest.mark.slow
 def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch):
   # What an accelerator looks like to the benchmark: MaterializedInputConv is nn.Conv.
-  monkeypatch.setattr(benchmark, 'materializes_input', lambda: False)
+  monkeypatch.setattr(benchmark_models, 'materializes_input', lambda: False)
   (row,) = benchmark.run_models(benchmark.TINY_MODEL_CASES, repeats=1)
   assert {'jax_plain', 'jax_cbam'} <= set(row['impls'])
   assert not any(name.startswith('jax_nn_conv') for name in row['impls'])
