@@ -31,13 +31,27 @@ from cbam_jax.nnx import transfer
 # code before the registry (fd0e580) by jax.eval_shape; the no-attention ImageNet counts are
 # torchvision's (resnet18 11,689,512, resnet34 21,797,672, resnet50 25,557,032, resnet101
 # 44,549,160, resnet152 60,192,808), the CBAM ones the official CBAM code's, resnet20 the
-# 0.27M of He et al. 2016 (269,722).
+# 0.27M of He et al. 2016 (269,722). ResNeXt and Wide ResNet (jax.eval_shape of this code):
+# the no-attention counts are torchvision's documented ones (resnext50_32x4d 25,028,904,
+# resnext101_32x8d 88,791,336, resnext101_64x4d 83,455,272, wide_resnet50_2 68,883,240,
+# wide_resnet101_2 126,886,696); torchvision has no resnext101_32x4d, whose count is its
+# architecture's by hand: stem 7*7*3*64 + 2*64; per bottleneck with planes p (64 * 2**stage),
+# width w = int(p * width_per_group / 64) * groups, input c: c*w + 9*w*w/groups + w*4p +
+# 2*(2w + 4p), plus c*4p + 2*4p in a stage's first block; fc 2048*1000 + 1000 (the formula
+# gives all five torchvision counts too). The CBAM counts round to the paper's Table 4
+# (ResNeXt50 (32x4d) + CBAM 27.56M, ResNeXt101 (32x4d) + CBAM 48.96M).
 EXPECTED_PARAMS = {
     'resnet18': (11_689_512, 11_779_392),
     'resnet34': (21_797_672, 21_960_468),
     'resnet50': (25_557_032, 28_089_624),
     'resnet101': (44_549_160, 49_330_172),
     'resnet152': (60_192_808, 66_826_848),
+    'resnext50_32x4d': (25_028_904, 27_561_496),
+    'resnext101_32x4d': (44_177_704, 48_958_716),
+    'resnext101_32x8d': (88_791_336, 93_572_348),
+    'resnext101_64x4d': (83_455_272, 88_236_284),
+    'wide_resnet50_2': (68_883_240, 71_415_832),
+    'wide_resnet101_2': (126_886_696, 131_667_708),
     'resnet20': (269_722, 272_995),
     'resnet32': (464_154, 469_609),
     'resnet44': (658_586, 666_223),
@@ -46,9 +60,9 @@ EXPECTED_PARAMS = {
     'cifar_resnet18': (11_173_962, 11_263_842),
     'resnet_tiny': (5_266, 5_540),
 }
-# Traced in both skins, with and without CBAM: each block type and stem (the fast run keeps
-# the CIFAR ones).
-BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50')
+# Traced in both skins, with and without CBAM: each block type and stem, a grouped
+# bottleneck (the fast run keeps the CIFAR ones).
+BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d')
 # Small enough to run (parity, saving, training).
 SMALL = ('resnet_tiny', 'resnet20')
 
@@ -209,6 +223,35 @@ def test_saving_round_trip(tmp_path, name):
 @pytest.mark.slow
 def test_training_step():
   check_training_step('resnet_tiny', attention='se')
+
+
+# A tiny ResNeXt: bottlenecks whose 3x3 convs have 2 groups (inner widths 4 and 8).
+TINY_RESNEXT = dict(block_cls=models.Bottleneck, groups=2, width_per_group=16)
+
+
+def test_tiny_resnext_parity():
+  model = models.create_model('resnet_tiny', **TINY_RESNEXT)
+  variables = jax.eval_shape(model.init, jax.random.key(0), _images())
+  assert variables['params']['layer2_0']['conv2']['kernel'].shape == (3, 3, 4, 8)
+  check_parity('resnet_tiny', False, **TINY_RESNEXT)
+
+
+@pytest.mark.slow
+def test_tiny_resnext_with_cbam_parity_and_training_step():
+  check_parity('resnet_tiny', True, attention='cbam', **TINY_RESNEXT)
+  check_training_step('resnet_tiny', attention='cbam', **TINY_RESNEXT)
+
+
+@pytest.mark.parametrize('fields,message', [
+    (dict(groups=2), 'BasicBlock takes only groups=1 and width_per_group=64.*block_cls=Bottleneck'),
+    (dict(TINY_RESNEXT, width_per_group=4), 'give the first stage.*no channels'),
+])
+def test_grouped_bottleneck_errors(fields, message):
+  model = models.create_model('resnet_tiny', **fields)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(model.init, jax.random.key(0), _images())
+  with pytest.raises(ValueError, match=message):
+    cbam_nnx.create_model('resnet_tiny', rngs=nnx.Rngs(0), **fields)
 
 
 # --------------------------------------------------------------------------- a new family

@@ -80,7 +80,9 @@ def test_resnet20_is_he_et_al_size():
                  jax.tree_util.tree_flatten_with_path(variables['params'])[0])
 
 
-IMAGENET = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+IMAGENET = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
+            'resnext101_32x4d', 'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2',
+            'wide_resnet101_2')
 
 
 # CBAM on small inputs (ImageNet nets on 32x32 reach 1x1 maps) where tracing is cheap.
@@ -95,7 +97,7 @@ def test_output_shape_of_every_model(name):
   logits, variables = shapes_of_init(model, (2, 32, 32, 3))
   assert logits.shape == (2, num_classes)
   assert logits.dtype == jnp.float32
-  expansion = 4 if name in ('resnet50', 'resnet101', 'resnet152') else 1
+  expansion = 1 if name in ('resnet18', 'resnet34') or name not in IMAGENET else 4
   stages = 4 if name in IMAGENET or name == 'cifar_resnet18' else (2 if name == 'resnet_tiny'
                                                                    else 3)
   width = model.num_filters * 2 ** (stages - 1) * expansion

@@ -188,9 +188,8 @@ def create_model(name: str, **fields: Any) -> nn.Module:
   """
   model = backbone_for_model(name).create(name, **fields)
   for what in ('attention', 'stage_attention'):  # An unknown name fails here, not at init.
-    if hasattr(model, what):
-      resolve_attention(getattr(model, what), what=what, dtype=model.dtype,
-                        param_dtype=model.param_dtype)
+    if hasattr(model, what):  # Only the spec is checked: a family need not have the dtypes.
+      resolve_attention(getattr(model, what), what=what, dtype=None, param_dtype=None)
   return model
 
 

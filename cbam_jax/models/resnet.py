@@ -7,6 +7,10 @@ named sizes (:data:`SIZES`, also ``functools.partial``s of the linen one):
 * ImageNet (7x7/2 stem + 3x3/2 max-pool): ``ResNet18/34/50/101/152``, torchvision layout
   (projection shortcut = 1x1 conv with stride + BatchNorm; bottleneck stride on the 3x3 conv
   as in the official CBAM code and torchvision v1.5).
+* ResNeXt and Wide ResNet (ImageNet, torchvision's ``resnet.py`` defines them the same way:
+  ResNets whose bottleneck has ``groups`` and ``width_per_group``): ``resnext50_32x4d``,
+  ``resnext101_32x4d`` (the CBAM paper's), ``resnext101_32x8d``, ``resnext101_64x4d``,
+  ``wide_resnet50_2``, ``wide_resnet101_2`` (registry names only).
 * CIFAR (32x32, He et al. 2016, 3 stages of 16/32/64 channels, option-A zero-padding
   shortcuts): ``ResNet20/32/44/56/110``.
 * ``CifarResNet18``: the official CBAM code's CIFAR network (3x3/1 stem, no max-pool,
@@ -70,7 +74,8 @@ __all__ = [
 class ResidualBlock(nn.Module):
   """The fields of every residual block: the layer factories the ResNet completes, the
   stride of its first strided conv, the attention on its residual branch (a factory, or
-  ``None``), the shortcut kind and zero-init of its last BatchNorm scale."""
+  ``None``), the shortcut kind, zero-init of its last BatchNorm scale and the bottleneck's
+  grouping (``groups``, ``width_per_group``: 1 and 64 for a plain ResNet)."""
 
   features: int
   conv: ModuleDef
@@ -80,6 +85,8 @@ class ResidualBlock(nn.Module):
   attention: Callable[..., nn.Module] | None = None
   shortcut: str = 'projection'
   zero_init_residual: bool = False
+  groups: int = 1
+  width_per_group: int = 64
 
 
 class BasicBlock(ResidualBlock):
@@ -100,7 +107,8 @@ class BasicBlock(ResidualBlock):
 
 
 class Bottleneck(ResidualBlock):
-  """1x1 -> 3x3 (stride) -> 1x1 convs; output has ``4 * features`` channels.
+  """1x1 -> 3x3 (stride, ``groups`` groups) -> 1x1 convs; output has ``4 * features``
+  channels. The inner width is :func:`bottleneck_width` (``features`` for a plain ResNet).
 
   Input ``(B, H, W, C_in)`` -> ``(B, ceil(H / strides), ceil(W / strides), 4 * features)``.
   """
@@ -109,13 +117,21 @@ class Bottleneck(ResidualBlock):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    y = self.conv(self.features, (1, 1), name='conv1')(x)
+    width = bottleneck_width(self.features, self.groups, self.width_per_group)
+    y = self.conv(width, (1, 1), name='conv1')(x)
     y = self.act(self.norm(name='bn1')(y))
-    y = self.conv(self.features, (3, 3), self.strides, padding=same_padding(3), name='conv2')(y)
+    y = self.conv(width, (3, 3), self.strides, padding=same_padding(3),
+                  feature_group_count=self.groups, name='conv2')(y)
     y = self.act(self.norm(name='bn2')(y))
     y = self.conv(self.features * self.expansion, (1, 1), name='conv3')(y)
     y = self.norm(name='bn3', **last_norm_kwargs(self.zero_init_residual))(y)
     return _attend_and_add(self, x, y, self.features * self.expansion, train)
+
+
+def bottleneck_width(features: int, groups: int, width_per_group: int) -> int:
+  """The inner width of a bottleneck, torchvision's ``int(planes * (width_per_group / 64.))
+  * groups``: ``features`` for a ResNet, ``2 * features`` for ResNeXt 32x4d and Wide ResNet-2."""
+  return int(features * (width_per_group / 64.)) * groups
 
 
 def last_norm_kwargs(zero_init_residual: bool) -> dict[str, Any]:
@@ -169,6 +185,11 @@ class ResNet(nn.Module):
     zero_init_residual: initialise the last BatchNorm scale of every block to 0.
     shortcut: ``'projection'`` (1x1 conv + BN when the shape changes) or ``'pad'`` (He et
       al. option A: subsample and zero-pad channels; parameter-free).
+    groups: groups of every bottleneck's 3x3 conv (ResNeXt's cardinality; 1 for a ResNet).
+    width_per_group: channels per group of the bottleneck's 3x3 conv at 64 ``features``;
+      the inner width is ``int(features * width_per_group / 64) * groups`` (torchvision's:
+      64 for a ResNet, 4 for ResNeXt 32x4d, 128 for Wide ResNet-2). ``BasicBlock`` takes
+      only 1 and 64.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); logits are always float32.
     param_dtype: parameter dtype.
     conv, norm, act: layer factories (partials are completed with the settings above).
@@ -188,6 +209,8 @@ class ResNet(nn.Module):
   attention_fields: Mapping[str, Any] | None = None
   zero_init_residual: bool = False
   shortcut: str = 'projection'
+  groups: int = 1
+  width_per_group: int = 64
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv: ModuleDef = MaterializedInputConv
@@ -232,6 +255,7 @@ class ResNet(nn.Module):
             strides=2 if stage > 0 and index == 0 else 1,
             conv=conv, norm=norm, act=self.act, attention=attention,
             shortcut=self.shortcut, zero_init_residual=self.zero_init_residual,
+            groups=self.groups, width_per_group=self.width_per_group,
             name=f'layer{stage + 1}_{index}')(x, train=train)
       if stage_attention is not None and stage < len(self.stage_sizes) - 1:
         x = stage_attention(name=f'stage_attention{stage + 1}')(x, train=train)
@@ -243,17 +267,31 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
   def _check(self, x: Array, channels_last: bool = False) -> None:
-    check_resnet_fields(self.stem, self.shortcut, self.stage_sizes)
+    check_resnet_fields(self.stem, self.shortcut, self.stage_sizes, self.block_cls,
+                        self.num_filters, self.groups, self.width_per_group)
     check_images(x, channels_last=channels_last)
 
 
-def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int]) -> None:
+def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int], block_cls: Any,
+                        num_filters: int, groups: int, width_per_group: int) -> None:
   _validation.check_choice('stem', stem, STEMS)
   _validation.check_choice('shortcut', shortcut, SHORTCUTS)
   if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
     raise ValueError(f'stage_sizes must be positive block counts, got {stage_sizes!r}.')
+  if (groups, width_per_group) == (1, 64):
+    return
+  if block_cls in (BasicBlock, BasicBlockNNX):
+    raise ValueError('BasicBlock takes only groups=1 and width_per_group=64 (as '
+                     f'torchvision), got {groups} and {width_per_group}; use '
+                     'block_cls=Bottleneck for a ResNeXt or Wide ResNet.')
+  if groups < 1 or bottleneck_width(num_filters, groups, width_per_group) < 1:
+    raise ValueError(f'groups={groups} and width_per_group={width_per_group} give the first '
+                     f'stage (num_filters={num_filters}) no channels; use groups >= 1 and '
+                     'width_per_group >= 64 / num_filters.')
 
 
+_RESNEXT = dict(block_cls=Bottleneck, groups=32, width_per_group=4)   # 32x4d.
+_WIDE = dict(block_cls=Bottleneck, width_per_group=128)             # Twice ResNet's width.
 _CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem='cifar', shortcut='pad', num_classes=10)
 
 # Model name -> the ResNet fields that make it.
@@ -263,6 +301,12 @@ SIZES: dict[str, dict[str, Any]] = {
     'resnet50': dict(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
     'resnet101': dict(stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck),
     'resnet152': dict(stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
+    'resnext50_32x4d': dict(_RESNEXT, stage_sizes=(3, 4, 6, 3)),
+    'resnext101_32x4d': dict(_RESNEXT, stage_sizes=(3, 4, 23, 3)),
+    'resnext101_32x8d': dict(_RESNEXT, stage_sizes=(3, 4, 23, 3), width_per_group=8),
+    'resnext101_64x4d': dict(_RESNEXT, stage_sizes=(3, 4, 23, 3), groups=64),
+    'wide_resnet50_2': dict(_WIDE, stage_sizes=(3, 4, 6, 3)),
+    'wide_resnet101_2': dict(_WIDE, stage_sizes=(3, 4, 23, 3)),
     'resnet20': dict(_CIFAR, stage_sizes=(3, 3, 3)),
     'resnet32': dict(_CIFAR, stage_sizes=(5, 5, 5)),
     'resnet44': dict(_CIFAR, stage_sizes=(7, 7, 7)),
@@ -301,7 +345,9 @@ class BasicBlockNNX(nnx.Module):
 
   def __init__(self, in_features: int, features: int, *, strides: int, conv, norm,
                act: Callable[[Array], Array], attention, shortcut: str,
-               zero_init_residual: bool, rngs: nnx.Rngs):
+               zero_init_residual: bool, groups: int = 1, width_per_group: int = 64,
+               rngs: nnx.Rngs):
+    del groups, width_per_group  # 1 and 64 (check_resnet_fields).
     self.act, self.strides, self.shortcut = act, strides, shortcut
     pad = same_padding(3)
     self.conv1 = conv(in_features, features, (3, 3), strides, padding=pad)
@@ -323,14 +369,17 @@ class BottleneckNNX(nnx.Module):
 
   def __init__(self, in_features: int, features: int, *, strides: int, conv, norm,
                act: Callable[[Array], Array], attention, shortcut: str,
-               zero_init_residual: bool, rngs: nnx.Rngs):
+               zero_init_residual: bool, groups: int = 1, width_per_group: int = 64,
+               rngs: nnx.Rngs):
     self.act, self.strides, self.shortcut = act, strides, shortcut
     out = features * self.expansion
-    self.conv1 = conv(in_features, features, (1, 1))
-    self.bn1 = norm(features)
-    self.conv2 = conv(features, features, (3, 3), strides, padding=same_padding(3))
-    self.bn2 = norm(features)
-    self.conv3 = conv(features, out, (1, 1))
+    width = bottleneck_width(features, groups, width_per_group)
+    self.conv1 = conv(in_features, width, (1, 1))
+    self.bn1 = norm(width)
+    self.conv2 = conv(width, width, (3, 3), strides, padding=same_padding(3),
+                      feature_group_count=groups)
+    self.bn2 = norm(width)
+    self.conv3 = conv(width, out, (1, 1))
     self.bn3 = norm(out, **last_norm_kwargs(zero_init_residual))
     _attach_attention_and_shortcut(self, in_features, out, conv, norm, attention, rngs)
 
@@ -382,7 +431,8 @@ class ResNetNNX(nnx.Module):
         raise TypeError(f'The NNX ResNet has no {name!r} field: it uses nnx.Conv (with a '
                         'materialised input on CPU) and nnx.BatchNorm.')
     f = _base.resolve_fields(ResNet, fields)
-    check_resnet_fields(f['stem'], f['shortcut'], f['stage_sizes'])
+    check_resnet_fields(f['stem'], f['shortcut'], f['stage_sizes'], f['block_cls'],
+                        f['num_filters'], f['groups'], f['width_per_group'])
     block_cls = _NNX_BLOCKS.get(f['block_cls'], f['block_cls'])
     self.stem, self.act, self.num_classes = f['stem'], f['act'], f['num_classes']
     self.stage_sizes = tuple(int(n) for n in f['stage_sizes'])
@@ -414,7 +464,8 @@ class ResNetNNX(nnx.Module):
         block = block_cls(
             channels, filters * 2**stage, strides=2 if stage > 0 and index == 0 else 1,
             conv=conv, norm=norm, act=self.act, attention=attention, shortcut=f['shortcut'],
-            zero_init_residual=f['zero_init_residual'], rngs=rngs)
+            zero_init_residual=f['zero_init_residual'], groups=f['groups'],
+            width_per_group=f['width_per_group'], rngs=rngs)
         setattr(self, f'layer{stage + 1}_{index}', block)
         names.append(f'layer{stage + 1}_{index}')
         channels = block.out_features
@@ -457,6 +508,8 @@ BACKBONE = register_backbone(Backbone(
         'stem': Field(),
         'num_classes': Field(),
         'shortcut': Field(),
+        'groups': Field(),
+        'width_per_group': Field(),
         'attention': Field('attention'),
         'stage_attention': Field('attention'),
         'attention_fields': Field('mapping'),

@@ -26,11 +26,9 @@ from experiments import cli
 
 PROG = 'python -m experiments.bench.param_counts'
 
-IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
-
-
 def input_size_and_classes(name: str) -> tuple[int, int]:
-  return (224, 1000) if name in IMAGENET_MODELS else (32, 10)
+  # The registry's ImageNet models default to 1000 classes, its CIFAR ones to 10.
+  return (224, 1000) if models.create_model(name).num_classes == 1000 else (32, 10)
 
 
 def param_count(name: str, attention: str | None) -> int:
