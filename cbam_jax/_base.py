@@ -53,6 +53,16 @@ def refine_along_axis(what: str, x: Array, channel_axis: int,
   return jnp.moveaxis(out, -1, channel_axis)
 
 
+def blend_identity(x: Array, refined: Array, identity_scale: Array) -> Array:
+  """``x + identity_scale * (refined - x)`` of channels-last ``x``, in float32, cast back
+  to ``x.dtype``: ``x`` bit for bit where the per-channel ``identity_scale`` is 0 (and
+  ``refined`` is finite), ``refined`` where it is 1. The ``identity_init`` blend
+  (docs/attention_family.md, "Identity at insertion")."""
+  x32 = x.astype(jnp.float32)
+  scale = identity_scale.astype(jnp.float32)
+  return (x32 + scale * (refined.astype(jnp.float32) - x32)).astype(x.dtype)
+
+
 class AttentionModule(nn.Module):
   """Base class: ``module(x, train=False)`` maps ``(B, *spatial, C)`` to the same shape/dtype.
 
@@ -64,6 +74,10 @@ class AttentionModule(nn.Module):
     precision: passed to every dot and convolution.
     kernel_init: initialiser of every dense and convolution kernel.
     bias_init: initialiser of every dense and convolution bias.
+    identity_init: return ``x + identity_scale * (refine(x) - x)`` with a per-channel
+      parameter ``identity_scale`` ``(C,)`` initialised at zeros, so that the fresh module
+      is the identity (for insertion into a trained network) and training moves it away.
+      ``False`` (the default): no such parameter, the member's own numbers.
   """
 
   channel_axis: int = -1
@@ -72,6 +86,7 @@ class AttentionModule(nn.Module):
   precision: Any = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = default_bias_init
+  identity_init: bool = False
 
   # Spatial ranks the math is defined for; members that need an image override this.
   supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
@@ -86,8 +101,20 @@ class AttentionModule(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
-    return refine_along_axis(type(self).__name__, x, self.channel_axis,
-                             lambda inp: self.refine(inp, train), self.supported_spatial_dims)
+
+    def refine(inp: Array) -> Array:
+      refined = self.refine(inp, train)
+      if not self.identity_init:
+        return refined
+      check_stored_shape(self, ('identity_scale',), inp.shape[-1:], inp)
+      # Through the scope: Module.param works only in setup or the one @nn.compact method
+      # a class may have, which is the member's (its refine or setup declares the rest).
+      identity_scale = self.scope.param('identity_scale', zeros_init, inp.shape[-1:],
+                                        self.param_dtype)
+      return blend_identity(inp, refined, identity_scale)
+
+    return refine_along_axis(type(self).__name__, x, self.channel_axis, refine,
+                             self.supported_spatial_dims)
 
 
 def check_fields_at_init(cls: type[nn.Module]) -> type[nn.Module]:
@@ -276,9 +303,10 @@ class NnxAttentionModule(NnxModule):
 
   A subclass's ``__init__(self, in_features, *, <every field, typed and defaulted>, rngs)``
   names every field as :class:`flax.nnx.Linear` does and starts with
-  ``self.set_fields(in_features, locals())``. Modules start in training mode (BatchNorm on
-  batch statistics, as ``nnx.BatchNorm`` does); switch with ``model.eval()`` /
-  ``model.train()``. Attention maps are recorded with :func:`sow_map`.
+  ``self.set_fields(in_features, locals())`` (which also declares ``identity_scale`` under
+  ``identity_init``). Modules start in training mode (BatchNorm on batch statistics, as
+  ``nnx.BatchNorm`` does); switch with ``model.eval()`` / ``model.train()``. Attention
+  maps are recorded with :func:`sow_map`.
   """
 
   supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
@@ -299,6 +327,8 @@ class NnxAttentionModule(NnxModule):
     for name, value in fields.items():
       if name not in _NNX_NON_FIELDS:
         setattr(self, name, tuple(value) if isinstance(value, list) else value)
+    if self.identity_init:  # Zeros need no key; the linen twin declares it alike.
+      self.identity_scale = nnx.Param(zeros_init(None, (in_features,), self.param_dtype))
 
   def field_values(self, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(self, name) for name in names}
@@ -309,7 +339,15 @@ class NnxAttentionModule(NnxModule):
 
   def __call__(self, x: Array) -> Array:
     """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
-    return refine_along_axis(type(self).__name__, x, self.channel_axis, self.refine,
+
+    def refine(inp: Array) -> Array:
+      refined = self.refine(inp)
+      if not self.identity_init:
+        return refined
+      _validation.check_channels(inp, self.in_features, type(self).__name__)
+      return blend_identity(inp, refined, self.identity_scale[...])
+
+    return refine_along_axis(type(self).__name__, x, self.channel_axis, refine,
                              self.supported_spatial_dims)
 
 

@@ -105,11 +105,23 @@ def check_fields_match_signature(name):
     member.nnx(8, **{field + 'x': None}, rngs=nnx.Rngs(0))
 
 
+def _spatial(rank):
+  """A small spatial shape of ``rank`` dimensions: SHAPE's for 2-D."""
+  return SHAPE[1:3] + (3,) * (rank - 2) if rank >= 2 else (7,)
+
+
+def _rank_field(name, rank):
+  """``num_spatial_dims`` for the NNX members whose parameters depend on the rank."""
+  member = attention.member(name)
+  return ({'num_spatial_dims': rank} if 'num_spatial_dims' in
+          inspect.signature(member.nnx.__init__).parameters else {})
+
+
 def check_shapes_dtypes_and_ranks(name):
   """Every rank (1-D to 3-D), both layouts, float32 and bfloat16; traced only."""
   member = attention.member(name)
   for rank in (1, 2, 3):
-    spatial = SHAPE[1:3] + (3,) * (rank - 2) if rank >= 2 else (7,)
+    spatial = _spatial(rank)
     for channel_axis in (-1, 1):
       shape = (2, *spatial, 8) if channel_axis == -1 else (2, 8, *spatial)
       module = attention.create(name, channel_axis=channel_axis, **_fields(name))
@@ -122,10 +134,9 @@ def check_shapes_dtypes_and_ranks(name):
         variables = jax.eval_shape(module.init, jax.random.key(0), x)
         y = jax.eval_shape(module.apply, variables, x)
         assert (y.shape, y.dtype) == (shape, dtype), (rank, channel_axis, dtype)
-        rank_field = ({'num_spatial_dims': rank} if 'num_spatial_dims' in
-                      inspect.signature(member.nnx.__init__).parameters else {})
         model = nnx.eval_shape(functools.partial(
-            _build_nnx, name, 8, channel_axis=channel_axis, **_fields(name), **rank_field))
+            _build_nnx, name, 8, channel_axis=channel_axis, **_fields(name),
+            **_rank_field(name, rank)))
         y_nnx = nnx.eval_shape(lambda m, x: m(x), model, x)
         assert (y_nnx.shape, y_nnx.dtype) == (shape, dtype), (rank, channel_axis, dtype)
 
@@ -161,10 +172,10 @@ def check_maps_layout_and_gradients(name):
   jax.test_util.check_grads(apply, (params, x), order=1, modes=['rev'], atol=5e-2, rtol=5e-2)
 
 
-def check_nnx_parity(name):
+def check_nnx_parity(name, **fields):
   """Same outputs, gradients and BatchNorm updates in both skins, train and eval mode;
   the same sown maps."""
-  module = attention.create(name, **_fields(name))
+  module = attention.create(name, **_fields(name), **fields)
   x = _features(SHAPE, seed=2)
   variables = randomized(jax.eval_shape(module.init, jax.random.key(0), x), seed=3)
   model = transfer.from_linen(module, variables, sample_shape=x.shape)
@@ -177,9 +188,82 @@ def check_nnx_parity(name):
           == jax.tree_util.tree_map(jnp.shape, state['intermediates']))
 
 
+def _params_shapes(module, x):
+  return jax.tree_util.tree_map(
+      jnp.shape, jax.eval_shape(module.init, jax.random.key(0), x).get('params', {}))
+
+
+def check_identity_at_insertion(name, ranks=(2,), dtypes=(jnp.float32, jnp.bfloat16)):
+  """``identity_init=True``: the fresh module returns its input bit for bit, in both skins,
+  both layouts and each of ``ranks``; its parameters are the member's plus one top-level
+  ``identity_scale`` ``(C,)`` (none in a branch), and ``identity_init=False`` adds none."""
+  member = attention.member(name)
+  for rank in sorted(set(ranks) & set(member.spatial_dims)):
+    for channel_axis in (-1, 1):
+      shape = (2, *_spatial(rank), 8) if channel_axis == -1 else (2, 8, *_spatial(rank))
+      module = attention.create(name, channel_axis=channel_axis, identity_init=True,
+                                **_fields(name))
+      plain = attention.create(name, channel_axis=channel_axis, **_fields(name))
+      plain_shapes = _params_shapes(plain, jax.ShapeDtypeStruct(shape, jnp.float32))
+      assert 'identity_scale' not in str(plain_shapes)
+      assert _params_shapes(module, jax.ShapeDtypeStruct(shape, jnp.float32)) == {
+          **plain_shapes, 'identity_scale': (8,)}
+      model = _build_nnx(name, 8, channel_axis=channel_axis, identity_init=True,
+                         **_fields(name), **_rank_field(name, rank))
+      assert (jax.tree_util.tree_map(jnp.shape, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+              == {**plain_shapes, 'identity_scale': (8,)})
+      init_and_apply = jax.jit(lambda x, module=module: module.apply(
+          module.init(jax.random.key(1), x), x))
+      call = nnx.jit(lambda model, x: model(x))
+      for dtype in dtypes if (rank, channel_axis) == (2, -1) else (jnp.float32,):
+        x = _features(shape, seed=rank, dtype=dtype)
+        np.testing.assert_array_equal(init_and_apply(x), x, err_msg=str((rank, channel_axis)))
+        np.testing.assert_array_equal(call(model, x), x, err_msg=str((rank, channel_axis)))
+
+
+def check_identity_gradients(name):
+  """At ``identity_scale = 0`` only the scale gets a gradient (non-zero in every channel);
+  after one SGD step the member's own parameters get non-zero gradients too. At
+  ``identity_scale = 1`` the module is the member (up to float32 rounding of the blend)."""
+  module = attention.create(name, identity_init=True, **_fields(name))
+  x = _features(SHAPE, seed=4)
+  weights = _features(SHAPE, seed=5)
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+  params = variables['params']
+
+  @jax.jit
+  def grad(params):
+    return jax.grad(lambda p: jnp.sum(module.apply({**variables, 'params': p}, x) * weights))(
+        params)
+
+  grads = grad(params)
+  assert np.all(grads['identity_scale'] != 0), grads['identity_scale']
+  own = {k: v for k, v in grads.items() if k != 'identity_scale'}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(own):
+    assert np.all(leaf == 0), path  # Multiplied by identity_scale = 0.
+  stepped = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+  own_after_step = {k: v for k, v in grad(stepped).items() if k != 'identity_scale'}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(own_after_step):
+    assert np.any(leaf != 0), path
+  plain = attention.create(name, **_fields(name))
+  plain_params = {k: v for k, v in params.items() if k != 'identity_scale'}
+  ones = {**variables, 'params': {**params, 'identity_scale': jnp.ones_like(
+      params['identity_scale'])}}
+  np.testing.assert_allclose(jax.jit(module.apply)(ones, x),
+                             jax.jit(plain.apply)({**variables, 'params': plain_params}, x),
+                             rtol=1e-6, atol=1e-6)
+
+
+def check_identity_nnx_parity(name):
+  """:func:`check_nnx_parity` with ``identity_init=True`` (random ``identity_scale``)."""
+  check_nnx_parity(name, identity_init=True)
+
+
 STATIC_CHECKS = (check_registration, check_fields_match_signature,
                  check_shapes_dtypes_and_ranks)
-NUMERIC_CHECKS = (check_maps_layout_and_gradients, check_nnx_parity)
+NUMERIC_CHECKS = (check_maps_layout_and_gradients, check_nnx_parity,
+                  check_identity_at_insertion, check_identity_gradients,
+                  check_identity_nnx_parity)
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -192,6 +276,12 @@ def test_static(check, name):
 @pytest.mark.parametrize('check', NUMERIC_CHECKS, ids=lambda c: c.__name__)
 def test_numeric(check, name):
   check(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ALL)
+def test_identity_at_insertion_every_rank(name):
+  check_identity_at_insertion(name, ranks=(1, 3), dtypes=(jnp.float32,))
 
 
 # ------------------------------------------------------------ a toy member, one file
@@ -222,7 +312,8 @@ class NnxChannelGain(_base.NnxAttentionModule):
   """:class:`ChannelGain` in NNX."""
 
   def __init__(self, in_features: int, *, gate: Callable[[jax.Array], jax.Array] = nn.sigmoid,
-               channel_axis: int = -1, dtype: Any = None, param_dtype: Any = jnp.float32,
+               channel_axis: int = -1, identity_init: bool = False, dtype: Any = None,
+               param_dtype: Any = jnp.float32,
                precision: Any = None, kernel_init: Any = _base.default_kernel_init,
                bias_init: Any = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
@@ -281,6 +372,15 @@ def test_register_checks_the_record():
     attention.register(attention.member('cbam'))
   with pytest.raises(TypeError, match='nnx must be'):
     attention.register(attention.Member('toy', ChannelGain, ChannelGain))
+  class NnxGainWithoutIdentityInit(NnxChannelGain):
+
+    def __init__(self, in_features: int, *, gate: Any = nn.sigmoid, channel_axis: int = -1,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init: Any = None, bias_init: Any = None, rngs: nnx.Rngs):
+      raise AssertionError('not built')
+
+  with pytest.raises(TypeError, match=r"lacks the linen fields \['identity_init'\]"):
+    attention.register(attention.Member('toy', ChannelGain, NnxGainWithoutIdentityInit))
   with pytest.raises(ValueError, match='attention preset'):
     attention.register(attention.Member('toy', ChannelGain, NnxChannelGain,
                                         presets={'mine': {}}))

@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 
 from cbam_jax import _validation
-from cbam_jax._base import AttentionModule, NnxAttentionModule
+from cbam_jax._base import AttentionModule, NnxAttentionModule, nnx_field_names
 
 # The presets a member may configure (see cbam_jax.attention.presets).
 PRESETS = ('paper', 'official', 'timm')
@@ -72,6 +72,12 @@ def register(member: Member) -> Member:
   if not (isinstance(member.nnx, type) and issubclass(member.nnx, NnxAttentionModule)):
     raise TypeError(f'Member {member.name!r}: nnx must be a cbam_jax NnxAttentionModule '
                     f'subclass, got {member.nnx!r}.')
+  missing = sorted({f.name for f in dataclasses.fields(member.linen) if f.init}
+                   - {'parent', 'name'} - set(nnx_field_names(member.nnx)))
+  if missing:
+    raise TypeError(f'Member {member.name!r}: its NNX __init__ lacks the linen fields '
+                    f'{missing}; name each as a keyword with the linen default (e.g. '
+                    '`identity_init: bool = False`).')
   if member.nnx.supported_spatial_dims != member.linen.supported_spatial_dims:
     raise ValueError(f'Member {member.name!r}: its linen and NNX classes support different '
                      'spatial ranks.')

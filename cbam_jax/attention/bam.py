@@ -299,6 +299,7 @@ class NnxBottleneckAttention(_base.NnxAttentionModule):
                combine: str = 'sum', output_norm: bool = False, norm_momentum: float = 0.9,
                norm_epsilon: float = 1e-5, activation: Callable[[Array], Array] = nn.relu,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,

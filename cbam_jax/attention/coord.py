@@ -114,6 +114,7 @@ class NnxCoordinateAttention(_base.NnxAttentionModule):
                hidden_features: int | None = None, norm_momentum: float = 0.9,
                norm_epsilon: float = 1e-5, activation: Callable[[Array], Array] = nn.hard_swish,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):

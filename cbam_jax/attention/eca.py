@@ -106,6 +106,7 @@ class NnxEfficientChannelAttention(_base.NnxAttentionModule):
   def __init__(self, in_features: int, *, kernel_size: int | None = None, gamma: float = 2,
                beta: float = 1, gate: Callable[[Array], Array] = nn.sigmoid,
                channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):

@@ -168,6 +168,7 @@ class NnxLightChannelAttention(_base.NnxAttentionModule):
                hidden_features: int | None = None, hidden_rounding: str = 'round',
                mlp_bias: bool = False, activation: Callable[[Array], Array] = nn.relu,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
@@ -199,6 +200,7 @@ class NnxLightSpatialAttention(_base.NnxAttentionModule):
                norm_momentum: float = 0.9, norm_epsilon: float = 1e-5,
                norm_scale_init: _base.Initializer = _base.ones_init, conv_impl: str = 'auto',
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,
@@ -235,6 +237,7 @@ class NnxLightCBAM(_base.NnxAttentionModule):
                norm_epsilon: float = 1e-5, norm_scale_init: _base.Initializer = _base.ones_init,
                conv_impl: str = 'auto', gate: Callable[[Array], Array] = nn.sigmoid,
                channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,

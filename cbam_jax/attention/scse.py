@@ -114,6 +114,7 @@ class NnxSpatialSqueezeExcitation(_base.NnxAttentionModule):
 
   def __init__(self, in_features: int, *, gate: Callable[[Array], Array] = nn.sigmoid,
                channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
@@ -142,6 +143,7 @@ class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
                mlp_bias: bool = True, activation: Callable[[Array], Array] = nn.relu,
                aggregation: str = 'add', gate: Callable[[Array], Array] = nn.sigmoid,
                channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):

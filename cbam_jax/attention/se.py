@@ -56,6 +56,7 @@ class NnxSqueezeExcitation(_base.NnxAttentionModule):
                hidden_divisor: int = 1, mlp_bias: bool = True,
                activation: Callable[[jax.Array], jax.Array] = nn.relu,
                gate: Callable[[jax.Array], jax.Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):

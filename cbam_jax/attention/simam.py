@@ -68,6 +68,7 @@ class NnxSimAM(_base.NnxAttentionModule):
 
   def __init__(self, in_features: int, *, e_lambda: float = 1e-4,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,

@@ -148,6 +148,7 @@ class NnxTripletAttention(_base.NnxAttentionModule):
                use_spatial: bool = True, norm_momentum: float = 0.99,
                norm_epsilon: float = 1e-5, conv_impl: str = 'auto',
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
+               identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
                precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
