@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from cbam_jax._validation import did_you_mean as _did_you_mean
+from experiments import cli
 from experiments.data import augment
 from experiments.data import shapes as shapes_lib
 from experiments.data.base import DATASETS
@@ -125,9 +125,9 @@ class DataSettings:
     values['shapes'] = ShapesSettings(**_with_defaults(shapes_raw, ShapesSettings))
     name = values['dataset']
     if name not in DATASETS:
+      hint = cli.did_you_mean(str(name), DATASETS, '{!r}')
       raise ValueError(
-        f'Unknown dataset {name!r}.{_did_you_mean(name, DATASETS)} Set config.dataset to one '
-        f'of {sorted(DATASETS)} '
+        f'Unknown dataset {name!r}.{hint} Set config.dataset to one of {sorted(DATASETS)} '
         "(an image folder or .tar.gz of one: dataset='folder', folder=PATH)."
       )
     defaults = DATASETS[name]
