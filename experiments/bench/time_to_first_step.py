@@ -1,0 +1,55 @@
+"""Seconds from starting the main job to its compiled training step, cold then warm.
+
+  python -m experiments.bench.time_to_first_step [--config experiments/configs/default.py]
+
+Runs the training command twice with a fresh compilation-cache folder (the second run finds
+the first's programs there), each into a new workdir, and stops each once the training step
+is compiled; prints the command's own set-up lines with the seconds since its start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string('config', 'experiments/configs/default.py',
+                              'The training configuration to start.')
+
+
+def first_step_seconds(config: str, workdir: str, cache: str) -> float:
+  """Runs the training command until its training step is compiled; returns the seconds."""
+  env = {**os.environ, 'CBAM_JAX_COMPILATION_CACHE': cache, 'PYTHONUNBUFFERED': '1'}
+  start = time.time()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.training.train', '--config', config,
+       '--workdir', workdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=env, start_new_session=True)
+  try:
+    for line in process.stdout:
+      if not line.startswith(('WARNING:', 'I0000')):  # TensorFlow's import chatter.
+        print(f'{time.time() - start:6.1f} s | {line.rstrip()}', flush=True)
+      if 'Compiled the training step' in line:
+        return time.time() - start
+    raise RuntimeError(f'the training command ended first (exit {process.wait()})')
+  finally:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def main(argv: list[str]) -> None:
+  del argv  # Flags only.
+  with tempfile.TemporaryDirectory() as scratch:
+    cache = os.path.join(scratch, 'cache')
+    cold = first_step_seconds(_CONFIG.value, os.path.join(scratch, 'cold'), cache)
+    warm = first_step_seconds(_CONFIG.value, os.path.join(scratch, 'warm'), cache)
+  print(f'To the compiled training step: {cold:.1f} s cold, {warm:.1f} s warm.')
+
+
+if __name__ == '__main__':
+  app.run(main)
