@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from cbam_jax import saving
+from cbam_jax import _flags, saving
 from cbam_jax.convert.architecture import SOURCES
 from cbam_jax.convert.conversion import from_pytorch
 from cbam_jax.convert.keys import listing
@@ -52,15 +52,7 @@ def define_flags(values: flags.FlagValues) -> None:
 def _parse(argv: Sequence[str] | None) -> tuple[flags.FlagValues, list[str]]:
   """The flags and positional arguments of ``argv``; ``--help`` prints the usage."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  values = flags.FlagValues()
-  define_flags(values)
-  if any(arg in ('--help', '-h', '--helpfull') for arg in argv):
-    print(f'{USAGE.strip()}\n\nFlags:\n{values.get_help()}')
-    raise SystemExit(0)
-  try:
-    positional = values([PROG, *argv])[1:]
-  except flags.Error as error:
-    raise ValueError(f'{" ".join(str(error).split())} Pass --help to list the flags.') from None
+  values, positional = _flags.parse(argv, define_flags, prog=PROG, usage=USAGE)
   if len(positional) != 2:
     raise ValueError(f'give IN.pth and OUT_DIR, got {len(positional)} argument(s). Pass --help '
                      'for the usage.')

@@ -19,15 +19,13 @@ from typing import Any
 
 from absl import flags
 
+from cbam_jax import _flags
+from cbam_jax._flags import HELP_HINT, UsageError
+
 PROG = 'python -m cbam_jax.export'
 FORMATS = ('stablehlo', 'onnx')
 # The input size when neither --image_size nor a training config says it, by the stem.
 _DEFAULT_SIZES = {'imagenet': 224, 'cifar': 32}
-_HELP = 'Pass --help to list the flags.'
-
-
-class UsageError(Exception):
-  """A mistake the user can fix: printed as one line, exit status 2."""
 
 
 def _define_flags(values: flags.FlagValues) -> None:
@@ -50,20 +48,12 @@ def _define_flags(values: flags.FlagValues) -> None:
 
 
 def _parse(argv: Sequence[str]) -> flags.FlagValues:
-  values = flags.FlagValues()
-  _define_flags(values)
-  if any(arg in ('--help', '-h', '--helpfull') for arg in argv):
-    print(f'{__doc__.strip()}\n\nFlags:\n{values.get_help()}')
-    raise SystemExit(0)
-  try:
-    extra = values([PROG, *argv])[1:]
-  except flags.Error as error:
-    raise UsageError(f'{" ".join(str(error).split())} {_HELP}') from None
+  values, extra = _flags.parse(argv, _define_flags, prog=PROG, usage=__doc__)
   if extra:
-    raise UsageError(f'unexpected argument(s) {" ".join(extra)}. {_HELP}')
+    raise UsageError(f'unexpected argument(s) {" ".join(extra)}. {HELP_HINT}')
   for name in ('model', 'format', 'out'):
     if values[name].value is None:
-      raise UsageError(f'--{name} is required. {_HELP}')
+      raise UsageError(f'--{name} is required. {HELP_HINT}')
   return values
 
 
