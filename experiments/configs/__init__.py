@@ -75,8 +75,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.async_checkpointing = True
   # Fine-tuning: a checkpoint directory to take params/batch_stats from before step 0
   # (one written by `python -m cbam_jax.convert`, or a workdir / checkpoints dir of this
-  # trainer). Arrays whose shape differs (e.g. the classifier head) keep their fresh init.
+  # trainer). Strict: it must be of this model, except for attention it lacks (inserted,
+  # initialised per `init_attention`) and a classifier head of another size (initialised
+  # afresh); anything else is an error unless `init_from_partial`. The held-out set is
+  # evaluated once before the first step (epoch 0 in metrics.jsonl).
   config.init_from = ''
+  # Attention inserted into the init_from network: 'identity' (identity_init=True: the
+  # network starts computing exactly what it computed) or 'official' (the member's own init).
+  config.init_attention = 'identity'
+  # Load only the arrays of init_from that match this model, listing every one left out.
+  config.init_from_partial = False
 
   config.eval_every_epochs = 1
   config.log_every_steps = 20  # Progress-bar refresh (each one waits for the device).

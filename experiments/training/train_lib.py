@@ -251,6 +251,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.eval_every_epochs must be >= 1.')
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f'config.label_smoothing must be in [0, 1); got {config.label_smoothing}.')
+  if config.get('init_attention', 'identity') not in pretrained.INIT_ATTENTION:
+    raise ValueError(f'config.init_attention={config.init_attention!r} is unknown; use '
+                     f"'identity' (inserted attention starts as the identity) or 'official'.")
   if config.get('on_nonfinite', 'stop') not in ON_NONFINITE:
     raise ValueError(f'config.on_nonfinite={config.on_nonfinite!r} is not one of '
                      f'{", ".join(ON_NONFINITE)}.')
@@ -283,6 +286,21 @@ def _check_finite(config: ml_collections.ConfigDict, sums: Mapping[str, Any], st
       f'clipping (config.grad_clip_norm={config.grad_clip_norm}), float16 overflow '
       f'(config.model.dtype), or non-finite input values. Lower the learning rate, or set '
       "config.on_nonfinite='skip' to skip such steps.")
+
+
+def _fine_tuning(config: ml_collections.ConfigDict, description: dict[str, Any],
+                 ) -> tuple[dict[str, Any], dict[str, PyTree] | None]:
+  """``(the model to build, the config.init_from variables or None)``.
+
+  Inserting attention that init_from lacks with ``config.init_attention='identity'`` changes
+  the model (``identity_init=True``). The decision depends on init_from alone, so a resumed
+  run (which starts from its own checkpoint) takes the same one.
+  """
+  if not config.init_from:
+    return description, None
+  variables, _ = pretrained.load_pretrained(config.init_from)
+  return (pretrained.insertion_description(description, variables, config.init_attention),
+          variables)
 
 
 def _check_same_model(expected: Mapping[str, Any], directory: str) -> Callable[[dict], None]:
@@ -329,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = config.num_epochs * steps_per_epoch
 
   fields = model_description(config, info.num_classes, info.image_shape[-1])
+  fields, pretrained_variables = _fine_tuning(config, fields)
   model = saving.build(fields)  # The one build: resuming compares descriptions.
   tx, schedule = optimizer.create_optimizer(config, steps_per_epoch)
   replicated = distributed.replicated(mesh)
@@ -362,8 +381,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Initialisation runs once: compile it without LLVM optimisations (5-8x faster to
     # compile on CPU; the values are deterministic for a given setting).
     state = init.lower().compile(compiler_options={'xla_backend_optimization_level': 0})()
-    if config.init_from:
-      state = pretrained.init_from(state, config.init_from, replicated, is_chief)
+    if pretrained_variables is not None:
+      state = pretrained.init_from(state, config.init_from, pretrained_variables, fields,
+                                   replicated, is_chief, partial=config.init_from_partial)
 
   if is_chief:  # Only now: a refused run (another model, a bad init_from) changes nothing.
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -371,7 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   metrics_log = metrics.MetricsLog(
       workdir, tensorboard=metrics.tensorboard_on(config.tensorboard, is_chief), enabled=is_chief)
   start_step = int(jax.device_get(state.step))
-  metrics_log.truncate_after(start_step)
+  # A fresh start drops every line of an earlier attempt (its step-0 evaluation too).
+  metrics_log.truncate_after(start_step if start_step else -1)
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing,
@@ -398,6 +419,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   best_top1 = max((r['eval_top1'] for r in history if r.get('eval_top1') is not None),
                   default=None)
   record: dict[str, Any] = history[-1] if history else {}
+  if start_step == 0 and pretrained_variables is not None:
+    # The network as fine-tuning receives it (e.g. right after inserting attention).
+    record = {'epoch': 0, 'step': 0,
+              **evaluate(eval_fn, state.params, state.batch_stats, data.eval_batches(), mesh),
+              'wall_time': time.time()}
+    metrics_log.write(record)
+    if is_chief:
+      print(f'epoch 0 (init_from, before training): eval loss {record["eval_loss"]:.4f} '
+            f'top-1 {record["eval_top1"]:.4f}', flush=True)
   try:
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
       first_step = max(start_step - epoch * steps_per_epoch, 0)

@@ -719,3 +719,94 @@ def test_load_pretrained_from_a_saved_model(tmp_path):
   assert description['fields']['num_classes'] == 6
   with pytest.raises(FileNotFoundError, match='init_from'):
     pretrained.load_pretrained(str(tmp_path / 'missing'))
+
+
+# ---------------------------------------------------------------- init_from: strict loading
+
+
+@flax.struct.dataclass
+class _Weights:
+  params: dict
+  batch_stats: dict
+
+
+def _abstract_weights(name, value, **fields):
+  """``{'params', 'batch_stats'}`` of a model, every array filled with ``value`` (no
+  compilation: shapes by ``jax.eval_shape``), and the model's description."""
+  from cbam_jax import models
+
+  model = models.create_model(name, **fields)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  variables = jax.tree.map(lambda s: np.full(s.shape, value, s.dtype), shapes)
+  return variables, saving.describe(model)
+
+
+def test_init_from_inserts_attention_and_a_new_head_but_refuses_another_architecture(capsys):
+  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  plain, _ = _abstract_weights('resnet_tiny', 1.0, attention=None, num_classes=6)
+  fresh, description = _abstract_weights('resnet_tiny', 0.0, attention='cbam', num_classes=4)
+  state = _Weights(fresh['params'], fresh['batch_stats'])
+
+  merged = pretrained.init_from(state, 'PLAIN', plain, description, replicated, True)
+  out = capsys.readouterr().out
+  assert 'Inserted attention (cbam, official init) at 2 place(s)' in out, out
+  assert "Initialised a new classifier head (2 array(s): params['fc']['bias']" in out, out
+  for names, leaf in pretrained._flat(merged.params).items():
+    expected = 0.0 if ('attention' in names or names[0] == 'fc') else 1.0
+    assert np.all(np.asarray(leaf) == expected), names
+
+  # Another architecture: a one-line error naming the first mismatch, never a partial load.
+  other, _ = _abstract_weights('resnet20', 1.0, attention=None, num_classes=4)
+  with pytest.raises(ValueError, match=r"another architecture than this model \(resnet\): "
+                     r"params\['bn1'\]\['bias'\] is \(16,\) in the checkpoint but \(8,\)"):
+    pretrained.init_from(state, 'R20', other, description, replicated, True)
+  # ... unless asked for, and then every array left out is listed.
+  pretrained.init_from(state, 'R20', other, description, replicated, True, partial=True)
+  out = capsys.readouterr().out
+  assert 'Partial load (config.init_from_partial)' in out
+  assert "the checkpoint has params['layer3_0']" in out  # resnet20 has a third stage.
+  # Attention the model lacks is a mismatch too (a CBAM checkpoint into a plain model).
+  cbam, _ = _abstract_weights('resnet_tiny', 1.0, attention='cbam', num_classes=4)
+  _, plain_description = _abstract_weights('resnet_tiny', 0.0, attention=None, num_classes=4)
+  with pytest.raises(ValueError, match=r"the checkpoint has params\['layer1_0'\]\['attention'\]"):
+    pretrained.init_from(_Weights(plain['params'], plain['batch_stats']), 'CBAM', cbam,
+                         plain_description, replicated, True)
+
+
+def test_insertion_description_uses_identity_init_only_when_inserting():
+  plain, _ = _abstract_weights('resnet_tiny', 1.0, attention=None)
+  cbam, description = _abstract_weights('resnet_tiny', 1.0, attention='cbam')
+  inserted = pretrained.insertion_description(description, plain, 'identity')
+  assert inserted['fields']['attention_fields'] == {'identity_init': True}
+  assert pretrained.insertion_description(description, plain, 'official') == description
+  assert pretrained.insertion_description(description, cbam, 'identity') == description
+  with pytest.raises(ValueError, match="init_attention='zeros' is unknown"):
+    pretrained.insertion_description(description, plain, 'zeros')
+
+
+@pytest.mark.slow
+def test_fine_tuning_with_attention_inserted_at_identity_keeps_the_network(tmp_path, capsys):
+  base = str(tmp_path / 'plain')
+  train_lib.train_and_evaluate(tiny_config(num_epochs=1, checkpoint_every_steps=0), base)
+  trained = metrics.read_metrics(base)[-1]
+  epoch0 = {}
+  for arm, overrides in {'identity': {'init_attention': 'identity'},
+                         'official': {'init_attention': 'official'}}.items():
+    workdir = str(tmp_path / arm)
+    config = tiny_config(init_from=base, num_epochs=1, checkpoint_every_steps=0,
+                         **{'model.attention': 'cbam'}, **overrides)
+    train_lib.train_and_evaluate(config, workdir)
+    records = metrics.read_metrics(workdir)
+    assert [r['epoch'] for r in records] == [0, 1]
+    epoch0[arm] = records[0]
+    with open(os.path.join(workdir, 'config.json')) as f:
+      attention_fields = json.load(f)['model']['fields']['attention_fields']
+    assert attention_fields == ({'identity_init': True} if arm == 'identity' else None)
+  out = capsys.readouterr().out
+  assert 'Inserted attention (cbam, identity init) at 2 place(s)' in out
+  assert 'epoch 0 (init_from, before training)' in out
+  # Identity at insertion: the held-out evaluation is the trained network's, to float32
+  # rounding; the official init changes the network.
+  np.testing.assert_allclose(epoch0['identity']['eval_loss'], trained['eval_loss'], rtol=1e-6)
+  assert epoch0['identity']['eval_top1'] == trained['eval_top1']
+  assert abs(epoch0['official']['eval_loss'] - trained['eval_loss']) > 1e-3

@@ -1,0 +1,44 @@
+"""The insertion study's runner: seeds, commands and the report (no training here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.bench import insertion_study
+
+
+def _result(arm, seed, curve):
+  return {'arm': arm, 'seed': seed, 'curve': curve, 'last_top1': curve[-1][1],
+          'commit': 'abc', 'cpu': 'cpu'}
+
+
+def test_seeds_and_commands():
+  assert insertion_study.parse_seeds('0-2') == [0, 1, 2]
+  assert insertion_study.parse_seeds('1,3') == [1, 3]
+  command = insertion_study.train_command('c.py', '/w', 2, 5, {'init_from': '/p'})
+  assert command[1:5] == ['-m', 'experiments.training.train', '--config', 'c.py']
+  assert '--config.seed=2' in command and '--config.num_epochs=5' in command
+  assert '--config.init_from=/p' in command
+
+
+def test_summary_pairs_arms_by_seed_and_measures_the_drop():
+  results = []
+  for seed, base in ((0, 0.80), (1, 0.82), (2, 0.81)):
+    results.append(_result('pretrain', seed, [[1, 0.5], [2, base]]))
+    results.append(_result('continue', seed, [[0, base], [1, base], [2, base + 0.01]]))
+    results.append(_result('cbam_official', seed,
+                           [[0, base - 0.30], [1, base - 0.05], [2, base - 0.01 * seed]]))
+  summary = insertion_study.summarise(results)
+  arms = {row['arm']: row for row in summary['arms']}
+  assert arms['continue']['insertion_vs_pretrained']['mean'] == pytest.approx(0.0)
+  assert arms['cbam_official']['insertion_vs_pretrained']['mean'] == pytest.approx(-0.30)
+  assert arms['cbam_official']['epoch1_mean'] == pytest.approx(0.81 - 0.05)
+  (contrast,) = summary['contrasts']
+  assert contrast['contrast'] == 'cbam_official - continue' and contrast['seeds'] == [0, 1, 2]
+  assert contrast['mean'] == pytest.approx(-0.02)  # -(0.01 + 0.01 * seed) on average.
+  # sd 1 point over 3 seeds: half-width 4.303 * 0.01 / sqrt(3) = 2.48 points.
+  assert contrast['low'] == pytest.approx(-0.0448, abs=1e-4)
+  assert contrast['reading'] == 'includes 0'
+  text = insertion_study.markdown(summary, 'toy')
+  assert '| cbam_official | 3 | 51.00 ± 1.00 | -30.00 [-30.00, -30.00] |' in text
+  assert '| cbam_official - continue | 3 | -2.00 [' in text
