@@ -287,3 +287,28 @@ def test_conversion_refuses_identity_init_without_fresh_attention():
   with pytest.raises(ValueError, match="identity_init=True.*source='torchvision' with "
                      'attention'):
     convert.from_pytorch(state, 'torchvision', attention=None, identity_init=True)
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_convert_cli_identity_init_round_trip(tmp_path, capsys):
+  torch = pytest.importorskip('torch')
+  from cbam_jax import convert, saving
+  from experiments.bench import torch_reference as refs
+
+  torch_model = refs.randomize(refs.OfficialResNet(
+      'basic', [1, 1], 'CIFAR10', num_classes=4, att_type=None, width=16, global_pool=True),
+      seed=5)
+  path = tmp_path / 'tv.pth'
+  torch.save(torch_model.state_dict(), path)
+  assert convert.main([str(path), str(tmp_path / 'out'), '--source=torchvision',
+                       '--identity_init']) == 0
+  assert 'Converted' in capsys.readouterr().out
+  model, variables = saving.load(tmp_path / 'out')
+  assert dict(model.attention_fields) == {'identity_init': True}
+  x = np.asarray(IMAGES)
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x),
+                             refs.nchw_logits(torch_model, x), rtol=0, atol=1e-4)
+  with pytest.raises(SystemExit, match="identity_init=True.*source='torchvision'"):
+    convert.main([str(path), str(tmp_path / 'out2'), '--source=torchvision',
+                  '--attention=none', '--identity_init'])
