@@ -29,7 +29,7 @@ PROG = 'python -m cbam_jax.convert'
 USAGE = f"""Convert a PyTorch ResNet(+CBAM/SE) checkpoint to a cbam_jax model.
 
   {PROG} IN.pth OUT_DIR [--source={"|".join(SOURCES)}] [--attention=cbam|none|se]
-      [--nostrict] [--seed=0] [--overwrite]
+      [--identity_init] [--nostrict] [--seed=0] [--overwrite]
 
 IN.pth is a state dict or {{"state_dict": ...}}; writes OUT_DIR/model.json (the model
 description) and an orbax checkpoint OUT_DIR/variables (cbam_jax.saving.load reads them).
@@ -41,6 +41,9 @@ def define_flags(values: flags.FlagValues) -> None:
                     flag_values=values)
   flags.DEFINE_string('attention', 'auto', "torchvision only: attention to add (default "
                       "cbam; 'none' for a plain ResNet).", flag_values=values)
+  flags.DEFINE_boolean('identity_init', False, 'torchvision with attention only: start the '
+                       'added attention as the identity (the plain network\'s logits).',
+                       flag_values=values)
   flags.DEFINE_boolean('strict', True, 'Fail on missing or unexpected keys; --nostrict loads '
                        'the matching keys, initialises missing ones and ignores the rest.',
                        flag_values=values)
@@ -129,8 +132,8 @@ def _convert(argv: Sequence[str] | None) -> int:
   state_dict = load_state_dict(input_path)
   try:
     model, variables, report = from_pytorch(
-        state_dict, values.source, strict=values.strict, attention=attention, rng=values.seed,
-        return_report=True)
+        state_dict, values.source, strict=values.strict, attention=attention,
+        identity_init=values.identity_init, rng=values.seed, return_report=True)
   except ValueError as error:
     better = _better_source(state_dict, values.source, attention)
     if better is None:

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import FrozenDict
 
 from cbam_jax import _validation, saving
 from cbam_jax.convert.architecture import SOURCES, infer_model
@@ -52,6 +53,7 @@ def from_pytorch(
     strict: bool = True,
     attention: Any = 'auto',
     attention_fields: Mapping[str, Any] | None = None,
+    identity_init: bool = False,
     rng: int | jax.Array = 0,
     return_report: bool = False,
     api: str = 'linen',
@@ -73,6 +75,10 @@ def from_pytorch(
     attention_fields: fields the weights cannot tell, e.g. ``{'pool_types': ('avg', 'max',
       'lse')}`` for an official model trained with other pools; with ``'torchvision'``,
       fields for an ``attention=`` class.
+    identity_init: ``'torchvision'`` with attention only: the fresh attention modules
+      start as the identity (docs/attention_family.md, "Identity at insertion"), so the
+      converted network computes the plain torchvision network's logits; stored in the
+      model's ``attention_fields``.
     rng: PRNG key, or an int seed of an ``'rbg'`` key, for the variables without
       PyTorch counterpart.
     return_report: also return a :class:`ConversionReport`.
@@ -87,12 +93,21 @@ def from_pytorch(
 
   Raises:
     ValueError: unknown source; architecture that cannot be inferred; with ``strict``,
-      missing or unexpected keys (all listed); a shape that does not match.
+      missing or unexpected keys (all listed); a shape that does not match;
+      ``identity_init`` without fresh attention.
   """
   _validation.check_choice('source', source, SOURCES)
   _validation.check_choice('api', api, APIS)
   arrays = prepare(state_dict)
   model, in_channels = infer_model(arrays, source, attention, dict(attention_fields or {}))
+  if identity_init:
+    if source != 'torchvision' or model.attention is None:
+      raise ValueError(
+          'identity_init=True starts freshly added attention as the identity; it needs '
+          f'source=\'torchvision\' with attention (got source={source!r}, attention='
+          f'{attention!r}). Drop identity_init, or use cbam_jax.models.add_attention.')
+    model = model.clone(attention_fields=FrozenDict({**(model.attention_fields or {}),
+                                                     'identity_init': True}))
   layout = attention_layout(source, model)
 
   # Parameter shapes do not depend on the image size; 8x8 keeps init cheap.

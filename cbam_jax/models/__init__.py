@@ -239,6 +239,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, depth: int | None =
 
 # The families: each file registers itself on import (after the registry above exists).
 from cbam_jax.models._attention import resolve_attention  # noqa: E402
+from cbam_jax.models.insertion import add_attention  # noqa: E402
 from cbam_jax.models.resnet import (  # noqa: E402
     BasicBlock,
     Bottleneck,
@@ -258,7 +259,8 @@ from cbam_jax.models.resnet import (  # noqa: E402
 )
 
 __all__ = [
-    'FIELD_KINDS', 'Backbone', 'Field', 'available_backbones', 'available_models',
+    'FIELD_KINDS', 'Backbone', 'Field', 'add_attention', 'available_backbones',
+    'available_models',
     'backbone_for_model', 'backbone_of', 'count_nnx_params', 'count_params', 'create_model',
     'create_nnx_model', 'get_backbone', 'register_backbone', 'resolve_attention', 'summary',
     'unregister_backbone',

@@ -8,7 +8,8 @@ its linen twin. Modules start in training mode (``model.eval()`` / ``model.train
 switch BatchNorm); attention maps are recorded as ``nnx.Intermediate`` under
 ``nnx.capture``. :func:`create_model` builds the registered backbones
 (:mod:`cbam_jax.models`, one registry for both skins); :func:`to_linen`, :func:`from_linen`
-and :func:`load_linen` move weights between the two APIs. See docs/nnx.md.
+and :func:`load_linen` move weights between the two APIs; :func:`add_attention` inserts
+attention into any NNX module (docs/insertion.md). See docs/nnx.md.
 """
 
 from cbam_jax.attention._registry import available
@@ -37,6 +38,7 @@ from cbam_jax.models import count_nnx_params as count_params
 from cbam_jax.models import create_nnx_model as create_model
 from cbam_jax.models._attention import resolve_nnx_attention as resolve_attention
 from cbam_jax.models.resnet import ResNetNNX as ResNet
+from cbam_jax.nnx.insertion import Attended, add_attention
 from cbam_jax.nnx.transfer import from_linen, load_linen, to_linen
 
 __all__ = ['CBAM', 'BAMChannelGate', 'BAMSpatialGate', 'BottleneckAttention',
@@ -45,4 +47,5 @@ __all__ = ['CBAM', 'BAMChannelGate', 'BAMSpatialGate', 'BottleneckAttention',
            'LightSpatialAttention', 'SimAM', 'SpatialAttention', 'SpatialSqueezeExcitation',
            'SqueezeExcitation', 'TripletAttention', 'ZPoolGate', 'available', 'create',
            'resolve', 'MaterializedInputConv', 'ResNet', 'available_models', 'count_params',
-           'create_model', 'resolve_attention', 'from_linen', 'load_linen', 'to_linen']
+           'create_model', 'resolve_attention', 'from_linen', 'load_linen', 'to_linen',
+           'Attended', 'add_attention']
