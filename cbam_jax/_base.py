@@ -15,19 +15,18 @@ import difflib
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer, PrecisionLike
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
 
 Array = jax.Array
-Dtype = Any
-Initializer = Callable[..., Array]
 Activation = Callable[[Array], Array]
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -83,7 +82,7 @@ class AttentionModule(nn.Module):
   channel_axis: int = -1
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = default_bias_init
   identity_init: bool = False
@@ -109,8 +108,8 @@ class AttentionModule(nn.Module):
       check_stored_shape(self, ('identity_scale',), inp.shape[-1:], inp)
       # Through the scope: Module.param works only in setup or the one @nn.compact method
       # a class may have, which is the member's (its refine or setup declares the rest).
-      identity_scale = self.scope.param('identity_scale', zeros_init, inp.shape[-1:],
-                                        self.param_dtype)
+      identity_scale = self.scope.param(  # type: ignore[union-attr]  # Bound: being called.
+          'identity_scale', zeros_init, inp.shape[-1:], self.param_dtype)
       return blend_identity(inp, refined, identity_scale)
 
     return refine_along_axis(type(self).__name__, x, self.channel_axis, refine,
@@ -134,7 +133,7 @@ def check_fields_at_init(cls: type[nn.Module]) -> type[nn.Module]:
       raise TypeError(unknown_fields_message(type(self).__name__, unknown, declared))
     dataclass_init(self, *args, **fields)
 
-  cls.__init__ = checked_init
+  cls.__init__ = checked_init  # type: ignore[method-assign]  # The wrapping is the point.
   return cls
 
 
@@ -153,6 +152,7 @@ def check_has_batch(module: nn.Module, x: Array) -> None:
   """:func:`cbam_jax._validation.check_has_batch` for a linen module with a spatial
   ``conv_kernel`` param and a ``kernel_size`` field: the param, once initialised, or a
   per-dim ``kernel_size`` fixes the spatial rank."""
+  dims: int | None
   if module.has_variable('params', 'conv_kernel'):
     dims = module.get_variable('params', 'conv_kernel').ndim - 2
   else:
@@ -267,8 +267,11 @@ def resolve_fields(linen_cls: type[nn.Module], fields: Mapping[str, Any]) -> dic
       value = fields[name]
     elif field.default is not dataclasses.MISSING:
       value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      value = field.default_factory()
     else:
-      value = field.default_factory()  # type: ignore[misc]
+      raise TypeError(f'{linen_cls.__name__} needs the field {name!r} (it has no default); '
+                      f'pass {name}=...')
     resolved[name] = tuple(value) if isinstance(value, list) else value
   return resolved
 
@@ -280,7 +283,7 @@ def resolve_fields(linen_cls: type[nn.Module], fields: Mapping[str, Any]) -> dic
 _NNX_NON_FIELDS = frozenset({'self', '__class__', 'in_features', 'num_spatial_dims', 'rngs'})
 
 
-def nnx_field_names(cls: type) -> tuple[str, ...]:
+def nnx_field_names(cls: type[nnx.Module]) -> tuple[str, ...]:
   """The fields of an NNX member: its ``__init__``'s keywords but ``in_features``,
   ``num_spatial_dims`` and ``rngs``; the same names as its linen class's fields."""
   return tuple(name for name in inspect.signature(cls.__init__).parameters
@@ -311,10 +314,27 @@ class NnxAttentionModule(NnxModule):
 
   supported_spatial_dims: ClassVar[tuple[int, ...]] = ALL_SPATIAL_DIMS
 
+  # What set_fields stores: the fields every member has (and its identity_scale). A member
+  # declares those of its own fields its methods read, for type checkers.
+  in_features: int
+  channel_axis: int
+  identity_init: bool
+  dtype: Dtype | None
+  param_dtype: Dtype
+  precision: PrecisionLike
+  kernel_init: Initializer
+  bias_init: Initializer
+  identity_scale: nnx.Param[Array]
+
+  if TYPE_CHECKING:
+    # Every subclass's constructor (the class docstring), as the registry calls it.
+    def __init__(self, in_features: int, *, rngs: nnx.Rngs | None = None,
+                 **fields: Any) -> None: ...
+
   def __init_subclass__(cls, **kwargs: Any) -> None:
     super().__init_subclass__(**kwargs)
-    if '__init__' in vars(cls):
-      cls.__init__ = _named_unknown_fields(cls.__init__)
+    if '__init__' in vars(cls):  # Wrapped on purpose, as check_fields_at_init does.
+      cls.__init__ = _named_unknown_fields(cls.__init__)  # type: ignore[method-assign]
 
   def set_fields(self, in_features: int, fields: Mapping[str, Any]) -> None:
     """Stores ``in_features`` and ``fields`` (``locals()`` of ``__init__``: its non-field
@@ -328,7 +348,8 @@ class NnxAttentionModule(NnxModule):
       if name not in _NNX_NON_FIELDS:
         setattr(self, name, tuple(value) if isinstance(value, list) else value)
     if self.identity_init:  # Zeros need no key; the linen twin declares it alike.
-      self.identity_scale = nnx.Param(zeros_init(None, (in_features,), self.param_dtype))
+      self.identity_scale = nnx.Param(
+          zeros_init(None, (in_features,), self.param_dtype))  # type: ignore[arg-type]
 
   def field_values(self, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(self, name) for name in names}
@@ -378,7 +399,7 @@ def sow_map(module: nnx.Module, name: str, value: Array) -> None:
     module.sow(nnx.Intermediate, name, value)
 
 
-def nnx_batch_norm(num_features: int, momentum: float, epsilon: float, param_dtype: Any,
+def nnx_batch_norm(num_features: int, momentum: float, epsilon: float, param_dtype: Dtype,
                    rngs: nnx.Rngs, scale_init: Initializer = ones_init) -> nnx.BatchNorm:
   """The NNX twin of :func:`batch_norm` (same settings); training mode."""
   return nnx.BatchNorm(num_features, use_running_average=False,
@@ -398,7 +419,15 @@ def declare_linen(module: nn.Module, shapes: ParamShapes) -> dict[str, Array]:
           for name, (kind, shape) in shapes.items()}
 
 
-def declare_nnx(module: nnx.Module, shapes: ParamShapes, rngs: nnx.Rngs) -> None:
+class NnxParamOwner(Protocol):
+  """What :func:`declare_nnx` reads of a module: its initialisers and parameter dtype."""
+
+  kernel_init: Initializer
+  bias_init: Initializer
+  param_dtype: Dtype
+
+
+def declare_nnx(module: NnxParamOwner, shapes: ParamShapes, rngs: nnx.Rngs) -> None:
   """``module.<name> = nnx.Param(...)`` for each ``name -> (kind, shape)``: the NNX twin of
   :func:`declare_linen` (same initialisers, same order of keys)."""
   inits = {'kernel': module.kernel_init, 'bias': module.bias_init}

@@ -77,7 +77,7 @@ class NnxMaterializedInputConv(nnx.Conv):
     super().__init__(*args, **kwargs)
     self.materialize_input = materialize_input
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
     if materializes_input(self.materialize_input):
       inputs = computed_once(lambda value: value, inputs)
-    return super().__call__(inputs)
+    return super().__call__(inputs, out_sharding=out_sharding)

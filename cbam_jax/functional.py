@@ -27,11 +27,11 @@ statistics in training.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype, PrecisionLike
 
 from cbam_jax import _validation
 from cbam_jax._fast.spatial_conv import spatial_conv
@@ -157,8 +157,8 @@ def shared_mlp(
     v: Array,
     *,
     activation: Activation = jax.nn.relu,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
 ) -> Array:
   """The shared bottleneck MLP ``C -> hidden -> C`` of the channel branch.
 
@@ -192,8 +192,8 @@ def channel_logits(
     *,
     pool_types: Sequence[str] = ('avg', 'max'),
     activation: Activation = jax.nn.relu,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
 ) -> Array:
   """``sum_p MLP(pool_p(x))``: the pre-gate channel attention, ``(C,)`` float32."""
   _validation.check_features(x, batched=False)
@@ -204,7 +204,7 @@ def channel_logits(
 
 
 def _channel_logits(params: Params, x: Array, *, pool_types: Sequence[str],
-                    activation: Activation, dtype: Any, precision: Any) -> Array:
+                    activation: Activation, dtype: Dtype | None, precision: PrecisionLike) -> Array:
   # One MLP pass over the stacked descriptors: the same shared weights for every pool.
   pooled = jnp.stack([_global_pool(x, kind) for kind in pool_types])
   logits = shared_mlp(params, pooled, activation=activation, dtype=dtype,
@@ -224,8 +224,8 @@ def channel_attention(
     pool_types: Sequence[str] = ('avg', 'max'),
     activation: Activation = jax.nn.relu,
     gate: Activation = jax.nn.sigmoid,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
     return_map: bool = False,
 ) -> Array | tuple[Array, Array]:
   """``Mc(x) * x`` with ``Mc = gate(sum_p MLP(pool_p(x)))``.
@@ -249,8 +249,8 @@ def spatial_logits(
     params: Params,
     x: Array,
     *,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
     impl: str = 'auto',
 ) -> Array:
   """``conv_k([AvgPool_c(x); MaxPool_c(x)])``: the pre-gate spatial map, ``(*spatial,)``.
@@ -263,7 +263,7 @@ def spatial_logits(
   return _spatial_logits(params, x, dtype=dtype, precision=precision, impl=impl)
 
 
-def _spatial_logits(params: Params, x: Array, *, dtype: Any, precision: Any,
+def _spatial_logits(params: Params, x: Array, *, dtype: Dtype | None, precision: PrecisionLike,
                     impl: str) -> Array:
   kernel = params['conv_kernel']
   pooled = _channel_pool(x)
@@ -282,8 +282,8 @@ def spatial_attention(
     *,
     normalize: Activation | None = None,
     gate: Activation = jax.nn.sigmoid,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
     impl: str = 'auto',
     return_map: bool = False,
 ) -> Array | tuple[Array, Array]:
@@ -317,8 +317,8 @@ def cbam(
     activation: Activation = jax.nn.relu,
     gate: Activation = jax.nn.sigmoid,
     normalize: Activation | None = None,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
     impl: str = 'auto',
     return_maps: bool = False,
 ) -> Array | tuple[Array, tuple[Array, Array]]:
@@ -363,7 +363,7 @@ def gate_in_order(
   Args:
     x: features.
     channel_gate, spatial_gate: ``inp -> map`` broadcastable against ``inp``; ``None``
-      switches that branch off (then ``order`` does not matter).
+      switches that branch off (then ``order`` does not matter); not both.
     order: see :func:`cbam`.
 
   Returns:
@@ -372,6 +372,9 @@ def gate_in_order(
   """
   _validation.check_choice('order', order, ORDERS)
   if spatial_gate is None:
+    if channel_gate is None:
+      raise ValueError('gate_in_order got no gate (channel_gate and spatial_gate are both '
+                       'None); pass at least one.')
     channel_map = channel_gate(x)
     return apply_gate(x, channel_map), channel_map, None
   if channel_gate is None:

@@ -21,7 +21,7 @@ result depends on that example only.
 from __future__ import annotations
 
 import inspect as _pyinspect  # the standard library module (absolute import)
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -85,6 +85,7 @@ def _with_eval_mode(model: nn.Module, apply_kwargs: Mapping[str, Any]) -> dict[s
   """``apply_kwargs`` plus ``train=False`` when ``model.__call__`` takes ``train``."""
   apply_kwargs = dict(apply_kwargs)
   if 'train' not in apply_kwargs:
+    parameters: Mapping[str, Any]
     try:
       parameters = _pyinspect.signature(type(model).__call__).parameters
     except (TypeError, ValueError):
@@ -154,7 +155,7 @@ def attention_maps(
   return (output, maps) if return_output else maps
 
 
-def upsample(maps: Array, size: tuple[int, int] | int, method: str = 'bilinear') -> Array:
+def upsample(maps: Array, size: Sequence[int] | int, method: str = 'bilinear') -> Array:
   """Resizes ``(B, h, w)`` maps to ``(B, *size)`` with :func:`jax.image.resize`.
 
   ``jax.image.resize`` uses half-pixel centres: output pixel ``i`` samples the input at
@@ -379,7 +380,7 @@ def _pixel_centres(size: int) -> Array:
   return jnp.arange(size, dtype=jnp.float32) + 0.5
 
 
-def box_mask(boxes: Array, size: tuple[int, int]) -> Array:
+def box_mask(boxes: Array, size: Sequence[int]) -> Array:
   """``(B, H, W)`` float mask of pixels whose centre ``(i + 0.5, j + 0.5)`` is in the box.
 
   Pixel ``i`` covers ``[i, i + 1)``; a box ``(y0, x0, y1, x1)`` covers ``[y0, y1] x [x0, x1]``,

@@ -100,7 +100,8 @@ def _describe_attention(spec: Any, what: str) -> Any:
   if isinstance(spec, str):
     attention_registry.resolve(spec)  # A clear error for an unknown name.
     return spec
-  factory, fields = spec, {}
+  factory = spec
+  fields: dict[str, Any] = {}
   while isinstance(factory, functools.partial):
     if factory.args:
       raise TypeError(f'{what}: positional arguments of a partial cannot be saved; pass '
@@ -323,7 +324,7 @@ def canonical(description: Mapping[str, Any]) -> dict[str, Any]:
   Nothing is built."""
   backbone, fields = _network_fields(description)
   defaults = {f.name: f.default for f in dataclasses.fields(backbone.linen)}
-  result = {'backbone': backbone.family}
+  result: dict[str, Any] = {'backbone': backbone.family}
   size = upgrade(description).get('size')
   if size is not None:
     result['size'] = size
@@ -449,6 +450,7 @@ def load(directory: str | os.PathLike[str], *, num_classes: int | None = None,
     if num_classes < 1:
       raise ValueError(f'num_classes must be positive, got {num_classes}.')
     backbone = models.backbone_of(model)
+    assert backbone is not None  # build() made model from a registered family.
     if backbone.head is None or backbone.head_init is None:
       raise ValueError(f'The {backbone.family!r} backbone declares no head to replace; load '
                        'it without num_classes.')

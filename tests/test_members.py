@@ -311,11 +311,14 @@ class ChannelGain(_base.AttentionModule):
 class NnxChannelGain(_base.NnxAttentionModule):
   """:class:`ChannelGain` in NNX."""
 
+  gate: Callable[[jax.Array], jax.Array]
+
   def __init__(self, in_features: int, *, gate: Callable[[jax.Array], jax.Array] = nn.sigmoid,
-               channel_axis: int = -1, identity_init: bool = False, dtype: Any = None,
-               param_dtype: Any = jnp.float32,
-               precision: Any = None, kernel_init: Any = _base.default_kernel_init,
-               bias_init: Any = _base.default_bias_init, rngs: nnx.Rngs):
+               channel_axis: int = -1, identity_init: bool = False,
+               dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
+               bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     self.scale = nnx.Param(_base.ones_init(rngs.params(), (in_features,), param_dtype))
     self.bias = nnx.Param(bias_init(rngs.params(), (in_features,), param_dtype))

@@ -12,10 +12,10 @@ exactly ``jax.vmap(spatial_logits)``, the reference. The pooling uses
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype, PrecisionLike
 
 from cbam_jax import _validation, functional
 from cbam_jax._fast.pool import mean_max
@@ -41,8 +41,8 @@ def batched_spatial_logits(
     params: Mapping[str, jax.Array],
     x: jax.Array,
     *,
-    dtype: Any = None,
-    precision: Any = None,
+    dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
     impl: str = 'auto',
 ) -> jax.Array:
   """``jax.vmap(functional.spatial_logits)`` with pooled maps laid out as planes.

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.typing import PrecisionLike
 from jax import lax
 
 from cbam_jax._fast.boundary import boundary_pays_off, computed_once, replicated_if_explicit
@@ -111,7 +111,7 @@ def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
             offset + (in_channel, out_channel)]
         acc = term if acc is None else acc + term
     outs.append(acc)
-  return jnp.stack(outs)
+  return jnp.stack(outs)  # type: ignore[arg-type]  # No acc is None: a kernel has taps.
 
 
 def _diagonal_band(k_last: int, block: int) -> np.ndarray:
@@ -198,7 +198,7 @@ def _conv_planes_shift_bwd(residuals, grad):
 _conv_planes_shift.defvjp(_conv_planes_shift_fwd, _conv_planes_shift_bwd)
 
 
-def spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: Any = None,
+def spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: PrecisionLike = None,
                         impl: str = 'auto') -> jax.Array:
   """Same-padded, stride-1 convolution of a batch laid out as channel-major planes.
 
@@ -220,7 +220,7 @@ def spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: Any 
   return out.astype(out_dtype)
 
 
-def spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: Any = None,
+def spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: PrecisionLike = None,
                  impl: str = 'auto') -> jax.Array:
   """Same-padded, stride-1 convolution of one pooled example.
 

@@ -12,6 +12,7 @@ from cbam_jax._base import (
                             NnxAttentionModule,
                             NnxModule,
                             ParamShapes,
+                            PrecisionLike,
                             batch_norm,
                             batch_norm_fields,
                             channel_map_shape,
@@ -39,7 +40,8 @@ from cbam_jax._base import (
 )
 
 __all__ = ['ALL_SPATIAL_DIMS', 'Activation', 'Array', 'AttentionModule', 'Dtype',
-           'Initializer', 'NnxAttentionModule', 'NnxModule', 'ParamShapes', 'SHARED_FIELDS',
+           'Initializer', 'NnxAttentionModule', 'NnxModule', 'ParamShapes', 'PrecisionLike',
+           'SHARED_FIELDS',
            'batch_norm',
            'batch_norm_fields', 'channel_map_shape', 'check_has_batch', 'check_param_shape',
            'check_positive', 'check_positive_int', 'check_spatial_dims',

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 import flax.linen as nn
+from flax.typing import Dtype
 
 from cbam_jax import _validation
 from cbam_jax._base import AttentionModule, NnxAttentionModule, nnx_field_names
@@ -45,7 +46,7 @@ class Member:
   """
 
   name: str
-  linen: type[nn.Module]
+  linen: type[AttentionModule]
   nnx: type[NnxAttentionModule]
   maps: tuple[str, ...] = ()
   presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
@@ -144,7 +145,8 @@ def create_nnx(name: str, in_features: int, *, rngs: Any, **fields: Any) -> NnxA
 
 def _unwrap(factory: Any) -> tuple[Any, dict[str, Any]]:
   """A class or (nested) ``functools.partial`` -> (the class, the partials' keywords)."""
-  cls, keywords = factory, {}
+  cls = factory
+  keywords: dict[str, Any] = {}
   while isinstance(cls, functools.partial):
     keywords = {**cls.keywords, **keywords}
     cls = cls.func
@@ -194,7 +196,7 @@ def _with_supported_fields(factory: Callable[..., nn.Module],
   return functools.partial(factory, **fields) if fields else factory
 
 
-def resolve_attention(spec: Any, *, skin: str = 'linen', dtype: Any, param_dtype: Any,
+def resolve_attention(spec: Any, *, skin: str = 'linen', dtype: Dtype | None, param_dtype: Dtype,
                       preset: str = MODEL_PRESET, zero_init_spatial_gate: bool = True,
                       what: str = 'attention') -> Callable[..., Any] | None:
   """A model's attention factory for ``spec``, with the model's dtypes filled in.
@@ -213,9 +215,9 @@ def resolve_attention(spec: Any, *, skin: str = 'linen', dtype: Any, param_dtype
   if spec is None:
     return None
   if isinstance(spec, str):
-    found = member(spec)
+    named = member(spec)
     fields = preset_fields(spec, preset, zero_init_spatial_gate=zero_init_spatial_gate)
-    cls = found.linen if skin == 'linen' else found.nnx
+    cls = named.linen if skin == 'linen' else named.nnx
     return functools.partial(cls, **fields, dtype=dtype, param_dtype=param_dtype)
   if not callable(spec):
     kind = ('module factory such as functools.partial(CBAM, ...)' if skin == 'linen' else

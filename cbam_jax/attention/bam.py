@@ -95,7 +95,7 @@ class _BAMBranch(nn.Module):
   norm_epsilon: float = 1e-5
   dtype: _base.Dtype | None = None
   param_dtype: _base.Dtype = jnp.float32
-  precision: object = None
+  precision: _base.PrecisionLike = None
   kernel_init: _base.Initializer = _base.default_kernel_init
   bias_init: _base.Initializer = _base.default_bias_init
 
@@ -199,10 +199,11 @@ class BottleneckAttention(_base.AttentionModule):
     check_bam_fields(self.combine, self.dilated_kernel_size, self.dilation)
     hidden = F.hidden_size(x.shape[-1], self.reduction_ratio, self.hidden_features,
                            self.hidden_rounding)
-    shared = dict(hidden=hidden, activation=self.activation, output_norm=self.output_norm,
-                  norm_momentum=self.norm_momentum, norm_epsilon=self.norm_epsilon,
-                  dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                  kernel_init=self.kernel_init, bias_init=self.bias_init)
+    shared: dict[str, Any] = dict(
+        hidden=hidden, activation=self.activation, output_norm=self.output_norm,
+        norm_momentum=self.norm_momentum, norm_epsilon=self.norm_epsilon,
+        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+        kernel_init=self.kernel_init, bias_init=self.bias_init)
     channel_logits = BAMChannelGate(**shared, name='channel')(x, train)
     spatial_logits = BAMSpatialGate(
         num_dilated_convs=self.num_dilated_convs, dilation=self.dilation,
@@ -225,6 +226,8 @@ class _NnxBAMBranch(_base.NnxModule):
 
 class NnxBAMChannelGate(_NnxBAMBranch):
   """BAM's channel branch: params ``fc1_*``, ``fc2_*``, ``norm`` (and ``output_norm``)."""
+
+  fc1_kernel: nnx.Param[Array]
 
   def __init__(self, in_features: int, hidden: int, fields: dict[str, Any], rngs: nnx.Rngs):
     self.hidden, self.activation = hidden, fields['activation']
@@ -293,6 +296,9 @@ class NnxBottleneckAttention(_base.NnxAttentionModule):
   """:class:`BottleneckAttention` in NNX: submodules ``channel`` and ``spatial`` as in linen;
   ``num_spatial_dims`` (2) is the input rank its convolutions are built for."""
 
+  combine: str
+  gate: Callable[[Array], Array]
+
   def __init__(self, in_features: int, *, reduction_ratio: float = 16,
                hidden_features: int | None = None, hidden_rounding: str = 'floor',
                num_dilated_convs: int = 2, dilation: int = 4, dilated_kernel_size: int = 3,
@@ -301,7 +307,8 @@ class NnxBottleneckAttention(_base.NnxAttentionModule):
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,
                num_spatial_dims: int = 2, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,6 +32,7 @@ from cbam_jax._base import (
   Initializer,
   NnxAttentionModule,
   ParamShapes,
+  PrecisionLike,
   batch_norm,
   channel_map_shape,
   check_has_batch,
@@ -67,8 +67,8 @@ SPATIAL_FIELDS = ('kernel_size', 'spatial_norm', 'use_bias', 'norm_momentum', 'n
 
 def channel_param_shapes(channels: int, hidden: int, mlp_bias: bool) -> ParamShapes:
   """The channel branch's parameters (see :func:`cbam_jax.functional.shared_mlp`)."""
-  shapes = {'fc1_kernel': ('kernel', (channels, hidden)),
-            'fc2_kernel': ('kernel', (hidden, channels))}
+  shapes: ParamShapes = {'fc1_kernel': ('kernel', (channels, hidden)),
+                         'fc2_kernel': ('kernel', (hidden, channels))}
   if mlp_bias:
     shapes.update(fc1_bias=('bias', (hidden,)), fc2_bias=('bias', (channels,)))
   return shapes
@@ -82,7 +82,7 @@ def spatial_use_bias(spatial_norm: bool, use_bias: bool | None) -> bool:
 def spatial_param_shapes(kernel_size: Sequence[int], use_bias: bool,
                          in_channels: int = 2) -> ParamShapes:
   """The spatial branch's conv (see :func:`cbam_jax.functional.spatial_logits`)."""
-  shapes = {'conv_kernel': ('kernel', (*kernel_size, in_channels, 1))}
+  shapes: ParamShapes = {'conv_kernel': ('kernel', (*kernel_size, in_channels, 1))}
   if use_bias:
     shapes['conv_bias'] = ('bias', (1,))
   return shapes
@@ -91,7 +91,7 @@ def spatial_param_shapes(kernel_size: Sequence[int], use_bias: bool,
 def channel_attention_map(params: Params, x: Array, *, pool_types: Sequence[str],
                           activation: Callable[[Array], Array],
                           gate: Callable[[Array], Array], dtype: Dtype | None = None,
-                          precision: Any = None) -> Array:
+                          precision: PrecisionLike = None) -> Array:
   """``gate(sum_p MLP(pool_p(x)))`` of a checked channels-last batch ``(B, *spatial, C)``:
   ``(B, C)`` float32."""
   # The unchecked core: the module checked x (its boundary), pool types and channels.
@@ -103,7 +103,7 @@ def channel_attention_map(params: Params, x: Array, *, pool_types: Sequence[str]
 
 def spatial_attention_map(params: Params, x: Array, *, norm: Callable[[Array], Array] | None,
                           gate: Callable[[Array], Array], dtype: Dtype | None = None,
-                          precision: Any = None, impl: str = 'auto') -> Array:
+                          precision: PrecisionLike = None, impl: str = 'auto') -> Array:
   """``gate(norm(conv_k([mean_c; max_c])))`` of a channels-last batch: ``(B, *spatial)``
   float32. ``norm`` (a BatchNorm over a trailing feature axis of size 1) may be ``None``."""
   # Same numbers as vmap(F.spatial_logits); pools into channel-major planes, the layout
@@ -126,11 +126,12 @@ def cbam_in_order(x: Array, channel_map: Callable[[Array], Array] | None,
   """CBAM's composition of a batch ``x`` ``(B, *spatial, C)`` from the two branches' maps
   (``(B, C)`` and ``(B, *spatial)``; ``None`` switches a branch off)."""
 
+  # Each gate is passed on only when its map is given.
   def channel_gate(inp):
-    return channel_map_shape(channel_map(inp), inp)
+    return channel_map_shape(channel_map(inp), inp)  # type: ignore[misc]
 
   def spatial_gate(inp):
-    return spatial_map(inp)[..., None]
+    return spatial_map(inp)[..., None]  # type: ignore[misc]
 
   return F.gate_in_order(x, channel_gate if channel_map else None,
                          spatial_gate if spatial_map else None, order=order)[0]
@@ -305,6 +306,10 @@ class NnxChannelAttention(NnxAttentionModule):
   ``channel_map`` ``(B, C)`` under ``nnx.capture``.
   """
 
+  pool_types: Sequence[str]
+  activation: Callable[[Array], Array]
+  gate: Callable[[Array], Array]
+
   def __init__(self, in_features: int, *, reduction_ratio: float = 16,
                hidden_features: int | None = None, hidden_rounding: str = 'floor',
                hidden_divisor: int = 1, pool_types: Sequence[str] = ('avg', 'max'),
@@ -312,7 +317,7 @@ class NnxChannelAttention(NnxAttentionModule):
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               precision: Any = None, kernel_init: Initializer = default_kernel_init,
+               precision: PrecisionLike = None, kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     _validation.check_pool_types(self.pool_types)
@@ -343,13 +348,19 @@ class NnxSpatialAttention(NnxAttentionModule):
   sequence ``kernel_size``, else 2).
   """
 
+  kernel_size: int | Sequence[int]
+  spatial_norm: bool
+  gate: Callable[[Array], Array]
+  conv_impl: str
+  conv_kernel: nnx.Param[Array]
+
   def __init__(self, in_features: int, *, kernel_size: int | Sequence[int] = 7,
                spatial_norm: bool = False, use_bias: bool | None = None,
                norm_momentum: float = 0.99, norm_epsilon: float = 1e-5,
                norm_scale_init: Initializer = ones_init,
                gate: Callable[[Array], Array] = nn.sigmoid, conv_impl: str = 'auto',
                channel_axis: int = -1, identity_init: bool = False, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, precision: Any = None,
+               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init,
                num_spatial_dims: int | None = None, rngs: nnx.Rngs):
@@ -386,6 +397,10 @@ class NnxCBAM(NnxAttentionModule):
   (:class:`NnxSpatialAttention`), as in linen; ``num_spatial_dims`` as the latter's.
   """
 
+  order: str
+  use_channel: bool
+  use_spatial: bool
+
   def __init__(self, in_features: int, *, reduction_ratio: float = 16,
                hidden_features: int | None = None, hidden_rounding: str = 'floor',
                hidden_divisor: int = 1, pool_types: Sequence[str] = ('avg', 'max'),
@@ -396,7 +411,7 @@ class NnxCBAM(NnxAttentionModule):
                norm_scale_init: Initializer = ones_init, order: str = 'channel_first',
                use_channel: bool = True, use_spatial: bool = True, conv_impl: str = 'auto',
                channel_axis: int = -1, identity_init: bool = False, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, precision: Any = None,
+               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init,
                num_spatial_dims: int | None = None, rngs: nnx.Rngs):

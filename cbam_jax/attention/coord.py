@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -110,13 +109,20 @@ class NnxCoordinateAttention(_base.NnxAttentionModule):
 
   supported_spatial_dims = (2,)
 
+  reduction_ratio: float
+  min_hidden: int
+  hidden_features: int | None
+  activation: Callable[[Array], Array]
+  gate: Callable[[Array], Array]
+
   def __init__(self, in_features: int, *, reduction_ratio: float = 32, min_hidden: int = 8,
                hidden_features: int | None = None, norm_momentum: float = 0.9,
                norm_epsilon: float = 1e-5, activation: Callable[[Array], Array] = nn.hard_swish,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     hidden = coord_hidden_size(in_features, reduction_ratio, min_hidden, hidden_features)

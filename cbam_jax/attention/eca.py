@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,7 +83,7 @@ class EfficientChannelAttention(_base.AttentionModule):
     """``(B, C)`` float32 channel map of channels-last ``x``; sown as ``channel_map``."""
     _validation.check_features(x, batched=True)
     if self.has_variable('params', 'conv_kernel'):
-      size = self.get_variable('params', 'conv_kernel').shape[0]
+      size: int = self.get_variable('params', 'conv_kernel').shape[0]
       _validation.check_kernel_size(size)
     else:
       size = eca_kernel_size_for(x.shape[-1], self.kernel_size, self.gamma, self.beta)
@@ -103,12 +102,15 @@ class NnxEfficientChannelAttention(_base.NnxAttentionModule):
   """:class:`EfficientChannelAttention` in NNX: param ``conv_kernel (k, 1, 1)``; records
   ``channel_map``."""
 
+  gate: Callable[[Array], Array]
+
   def __init__(self, in_features: int, *, kernel_size: int | None = None, gamma: float = 2,
                beta: float = 1, gate: Callable[[Array], Array] = nn.sigmoid,
                channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     size = eca_kernel_size_for(in_features, kernel_size, gamma, beta)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -164,13 +163,21 @@ _MLP_PARAMS = ('fc1_kernel', 'fc1_bias', 'fc2_kernel', 'fc2_bias')
 class NnxLightChannelAttention(_base.NnxAttentionModule):
   """:class:`LightChannelAttention` in NNX; params as ``cbam_jax.nnx.ChannelAttention``'s."""
 
+  reduction_ratio: float
+  hidden_features: int | None
+  hidden_rounding: str
+  activation: Callable[[Array], Array]
+  gate: Callable[[Array], Array]
+  fc1_kernel: nnx.Param[Array]
+
   def __init__(self, in_features: int, *, reduction_ratio: float = 16,
                hidden_features: int | None = None, hidden_rounding: str = 'round',
                mlp_bias: bool = False, activation: Callable[[Array], Array] = nn.relu,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     hidden = F.hidden_size(in_features, reduction_ratio, hidden_features, hidden_rounding)
@@ -196,13 +203,18 @@ class NnxLightSpatialAttention(_base.NnxAttentionModule):
   """:class:`LightSpatialAttention` in NNX: param ``conv_kernel (*k, 1, 1)`` and ``norm``;
   ``num_spatial_dims`` as ``cbam_jax.nnx.SpatialAttention``'s."""
 
+  kernel_size: int | Sequence[int]
+  conv_impl: str
+  gate: Callable[[Array], Array]
+
   def __init__(self, in_features: int, *, kernel_size: int | Sequence[int] = 7,
                norm_momentum: float = 0.9, norm_epsilon: float = 1e-5,
                norm_scale_init: _base.Initializer = _base.ones_init, conv_impl: str = 'auto',
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,
                num_spatial_dims: int | None = None, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
@@ -239,7 +251,8 @@ class NnxLightCBAM(_base.NnxAttentionModule):
                channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,
                num_spatial_dims: int | None = None, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())

@@ -4,7 +4,6 @@ MICCAI 2018)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -112,11 +111,16 @@ class NnxSpatialSqueezeExcitation(_base.NnxAttentionModule):
   """:class:`SpatialSqueezeExcitation` in NNX: params ``conv_kernel (C, 1)``, ``conv_bias
   (1,)``; records ``spatial_map``."""
 
+  gate: Callable[[Array], Array]
+  conv_kernel: nnx.Param[Array]
+  conv_bias: nnx.Param[Array]
+
   def __init__(self, in_features: int, *, gate: Callable[[Array], Array] = nn.sigmoid,
                channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     _base.declare_nnx(self, {'conv_kernel': ('kernel', (in_features, 1)),
@@ -138,6 +142,8 @@ class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
   """:class:`ConcurrentSpatialChannelSE` in NNX: submodules ``channel`` (cSE) and
   ``spatial`` (sSE)."""
 
+  aggregation: str
+
   def __init__(self, in_features: int, *, reduction_ratio: float = 16,
                hidden_features: int | None = None, hidden_rounding: str = 'floor',
                mlp_bias: bool = True, activation: Callable[[Array], Array] = nn.relu,
@@ -145,7 +151,8 @@ class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
                channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     _validation.check_choice('aggregation', aggregation, AGGREGATIONS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,11 +65,15 @@ class SimAM(_base.AttentionModule):
 class NnxSimAM(_base.NnxAttentionModule):
   """:class:`SimAM` in NNX: no parameters; records ``attention_map``."""
 
+  e_lambda: float
+  gate: Callable[[Array], Array]
+
   def __init__(self, in_features: int, *, e_lambda: float = 1e-4,
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init,
                rngs: nnx.Rngs | None = None):
     del rngs  # Parameter-free; accepted so every member is built alike.

@@ -19,8 +19,9 @@ from cbam_jax.attention._registry import Member, register
 Array = jax.Array
 
 
-def zpool_gate_map(kernel: Array, x: Array, *, norm, gate, dtype=None, precision=None,
-                   impl: str = 'auto') -> Array:
+def zpool_gate_map(kernel: Array, x: Array, *, norm: Callable[[Array], Array],
+                   gate: Callable[[Array], Array], dtype: _base.Dtype | None = None,
+                   precision: _base.PrecisionLike = None, impl: str = 'auto') -> Array:
   """``gate(norm(conv_k([max; mean](x))))``: ``(B, H', W', C')`` -> ``(B, H', W')`` float32."""
   # functional.spatial_logits pools [mean; max]: swap the kernel's inputs to match.
   logits = jax.vmap(functools.partial(
@@ -61,7 +62,7 @@ class ZPoolGate(nn.Module):
   conv_impl: str = 'auto'
   dtype: _base.Dtype | None = None
   param_dtype: _base.Dtype = jnp.float32
-  precision: object = None
+  precision: _base.PrecisionLike = None
   kernel_init: _base.Initializer = _base.default_kernel_init
 
   @nn.compact
@@ -144,13 +145,16 @@ class NnxTripletAttention(_base.NnxAttentionModule):
 
   supported_spatial_dims = (2,)
 
+  use_spatial: bool
+
   def __init__(self, in_features: int, *, kernel_size: int | Sequence[int] = 7,
                use_spatial: bool = True, norm_momentum: float = 0.99,
                norm_epsilon: float = 1e-5, conv_impl: str = 'auto',
                gate: Callable[[Array], Array] = nn.sigmoid, channel_axis: int = -1,
                identity_init: bool = False,
                dtype: _base.Dtype | None = None, param_dtype: _base.Dtype = jnp.float32,
-               precision: Any = None, kernel_init: _base.Initializer = _base.default_kernel_init,
+               precision: _base.PrecisionLike = None,
+               kernel_init: _base.Initializer = _base.default_kernel_init,
                bias_init: _base.Initializer = _base.default_bias_init, rngs: nnx.Rngs):
     self.set_fields(in_features, locals())
     fields = self.field_values(_base.nnx_field_names(type(self)))

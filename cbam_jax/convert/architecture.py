@@ -101,7 +101,7 @@ def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
     spatial_bias = 'cbam.SpatialGate.spatial.conv.bias'
     mlp_bias_key = 'cbam.ChannelGate.mlp.1.bias'
     squeeze = False
-    rules = ('floor',)
+    rules: tuple[str, ...] = ('floor',)
   else:
     se_keys = [b + 'se.fc1.weight' for b in blocks]
     channel_keys = [b + 'se.channel.fc1.weight' for b in blocks]

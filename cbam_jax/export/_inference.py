@@ -74,7 +74,7 @@ def inference_function(model: Any, variables: Mapping[str, Any] | None, *,
       raise ExportError("A linen model needs its variables, a mapping with 'params' (and "
                         "'batch_stats' where it has BatchNorm), e.g. from model.init(...).")
     call_parameters = inspect.signature(type(model).__call__).parameters
-    kwargs = {'train': False} if 'train' in call_parameters else {}
+    kwargs: dict[str, Any] = {'train': False} if 'train' in call_parameters else {}
 
     def linen_inference(x):
       if plain_conv:

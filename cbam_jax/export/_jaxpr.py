@@ -64,7 +64,7 @@ def _evaluate(jaxpr: jex_core.Jaxpr, consts: Any, args: Any) -> list[Any]:
     elif name == 'reduce_window_max' and _pools_fewer_axes(eqn.params, invals[0].ndim):
       outs = [_max_pool_merged(invals[0], eqn.params)]
     elif name == 'pad' and _is_symbolic_edge_pad(invals[0], eqn.params['padding_config']):
-      outs = [_pad_by_concatenation(*invals, eqn.params['padding_config'])]
+      outs = [_pad_by_concatenation(invals[0], invals[1], eqn.params['padding_config'])]
     else:
       outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       if not eqn.primitive.multiple_results:

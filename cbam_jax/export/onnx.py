@@ -34,7 +34,7 @@ INPUT_NAME = 'input'
 TOLERANCE = 1e-5
 
 
-def _import_converter() -> tuple[Any, Any, Any]:
+def _import_converter() -> tuple[Any, ...]:
   missing = []
   modules = []
   for name in ('jax2onnx', 'onnx', 'onnxruntime'):
@@ -142,10 +142,10 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
     got = session.run(None, {INPUT_NAME: np.asarray(example)})
     want = _flat_outputs(jax.jit(reference)(example))
     for index, (a, b) in enumerate(zip(got, want, strict=True)):
-      error = float(np.max(np.abs(a - b))) if a.size else 0.0
+      difference = float(np.max(np.abs(a - b))) if a.size else 0.0
       scale = max(1.0, float(np.max(np.abs(b))) if b.size else 0.0)
-      if error > TOLERANCE * scale:
-        raise ExportError(f'onnxruntime output {index} differs from JAX by {error:.3g} '
+      if difference > TOLERANCE * scale:
+        raise ExportError(f'onnxruntime output {index} differs from JAX by {difference:.3g} '
                           f'(allowed {TOLERANCE * scale:.3g}); the export of '
                           f'{type(model).__name__} is wrong, please report it.')
   return proto

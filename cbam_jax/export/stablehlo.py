@@ -20,7 +20,7 @@ from cbam_jax.export._inference import ExportError, inference_function, input_sp
 
 def to_stablehlo(model: Any, variables: Mapping[str, Any] | None, example: Any, *,
                  batch_polymorphic: bool = True,
-                 platforms: Sequence[str] | None = None) -> bytes:
+                 platforms: Sequence[str] | None = None) -> bytearray:
   """Serialises ``model``'s inference function (evaluation mode) with ``jax.export``.
 
   Args:
@@ -46,7 +46,7 @@ def to_stablehlo(model: Any, variables: Mapping[str, Any] | None, example: Any, 
   """
   fn = inference_function(model, variables)
   spec = input_spec(example, batch_polymorphic)
-  kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
+  kwargs: dict[str, Any] = {} if platforms is None else {'platforms': tuple(platforms)}
   try:
     exported = jax.export.export(jax.jit(fn), **kwargs)(spec)
   except jax.errors.InconclusiveDimensionOperation as error:

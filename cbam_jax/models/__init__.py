@@ -30,10 +30,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
 from cbam_jax import _validation
-
-Dtype = Any
 
 # How a description (cbam_jax.saving) stores a field: 'value' a JSON value as is, 'tuple' a
 # list read back as a tuple, 'mapping' a dict read back as a FrozenDict (or null), 'dtype'
@@ -89,7 +88,7 @@ class Backbone:
 
   family: str
   linen: type[nn.Module]
-  nnx: Callable[..., Any]
+  nnx: type[Any]
   fields: Mapping[str, Field]
   sizes: Mapping[str, Mapping[str, Any]]
   linen_only: tuple[str, ...] = ()

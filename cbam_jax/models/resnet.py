@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base, _validation
 from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
@@ -58,7 +59,6 @@ from cbam_jax.models._blocks import (
 )
 
 Array = jax.Array
-Dtype = Any
 ModuleDef = Any
 
 STEMS = ('imagenet', 'cifar')
@@ -216,7 +216,7 @@ class ResNet(nn.Module):
   conv: ModuleDef = MaterializedInputConv
   norm: ModuleDef = nn.BatchNorm
   act: Callable[[Array], Array] = nn.relu
-  kernel_init: Callable[..., Array] = conv_kernel_init
+  kernel_init: Initializer = conv_kernel_init
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, *, channels_last: bool = False) -> Array:
@@ -233,8 +233,8 @@ class ResNet(nn.Module):
     # Flax momentum 0.9 = PyTorch momentum 0.1.
     norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  zero_init_spatial_gate=self.zero_init_spatial_gate)
+    dtypes: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                                  zero_init_spatial_gate=self.zero_init_spatial_gate)
     attention = resolve_attention(self.attention, **dtypes)
     if attention is not None and self.attention_fields:
       attention = functools.partial(attention, **self.attention_fields)
