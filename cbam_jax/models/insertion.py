@@ -142,6 +142,8 @@ def _with_fields(spec: AttentionSpec, fields: Mapping[str, Any]) -> Any:
   if isinstance(spec, str):
     preset = attention_registry.preset_fields(spec)
     return functools.partial(attention_registry.resolve(spec), **{**preset, **fields})
+  if spec is None:
+    raise ValueError('attention=None inserts nothing; pass a registry name or a module class.')
   return functools.partial(spec, **fields)
 
 
@@ -149,7 +151,7 @@ def _abstract_init(model: nn.Module, key: jax.Array, images: jax.Array) -> Any:
   return jax.eval_shape(functools.partial(model.init, train=False), key, images)
 
 
-def _flat(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+def _flat(variables: Any) -> dict[tuple[str, ...], Any]:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
 
 

@@ -108,8 +108,9 @@ def add_attention(module: nnx.Module, attention: AttentionSpec = 'cbam', *,
   inserted = {}
   # Deepest first: wrapping a module leaves the paths of the modules around it as they were.
   for path, sub in sorted(chosen, key=lambda item: -len(item[0])):
-    factory = resolve_nnx_attention(attention, dtype=getattr(sub, 'dtype', None),
-                                    param_dtype=getattr(sub, 'param_dtype', jnp.float32))
+    factory = _required(resolve_nnx_attention(
+        attention, dtype=getattr(sub, 'dtype', None),
+        param_dtype=getattr(sub, 'param_dtype', jnp.float32)))
     new = functools.partial(factory, **fields)(_features(path, sub, features), rngs=rngs)
     _set_mode(new, training)
     _replace(module, path, Attended(sub, new))
@@ -131,8 +132,8 @@ def _into_backbone(model: nnx.Module, attention: AttentionSpec, rngs: nnx.Rngs,
   if any(getattr(model, name).has_attention for name in names):
     raise ValueError('This ResNet has attention in its blocks already; add_attention adds '
                      'to a network without it (pass where= to place more elsewhere).')
-  dtypes = dict(dtype=model.conv1.dtype, param_dtype=model.conv1.param_dtype)
-  factory = functools.partial(resolve_nnx_attention(attention, **dtypes), **fields)
+  factory = functools.partial(_required(resolve_nnx_attention(
+      attention, dtype=model.conv1.dtype, param_dtype=model.conv1.param_dtype)), **fields)
   training = _training(model)
   inserted = {}
   for name in names:
@@ -156,8 +157,15 @@ def _features(path: tuple[Any, ...], sub: nnx.Module, features: int | None) -> i
                    'features= to add_attention.')
 
 
+def _required(factory: Callable[..., Any] | None) -> Callable[..., Any]:
+  if factory is None:
+    raise ValueError('attention=None inserts nothing; pass a registry name (e.g. \'cbam\') '
+                     'or a module class.')
+  return factory
+
+
 def _replace(root: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
-  parent = root
+  parent: Any = root
   for key in path[:-1]:
     parent = getattr(parent, key) if isinstance(key, str) else parent[key]
   if isinstance(path[-1], str) and hasattr(parent, path[-1]):
