@@ -293,6 +293,8 @@ def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int], bl
 _RESNEXT = dict(block_cls=Bottleneck, groups=32, width_per_group=4)   # 32x4d.
 _WIDE = dict(block_cls=Bottleneck, width_per_group=128)             # Twice ResNet's width.
 _CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem='cifar', shortcut='pad', num_classes=10)
+_RESNEXT29 = dict(block_cls=Bottleneck, stage_sizes=(3, 3, 3), stem='cifar', width_per_group=64,
+                  num_classes=10)
 
 # Model name -> the ResNet fields that make it.
 SIZES: dict[str, dict[str, Any]] = {
@@ -307,11 +309,17 @@ SIZES: dict[str, dict[str, Any]] = {
     'resnext101_64x4d': dict(_RESNEXT, stage_sizes=(3, 4, 23, 3), groups=64),
     'wide_resnet50_2': dict(_WIDE, stage_sizes=(3, 4, 6, 3)),
     'wide_resnet101_2': dict(_WIDE, stage_sizes=(3, 4, 23, 3)),
+    # The CBAM paper's WideResNet18 (Table 4): ResNet-18 with every width times 1.5 or 2.
+    'wide_resnet18_1_5': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, num_filters=96),
+    'wide_resnet18_2': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, num_filters=128),
     'resnet20': dict(_CIFAR, stage_sizes=(3, 3, 3)),
     'resnet32': dict(_CIFAR, stage_sizes=(5, 5, 5)),
     'resnet44': dict(_CIFAR, stage_sizes=(7, 7, 7)),
     'resnet56': dict(_CIFAR, stage_sizes=(9, 9, 9)),
     'resnet110': dict(_CIFAR, stage_sizes=(18, 18, 18)),
+    # ResNeXt-29 for CIFAR (Xie et al. 2017): 3x3 stem of 64, 3 stages of 3 bottlenecks.
+    'resnext29_8x64d': dict(_RESNEXT29, groups=8),
+    'resnext29_16x64d': dict(_RESNEXT29, groups=16),
     'cifar_resnet18': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, stem='cifar',
                            num_classes=10),
     'resnet_tiny': dict(stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8, stem='cifar',
