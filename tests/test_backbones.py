@@ -237,8 +237,8 @@ def test_small_networks_of_other_families_parity_and_saving(tmp_path, name, fiel
 @pytest.mark.slow
 @pytest.mark.parametrize('name,fields', SMALL_FIELDS.items())
 def test_small_networks_of_other_families_with_attention_in_training(name, fields):
-  check_parity(name, True, attention='cbam', **fields)
-  check_training_step(name, attention='se', **fields)
+  check_parity(name, True, attention='se', **fields)
+  check_training_step(name, **fields)
 
 
 @pytest.mark.slow

@@ -66,3 +66,16 @@ def test_bad_input():
     models.macs(ConvDense(), (6, 6, 3))
   with pytest.raises(TypeError, match='Expected a linen or NNX model'):
     models.flops(object(), (1, 6, 6, 3))
+
+
+@pytest.mark.slow
+def test_the_papers_table4_params_where_they_match():
+  from experiments.bench import param_counts
+
+  for name, rows in param_counts.PAPER_TABLE4.items():
+    assert name in models.available_models() and set(rows) == {None, 'se', 'cbam'}
+    if name.startswith('wide_resnet18'):  # docs/models.md: why these differ.
+      continue
+    for attention, (paper_params, _) in rows.items():
+      assert round(param_counts.param_count(name, attention) / 1e6, 2) == paper_params, (
+          name, attention)

@@ -142,6 +142,7 @@ def test_one_trainer_step_of_wrn16_8():
 
   config = smoke.get_config()
   config.model.name = 'wrn16_8'
+  config.model.attention = 'none'  # CBAM's compile time is tested elsewhere.
   model = saving.build(train_lib.model_description(config, num_classes=10))
   tx = optax.sgd(0.05, momentum=0.9)
   state = jax.jit(lambda: train_lib.create_train_state(model, tx, (32, 32, 3), seed=0))()
