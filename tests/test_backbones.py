@@ -40,9 +40,8 @@ from cbam_jax.nnx import transfer
 # 2*(2w + 4p), plus c*4p + 2*4p in a stage's first block; fc 2048*1000 + 1000 (the formula
 # gives all five torchvision counts too). The CBAM counts round to the paper's Table 4
 # (ResNeXt50 (32x4d) + CBAM 27.56M, ResNeXt101 (32x4d) + CBAM 48.96M).
-# The CBAM paper's WideResNet18 (ResNet-18 x1.5 and x2): its Table 4 prints 25.88M and
-# 45.62M without attention, ours 25.90M and 45.69M (docs/models.md: why); with SE and CBAM
-# ours add what the paper adds (0.19M/0.20M and 0.35M). ResNeXt-29: 34.4M and 68.1M in
+# The CBAM paper's WideResNet18 (ResNet-18's stages x1.5 and x2 after a 64-channel stem):
+# its Table 4's 25.88M / 26.08M (CBAM) and 45.62M / 45.97M. ResNeXt-29: 34.4M and 68.1M in
 # Xie et al. 2017 (Table 7); 68,155,210 is osmr/imgclsmob's resnext29_16x64d (its README).
 # WRN-d-k: osmr/imgclsmob's wrn28_10 36,479,194 (also xternalz/WideResNet-pytorch's);
 # WRN-16-8 10,961,370, WRN-16-4 2,748,890 (WRN reproductions from the authors' code); the
@@ -59,8 +58,8 @@ EXPECTED_PARAMS = {
     'resnext101_64x4d': (83_455_272, 88_236_284),
     'wide_resnet50_2': (68_883_240, 71_415_832),
     'wide_resnet101_2': (126_886_696, 131_667_708),
-    'wide_resnet18_1_5': (25_901_896, 26_101_596),
-    'wide_resnet18_2': (45_693_032, 46_046_072),
+    'wide_resnet18_1_5': (25_875_816, 26_075_516),
+    'wide_resnet18_2': (45_618_216, 45_971_256),
     'resnet20': (269_722, 272_995),
     'resnet32': (464_154, 469_609),
     'resnet44': (658_586, 666_223),
@@ -271,6 +270,23 @@ def test_tiny_resnext_parity():
 def test_tiny_resnext_with_cbam_parity_and_training_step():
   check_parity('resnet_tiny', True, attention='cbam', **TINY_RESNEXT)
   check_training_step('resnet_tiny', attention='cbam', **TINY_RESNEXT)
+
+
+def test_stem_features_other_than_the_first_stage():
+  model = models.create_model('resnet_tiny', stem_features=4)
+  variables = jax.eval_shape(model.init, jax.random.key(0), _images())
+  assert variables['params']['conv1']['kernel'].shape == (3, 3, 3, 4)
+  # The first block goes 4 -> 8 channels: a projection shortcut.
+  assert variables['params']['layer1_0']['downsample_conv']['kernel'].shape == (1, 1, 4, 8)
+  nnx_model = nnx.eval_shape(lambda: cbam_nnx.create_model('resnet_tiny', stem_features=4,
+                                                           rngs=nnx.Rngs(0)))
+  assert (jax.tree.map(jnp.shape, transfer.to_linen(nnx_model))
+          == jax.tree.map(jnp.shape, dict(variables)))
+  with pytest.raises(ValueError, match='stem_features must be a positive channel count'):
+    jax.eval_shape(models.create_model('resnet_tiny', stem_features=0).init,
+                   jax.random.key(0), _images())
+  with pytest.raises(ValueError, match='stem_features must be a positive channel count'):
+    cbam_nnx.create_model('resnet_tiny', stem_features=0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('fields,message', [
