@@ -40,6 +40,12 @@ from cbam_jax.nnx import transfer
 # 2*(2w + 4p), plus c*4p + 2*4p in a stage's first block; fc 2048*1000 + 1000 (the formula
 # gives all five torchvision counts too). The CBAM counts round to the paper's Table 4
 # (ResNeXt50 (32x4d) + CBAM 27.56M, ResNeXt101 (32x4d) + CBAM 48.96M).
+# The CBAM paper's WideResNet18 (ResNet-18's stages x1.5 and x2 after a 64-channel stem):
+# its Table 4's 25.88M / 26.08M (CBAM) and 45.62M / 45.97M. ResNeXt-29: 34.4M and 68.1M in
+# Xie et al. 2017 (Table 7); 68,155,210 is osmr/imgclsmob's resnext29_16x64d (its README).
+# WRN-d-k: osmr/imgclsmob's wrn28_10 36,479,194 (also xternalz/WideResNet-pytorch's);
+# WRN-16-8 10,961,370, WRN-16-4 2,748,890 (WRN reproductions from the authors' code); the
+# WRN paper's 36.5M, 11.0M, 2.7M and 8.9M (WRN-40-4).
 EXPECTED_PARAMS = {
     'resnet18': (11_689_512, 11_779_392),
     'resnet34': (21_797_672, 21_960_468),
@@ -52,19 +58,30 @@ EXPECTED_PARAMS = {
     'resnext101_64x4d': (83_455_272, 88_236_284),
     'wide_resnet50_2': (68_883_240, 71_415_832),
     'wide_resnet101_2': (126_886_696, 131_667_708),
+    'wide_resnet18_1_5': (25_875_816, 26_075_516),
+    'wide_resnet18_2': (45_618_216, 45_971_256),
     'resnet20': (269_722, 272_995),
     'resnet32': (464_154, 469_609),
     'resnet44': (658_586, 666_223),
     'resnet56': (853_018, 862_837),
     'resnet110': (1_727_962, 1_747_600),
+    'resnext29_8x64d': (34_426_698, 34_949_406),
+    'resnext29_16x64d': (68_155_210, 68_677_918),
     'cifar_resnet18': (11_173_962, 11_263_842),
     'resnet_tiny': (5_266, 5_540),
+    'wrn16_4': (2_748_890, 2_771_946),
+    'wrn16_8': (10_961_370, 11_049_890),
+    'wrn28_10': (36_479_194, 36_753_954),
+    'wrn40_4': (8_949_210, 9_018_378),
 }
 # Traced in both skins, with and without CBAM: each block type and stem, a grouped
-# bottleneck (the fast run keeps the CIFAR ones).
-BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d')
-# Small enough to run (parity, saving, training).
+# bottleneck, each family (the fast run keeps the CIFAR ones).
+BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d', 'wrn16_8')
+FAST_BOTH_SKINS = ('resnet_tiny', 'resnet20', 'wrn16_8')
+# Small enough to run (parity, saving, training); a family with no small size runs a small
+# network of one of its sizes (WRN-10-1 for the Wide ResNets).
 SMALL = ('resnet_tiny', 'resnet20')
+SMALL_FIELDS = {'wrn16_8': dict(depth=10, widen_factor=1)}
 
 
 def _image_size(name: str) -> int:
@@ -172,7 +189,7 @@ def check_training_step(name: str, **fields) -> None:
 def test_registry_lists_every_model_once_for_both_skins():
   assert models.available_models() == tuple(EXPECTED_PARAMS)
   assert cbam_nnx.available_models() == models.available_models()
-  assert models.available_backbones() == ('resnet',)
+  assert models.available_backbones() == ('resnet', 'wide_resnet')
   for name in models.available_models():
     backbone = models.backbone_for_model(name)
     assert isinstance(models.create_model(name), backbone.linen)
@@ -186,7 +203,7 @@ def test_registry_lists_every_model_once_for_both_skins():
 
 
 @pytest.mark.parametrize('name', fast_subset(list(BOTH_SKINS), list(BOTH_SKINS),
-                                             ('resnet_tiny', 'resnet20')))
+                                             FAST_BOTH_SKINS))
 def test_param_counts_in_both_skins(name):
   check_param_counts(name, EXPECTED_PARAMS[name], _image_size(name))
 
@@ -208,6 +225,19 @@ def test_param_counts_without_attention(name):
 ])
 def test_linen_nnx_parity(name, train, attention):
   check_parity(name, train, attention=attention)
+
+
+@pytest.mark.parametrize('name,fields', SMALL_FIELDS.items())
+def test_small_networks_of_other_families_parity_and_saving(tmp_path, name, fields):
+  check_parity(name, False, **fields)
+  check_saving(tmp_path, name, attention='cbam', **fields)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,fields', SMALL_FIELDS.items())
+def test_small_networks_of_other_families_with_attention_in_training(name, fields):
+  check_parity(name, True, attention='se', **fields)
+  check_training_step(name, **fields)
 
 
 @pytest.mark.slow
@@ -240,6 +270,23 @@ def test_tiny_resnext_parity():
 def test_tiny_resnext_with_cbam_parity_and_training_step():
   check_parity('resnet_tiny', True, attention='cbam', **TINY_RESNEXT)
   check_training_step('resnet_tiny', attention='cbam', **TINY_RESNEXT)
+
+
+def test_stem_features_other_than_the_first_stage():
+  model = models.create_model('resnet_tiny', stem_features=4)
+  variables = jax.eval_shape(model.init, jax.random.key(0), _images())
+  assert variables['params']['conv1']['kernel'].shape == (3, 3, 3, 4)
+  # The first block goes 4 -> 8 channels: a projection shortcut.
+  assert variables['params']['layer1_0']['downsample_conv']['kernel'].shape == (1, 1, 4, 8)
+  nnx_model = nnx.eval_shape(lambda: cbam_nnx.create_model('resnet_tiny', stem_features=4,
+                                                           rngs=nnx.Rngs(0)))
+  assert (jax.tree.map(jnp.shape, transfer.to_linen(nnx_model))
+          == jax.tree.map(jnp.shape, dict(variables)))
+  with pytest.raises(ValueError, match='stem_features must be a positive channel count'):
+    jax.eval_shape(models.create_model('resnet_tiny', stem_features=0).init,
+                   jax.random.key(0), _images())
+  with pytest.raises(ValueError, match='stem_features must be a positive channel count'):
+    cbam_nnx.create_model('resnet_tiny', stem_features=0, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('fields,message', [
@@ -355,4 +402,4 @@ def test_registration_errors():
     models.Field('blob')
   with pytest.raises(ValueError, match="Unknown backbone 'not_toy'"):
     models.unregister_backbone('not_toy')
-  assert models.available_backbones() == ('resnet',)
+  assert models.available_backbones() == ('resnet', 'wide_resnet')

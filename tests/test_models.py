@@ -18,7 +18,7 @@ from absl.testing import parameterized
 
 from cbam_jax import CBAM, models
 from cbam_jax import attention as attention_registry
-from cbam_jax.models import _blocks
+from cbam_jax.models import _blocks, wide_resnet
 
 # RBG keys: initialising with threefry costs ~1 s of XLA compile per new parameter shape
 # on CPU, which dominated this file's run time.
@@ -82,7 +82,8 @@ def test_resnet20_is_he_et_al_size():
 
 IMAGENET = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
             'resnext101_32x4d', 'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2',
-            'wide_resnet101_2')
+            'wide_resnet101_2', 'wide_resnet18_1_5', 'wide_resnet18_2')
+IMAGENET_BASIC = ('resnet18', 'resnet34', 'wide_resnet18_1_5', 'wide_resnet18_2')
 
 
 # CBAM on small inputs (ImageNet nets on 32x32 reach 1x1 maps) where tracing is cheap.
@@ -97,10 +98,13 @@ def test_output_shape_of_every_model(name):
   logits, variables = shapes_of_init(model, (2, 32, 32, 3))
   assert logits.shape == (2, num_classes)
   assert logits.dtype == jnp.float32
-  expansion = 1 if name in ('resnet18', 'resnet34') or name not in IMAGENET else 4
-  stages = 4 if name in IMAGENET or name == 'cifar_resnet18' else (2 if name == 'resnet_tiny'
-                                                                   else 3)
-  width = model.num_filters * 2 ** (stages - 1) * expansion
+  if name in wide_resnet.SIZES:  # Stages of 16k, 32k and 64k channels.
+    width = 64 * model.widen_factor
+  else:
+    bottleneck = (name in IMAGENET and name not in IMAGENET_BASIC) or name.startswith('resnext')
+    stages = 4 if name in IMAGENET or name == 'cifar_resnet18' else (
+        2 if name == 'resnet_tiny' else 3)
+    width = model.num_filters * 2 ** (stages - 1) * (4 if bottleneck else 1)
   assert variables['params']['fc']['kernel'].shape == (width, num_classes)
 
 
@@ -454,7 +458,7 @@ def test_summary_is_a_plain_table():
 
 class CreateModelTest(parameterized.TestCase):
 
-  @parameterized.parameters(*models.available_models())
+  @parameterized.parameters(*models.get_backbone('resnet').sizes)
   def test_create_model_overrides_fields(self, name):
     model = models.create_model(name, num_classes=3, zero_init_residual=True)
     self.assertIsInstance(model, models.ResNet)

@@ -236,6 +236,89 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, depth: int | None =
   return table(jnp.zeros(tuple(input_shape), dtype), train=False)
 
 
+def _eval_forward(model: Any, input_shape: Sequence[int], dtype: Dtype
+                  ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """``(forward, args)``: ``forward(*args)`` is ``model``'s eval-mode logits on abstract
+  images of ``input_shape`` (parameters traced, never computed, for linen models)."""
+  if len(tuple(input_shape)) != 4:
+    raise ValueError(f'input_shape must be (B, H, W, C), got {tuple(input_shape)!r}.')
+  images = jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+  if isinstance(model, nn.Module):
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    return (lambda v, x: model.apply(v, x, train=False)), (variables, images)
+  from flax import nnx
+
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f'Expected a linen or NNX model, got {type(model).__name__}.')
+  graphdef, state = nnx.split(model)
+
+  def forward(state, x):
+    copy = nnx.merge(graphdef, state)  # Switched to eval mode without touching ``model``.
+    copy.eval()
+    return copy(x)
+
+  return forward, (state, images)
+
+
+def flops(model: Any, input_shape: Sequence[int], *, dtype: Dtype = jnp.float32) -> float:
+  """XLA's count of floating-point operations of one eval-mode forward pass (linen or NNX)
+  on a batch of ``input_shape`` ``(B, H, W, C)``.
+
+  From ``jax.jit(forward).lower(...).cost_analysis()``: XLA's analysis of the lowered
+  program, before optimisation; nothing is compiled or run. XLA counts a multiply-add as 2
+  FLOPs, counts elementwise operations (BatchNorm, ReLU, attention gates, pooling) too, and
+  skips a convolution's taps that fall on its zero padding. Papers' "GFLOPs" (the CBAM
+  paper's among them) are multiply-accumulates of convolutions and dense layers, padding
+  taps included: that is :func:`macs`.
+  """
+  forward, args = _eval_forward(model, input_shape, dtype)
+  cost = jax.jit(forward).lower(*args).cost_analysis()
+  if isinstance(cost, Sequence):  # One entry per device program in some JAX versions.
+    cost = cost[0]
+  if not cost or 'flops' not in cost:
+    raise RuntimeError(f'XLA gave no cost analysis for this program on {jax.default_backend()}; '
+                       'count multiply-accumulates with macs() instead.')
+  return float(cost['flops'])
+
+
+def macs(model: Any, input_shape: Sequence[int], *, dtype: Dtype = jnp.float32) -> int:
+  """Multiply-accumulates of the convolutions and matrix products (``Dense``) of one
+  eval-mode forward pass (linen or NNX) on a batch of ``input_shape`` ``(B, H, W, C)``.
+
+  The convention of papers' "GFLOPs" (the CBAM paper's Table 4; thop, ptflops and fvcore
+  count the same way): a convolution costs its output size times its kernel's taps and input
+  channels per group, padding taps included; elementwise operations, pooling and
+  normalisation are free. Read from the forward's jaxpr (traced, nothing is computed); for
+  ``GMACs`` divide by 1e9 and by the batch size.
+  """
+  forward, args = _eval_forward(model, input_shape, dtype)
+  return _jaxpr_macs(jax.make_jaxpr(forward)(*args).jaxpr)
+
+
+def _jaxpr_macs(jaxpr: Any) -> int:
+  from jax.extend import core
+
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      out, kernel = eqn.outvars[0].aval, eqn.invars[1].aval
+      # rhs_spec: (output features, input features per group, *spatial) axes of the kernel.
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec
+      total += math.prod(out.shape) * math.prod(kernel.shape[d] for d in rhs_spec[1:])
+    elif eqn.primitive.name == 'dot_general':
+      (lhs_contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval
+      total += (math.prod(eqn.outvars[0].aval.shape)
+                * math.prod(lhs.shape[d] for d in lhs_contracting))
+    for param in eqn.params.values():  # Calls (jit, custom_vjp, remat) hold sub-jaxprs.
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        if isinstance(sub, core.ClosedJaxpr):
+          total += _jaxpr_macs(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          total += _jaxpr_macs(sub)
+  return total
+
+
 # The families: each file registers itself on import (after the registry above exists).
 from cbam_jax.models._attention import resolve_attention  # noqa: E402
 from cbam_jax.models.insertion import add_attention  # noqa: E402
@@ -256,14 +339,15 @@ from cbam_jax.models.resnet import (  # noqa: E402
     ResNet152,
     ResNetTiny,
 )
+from cbam_jax.models.wide_resnet import WideResNet  # noqa: E402
 
 __all__ = [
     'FIELD_KINDS', 'Backbone', 'Field', 'add_attention', 'available_backbones',
     'available_models',
     'backbone_for_model', 'backbone_of', 'count_nnx_params', 'count_params', 'create_model',
-    'create_nnx_model', 'get_backbone', 'register_backbone', 'resolve_attention', 'summary',
-    'unregister_backbone',
+    'create_nnx_model', 'flops', 'get_backbone', 'macs', 'register_backbone',
+    'resolve_attention', 'summary', 'unregister_backbone',
     'BasicBlock', 'Bottleneck', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101',
     'ResNet152', 'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'CifarResNet18',
-    'ResNetTiny',
+    'ResNetTiny', 'WideResNet',
 ]

@@ -166,6 +166,9 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet18.
     block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
     num_filters: width of the first stage; stage ``i`` has ``num_filters * 2**i``.
+    stem_features: channels of the stem conv; ``None`` (default): ``num_filters``. The CBAM
+      paper's WideResNet-18 keeps a 64-channel stem before wider stages (its first block
+      then has a projection shortcut).
     stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3/1 conv).
     num_classes: logits of the Dense head ``fc``.
     attention: ``None``, a registry name (``'cbam'``, ``'se'``, ``'channel'``,
@@ -201,6 +204,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_filters: int = 64
+  stem_features: int | None = None
   stem: str = 'imagenet'
   num_classes: int = 1000
   attention: AttentionSpec = None
@@ -240,12 +244,13 @@ class ResNet(nn.Module):
       attention = functools.partial(attention, **self.attention_fields)
     stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
 
+    stem_features = self.num_filters if self.stem_features is None else self.stem_features
     if self.stem == 'imagenet':
-      x = conv(self.num_filters, (7, 7), (2, 2), padding=same_padding(7), name='conv1')(x)
+      x = conv(stem_features, (7, 7), (2, 2), padding=same_padding(7), name='conv1')(x)
       x = self.act(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=same_padding(3))  # -inf padding.
     else:
-      x = conv(self.num_filters, (3, 3), padding=same_padding(3), name='conv1')(x)
+      x = conv(stem_features, (3, 3), padding=same_padding(3), name='conv1')(x)
       x = self.act(norm(name='bn1')(x))
 
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -268,12 +273,18 @@ class ResNet(nn.Module):
 
   def _check(self, x: Array, channels_last: bool = False) -> None:
     check_resnet_fields(self.stem, self.shortcut, self.stage_sizes, self.block_cls,
-                        self.num_filters, self.groups, self.width_per_group)
+                        self.num_filters, self.groups, self.width_per_group,
+                        self.stem_features)
     check_images(x, channels_last=channels_last)
 
 
 def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int], block_cls: Any,
-                        num_filters: int, groups: int, width_per_group: int) -> None:
+                        num_filters: int, groups: int, width_per_group: int,
+                        stem_features: int | None = None) -> None:
+  if stem_features is not None and (isinstance(stem_features, bool)
+                                    or not isinstance(stem_features, int) or stem_features < 1):
+    raise ValueError(f'stem_features must be a positive channel count or None (num_filters), '
+                     f'got {stem_features!r}.')
   _validation.check_choice('stem', stem, STEMS)
   _validation.check_choice('shortcut', shortcut, SHORTCUTS)
   if not stage_sizes or any(int(n) < 1 for n in stage_sizes):
@@ -293,6 +304,8 @@ def check_resnet_fields(stem: str, shortcut: str, stage_sizes: Sequence[int], bl
 _RESNEXT = dict(block_cls=Bottleneck, groups=32, width_per_group=4)   # 32x4d.
 _WIDE = dict(block_cls=Bottleneck, width_per_group=128)             # Twice ResNet's width.
 _CIFAR = dict(block_cls=BasicBlock, num_filters=16, stem='cifar', shortcut='pad', num_classes=10)
+_RESNEXT29 = dict(block_cls=Bottleneck, stage_sizes=(3, 3, 3), stem='cifar', width_per_group=64,
+                  num_classes=10)
 
 # Model name -> the ResNet fields that make it.
 SIZES: dict[str, dict[str, Any]] = {
@@ -307,11 +320,20 @@ SIZES: dict[str, dict[str, Any]] = {
     'resnext101_64x4d': dict(_RESNEXT, stage_sizes=(3, 4, 23, 3), groups=64),
     'wide_resnet50_2': dict(_WIDE, stage_sizes=(3, 4, 6, 3)),
     'wide_resnet101_2': dict(_WIDE, stage_sizes=(3, 4, 23, 3)),
+    # The CBAM paper's WideResNet18 (Table 4): ResNet-18 with stage widths times 1.5 or 2
+    # after the 64-channel stem (its counts: docs/models.md).
+    'wide_resnet18_1_5': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, num_filters=96,
+                              stem_features=64),
+    'wide_resnet18_2': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, num_filters=128,
+                            stem_features=64),
     'resnet20': dict(_CIFAR, stage_sizes=(3, 3, 3)),
     'resnet32': dict(_CIFAR, stage_sizes=(5, 5, 5)),
     'resnet44': dict(_CIFAR, stage_sizes=(7, 7, 7)),
     'resnet56': dict(_CIFAR, stage_sizes=(9, 9, 9)),
     'resnet110': dict(_CIFAR, stage_sizes=(18, 18, 18)),
+    # ResNeXt-29 for CIFAR (Xie et al. 2017): 3x3 stem of 64, 3 stages of 3 bottlenecks.
+    'resnext29_8x64d': dict(_RESNEXT29, groups=8),
+    'resnext29_16x64d': dict(_RESNEXT29, groups=16),
     'cifar_resnet18': dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, stem='cifar',
                            num_classes=10),
     'resnet_tiny': dict(stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8, stem='cifar',
@@ -432,7 +454,8 @@ class ResNetNNX(nnx.Module):
                         'materialised input on CPU) and nnx.BatchNorm.')
     f = _base.resolve_fields(ResNet, fields)
     check_resnet_fields(f['stem'], f['shortcut'], f['stage_sizes'], f['block_cls'],
-                        f['num_filters'], f['groups'], f['width_per_group'])
+                        f['num_filters'], f['groups'], f['width_per_group'],
+                        f['stem_features'])
     block_cls = _NNX_BLOCKS.get(f['block_cls'], f['block_cls'])
     self.stem, self.act, self.num_classes = f['stem'], f['act'], f['num_classes']
     self.stage_sizes = tuple(int(n) for n in f['stage_sizes'])
@@ -452,12 +475,12 @@ class ResNetNNX(nnx.Module):
                                             **dtypes)
 
     filters = f['num_filters']
+    channels = filters if f['stem_features'] is None else f['stem_features']
     if self.stem == 'imagenet':
-      self.conv1 = conv(in_features, filters, (7, 7), (2, 2), padding=same_padding(7))
+      self.conv1 = conv(in_features, channels, (7, 7), (2, 2), padding=same_padding(7))
     else:
-      self.conv1 = conv(in_features, filters, (3, 3), padding=same_padding(3))
-    self.bn1 = norm(filters)
-    channels = filters
+      self.conv1 = conv(in_features, channels, (3, 3), padding=same_padding(3))
+    self.bn1 = norm(channels)
     names = []
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
@@ -505,6 +528,7 @@ BACKBONE = register_backbone(Backbone(
         'stage_sizes': Field('tuple'),
         'block': Field('choice', attr='block_cls', choices=BLOCKS),
         'num_filters': Field(),
+        'stem_features': Field(),
         'stem': Field(),
         'num_classes': Field(),
         'shortcut': Field(),

@@ -10,6 +10,12 @@ Usage::
   python -m experiments.bench.param_counts                       # attention: none, se, cbam
   python -m experiments.bench.param_counts --attention all       # every registered attention
   python -m experiments.bench.param_counts --models resnet50 --attention none,cbam
+  python -m experiments.bench.param_counts --paper    # the CBAM paper's Table 4 beside ours
+
+``--paper`` prints the rows of the CBAM paper's Table 4 (Woo et al., ECCV 2018) that the
+registry has, plain, SE and CBAM: the paper's parameters and GFLOPs beside ours, our
+GFLOPs being :func:`cbam_jax.models.macs` (multiply-accumulates, the paper's convention)
+of one 224x224 image, from the traced forward (nothing is compiled).
 """
 
 from __future__ import annotations
@@ -25,6 +31,20 @@ from cbam_jax import models
 from experiments import cli
 
 PROG = 'python -m experiments.bench.param_counts'
+
+# The CBAM paper's Table 4 (Woo et al., ECCV 2018, arXiv:1807.06521): model -> attention ->
+# (parameters in millions, GFLOPs), ImageNet, 224x224.
+PAPER_TABLE4: dict[str, dict[str | None, tuple[float, float]]] = {
+    'resnet18': {None: (11.69, 1.814), 'se': (11.78, 1.814), 'cbam': (11.78, 1.815)},
+    'resnet34': {None: (21.80, 3.664), 'se': (21.96, 3.664), 'cbam': (21.96, 3.665)},
+    'resnet50': {None: (25.56, 3.858), 'se': (28.09, 3.860), 'cbam': (28.09, 3.864)},
+    'resnet101': {None: (44.55, 7.570), 'se': (49.33, 7.575), 'cbam': (49.33, 7.581)},
+    'wide_resnet18_1_5': {None: (25.88, 3.866), 'se': (26.07, 3.867), 'cbam': (26.08, 3.868)},
+    'wide_resnet18_2': {None: (45.62, 6.696), 'se': (45.97, 6.696), 'cbam': (45.97, 6.697)},
+    'resnext50_32x4d': {None: (25.03, 3.768), 'se': (27.56, 3.771), 'cbam': (27.56, 3.774)},
+    'resnext101_32x4d': {None: (44.18, 7.508), 'se': (48.96, 7.512), 'cbam': (48.96, 7.519)},
+}
+
 
 def input_size_and_classes(name: str) -> tuple[int, int]:
   # The registry's ImageNet models default to 1000 classes, its CIFAR ones to 10.
@@ -53,6 +73,20 @@ def table(model_names: Sequence[str], attentions: Sequence[str | None]) -> str:
   return '\n'.join(lines)
 
 
+def paper_table() -> str:
+  """A Markdown table of :data:`PAPER_TABLE4`'s rows: the paper's counts beside ours."""
+  lines = ['| model | attention | params | paper | GMACs | paper GFLOPs |',
+           '|---|---|---:|---:|---:|---:|']
+  for name, rows in PAPER_TABLE4.items():
+    for attention, (paper_params, paper_gflops) in rows.items():
+      model = models.create_model(name, attention=attention)
+      count = param_count(name, attention)
+      gmacs = models.macs(model, (1, 224, 224, 3)) / 1e9
+      lines.append(f'| {name} | {attention or "none"} | {count:,} ({count / 1e6:.2f}M) | '
+                   f'{paper_params:.2f}M | {gmacs:.3f} | {paper_gflops:.3f} |')
+  return '\n'.join(lines)
+
+
 def parse_attentions(spec: str) -> list[str | None]:
   if spec == 'all':
     return [None, *attention_registry.available()]
@@ -70,12 +104,18 @@ def define_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_string('attention', 'none,se,cbam',
                       "Comma-separated attention names ('none' for plain), or 'all'.",
                       flag_values=values)
+  flags.DEFINE_bool('paper', False,
+                    "Print the CBAM paper's Table 4 rows (params, GFLOPs) beside ours instead.",
+                    flag_values=values)
 
 
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> None:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
   values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  if values.paper:
+    print(paper_table())
+    return
   for name in values.models:
     if name not in models.available_models():
       raise cli.UserError(
