@@ -39,7 +39,11 @@ from cbam_jax.nnx import transfer
 # width w = int(p * width_per_group / 64) * groups, input c: c*w + 9*w*w/groups + w*4p +
 # 2*(2w + 4p), plus c*4p + 2*4p in a stage's first block; fc 2048*1000 + 1000 (the formula
 # gives all five torchvision counts too). The CBAM counts round to the paper's Table 4
-# (ResNeXt50 (32x4d) + CBAM 27.56M, ResNeXt101 (32x4d) + CBAM 48.96M).
+# (ResNeXt50 (32x4d) + CBAM 27.56M, ResNeXt101 (32x4d) + CBAM 48.96M). MobileNets: the
+# no-attention counts are timm's mobilenetv1_100 (4,231,976; the MobileNet paper's 4.2M),
+# width 0.7 with rounded widths (2,302,106; the CBAM paper's Table 5 2.30M) and torchvision's
+# mobilenet_v2 (3,504,872); with CBAM, jax.eval_shape of this code (tests/test_mobilenet.py
+# derives them by hand and compares with the CBAM paper's Table 5).
 EXPECTED_PARAMS = {
     'resnet18': (11_689_512, 11_779_392),
     'resnet34': (21_797_672, 21_960_468),
@@ -59,12 +63,19 @@ EXPECTED_PARAMS = {
     'resnet110': (1_727_962, 1_747_600),
     'cifar_resnet18': (11_173_962, 11_263_842),
     'resnet_tiny': (5_266, 5_540),
+    'mobilenetv1_100': (4_231_976, 5_074_714),
+    'mobilenetv1_070': (2_302_106, 2_710_874),
+    'mobilenet_v2': (3_504_872, 3_536_585),
 }
 # Traced in both skins, with and without CBAM: each block type and stem, a grouped
-# bottleneck (the fast run keeps the CIFAR ones).
-BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d')
+# bottleneck, each MobileNet family (the fast run keeps the CIFAR ones).
+BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d', 'mobilenetv1_070',
+              'mobilenet_v2')
 # Small enough to run (parity, saving, training).
 SMALL = ('resnet_tiny', 'resnet20')
+# Run on small images at a quarter of their width (parity, saving, training).
+MOBILENETS = ('mobilenetv1_100', 'mobilenet_v2')
+QUARTER = dict(width_multiplier=0.25, num_classes=10)
 
 
 def _image_size(name: str) -> int:
@@ -172,7 +183,7 @@ def check_training_step(name: str, **fields) -> None:
 def test_registry_lists_every_model_once_for_both_skins():
   assert models.available_models() == tuple(EXPECTED_PARAMS)
   assert cbam_nnx.available_models() == models.available_models()
-  assert models.available_backbones() == ('resnet',)
+  assert models.available_backbones() == ('resnet', 'mobilenet_v1', 'mobilenet_v2')
   for name in models.available_models():
     backbone = models.backbone_for_model(name)
     assert isinstance(models.create_model(name), backbone.linen)
@@ -223,6 +234,22 @@ def test_saving_round_trip(tmp_path, name):
 @pytest.mark.slow
 def test_training_step():
   check_training_step('resnet_tiny', attention='se')
+
+
+# The MobileNets compile slowly for their depth (13 and 17 blocks): parity of one in the
+# fast run, saving of one; no training step (tests/test_mobilenet.py runs the trainer's).
+@pytest.mark.parametrize('name,train,attention', [
+    ('mobilenet_v2', False, None),
+    pytest.param('mobilenetv1_100', True, 'cbam', marks=pytest.mark.slow),
+])
+def test_mobilenet_linen_nnx_parity(name, train, attention):
+  check_parity(name, train, size=16, attention=attention, **QUARTER)
+
+
+@pytest.mark.parametrize('name', fast_subset(list(MOBILENETS), list(MOBILENETS),
+                                             ('mobilenet_v2',)))
+def test_mobilenet_saving_round_trip(tmp_path, name):
+  check_saving(tmp_path, name, attention='cbam', stage_attention='se', **QUARTER)
 
 
 # A tiny ResNeXt: bottlenecks whose 3x3 convs have 2 groups (inner widths 4 and 8).
@@ -355,4 +382,4 @@ def test_registration_errors():
     models.Field('blob')
   with pytest.raises(ValueError, match="Unknown backbone 'not_toy'"):
     models.unregister_backbone('not_toy')
-  assert models.available_backbones() == ('resnet',)
+  assert models.available_backbones() == ('resnet', 'mobilenet_v1', 'mobilenet_v2')

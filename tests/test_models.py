@@ -87,9 +87,12 @@ IMAGENET = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resne
 
 # CBAM on small inputs (ImageNet nets on 32x32 reach 1x1 maps) where tracing is cheap.
 CBAM_SHAPE_CHECKED = ('resnet18', 'resnet20', 'cifar_resnet18', 'resnet_tiny')
+# The ResNet family's models (tests/test_backbones.py checks every family's).
+RESNETS = [name for name in models.available_models()
+           if models.backbone_for_model(name).family == 'resnet']
 
 
-@pytest.mark.parametrize('name', models.available_models())
+@pytest.mark.parametrize('name', RESNETS)
 def test_output_shape_of_every_model(name):
   num_classes = 7
   attention = 'cbam' if name in CBAM_SHAPE_CHECKED else None
@@ -454,7 +457,7 @@ def test_summary_is_a_plain_table():
 
 class CreateModelTest(parameterized.TestCase):
 
-  @parameterized.parameters(*models.available_models())
+  @parameterized.parameters(*RESNETS)
   def test_create_model_overrides_fields(self, name):
     model = models.create_model(name, num_classes=3, zero_init_residual=True)
     self.assertIsInstance(model, models.ResNet)

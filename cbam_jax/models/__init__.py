@@ -257,6 +257,11 @@ from cbam_jax.models.resnet import (  # noqa: E402
     ResNetTiny,
 )
 
+# isort: split
+# Registered after ResNet, so that available_models() lists the ResNets first.
+from cbam_jax.models.mobilenet_v1 import MobileNetV1  # noqa: E402
+from cbam_jax.models.mobilenet_v2 import MobileNetV2  # noqa: E402
+
 __all__ = [
     'FIELD_KINDS', 'Backbone', 'Field', 'available_backbones', 'available_models',
     'backbone_for_model', 'backbone_of', 'count_nnx_params', 'count_params', 'create_model',
@@ -264,5 +269,5 @@ __all__ = [
     'unregister_backbone',
     'BasicBlock', 'Bottleneck', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101',
     'ResNet152', 'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'CifarResNet18',
-    'ResNetTiny',
+    'ResNetTiny', 'MobileNetV1', 'MobileNetV2',
 ]
