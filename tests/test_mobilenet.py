@@ -204,3 +204,83 @@ def test_the_trainer_builds_and_steps_mobilenet_v2():
   new = step(state, batch)
   assert int(new.step) == 1 and np.isfinite(float(new.epoch_sums['loss']))
   assert not np.array_equal(new.params['fc']['kernel'], state.params['fc']['kernel'])
+
+
+def _torchvision_mobilenet_v2(torch, num_classes: int):
+  """torchvision's mobilenet_v2, rebuilt with its module names (torchvision is not a
+  dependency): Conv2dNormActivation = Sequential(conv, BN, ReLU6), InvertedResidual.conv,
+  classifier = Sequential(Dropout(0.2), Linear)."""
+  nn_ = torch.nn
+
+  def conv_bn(cin, cout, kernel=3, stride=1, groups=1):
+    return nn_.Sequential(
+        nn_.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn_.BatchNorm2d(cout), nn_.ReLU6())
+
+  class InvertedResidual(nn_.Module):
+    def __init__(self, cin, cout, stride, expansion):
+      super().__init__()
+      hidden = int(round(cin * expansion))
+      self.use_res_connect = stride == 1 and cin == cout
+      layers = [conv_bn(cin, hidden, 1)] if expansion != 1 else []
+      layers += [conv_bn(hidden, hidden, 3, stride, hidden),
+                 nn_.Conv2d(hidden, cout, 1, bias=False), nn_.BatchNorm2d(cout)]
+      self.conv = nn_.Sequential(*layers)
+
+    def forward(self, x):
+      return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+  class MobileNetV2(nn_.Module):
+    def __init__(self):
+      super().__init__()
+      features, cin = [conv_bn(3, 32, stride=2)], 32
+      for t, c, n, s in [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
+                         [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]:
+        for i in range(n):
+          features.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+          cin = c
+      features.append(conv_bn(cin, 1280, 1))
+      self.features = nn_.Sequential(*features)
+      self.classifier = nn_.Sequential(nn_.Dropout(0.2), nn_.Linear(1280, num_classes))
+
+    def forward(self, x):
+      x = nn_.functional.adaptive_avg_pool2d(self.features(x), 1)
+      return self.classifier(torch.flatten(x, 1))
+
+  return MobileNetV2()
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_torchvision_mobilenet_v2_weights_convert_in_both_skins():
+  torch = pytest.importorskip('torch')
+  from cbam_jax import convert
+  from experiments.bench import torch_reference as refs
+
+  torch_model = refs.randomize(_torchvision_mobilenet_v2(torch, num_classes=5), seed=3)
+  state = torch_model.state_dict()
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  expected = refs.nchw_logits(torch_model, x)
+
+  model, variables, report = convert.from_pytorch(state, 'torchvision', attention=None,
+                                                  return_report=True)
+  assert isinstance(model, models.MobileNetV2) and model.num_classes == 5
+  assert not report.new_keys and not report.missing_keys and not report.unexpected_keys
+  assert len(report.loaded_keys) == len([k for k in state if 'num_batches' not in k])
+  logits = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+  nnx_model = convert.from_pytorch(state, 'torchvision', attention=None, api='nnx')
+  assert isinstance(nnx_model, cbam_nnx.MobileNetV2)
+  nnx_model.eval()
+  np.testing.assert_allclose(nnx_model(jnp.asarray(x)), expected, rtol=0, atol=1e-4)
+
+  # 'auto' = CBAM, freshly initialised in every block; the backbone as before.
+  with_cbam, cbam_variables, cbam_report = convert.from_pytorch(
+      state, 'torchvision', return_report=True)
+  assert with_cbam.attention == 'cbam' and cbam_report.new_keys
+  assert all('/attention/' in key for key in cbam_report.new_keys)
+  assert {key.split('/')[1] for key in cbam_report.new_keys} == {
+      f'block{i}' for i in range(1, 18)}
+  np.testing.assert_array_equal(cbam_variables['params']['block5']['dw_conv']['kernel'],
+                                variables['params']['block5']['dw_conv']['kernel'])
