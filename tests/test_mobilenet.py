@@ -1,5 +1,6 @@
 """The MobileNet families (v1: the CBAM paper's Table 5; v2: torchvision's): published
-parameter counts, attention placement, dropout and a training step of the trainer.
+parameter counts, attention placement, dropout, a training step of the trainer and the
+conversion of torchvision's MobileNetV2 weights.
 
 Counts are traced (``jax.eval_shape``); what runs uses a quarter of the width on small
 images. ``tests/test_backbones.py`` runs the conformance suite on them.
@@ -29,11 +30,6 @@ QUARTER = dict(width_multiplier=0.25, num_classes=10)
 def _count(name: str, **fields) -> int:
   model = models.create_model(name, **fields)
   return models.count_params(jax.eval_shape(model.init, jax.random.key(0), IMAGENET))
-
-
-def _paths(tree) -> set[str]:
-  return {'/'.join(str(k.key) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _se_params(channels: int, reduction: int = 16) -> int:
