@@ -46,6 +46,10 @@ from cbam_jax.nnx import transfer
 # WRN-d-k: osmr/imgclsmob's wrn28_10 36,479,194 (also xternalz/WideResNet-pytorch's);
 # WRN-16-8 10,961,370, WRN-16-4 2,748,890 (WRN reproductions from the authors' code); the
 # WRN paper's 36.5M, 11.0M, 2.7M and 8.9M (WRN-40-4).
+# MobileNets: the no-attention counts are timm's mobilenetv1_100 (4,231,976; the MobileNet
+# paper's 4.2M), width 0.7 with rounded widths (2,302,106; the CBAM paper's Table 5 2.30M)
+# and torchvision's mobilenet_v2 (3,504,872); with CBAM, jax.eval_shape of this code
+# (tests/test_mobilenet.py derives them by hand and compares with the CBAM paper's Table 5).
 EXPECTED_PARAMS = {
     'resnet18': (11_689_512, 11_779_392),
     'resnet34': (21_797_672, 21_960_468),
@@ -73,15 +77,21 @@ EXPECTED_PARAMS = {
     'wrn16_8': (10_961_370, 11_049_890),
     'wrn28_10': (36_479_194, 36_753_954),
     'wrn40_4': (8_949_210, 9_018_378),
+    'mobilenetv1_100': (4_231_976, 5_074_714),
+    'mobilenetv1_070': (2_302_106, 2_710_874),
+    'mobilenet_v2': (3_504_872, 3_536_585),
 }
 # Traced in both skins, with and without CBAM: each block type and stem, a grouped
 # bottleneck, each family (the fast run keeps the CIFAR ones).
-BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d', 'wrn16_8')
+BOTH_SKINS = ('resnet_tiny', 'resnet20', 'resnet50', 'resnext50_32x4d', 'wrn16_8',
+              'mobilenet_v2')
 FAST_BOTH_SKINS = ('resnet_tiny', 'resnet20', 'wrn16_8')
 # Small enough to run (parity, saving, training); a family with no small size runs a small
 # network of one of its sizes (WRN-10-1 for the Wide ResNets).
 SMALL = ('resnet_tiny', 'resnet20')
 SMALL_FIELDS = {'wrn16_8': dict(depth=10, widen_factor=1)}
+# MobileNets run on small images at a quarter of their width (parity, saving).
+QUARTER = dict(width_multiplier=0.25, num_classes=10)
 
 
 def _image_size(name: str) -> int:
@@ -189,7 +199,8 @@ def check_training_step(name: str, **fields) -> None:
 def test_registry_lists_every_model_once_for_both_skins():
   assert models.available_models() == tuple(EXPECTED_PARAMS)
   assert cbam_nnx.available_models() == models.available_models()
-  assert models.available_backbones() == ('resnet', 'wide_resnet')
+  assert models.available_backbones() == ('resnet', 'wide_resnet', 'mobilenet_v1',
+                                            'mobilenet_v2')
   for name in models.available_models():
     backbone = models.backbone_for_model(name)
     assert isinstance(models.create_model(name), backbone.linen)
@@ -253,6 +264,21 @@ def test_saving_round_trip(tmp_path, name):
 @pytest.mark.slow
 def test_training_step():
   check_training_step('resnet_tiny', attention='se')
+
+
+# The MobileNets compile slowly for their depth (13 and 17 blocks): parity of each, saving
+# of one; no training step (tests/test_mobilenet.py runs the trainer's).
+@pytest.mark.parametrize('name,train,attention', [
+    ('mobilenet_v2', False, None),
+    # SE: the same two sites per block as CBAM, at a fraction of CBAM's compile time.
+    pytest.param('mobilenetv1_100', True, 'se', marks=pytest.mark.slow),
+])
+def test_mobilenet_linen_nnx_parity(name, train, attention):
+  check_parity(name, train, size=16, attention=attention, **QUARTER)
+
+
+def test_mobilenet_saving_round_trip(tmp_path):
+  check_saving(tmp_path, 'mobilenet_v2', attention='cbam', stage_attention='se', **QUARTER)
 
 
 # A tiny ResNeXt: bottlenecks whose 3x3 convs have 2 groups (inner widths 4 and 8).
@@ -402,4 +428,5 @@ def test_registration_errors():
     models.Field('blob')
   with pytest.raises(ValueError, match="Unknown backbone 'not_toy'"):
     models.unregister_backbone('not_toy')
-  assert models.available_backbones() == ('resnet', 'wide_resnet')
+  assert models.available_backbones() == ('resnet', 'wide_resnet', 'mobilenet_v1',
+                                            'mobilenet_v2')

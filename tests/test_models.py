@@ -88,9 +88,12 @@ IMAGENET_BASIC = ('resnet18', 'resnet34', 'wide_resnet18_1_5', 'wide_resnet18_2'
 
 # CBAM on small inputs (ImageNet nets on 32x32 reach 1x1 maps) where tracing is cheap.
 CBAM_SHAPE_CHECKED = ('resnet18', 'resnet20', 'cifar_resnet18', 'resnet_tiny')
+# The ResNet family's models (tests/test_backbones.py checks every family's).
+RESNETS = [name for name in models.available_models()
+           if models.backbone_for_model(name).family == 'resnet']
 
 
-@pytest.mark.parametrize('name', models.available_models())
+@pytest.mark.parametrize('name', RESNETS)
 def test_output_shape_of_every_model(name):
   num_classes = 7
   attention = 'cbam' if name in CBAM_SHAPE_CHECKED else None
@@ -458,7 +461,7 @@ def test_summary_is_a_plain_table():
 
 class CreateModelTest(parameterized.TestCase):
 
-  @parameterized.parameters(*models.get_backbone('resnet').sizes)
+  @parameterized.parameters(*RESNETS)
   def test_create_model_overrides_fields(self, name):
     model = models.create_model(name, num_classes=3, zero_init_residual=True)
     self.assertIsInstance(model, models.ResNet)

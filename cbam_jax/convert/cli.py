@@ -26,7 +26,7 @@ from cbam_jax.convert.keys import listing
 from cbam_jax.convert.state_dict import load_state_dict
 
 PROG = 'python -m cbam_jax.convert'
-USAGE = f"""Convert a PyTorch ResNet(+CBAM/SE) checkpoint to a cbam_jax model.
+USAGE = f"""Convert a PyTorch ResNet(+CBAM/SE) or torchvision MobileNetV2 checkpoint to cbam_jax.
 
   {PROG} IN.pth OUT_DIR [--source={"|".join(SOURCES)}] [--attention=cbam|none|se]
       [--identity_init] [--nostrict] [--seed=0] [--overwrite]

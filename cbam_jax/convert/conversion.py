@@ -1,4 +1,5 @@
-"""PyTorch ResNet weights -> Flax variables: :func:`from_pytorch`."""
+"""PyTorch ResNet (and torchvision MobileNetV2) weights -> Flax variables:
+:func:`from_pytorch`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 from cbam_jax import _validation, saving
+from cbam_jax.convert import mobilenet
 from cbam_jax.convert.architecture import SOURCES, infer_model
 from cbam_jax.convert.keys import attention_layout, listing, source_hint, torch_key
 from cbam_jax.convert.state_dict import prepare
@@ -58,7 +60,9 @@ def from_pytorch(
     return_report: bool = False,
     api: str = 'linen',
 ) -> Any:
-  """A :class:`cbam_jax.models.ResNet` and its Flax variables from PyTorch weights.
+  """A :class:`cbam_jax.models.ResNet` and its Flax variables from PyTorch weights (with
+  ``source='torchvision'``, also a :class:`cbam_jax.models.MobileNetV2` from torchvision's
+  ``mobilenet_v2`` keys: :mod:`cbam_jax.convert.mobilenet`).
 
   Args:
     state_dict: names -> torch tensors or numpy arrays (anything ``np.asarray`` accepts),
@@ -99,7 +103,10 @@ def from_pytorch(
   _validation.check_choice('source', source, SOURCES)
   _validation.check_choice('api', api, APIS)
   arrays = prepare(state_dict)
-  model, in_channels = infer_model(arrays, source, attention, dict(attention_fields or {}))
+  if source == 'torchvision' and mobilenet.is_mobilenet_v2(arrays):
+    model, in_channels = mobilenet.infer_model(arrays, attention, dict(attention_fields or {}))
+  else:
+    model, in_channels = infer_model(arrays, source, attention, dict(attention_fields or {}))
   if identity_init:
     if source != 'torchvision' or model.attention is None:
       raise ValueError(
@@ -108,7 +115,10 @@ def from_pytorch(
           f'{attention!r}). Drop identity_init, or use cbam_jax.models.add_attention.')
     model = model.clone(attention_fields=FrozenDict({**(model.attention_fields or {}),
                                                      'identity_init': True}))
-  layout = attention_layout(source, model)
+  if source == 'torchvision' and mobilenet.is_mobilenet_v2(arrays):
+    key_of = functools.partial(mobilenet.torch_key, model)
+  else:
+    key_of = functools.partial(torch_key, attention_layout=attention_layout(source, model))
 
   # Parameter shapes do not depend on the image size; 8x8 keeps init cheap.
   dummy = jnp.zeros((1, 8, 8, in_channels), jnp.float32)
@@ -121,7 +131,7 @@ def from_pytorch(
   values: dict[tuple[str, ...], np.ndarray] = {}
   new, missing, loaded = [], [], []
   for path, leaf in flat.items():
-    mapped = torch_key(path[1:], layout)
+    mapped = key_of(path[1:])
     if mapped is None:
       new.append('/'.join(path))
       continue

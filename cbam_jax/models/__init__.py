@@ -341,6 +341,11 @@ from cbam_jax.models.resnet import (  # noqa: E402
 )
 from cbam_jax.models.wide_resnet import WideResNet  # noqa: E402
 
+# isort: split
+# Registered after ResNet, so that available_models() lists the ResNets first.
+from cbam_jax.models.mobilenet_v1 import MobileNetV1  # noqa: E402
+from cbam_jax.models.mobilenet_v2 import MobileNetV2  # noqa: E402
+
 __all__ = [
     'FIELD_KINDS', 'Backbone', 'Field', 'add_attention', 'available_backbones',
     'available_models',
@@ -349,5 +354,5 @@ __all__ = [
     'resolve_attention', 'summary', 'unregister_backbone',
     'BasicBlock', 'Bottleneck', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101',
     'ResNet152', 'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'CifarResNet18',
-    'ResNetTiny', 'WideResNet',
+    'ResNetTiny', 'WideResNet', 'MobileNetV1', 'MobileNetV2',
 ]

@@ -37,6 +37,8 @@ from cbam_jax.models import available_models
 from cbam_jax.models import count_nnx_params as count_params
 from cbam_jax.models import create_nnx_model as create_model
 from cbam_jax.models._attention import resolve_nnx_attention as resolve_attention
+from cbam_jax.models.mobilenet_v1 import MobileNetV1NNX as MobileNetV1
+from cbam_jax.models.mobilenet_v2 import MobileNetV2NNX as MobileNetV2
 from cbam_jax.models.resnet import ResNetNNX as ResNet
 from cbam_jax.models.wide_resnet import WideResNetNNX as WideResNet
 from cbam_jax.nnx.insertion import Attended, add_attention
@@ -47,6 +49,7 @@ __all__ = ['CBAM', 'BAMChannelGate', 'BAMSpatialGate', 'BottleneckAttention',
            'EfficientChannelAttention', 'LightCBAM', 'LightChannelAttention',
            'LightSpatialAttention', 'SimAM', 'SpatialAttention', 'SpatialSqueezeExcitation',
            'SqueezeExcitation', 'TripletAttention', 'ZPoolGate', 'available', 'create',
-           'resolve', 'MaterializedInputConv', 'ResNet', 'WideResNet', 'available_models',
-           'count_params', 'create_model', 'resolve_attention', 'from_linen', 'load_linen',
-           'to_linen', 'Attended', 'add_attention']
+           'resolve', 'MaterializedInputConv', 'MobileNetV1', 'MobileNetV2', 'ResNet',
+           'WideResNet', 'available_models', 'count_params', 'create_model',
+           'resolve_attention', 'from_linen', 'load_linen', 'to_linen', 'Attended',
+           'add_attention']
