@@ -103,6 +103,7 @@ def from_pytorch(
   _validation.check_choice('source', source, SOURCES)
   _validation.check_choice('api', api, APIS)
   arrays = prepare(state_dict)
+  model: Any  # A ResNet, or a MobileNetV2 for torchvision's mobilenet_v2 keys.
   if source == 'torchvision' and mobilenet.is_mobilenet_v2(arrays):
     model, in_channels = mobilenet.infer_model(arrays, attention, dict(attention_fields or {}))
   else:
