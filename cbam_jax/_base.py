@@ -117,12 +117,16 @@ class AttentionModule(nn.Module):
 
 
 def check_fields_at_init(cls: type[nn.Module]) -> type[nn.Module]:
-  """Makes a Flax dataclass module's ``__init__`` name the closest field of a misspelt one.
+  """Makes a Flax module's ``__init__`` name the closest field of a misspelt one.
 
-  The dataclass's own TypeError names the bad keyword but not the good one. Applied to every
-  attention module (:class:`AttentionModule`) and, as a class decorator, to
-  :class:`cbam_jax.models.ResNet`; returns ``cls``.
+  Python's own TypeError names the bad keyword but not the good one. Applied to every
+  attention module (:class:`AttentionModule`, :class:`NnxAttentionModule`) and, as a class
+  decorator, to the backbones (linen: the dataclass fields; NNX: the ``__init__``
+  keywords); returns ``cls``.
   """
+  if not issubclass(cls, nn.Module):  # NNX: __init__ names every field.
+    cls.__init__ = _named_unknown_fields(cls.__init__)
+    return cls
   dataclass_init = cls.__init__
   declared = tuple(f.name for f in dataclasses.fields(cls) if f.init)
 

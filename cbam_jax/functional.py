@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
 from cbam_jax import _validation
-from cbam_jax._fast.spatial_conv import spatial_conv
+from cbam_jax._fast.spatial_conv import _spatial_conv, resolve_impl, spatial_conv
 
 Array = jax.Array
 Params = Mapping[str, Array]
@@ -113,9 +113,10 @@ def global_pool(x: Array, kind: str) -> Array:
   return _global_pool(x, kind)
 
 
-# The unchecked cores below serve the checked public functions and the batched modules
+# The unchecked cores (_global_pool, _channel_pool, _channel_logits, _spatial_logits,
+# _gate_in_order) serve the checked public functions and the batched modules
 # (cbam_jax.attention.cbam, cbam_jax._fast), whose inputs their own boundary has checked:
-# every call validates its input once.
+# every call validates its input once, and resolves the spatial conv's impl once.
 
 
 def _global_pool(x: Array, kind: str) -> Array:
@@ -260,17 +261,18 @@ def spatial_logits(
   """
   _validation.check_features(x, batched=False)
   _validation.check_spatial_kernel(params['conv_kernel'], x, batched=False)
-  return _spatial_logits(params, x, dtype=dtype, precision=precision, impl=impl)
+  return _spatial_logits(params, x, dtype=dtype, precision=precision, impl=resolve_impl(impl))
 
 
 def _spatial_logits(params: Params, x: Array, *, dtype: Dtype | None, precision: PrecisionLike,
                     impl: str) -> Array:
+  """:func:`spatial_logits` unchecked, ``impl`` resolved (``'xla'`` or ``'shift'``)."""
   kernel = params['conv_kernel']
   pooled = _channel_pool(x)
   if dtype is None:
     dtype = jnp.result_type(pooled, kernel)
-  logits = spatial_conv(pooled.astype(dtype), kernel.astype(dtype), precision=precision,
-                        impl=impl)
+  logits = _spatial_conv(pooled.astype(dtype), kernel.astype(dtype), precision=precision,
+                         impl=impl)
   if 'conv_bias' in params:
     logits = logits + params['conv_bias'].astype(dtype)[0]
   return logits.astype(jnp.float32)
@@ -332,22 +334,30 @@ def cbam(
     ``(*spatial, C)`` in ``x.dtype``; with ``return_maps`` also ``(channel_map (C,),
     spatial_map (*spatial,))`` in float32.
   """
+  # Checked once here; the branches below run the unchecked cores (each gate sees ``x`` or
+  # ``x`` refined by the other gate, of the same shape).
   _validation.check_choice('order', order, ORDERS)
+  _validation.check_features(x, batched=False)
+  _validation.check_pool_types(pool_types)
+  _validation.check_channels(x, channel_params['fc1_kernel'].shape[0], 'channel attention')
+  _validation.check_spatial_kernel(spatial_params['conv_kernel'], x, batched=False)
+  impl = resolve_impl(impl)
   maps = {}
 
   def channel_gate(inp):
-    _, maps['channel'] = channel_attention(channel_params, inp, pool_types=pool_types,
-                                           activation=activation, gate=gate, dtype=dtype,
-                                           precision=precision, return_map=True)
+    maps['channel'] = gate(_channel_logits(channel_params, inp, pool_types=pool_types,
+                                           activation=activation, dtype=dtype,
+                                           precision=precision))
     return maps['channel']
 
   def spatial_gate(inp):
-    _, maps['spatial'] = spatial_attention(spatial_params, inp, normalize=normalize, gate=gate,
-                                           dtype=dtype, precision=precision, impl=impl,
-                                           return_map=True)
+    logits = _spatial_logits(spatial_params, inp, dtype=dtype, precision=precision, impl=impl)
+    if normalize is not None:
+      logits = normalize(logits)
+    maps['spatial'] = gate(logits)
     return maps['spatial'][..., None]
 
-  out = gate_in_order(x, channel_gate, spatial_gate, order=order)[0]
+  out = _gate_in_order(x, channel_gate, spatial_gate, order)[0]
   return (out, (maps['channel'], maps['spatial'])) if return_maps else out
 
 
@@ -371,6 +381,13 @@ def gate_in_order(
     (``None`` for a branch that is off).
   """
   _validation.check_choice('order', order, ORDERS)
+  return _gate_in_order(x, channel_gate, spatial_gate, order)
+
+
+def _gate_in_order(x: Array, channel_gate: Callable[[Array], Array] | None,
+                   spatial_gate: Callable[[Array], Array] | None,
+                   order: str) -> tuple[Array, Array | None, Array | None]:
+  """:func:`gate_in_order` with ``order`` checked by the caller (its fields)."""
   if spatial_gate is None:
     if channel_gate is None:
       raise ValueError('gate_in_order got no gate (channel_gate and spatial_gate are both '

@@ -3,6 +3,9 @@ given to the one-example functional core, a misspelt field name."""
 
 from __future__ import annotations
 
+import collections
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -10,8 +13,9 @@ from flax import nnx
 
 import cbam_jax
 import cbam_jax.nnx as cnnx
-from cbam_jax import attention, models
+from cbam_jax import _validation, attention, models
 from cbam_jax import functional as F
+from cbam_jax._fast import spatial_conv
 
 MISSING_BATCH = r'got shape \(5, 6, 8\): modules take a batch, \(B, \*spatial, C\).*x\[None\]'
 ONE_EXAMPLE = r'functional works on ONE example.*got shape \(2, 5, 6, 8\).*batch of 2-D.*jax\.vmap'
@@ -73,6 +77,55 @@ def test_functional_given_a_batch_says_one_example_and_vmap():
   # What the message says to do works.
   mapped = jax.vmap(F.cbam, in_axes=(None, None, 0))
   assert jax.eval_shape(mapped, params['channel'], params['spatial'], batch).shape == batch.shape
+
+
+@pytest.fixture
+def checks(monkeypatch):
+  """Counts the input checks (``features``, ``kernel``: the spatial kernel against the input
+  of the functional core), the ``order`` checks and the resolutions of the conv ``impl``."""
+  calls = collections.Counter()
+
+  def counted(fn, name=None):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+      calls[name or args[0]] += 1
+      return fn(*args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(_validation, 'check_features',
+                      counted(_validation.check_features, 'features'))
+  monkeypatch.setattr(_validation, 'check_spatial_kernel',
+                      counted(_validation.check_spatial_kernel, 'kernel'))
+  monkeypatch.setattr(_validation, 'check_choice', counted(_validation.check_choice))
+  monkeypatch.setattr(spatial_conv, 'check_choice',  # resolve_impl's only check.
+                      counted(spatial_conv.check_choice, 'impl'))
+  return calls
+
+
+@pytest.mark.parametrize('conv_impl', ['auto', 'xla'])
+def test_one_cbam_call_checks_its_input_once(checks, conv_impl):
+  x = jnp.ones((2, 5, 6, 8))
+  module = cbam_jax.CBAM(reduction_ratio=2, kernel_size=3, conv_impl=conv_impl)
+  variables = _init(module, x)
+  checks.clear()
+  jax.eval_shape(module.apply, variables, x)  # The boundary: __call__.
+  assert (checks['features'], checks['kernel'], checks['impl'], checks['order']) == (1, 0, 1, 1)
+  model = nnx.eval_shape(lambda: cnnx.CBAM(8, reduction_ratio=2, kernel_size=3,
+                                            conv_impl=conv_impl, rngs=nnx.Rngs(0)))
+  checks.clear()
+  nnx.eval_shape(lambda m: m(x), model)  # The order was checked when it was built.
+  assert (checks['features'], checks['kernel'], checks['impl'], checks['order']) == (1, 0, 1, 0)
+  # The functional core, called directly, checks its one example once too.
+  checks.clear()
+  jax.eval_shape(functools.partial(F.cbam, impl=conv_impl), variables['params']['channel'],
+                 variables['params']['spatial'], x[0])
+  assert (checks['features'], checks['kernel'], checks['impl'], checks['order']) == (1, 1, 1, 1)
+  # A branch's map asked for alone (a public method) checks its input once as well.
+  checks.clear()
+  branch = cbam_jax.SpatialAttention(kernel_size=3, conv_impl=conv_impl)
+  maps = jax.eval_shape(functools.partial(branch.apply, method='attention_map'),
+                        {'params': variables['params']['spatial']}, x)
+  assert maps.shape == x.shape[:-1] and (checks['features'], checks['impl']) == (1, 1)
 
 
 def test_misspelt_linen_field_suggests_the_right_one():

@@ -170,11 +170,6 @@ class BatchedSpatialLogitsTest(parameterized.TestCase):
     planes = channel_pool_planes(x)
     chex.assert_trees_all_close(planes, jnp.moveaxis(jax.vmap(F.channel_pool)(x), -1, 0))
 
-  def test_kernel_rank_mismatch_is_a_clear_error(self):
-    with self.assertRaisesRegex(ValueError, 'kernel'):
-      batched_spatial_logits({'conv_kernel': jnp.zeros((3, 3, 2, 1))}, jnp.zeros((2, 5, 4)),
-                             impl='shift')
-
 
 @pytest.mark.parametrize('shape, fields, train', [
     pytest.param((2, 6, 5, 32), dict(spatial_norm=True), True, id='official_2d_train'),

@@ -1,6 +1,8 @@
 """cbam_jax.nnx models: the linen zoo's names, parameter counts and numbers; converted
 PyTorch weights; an NNX training loop; nnx.split/merge and orbax round trips."""
 
+import dataclasses
+import inspect
 import re
 from pathlib import Path
 
@@ -53,6 +55,25 @@ def test_every_model_name_and_documented_param_count():
     assert cbam_nnx.count_params(model) == expected, (name, attention)
   with pytest.raises(ValueError, match="Unknown model 'resnet19'"):
     cbam_nnx.create_model('resnet19', rngs=nnx.Rngs(0))
+
+
+def test_signature_names_every_linen_field_with_its_default():
+  """``cbam_nnx.ResNet`` (like ``nnx.Linear``) names each field of the linen ResNet but the
+  linen-only layer factories, with the same default; a misspelt one gets the closest."""
+  backbone = models.backbone_for_model('resnet20')
+  linen = {f.name: f for f in dataclasses.fields(backbone.linen)
+           if f.name not in ('parent', 'name', *backbone.linen_only)}
+  params = inspect.signature(backbone.nnx.__init__).parameters
+  assert set(params) - {'self', 'in_features', 'rngs'} == set(linen)
+  for name, field in linen.items():
+    assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+    assert params[name].default is default, name
+  with pytest.raises(TypeError, match=r"ResNetNNX got unexpected field\(s\) \['atention'\] "
+                                      r"\('atention': did you mean 'attention'\?\)"):
+    cbam_nnx.create_model('resnet20', atention='cbam', rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"unexpected field\(s\) \['conv'\]"):
+    cbam_nnx.create_model('resnet20', conv=nnx.Conv, rngs=nnx.Rngs(0))
 
 
 # (model fields, image size, train): basic and bottleneck blocks, CIFAR and ImageNet stems,

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
-from cbam_jax import _validation, functional
+from cbam_jax import functional
 from cbam_jax._fast.pool import mean_max
-from cbam_jax._fast.spatial_conv import resolve_impl, spatial_conv_planes
+from cbam_jax._fast.spatial_conv import _spatial_conv_planes, resolve_impl
 
 __all__ = ['batched_spatial_logits', 'channel_pool_planes']
 
@@ -49,28 +49,26 @@ def batched_spatial_logits(
 
   Args:
     params: ``conv_kernel (*k, 2, 1)`` and optional ``conv_bias (1,)``.
-    x: ``(B, *spatial, C)`` channels-last batch, 1 to 3 spatial dims, already checked
-      (:func:`cbam_jax._validation.check_features`).
+    x: ``(B, *spatial, C)`` channels-last batch, 1 to 3 spatial dims. Unchecked: the
+      module calling this (its boundary) has checked ``x`` and the kernel against it.
     dtype: compute dtype of the convolution; ``None`` promotes the pooled maps (float32)
       with the kernel.
     precision: passed to the ``'xla'`` convolution.
-    impl: ``'auto'``, ``'xla'`` or ``'shift'``.
+    impl: ``'auto'``, ``'xla'`` or ``'shift'``; resolved here, once.
 
   Returns:
     ``(B, *spatial)`` float32 logits, before any normalisation or gate.
   """
   impl = resolve_impl(impl)
-  # The caller (the module) has checked the features; the kernel is checked against them.
   kernel = params['conv_kernel']
-  _validation.check_spatial_kernel(kernel, x, batched=True)
   if impl == 'xla':
     return jax.vmap(lambda example: functional._spatial_logits(
         params, example, dtype=dtype, precision=precision, impl='xla'))(x)
   planes = channel_pool_planes(x)
   if dtype is None:
     dtype = jnp.result_type(planes, kernel)
-  logits = spatial_conv_planes(planes.astype(dtype), kernel.astype(dtype),
-                               precision=precision, impl=impl)
+  logits = _spatial_conv_planes(planes.astype(dtype), kernel.astype(dtype),
+                                precision=precision, impl=impl)
   if 'conv_bias' in params:
     logits = logits + params['conv_bias'].astype(dtype)[0]
   return logits.astype(jnp.float32)

@@ -26,8 +26,10 @@ hold them to 1e-5). The products are formed and accumulated in float32 whatever 
 dtype.
 
 Use :func:`spatial_conv` for one example ``(*spatial, 2)`` and :func:`spatial_conv_planes`
-for a batch already laid out as planes ``(2, B, *spatial)`` (what
-:func:`cbam_jax._fast.logits.batched_spatial_logits` feeds it).
+for a batch already laid out as planes ``(2, B, *spatial)``. Both resolve ``impl``
+(:func:`resolve_impl`); their unchecked cores :func:`_spatial_conv` and
+:func:`_spatial_conv_planes` take an ``impl`` resolved by the caller's boundary
+(:func:`cbam_jax.functional.spatial_logits`, :func:`cbam_jax._fast.logits.batched_spatial_logits`).
 """
 
 from __future__ import annotations
@@ -211,7 +213,12 @@ def spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: Prec
   Returns:
     ``(B, *spatial)`` in the promoted dtype of the inputs.
   """
-  impl = resolve_impl(impl)
+  return _spatial_conv_planes(planes, kernel, precision=precision, impl=resolve_impl(impl))
+
+
+def _spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: Any,
+                         impl: str) -> jax.Array:
+  """:func:`spatial_conv_planes` with ``impl`` resolved: ``'xla'`` or ``'shift'``."""
   out_dtype = jnp.result_type(planes, kernel)
   if impl == 'xla':
     return jax.vmap(functools.partial(_conv_xla, kernel=kernel, precision=precision))(
@@ -233,5 +240,11 @@ def spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: PrecisionLi
   Returns:
     ``(*spatial,)`` in the promoted dtype of the inputs.
   """
+  return _spatial_conv(pooled, kernel, precision=precision, impl=resolve_impl(impl))
+
+
+def _spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: Any,
+                  impl: str) -> jax.Array:
+  """:func:`spatial_conv` with ``impl`` resolved: ``'xla'`` or ``'shift'``."""
   planes = jnp.moveaxis(pooled, -1, 0)[:, None]
-  return spatial_conv_planes(planes, kernel, precision=precision, impl=impl)[0]
+  return _spatial_conv_planes(planes, kernel, precision=precision, impl=impl)[0]

@@ -124,7 +124,8 @@ def check_cbam_fields(order: str, use_channel: bool, use_spatial: bool) -> None:
 def cbam_in_order(x: Array, channel_map: Callable[[Array], Array] | None,
                   spatial_map: Callable[[Array], Array] | None, order: str) -> Array:
   """CBAM's composition of a batch ``x`` ``(B, *spatial, C)`` from the two branches' maps
-  (``(B, C)`` and ``(B, *spatial)``; ``None`` switches a branch off)."""
+  (``(B, C)`` and ``(B, *spatial)``; ``None`` switches a branch off). ``order`` is a
+  checked field (:func:`check_cbam_fields`)."""
 
   # Each gate is passed on only when its map is given.
   def channel_gate(inp):
@@ -133,8 +134,8 @@ def cbam_in_order(x: Array, channel_map: Callable[[Array], Array] | None,
   def spatial_gate(inp):
     return spatial_map(inp)[..., None]  # type: ignore[misc]
 
-  return F.gate_in_order(x, channel_gate if channel_map else None,
-                         spatial_gate if spatial_map else None, order=order)[0]
+  return F._gate_in_order(x, channel_gate if channel_map else None,
+                          spatial_gate if spatial_map else None, order)[0]
 
 
 class ChannelAttention(AttentionModule):
@@ -164,10 +165,14 @@ class ChannelAttention(AttentionModule):
   activation: Callable[[Array], Array] = nn.relu
   gate: Callable[[Array], Array] = nn.sigmoid
 
-  @nn.compact
   def attention_map(self, x: Array) -> Array:
     """``(B, C)`` float32 channel map of channels-last ``x``; sown as ``channel_map``."""
     _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  @nn.compact
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     _validation.check_pool_types(self.pool_types)
     channels = x.shape[-1]
     hidden = F.hidden_size(channels, self.reduction_ratio, self.hidden_features,
@@ -184,7 +189,7 @@ class ChannelAttention(AttentionModule):
 
   def refine(self, x: Array, train: bool) -> Array:
     del train  # No BatchNorm in this branch; kept so every attention module is called alike.
-    return F.apply_gate(x, channel_map_shape(self.attention_map(x), x))
+    return F.apply_gate(x, channel_map_shape(self._attention_map(x), x))
 
 
 class SpatialAttention(AttentionModule):
@@ -212,10 +217,14 @@ class SpatialAttention(AttentionModule):
   gate: Callable[[Array], Array] = nn.sigmoid
   conv_impl: str = 'auto'
 
-  @nn.compact
   def attention_map(self, x: Array, train: bool = False) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``; sown as ``spatial_map``."""
     _validation.check_features(x, batched=True)
+    return self._attention_map(x, train)
+
+  @nn.compact
+  def _attention_map(self, x: Array, train: bool) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     check_has_batch(self, x)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     if self.has_variable('params', 'conv_kernel'):
@@ -239,7 +248,7 @@ class SpatialAttention(AttentionModule):
     return spatial_map
 
   def refine(self, x: Array, train: bool) -> Array:
-    return F.apply_gate(x, self.attention_map(x, train)[..., None])
+    return F.apply_gate(x, self._attention_map(x, train)[..., None])
 
 
 class CBAM(AttentionModule):
@@ -288,8 +297,8 @@ class CBAM(AttentionModule):
 
   def refine(self, x: Array, train: bool) -> Array:
     return cbam_in_order(
-        x, self.channel.attention_map if self.use_channel else None,
-        functools.partial(self.spatial.attention_map, train=train) if self.use_spatial
+        x, self.channel._attention_map if self.use_channel else None,
+        functools.partial(self.spatial._attention_map, train=train) if self.use_spatial
         else None, self.order)
 
 
@@ -328,6 +337,10 @@ class NnxChannelAttention(NnxAttentionModule):
   def attention_map(self, x: Array) -> Array:
     """``(B, C)`` float32 channel map of channels-last ``x``."""
     _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     _validation.check_channels(x, self.in_features, type(self).__name__)
     channel_map = channel_attention_map(
         nnx_values(self, _CHANNEL_PARAMS), x, pool_types=self.pool_types,
@@ -336,7 +349,7 @@ class NnxChannelAttention(NnxAttentionModule):
     return channel_map
 
   def refine(self, x: Array) -> Array:
-    return F.apply_gate(x, channel_map_shape(self.attention_map(x), x))
+    return F.apply_gate(x, channel_map_shape(self._attention_map(x), x))
 
 
 class NnxSpatialAttention(NnxAttentionModule):
@@ -376,6 +389,10 @@ class NnxSpatialAttention(NnxAttentionModule):
   def attention_map(self, x: Array) -> Array:
     """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
     _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     _validation.check_has_batch(type(self).__name__, x, self.conv_kernel.ndim - 2)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     check_spatial_kernel_shape(type(self).__name__, self.conv_kernel.shape, kernel_size, 2, x)
@@ -386,7 +403,7 @@ class NnxSpatialAttention(NnxAttentionModule):
     return spatial_map
 
   def refine(self, x: Array) -> Array:
-    return F.apply_gate(x, self.attention_map(x)[..., None])
+    return F.apply_gate(x, self._attention_map(x)[..., None])
 
 
 class NnxCBAM(NnxAttentionModule):
@@ -428,8 +445,8 @@ class NnxCBAM(NnxAttentionModule):
 
   def refine(self, x: Array) -> Array:
     return cbam_in_order(
-        x, self.channel.attention_map if self.use_channel else None,
-        self.spatial.attention_map if self.use_spatial else None, self.order)
+        x, self.channel._attention_map if self.use_channel else None,
+        self.spatial._attention_map if self.use_spatial else None, self.order)
 
 
 # Jongchan/attention-module's CBAM: a bias-free spatial conv + BatchNorm (PyTorch momentum

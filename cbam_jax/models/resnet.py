@@ -438,44 +438,45 @@ def _finish(block, x: Array, y: Array) -> Array:
 _NNX_BLOCKS = {BasicBlock: BasicBlockNNX, Bottleneck: BottleneckNNX}
 
 
+@_base.check_fields_at_init
 class ResNetNNX(nnx.Module):
   """ResNet v1 with attention in every block, in NNX (``cbam_jax.nnx.ResNet``); the fields
-  of :class:`ResNet` (but ``conv`` and ``norm``, which are ``nnx.Conv`` with a materialised
-  input on CPU and ``nnx.BatchNorm``), plus ``in_features`` (image channels, 3) and ``rngs``.
+  of :class:`ResNet`, with its defaults (but ``conv`` and ``norm``: the NNX ResNet uses
+  ``nnx.Conv`` with a materialised input on CPU and ``nnx.BatchNorm``), plus
+  ``in_features`` (image channels) and ``rngs``.
 
   The model starts in training mode; ``model.eval()`` switches BatchNorm to the running
   statistics.
   """
 
-  def __init__(self, *, in_features: int = 3, rngs: nnx.Rngs, **fields: Any):
-    for name in ('conv', 'norm'):
-      if name in fields:
-        raise TypeError(f'The NNX ResNet has no {name!r} field: it uses nnx.Conv (with a '
-                        'materialised input on CPU) and nnx.BatchNorm.')
-    f = _base.resolve_fields(ResNet, fields)
-    check_resnet_fields(f['stem'], f['shortcut'], f['stage_sizes'], f['block_cls'],
-                        f['num_filters'], f['groups'], f['width_per_group'],
-                        f['stem_features'])
-    block_cls = _NNX_BLOCKS.get(f['block_cls'], f['block_cls'])
-    self.stem, self.act, self.num_classes = f['stem'], f['act'], f['num_classes']
-    self.stage_sizes = tuple(int(n) for n in f['stage_sizes'])
-    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=f['dtype'],
-                             param_dtype=f['param_dtype'], kernel_init=f['kernel_init'],
-                             rngs=rngs)
+  def __init__(self, *, in_features: int = 3, stage_sizes: Sequence[int],
+               block_cls: ModuleDef, num_filters: int = 64, stem: str = 'imagenet',
+               num_classes: int = 1000, attention: AttentionSpec = None,
+               stage_attention: AttentionSpec = None, zero_init_spatial_gate: bool = True,
+               attention_fields: Mapping[str, Any] | None = None,
+               zero_init_residual: bool = False, shortcut: str = 'projection',
+               groups: int = 1, width_per_group: int = 64, stem_features: int | None = None,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               act: Callable[[Array], Array] = nn.relu,
+               kernel_init: Initializer = conv_kernel_init, rngs: nnx.Rngs):
+    check_resnet_fields(stem, shortcut, stage_sizes, block_cls, num_filters, groups,
+                        width_per_group, stem_features)
+    block_cls = _NNX_BLOCKS.get(block_cls, block_cls)
+    self.stem, self.act, self.num_classes = stem, act, num_classes
+    self.stage_sizes = tuple(int(n) for n in stage_sizes)
+    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=dtype,
+                             param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
     # Flax momentum 0.9 = PyTorch momentum 0.1, as in linen.
     norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
-                             epsilon=1e-5, dtype=f['dtype'], param_dtype=f['param_dtype'],
-                             rngs=rngs)
-    dtypes = dict(dtype=f['dtype'], param_dtype=f['param_dtype'],
-                  zero_init_spatial_gate=f['zero_init_spatial_gate'])
-    attention = resolve_nnx_attention(f['attention'], **dtypes)
-    if attention is not None and f['attention_fields']:
-      attention = functools.partial(attention, **f['attention_fields'])
-    stage_attention = resolve_nnx_attention(f['stage_attention'], what='stage_attention',
-                                            **dtypes)
+                             epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype,
+                  zero_init_spatial_gate=zero_init_spatial_gate)
+    attention = resolve_nnx_attention(attention, **dtypes)
+    if attention is not None and attention_fields:
+      attention = functools.partial(attention, **attention_fields)
+    stage_attention = resolve_nnx_attention(stage_attention, what='stage_attention', **dtypes)
 
-    filters = f['num_filters']
-    channels = filters if f['stem_features'] is None else f['stem_features']
+    channels = num_filters if stem_features is None else stem_features
     if self.stem == 'imagenet':
       self.conv1 = conv(in_features, channels, (7, 7), (2, 2), padding=same_padding(7))
     else:
@@ -485,10 +486,10 @@ class ResNetNNX(nnx.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         block = block_cls(
-            channels, filters * 2**stage, strides=2 if stage > 0 and index == 0 else 1,
-            conv=conv, norm=norm, act=self.act, attention=attention, shortcut=f['shortcut'],
-            zero_init_residual=f['zero_init_residual'], groups=f['groups'],
-            width_per_group=f['width_per_group'], rngs=rngs)
+            channels, num_filters * 2**stage, strides=2 if stage > 0 and index == 0 else 1,
+            conv=conv, norm=norm, act=self.act, attention=attention, shortcut=shortcut,
+            zero_init_residual=zero_init_residual, groups=groups,
+            width_per_group=width_per_group, rngs=rngs)
         setattr(self, f'layer{stage + 1}_{index}', block)
         names.append(f'layer{stage + 1}_{index}')
         channels = block.out_features
@@ -497,7 +498,7 @@ class ResNetNNX(nnx.Module):
         names.append(f'stage_attention{stage + 1}')
     self.block_names = tuple(names)
     self.fc = nnx.Linear(channels, self.num_classes, dtype=jnp.float32,
-                         param_dtype=f['param_dtype'], kernel_init=head_kernel_init, rngs=rngs)
+                         param_dtype=param_dtype, kernel_init=head_kernel_init, rngs=rngs)
 
   def __call__(self, x: Array, *, channels_last: bool = False) -> Array:
     """Logits ``(B, num_classes)`` float32 of NHWC images ``x``; ``channels_last`` as in

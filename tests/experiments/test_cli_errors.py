@@ -47,7 +47,7 @@ IN_PROCESS = [
      r"'resnet\d+'\? Valid: resnet18, "),
     ('xla_flags: unknown flag set', 'experiments.bench.xla_flags', ['--flags', 'onednnn'],
      r'--flags=onednnn: value should be one of'),
-    ('compare_attention: bad --mode', 'experiments.bench.compare_attention', ['--mode', 'tain'],
+    ('study: bad --mode', 'experiments.study.run', ['--mode', 'tain'],
      r'--mode=tain: value should be one of'),
     ('data pipeline: malformed --set', 'experiments.data.pipeline', ['--set', 'augment'],
      r"--set 'augment': write KEY=VALUE"),

@@ -1,4 +1,4 @@
-"""The study's statistics, tables and plots (experiments/bench/study_report.py)."""
+"""The study's statistics, tables and plots (experiments/study/report.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from experiments.bench import study_report as report
+from experiments.study import report
 
 
 def test_paired_difference_matches_a_hand_computation():

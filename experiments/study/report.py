@@ -1,4 +1,4 @@
-"""Statistics, tables and plots of a multi-seed attention study (``compare_attention``).
+"""Statistics, tables and plots of the multi-seed attention study (``experiments.study.run``).
 
 The protocol is ``docs/results/protocol.md``: per variant, the mean and sample standard
 deviation over seeds of the held-out top-1 at the last epoch; per variant and seed, the paired
@@ -7,6 +7,7 @@ difference to the baseline with a 95% t-interval.
   rows = [{'variant': 'cbam', 'seed': 0, 'last_top1': 0.95, 'curve': [[1, 0.6], ...]}, ...]
   summary = summarise(rows, baseline='none', contrasts=[('cbam_r4', 'cbam')])
   markdown_summary(summary); write_curves_png(rows, 'curves.png', title='shapes')
+  write_outputs(rows, 'docs/results/shapes', title='shapes', baseline='none', contrasts=[])
 """
 
 from __future__ import annotations
@@ -196,6 +197,41 @@ def write_curves_png(rows: Sequence[Mapping[str, Any]], path: str, *, title: str
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], out: str, *, title: str, baseline: str,
+                  contrasts: Sequence[tuple[str, str]]) -> str:
+  """runs.json / runs.csv, summary.json / summary.md and curves.png under ``out``."""
+  write_runs(rows, out)
+  summary = summarise(rows, baseline=baseline, contrasts=contrasts)
+  table = markdown_summary(summary)
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  cpus = sorted({r['cpu'] for r in rows if r.get('cpu')})
+  commits = sorted({r['commit'][:12] + ('-dirty' if r['commit'].endswith('-dirty') else '')
+                    for r in rows if r.get('commit')})
+  finished = sum(r['status'] == 'finished' for r in rows)
+  with open(os.path.join(out, 'summary.md'), 'w') as f:
+    f.write(f'# {title}\n\n{finished}/{len(rows)} runs finished. Metric: held-out top-1 at '
+            f'the last epoch. CPU: {", ".join(cpus) or "unknown"}. Commits: '
+            f'{", ".join(commits) or "unknown"}.\n\n{table}\n')
+  if any(r.get('curve') for r in rows):
+    write_curves_png(rows, os.path.join(out, 'curves.png'), title=title)
+  return table
+
+
+def format_train_table(rows: Sequence[dict[str, Any]]) -> str:
+  """One line per run: epochs, best and last held-out top-1, last eval loss."""
+  lines = ['| variant | seed | epochs | best top-1 | last top-1 | last eval loss |',
+           '|---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    if 'best_top1' not in r:  # Pending or failed.
+      lines.append(f'| {r["variant"]} | {r["seed"]} | - | - | - | - |')
+      continue
+    loss = 'n/a' if r['last_loss'] is None else f'{r["last_loss"]:.4f}'
+    lines.append(f'| {r["variant"]} | {r["seed"]} | {r["epochs"]} | {100 * r["best_top1"]:.2f}% '
+                 f'| {100 * r["last_top1"]:.2f}% | {loss} |')
+  return '\n'.join(lines)
 
 
 # --------------------------------------------------------------------------- localisation
