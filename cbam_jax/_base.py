@@ -15,7 +15,7 @@ import difflib
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import flax.linen as nn
 import jax
@@ -116,7 +116,10 @@ class AttentionModule(nn.Module):
                              self.supported_spatial_dims)
 
 
-def check_fields_at_init(cls: type[nn.Module]) -> type[nn.Module]:
+_ModuleT = TypeVar('_ModuleT')  # A linen or an NNX module class.
+
+
+def check_fields_at_init(cls: type[_ModuleT]) -> type[_ModuleT]:
   """Makes a Flax module's ``__init__`` name the closest field of a misspelt one.
 
   Python's own TypeError names the bad keyword but not the good one. Applied to every
@@ -125,7 +128,7 @@ def check_fields_at_init(cls: type[nn.Module]) -> type[nn.Module]:
   keywords); returns ``cls``.
   """
   if not issubclass(cls, nn.Module):  # NNX: __init__ names every field.
-    cls.__init__ = _named_unknown_fields(cls.__init__)
+    cls.__init__ = _named_unknown_fields(cls.__init__)  # type: ignore[method-assign]
     return cls
   dataclass_init = cls.__init__
   declared = tuple(f.name for f in dataclasses.fields(cls) if f.init)

@@ -216,7 +216,7 @@ def spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: Prec
   return _spatial_conv_planes(planes, kernel, precision=precision, impl=resolve_impl(impl))
 
 
-def _spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: Any,
+def _spatial_conv_planes(planes: jax.Array, kernel: jax.Array, *, precision: PrecisionLike,
                          impl: str) -> jax.Array:
   """:func:`spatial_conv_planes` with ``impl`` resolved: ``'xla'`` or ``'shift'``."""
   out_dtype = jnp.result_type(planes, kernel)
@@ -243,7 +243,7 @@ def spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: PrecisionLi
   return _spatial_conv(pooled, kernel, precision=precision, impl=resolve_impl(impl))
 
 
-def _spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: Any,
+def _spatial_conv(pooled: jax.Array, kernel: jax.Array, *, precision: PrecisionLike,
                   impl: str) -> jax.Array:
   """:func:`spatial_conv` with ``impl`` resolved: ``'xla'`` or ``'shift'``."""
   planes = jnp.moveaxis(pooled, -1, 0)[:, None]

@@ -469,8 +469,8 @@ class ResNetNNX(nnx.Module):
     # Flax momentum 0.9 = PyTorch momentum 0.1, as in linen.
     norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
                              epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    dtypes = dict(dtype=dtype, param_dtype=param_dtype,
-                  zero_init_spatial_gate=zero_init_spatial_gate)
+    dtypes: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype,
+                                  zero_init_spatial_gate=zero_init_spatial_gate)
     attention = resolve_nnx_attention(attention, **dtypes)
     if attention is not None and attention_fields:
       attention = functools.partial(attention, **attention_fields)

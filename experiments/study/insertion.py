@@ -9,7 +9,7 @@ unfinished one resumes from its checkpoints. Each finished run writes its own re
 an ``--out`` (e.g. one per seed subset); ``--report_only`` then writes ``summary.md``,
 ``summary.json`` and ``curves.png`` from the result files.
 
-  python -m experiments.bench.insertion_study --config experiments/configs/default.py \\
+  python -m experiments.study.insertion --config experiments/configs/default.py \\
       --pretrain_epochs 10 --seeds 0-4 --workdir_root /work/runs/insertion_shapes \\
       --out docs/results/insertion_shapes --title "shapes, resnet_tiny"
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from typing import Any
 
 from absl import app, flags
 
-from experiments.bench import study_report
+from experiments.study import provenance
+from experiments.study import report as study_report
+from experiments.study.variants import parse_seeds
 
 # arm -> the trainer flags that make it (besides init_from and the fine-tuning schedule).
 ARMS = {
@@ -54,33 +55,6 @@ flags.DEFINE_string('workdir_root', None, 'Where the runs\' workdirs go (outside
 flags.DEFINE_string('out', None, 'Results folder (runs/*.json, summary.md, curves.png).')
 flags.DEFINE_string('title', 'insertion study', 'Title of the results page.')
 flags.DEFINE_bool('report_only', False, 'Only write the report from the result files.')
-
-
-def parse_seeds(text: str) -> list[int]:
-  """``'0-4'`` -> ``[0, 1, 2, 3, 4]``; ``'0,2'`` -> ``[0, 2]``."""
-  if '-' in text:
-    first, last = text.split('-')
-    return list(range(int(first), int(last) + 1))
-  return [int(s) for s in text.split(',') if s.strip()]
-
-
-def _git_commit() -> str:
-  try:
-    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
-def _cpu() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def _records(workdir: str) -> list[dict[str, Any]]:
@@ -123,8 +97,8 @@ def run(name: str, arm: str, seed: int, command: list[str], workdir: str, epochs
             'curve': [[r['epoch'], r['eval_top1']] for r in records if 'eval_top1' in r],
             'last_top1': records[-1]['eval_top1'], 'last_loss': records[-1]['eval_loss'],
             'seconds': seconds,
-            'commit': _git_commit() if seconds is not None else 'not recorded',
-            'cpu': _cpu() if seconds is not None else 'not recorded',
+            'commit': provenance.git_commit() if seconds is not None else 'not recorded',
+            'cpu': provenance.cpu_model() if seconds is not None else 'not recorded',
             'command': ' '.join(command[1:]), 'workdir': workdir}
   os.makedirs(os.path.dirname(result_path), exist_ok=True)
   with open(result_path + '.tmp', 'w') as f:
@@ -184,8 +158,8 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     contrasts.append({'contrast': f'{arm} - {baseline}', 'seeds': seeds, **result,
                       'reading': study_report.verdict(result)})
   return {'pretrained': pretrained, 'arms': arms, 'contrasts': contrasts,
-          'commits': sorted({r['commit'][:12] for r in results}),
-          'cpus': sorted({r['cpu'] for r in results})}
+          'commits': sorted({(r['commit'] or 'unknown')[:12] for r in results}),
+          'cpus': sorted({r['cpu'] or 'unknown' for r in results})}
 
 
 def _pct(value: float | None, sign: bool = False) -> str:

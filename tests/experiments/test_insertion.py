@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.bench import insertion_study
+from experiments.study import insertion as insertion_study
 
 
 def _result(arm, seed, curve):
