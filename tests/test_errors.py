@@ -182,10 +182,10 @@ def test_channels_first_images_are_refused_unless_said_otherwise():
 
 
 def test_nnx_network_without_a_required_field_names_it():
-  # The linen twin's dataclass fields without a default (found by the type checker: the
+  # Its explicit signature names them (found by the type checker: under **fields the
   # missing default_factory used to be called, "'_MISSING_TYPE' object is not callable").
-  with pytest.raises(TypeError, match=r"ResNet needs the field 'stage_sizes' \(it has no "
-                     r'default\); pass stage_sizes=\.\.\.'):
+  with pytest.raises(TypeError, match=r"missing 2 required keyword-only arguments: "
+                     r"'stage_sizes' and 'block_cls'"):
     cnnx.ResNet(rngs=nnx.Rngs(0))
 
 
