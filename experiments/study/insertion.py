@@ -83,6 +83,10 @@ def run(name: str, arm: str, seed: int, command: list[str], workdir: str, epochs
   """Runs (or resumes) one training run unless finished; writes its result file."""
   result_path = os.path.join(out, 'runs', f'{name}.json')
   if os.path.exists(result_path) and _finished(workdir, epochs):
+    with open(result_path) as f:
+      result = json.load(f)
+    if ARMS.get(arm, {}).get('init_attention') == 'identity' and 'identity_scales' not in result:
+      _write(result_path, {**result, 'identity_scales': identity_scales(workdir)})
     return
   if not _finished(workdir, epochs):
     print(f'[{time.strftime("%H:%M:%S")}] {name}: {" ".join(command[1:])}', flush=True)
@@ -100,10 +104,34 @@ def run(name: str, arm: str, seed: int, command: list[str], workdir: str, epochs
             'commit': provenance.git_commit() if seconds is not None else 'not recorded',
             'cpu': provenance.cpu_model() if seconds is not None else 'not recorded',
             'command': ' '.join(command[1:]), 'workdir': workdir}
-  os.makedirs(os.path.dirname(result_path), exist_ok=True)
-  with open(result_path + '.tmp', 'w') as f:
+  if ARMS.get(arm, {}).get('init_attention') == 'identity':
+    result['identity_scales'] = identity_scales(workdir)
+  _write(result_path, result)
+
+
+def _write(path: str, result: Mapping[str, Any]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
     json.dump(result, f, indent=1)
-  os.replace(result_path + '.tmp', result_path)
+  os.replace(path + '.tmp', path)
+
+
+def identity_scales(workdir: str) -> dict[str, list[float]]:
+  """Per inserted module of the run's last checkpoint: ``[mean, max]`` of
+  ``|identity_scale|`` (0 at insertion; how far training moved it from the identity)."""
+  import jax
+  import numpy as np
+
+  from experiments.training import checkpointing
+
+  _, variables, _, _ = checkpointing.load_model(workdir, 'latest')
+  scales = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]:
+    names = [str(getattr(key, 'key', key)) for key in path]
+    if names[-1] == 'identity_scale':
+      values = np.abs(np.asarray(leaf, np.float64))
+      scales['/'.join(names[:-1])] = [float(values.mean()), float(values.max())]
+  return scales
 
 
 def run_study() -> None:
@@ -147,6 +175,9 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       drops = [v - pretrained[r['seed']] for v, r in zip(values, runs, strict=True)
                if r['seed'] in pretrained]
       row[f'{key}_vs_pretrained'] = study_report.paired_difference(drops, [0.0] * len(drops))
+    scales = [values for r in runs for values in (r.get('identity_scales') or {}).values()]
+    row['identity_scale_mean'] = (statistics.fmean(v[0] for v in scales) if scales else None)
+    row['identity_scale_max'] = max((v[1] for v in scales), default=None)
     arms.append(row)
   contrasts = []
   for arm, baseline in CONTRASTS:
@@ -201,6 +232,13 @@ def markdown(summary: Mapping[str, Any], title: str) -> str:
             '| contrast | seeds | mean [95% CI] | reading |', '|---|---:|---:|---|']
   for c in summary['contrasts']:
     lines.append(f'| {c["contrast"]} | {len(c["seeds"])} | {_interval(c)} | {c["reading"]} |')
+  scaled = [row for row in summary['arms'] if row.get('identity_scale_mean') is not None]
+  if scaled:
+    lines += ['', 'How far the identity-initialised modules moved: mean (max) of '
+              '`|identity_scale|` over all channels and places at the last epoch, over seeds '
+              '(0 = the identity; the gate blend is `x + s * (attend(x) - x)`):', '']
+    lines += [f'- {row["arm"]}: {row["identity_scale_mean"]:.3f} '
+              f'({row["identity_scale_max"]:.3f})' for row in scaled]
   lines += ['', 'Per run (top-1 at insertion / after epoch 1 / last epoch):', '']
   for row in summary['arms']:
     per_seed = ', '.join(
