@@ -26,8 +26,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.study import provenance
 from experiments.study import report as study_report
 from experiments.study.variants import parse_seeds
@@ -43,18 +44,24 @@ BASELINE = 'continue'
 CONTRASTS = (('cbam_official', 'continue'), ('cbam_identity', 'continue'),
              ('cbam_identity', 'cbam_official'), ('se_identity', 'continue'))
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('config', 'experiments/configs/default.py', 'The setting\'s config file.')
-flags.DEFINE_integer('pretrain_epochs', 10, 'Epochs of the pretraining run (no attention).')
-flags.DEFINE_integer('finetune_epochs', 5, 'Epochs of each fine-tuning arm.')
-flags.DEFINE_float('finetune_lr', 0.01, 'Peak learning rate of the fine-tuning (cosine, no '
-                   'warmup); the protocol: a tenth of the config\'s.')
-flags.DEFINE_string('seeds', '0-4', 'Seeds: "0-4" or "0,2,4".')
-flags.DEFINE_list('arms', list(ARMS), f'Arms, in run order per seed: {", ".join(ARMS)}.')
-flags.DEFINE_string('workdir_root', None, 'Where the runs\' workdirs go (outside the repo).')
-flags.DEFINE_string('out', None, 'Results folder (runs/*.json, summary.md, curves.png).')
-flags.DEFINE_string('title', 'insertion study', 'Title of the results page.')
-flags.DEFINE_bool('report_only', False, 'Only write the report from the result files.')
+PROG = 'python -m experiments.study.insertion'
+
+
+def define_flags(values: flags.FlagValues) -> None:
+  def define(kind, name, default, help_text):
+    getattr(flags, f'DEFINE_{kind}')(name, default, help_text, flag_values=values)
+
+  define('string', 'config', 'experiments/configs/default.py', "The setting's config file.")
+  define('integer', 'pretrain_epochs', 10, 'Epochs of the pretraining run (no attention).')
+  define('integer', 'finetune_epochs', 5, 'Epochs of each fine-tuning arm.')
+  define('float', 'finetune_lr', 0.01, "Peak learning rate of the fine-tuning (cosine, no "
+         "warmup); the protocol: a tenth of the config's.")
+  define('string', 'seeds', '0-4', 'Seeds: "0-4" or "0,2,4".')
+  define('list', 'arms', list(ARMS), f'Arms, in run order per seed: {", ".join(ARMS)}.')
+  define('string', 'workdir_root', None, "Where the runs' workdirs go (outside the repo).")
+  define('string', 'out', None, 'Results folder (runs/*.json, summary.md, curves.png).')
+  define('string', 'title', 'insertion study', 'Title of the results page.')
+  define('bool', 'report_only', False, 'Only write the report from the result files.')
 
 
 def _records(workdir: str) -> list[dict[str, Any]]:
@@ -91,8 +98,13 @@ def run(name: str, arm: str, seed: int, command: list[str], workdir: str, epochs
   if not _finished(workdir, epochs):
     print(f'[{time.strftime("%H:%M:%S")}] {name}: {" ".join(command[1:])}', flush=True)
     start = time.time()
-    with open(workdir.rstrip('/') + '.log', 'a') as log:
-      subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    log_path = workdir.rstrip('/') + '.log'
+    with open(log_path, 'a') as log:
+      returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode:
+      raise cli.UserError(f'The run {name} failed (exit status {returncode}); its output is '
+                          f'in {log_path}. Fix the cause and run this command again: finished '
+                          'runs are kept, this one resumes from its checkpoints.')
     seconds = time.time() - start
   else:
     seconds = None  # Finished before this runner saw it (e.g. by the same command by hand).
@@ -134,21 +146,21 @@ def identity_scales(workdir: str) -> dict[str, list[float]]:
   return scales
 
 
-def run_study() -> None:
-  root, out = FLAGS.workdir_root, FLAGS.out
-  for seed in parse_seeds(FLAGS.seeds):
+def run_study(values: flags.FlagValues) -> None:
+  root, out = values.workdir_root, values.out
+  for seed in parse_seeds(values.seeds):
     base = os.path.join(root, f'pretrain_s{seed}')
     run(f'pretrain_s{seed}', 'pretrain', seed,
-        train_command(FLAGS.config, base, seed, FLAGS.pretrain_epochs,
+        train_command(values.config, base, seed, values.pretrain_epochs,
                       {'model.attention': 'none'}),
-        base, FLAGS.pretrain_epochs, out)
-    for arm in FLAGS.arms:
+        base, values.pretrain_epochs, out)
+    for arm in values.arms:
       workdir = os.path.join(root, f'{arm}_s{seed}')
-      overrides = {**ARMS[arm], 'init_from': base, 'learning_rate': FLAGS.finetune_lr,
+      overrides = {**ARMS[arm], 'init_from': base, 'learning_rate': values.finetune_lr,
                    'warmup_epochs': 0.0, 'schedule': 'cosine'}
       run(f'{arm}_s{seed}', arm, seed,
-          train_command(FLAGS.config, workdir, seed, FLAGS.finetune_epochs, overrides),
-          workdir, FLAGS.finetune_epochs, out)
+          train_command(values.config, workdir, seed, values.finetune_epochs, overrides),
+          workdir, values.finetune_epochs, out)
 
 
 # --------------------------------------------------------------------------- report
@@ -265,18 +277,21 @@ def write_report(out: str, title: str) -> dict[str, Any]:
   return summary
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  if FLAGS.out is None or (FLAGS.workdir_root is None and not FLAGS.report_only):
-    raise app.UsageError('--out and --workdir_root are required (--out only with '
-                         '--report_only).')
-  unknown = sorted(set(FLAGS.arms) - set(ARMS))
+@cli.command(PROG)
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
+  values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
+  if values.out is None or (values.workdir_root is None and not values.report_only):
+    raise cli.UserError('--out and --workdir_root are required (only --out with '
+                        '--report_only).')
+  unknown = sorted(set(values.arms) - set(ARMS))
   if unknown:
-    raise app.UsageError(f'Unknown arm(s) {", ".join(unknown)}; use {", ".join(ARMS)}.')
-  if not FLAGS.report_only:
-    run_study()
-  print(markdown(write_report(FLAGS.out, FLAGS.title), FLAGS.title))
+    raise cli.UserError(f'Unknown arm(s) {", ".join(unknown)}; use {", ".join(ARMS)}.')
+  parse_seeds(values.seeds)
+  if not values.report_only:
+    run_study(values)
+  print(markdown(write_report(values.out, values.title), values.title))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

@@ -42,3 +42,17 @@ def test_summary_pairs_arms_by_seed_and_measures_the_drop():
   text = insertion_study.markdown(summary, 'toy')
   assert '| cbam_official | 3 | 51.00 ± 1.00 | -30.00 [-30.00, -30.00] |' in text
   assert '| cbam_official - continue | 3 | -2.00 [' in text
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--out=/tmp/x', '--workdir_root=/tmp/y', '--arms=cbam_identity,cbam_idenity'],
+     'Unknown arm(s) cbam_idenity'),
+    (['--workdir_root=/tmp/y'], '--out and --workdir_root are required'),
+    (['--out=/tmp/x', '--workdir_root=/tmp/y', '--seeds=0-x'], '--seeds'),
+])
+def test_bad_flags_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    insertion_study.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1, err
