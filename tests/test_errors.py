@@ -74,18 +74,24 @@ ONE_IMAGE_MEMBERS = {'cbam': dict(reduction_ratio=1, kernel_size=3),
                      'se': dict(reduction_ratio=1), 'simam': {}}
 
 
-def _member(skin, name, channels, **fields):
+def _member(skin, name, channels, *, abstract=True, **fields):
   """``(apply, variables)``: ``apply(variables, x, **kwargs)`` runs the member, in eval mode;
-  NNX members are built for 1-D input, which the one-image check must still catch."""
+  ``abstract``: shapes only (for ``jax.eval_shape``). NNX members are built for 1-D
+  input, which the one-image check must still catch."""
   fields = {**ONE_IMAGE_MEMBERS[name], **fields}
   if skin == 'linen':
     module = attention.resolve(name)(**fields)
     # Any batch of 1-D signals, to initialise.
     signals = jnp.moveaxis(jnp.ones((2, 9, channels)), -1, fields.get('channel_axis', -1))
-    return module.apply, module.init(jax.random.key(0), signals)
+    init = jax.eval_shape if abstract else lambda init, *args: init(*args)
+    return module.apply, init(module.init, jax.random.key(0), signals)
   if name == 'cbam':
     fields['num_spatial_dims'] = 1
-  model = cnnx.resolve(name)(channels, **fields, rngs=nnx.Rngs(0))
+
+  def build():
+    return cnnx.resolve(name)(channels, **fields, rngs=nnx.Rngs(0))
+
+  model = nnx.eval_shape(build) if abstract else build()
   model.eval()
   graph, state = nnx.split(model)
   return lambda state, x, **kwargs: nnx.merge(graph, state)(x, **kwargs), state
@@ -101,19 +107,19 @@ def test_module_given_one_image_asks_for_a_batch_or_signals(skin, name, shape):
       rf'got shape {re.escape(str(shape))}, which looks like ONE image \(H, W, C\) '
       rf'without a batch axis.*run it as {shape[0]} 1-D signals.*x\[None\], or call the '
       r'module with signals=True')):
-    apply(variables, x)
+    jax.eval_shape(apply, variables, x)
 
 
 @pytest.mark.parametrize('skin', ['linen', 'nnx'])
 @pytest.mark.parametrize('name', list(ONE_IMAGE_MEMBERS))
 def test_signals_true_runs_a_batch_of_1d_signals_with_unchanged_numbers(skin, name):
-  apply, variables = _member(skin, name, 3)
+  apply, variables = _member(skin, name, 3, abstract=False)
   x = jax.random.normal(jax.random.key(1), (8, 8, 3))
   # The numbers of any other batch of these signals: the same examples in two parts (which
   # do not look like an image) give the same output.
   out = apply(variables, x, signals=True)
-  halves = [apply(variables, half) for half in (x[:2], x[2:])]
-  chex.assert_trees_all_close(out, jnp.concatenate(halves), rtol=1e-6, atol=1e-6)
+  parts = [apply(variables, part) for part in (x[:2], x[2:])]
+  chex.assert_trees_all_close(out, jnp.concatenate(parts), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('skin', ['linen', 'nnx'])
