@@ -44,9 +44,18 @@ SHARED_FIELDS = ('dtype', 'param_dtype', 'precision', 'kernel_init', 'bias_init'
 
 def refine_along_axis(what: str, x: Array, channel_axis: int,
                       refine: Callable[[Array], Array],
-                      supported_spatial_dims: Sequence[int] = ALL_SPATIAL_DIMS) -> Array:
-  """Checks ``x``, applies the channels-last ``refine`` along ``channel_axis``, moves back."""
+                      supported_spatial_dims: Sequence[int] = ALL_SPATIAL_DIMS, *,
+                      signals: bool = False) -> Array:
+  """Checks ``x``, applies the channels-last ``refine`` along ``channel_axis``, moves back.
+
+  A rank-3 ``x`` that looks like one image without its batch axis is refused unless
+  ``signals`` says it is a batch of 1-D signals
+  (:func:`cbam_jax._validation.check_not_one_image`); members without 1-D support refuse
+  every rank-3 input anyway (:func:`check_spatial_dims`, which names ``x[None]``).
+  """
   _validation.check_features(x, batched=True, channel_axis=channel_axis)
+  if not signals and 1 in supported_spatial_dims:
+    _validation.check_not_one_image(what, x, channel_axis)
   check_spatial_dims(what, x, tuple(supported_spatial_dims))
   out = refine(jnp.moveaxis(x, channel_axis, -1))
   return jnp.moveaxis(out, -1, channel_axis)
@@ -98,8 +107,13 @@ class AttentionModule(nn.Module):
     """Channels-last ``(B, *spatial, C)`` -> refined features in ``x.dtype``."""
     raise NotImplementedError
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
+  def __call__(self, x: Array, train: bool = False, *, signals: bool = False) -> Array:
+    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype.
+
+    A rank-3 ``x`` that looks like ONE image without its batch axis (``(32, 32, 3)``:
+    equal axes longer than 4, then 1, 3 or 4 channels) is refused; ``signals=True`` says
+    it is a batch of 1-D signals ``(B, L, C)``.
+    """
 
     def refine(inp: Array) -> Array:
       refined = self.refine(inp, train)
@@ -113,7 +127,7 @@ class AttentionModule(nn.Module):
       return blend_identity(inp, refined, identity_scale)
 
     return refine_along_axis(type(self).__name__, x, self.channel_axis, refine,
-                             self.supported_spatial_dims)
+                             self.supported_spatial_dims, signals=signals)
 
 
 _ModuleT = TypeVar('_ModuleT')  # A linen or an NNX module class.
@@ -365,8 +379,10 @@ class NnxAttentionModule(NnxModule):
     """Channels-last ``(B, *spatial, C)`` -> refined features in ``x.dtype``."""
     raise NotImplementedError
 
-  def __call__(self, x: Array) -> Array:
-    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype."""
+  def __call__(self, x: Array, *, signals: bool = False) -> Array:
+    """Refines ``x`` (``(B, *spatial, C)`` along ``channel_axis``); same shape and dtype.
+    ``signals=True``: a rank-3 ``x`` is a batch of 1-D signals even where it looks like
+    one image (as in :class:`AttentionModule`)."""
 
     def refine(inp: Array) -> Array:
       refined = self.refine(inp)
@@ -376,7 +392,7 @@ class NnxAttentionModule(NnxModule):
       return blend_identity(inp, refined, self.identity_scale[...])
 
     return refine_along_axis(type(self).__name__, x, self.channel_axis, refine,
-                             self.supported_spatial_dims)
+                             self.supported_spatial_dims, signals=signals)
 
 
 def _named_unknown_fields(init: Callable[..., None]) -> Callable[..., None]:

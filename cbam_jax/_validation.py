@@ -122,6 +122,30 @@ def check_has_batch(what: str, x, example_spatial_dims: int | None) -> None:
         f'{example_spatial_dims - 1}-D inputs, build the module for that rank.')
 
 
+# Channel counts of images (grey, RGB, RGBA). A shape is taken for images in the wrong
+# layout only where both spatial axes are longer than the largest of them.
+IMAGE_CHANNELS = (1, 3, 4)
+
+
+def check_not_one_image(what: str, x, channel_axis: int) -> None:
+  """A module given ONE image without its batch axis, e.g. ``(32, 32, 3)``, would run it as
+  a batch of 32 one-dimensional signals. Refused when ``x`` is channels-last ``(H, W, C)``
+  with ``H == W`` longer than 4 and 1, 3 or 4 channels. A genuine batch of 1-D signals
+  matches only when its batch size equals its length and it has 1, 3 or 4 channels; the
+  caller says so with ``signals=True`` (which skips this check). Channels-first modules
+  are not checked: there ``(C, H, W)`` would match every batch of 1, 3 or 4 signals whose
+  channel count equals its length, and batches that small are common."""
+  if x.ndim != 3 or channel_axis % x.ndim != x.ndim - 1:
+    return
+  height, width, channels = x.shape
+  if channels in IMAGE_CHANNELS and height == width > max(IMAGE_CHANNELS):
+    raise ValueError(
+        f'{what} got shape {tuple(x.shape)}, which looks like ONE image (H, W, C) without a '
+        f'batch axis; modules take a batch, (B, *spatial, C), and would run it as {height} '
+        f'1-D signals of length {width}. Add a batch axis with x[None], or call the module '
+        'with signals=True if it is a batch of 1-D signals.')
+
+
 def check_spatial_kernel(kernel, x, *, batched: bool) -> None:
   """The spatial conv kernel ``(*k, 2, 1)`` must have one kernel dim per spatial dim of
   ``x``, ``(B, *spatial, C)`` if ``batched`` else ``(*spatial, C)``. One rank off is named

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -65,6 +67,78 @@ def test_a_batch_of_1d_signals_stays_legitimate():
   model = nnx.eval_shape(lambda: cnnx.CBAM(6, kernel_size=3, reduction_ratio=2,
                                             num_spatial_dims=1, rngs=nnx.Rngs(0)))
   assert nnx.eval_shape(lambda m, s: m(s), model, signals).shape == signals.shape
+
+
+# (member, its fields): one with a spatial kernel, one MLP, one without parameters.
+ONE_IMAGE_MEMBERS = {'cbam': dict(reduction_ratio=1, kernel_size=3),
+                     'se': dict(reduction_ratio=1), 'simam': {}}
+
+
+def _member(skin, name, channels, *, abstract=True, **fields):
+  """``(apply, variables)``: ``apply(variables, x, **kwargs)`` runs the member, in eval mode;
+  ``abstract``: shapes only (for ``jax.eval_shape``). NNX members are built for 1-D
+  input, which the one-image check must still catch."""
+  fields = {**ONE_IMAGE_MEMBERS[name], **fields}
+  if skin == 'linen':
+    module = attention.resolve(name)(**fields)
+    # Any batch of 1-D signals, to initialise.
+    signals = jnp.moveaxis(jnp.ones((2, 9, channels)), -1, fields.get('channel_axis', -1))
+    init = jax.eval_shape if abstract else lambda init, *args: init(*args)
+    return module.apply, init(module.init, jax.random.key(0), signals)
+  if name == 'cbam':
+    fields['num_spatial_dims'] = 1
+
+  def build():
+    return cnnx.resolve(name)(channels, **fields, rngs=nnx.Rngs(0))
+
+  model = nnx.eval_shape(build) if abstract else build()
+  model.eval()
+  graph, state = nnx.split(model)
+  return lambda state, x, **kwargs: nnx.merge(graph, state)(x, **kwargs), state
+
+
+@pytest.mark.parametrize('skin', ['linen', 'nnx'])
+@pytest.mark.parametrize('name', list(ONE_IMAGE_MEMBERS))
+@pytest.mark.parametrize('shape', [(8, 8, 3), (6, 6, 1)])  # One RGB image, one grey.
+def test_module_given_one_image_asks_for_a_batch_or_signals(skin, name, shape):
+  apply, variables = _member(skin, name, shape[-1])
+  x = jax.random.normal(jax.random.key(1), shape)
+  with pytest.raises(ValueError, match=(
+      rf'got shape {re.escape(str(shape))}, which looks like ONE image \(H, W, C\) '
+      rf'without a batch axis.*run it as {shape[0]} 1-D signals.*x\[None\], or call the '
+      r'module with signals=True')):
+    jax.eval_shape(apply, variables, x)
+
+
+@pytest.mark.parametrize('skin', ['linen', 'nnx'])
+@pytest.mark.parametrize('name', list(ONE_IMAGE_MEMBERS))
+def test_signals_true_runs_a_batch_of_1d_signals_with_unchanged_numbers(skin, name):
+  apply, variables = _member(skin, name, 3, abstract=False)
+  x = jax.random.normal(jax.random.key(1), (8, 8, 3))
+  # The numbers of any other batch of these signals: the same examples in two parts (which
+  # do not look like an image) give the same output.
+  out = apply(variables, x, signals=True)
+  parts = [apply(variables, part) for part in (x[:2], x[2:])]
+  chex.assert_trees_all_close(out, jnp.concatenate(parts), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('skin', ['linen', 'nnx'])
+def test_shapes_that_do_not_look_like_one_image_run_unchanged(skin):
+  for shape, channel_axis in (((8, 100, 16), -1),  # Genuine 1-D signals.
+                              ((8, 8, 16), -1),    # Square, but 16 channels.
+                              ((8, 9, 3), -1),     # 3 channels, not square.
+                              ((4, 4, 3), -1),     # Square and RGB, but too small.
+                              ((3, 8, 8), -1),     # Channels-last: 8 channels.
+                              ((3, 8, 8), 1),      # Channels-first is not checked.
+                              ((2, 3, 8, 8), -1)):  # Rank 4 is never refused (docs/api.md).
+    apply, variables = _member(skin, 'se', shape[channel_axis], channel_axis=channel_axis)
+    assert jax.eval_shape(apply, variables, jnp.ones(shape)).shape == shape
+
+
+def test_image_only_member_given_one_square_image_keeps_its_own_message():
+  # Triplet attention has no 1-D reading, so signals=True would be no fix to offer.
+  with pytest.raises(ValueError, match=r'2-D feature maps.*x\[None\]\. For 1-D'):
+    _init(attention.resolve('triplet')(), jnp.ones((8, 8, 3)))
 
 
 def test_functional_given_a_batch_says_one_example_and_vmap():

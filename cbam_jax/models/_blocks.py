@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cbam_jax import _validation
+
 Array = jax.Array
 
 # Kaiming normal with fan_out, as torchvision and the official CBAM code initialise convs.
@@ -37,7 +39,7 @@ def pad_shortcut(x: Array, features: int, strides: int) -> Array:
 
 
 # Channel counts of images: an axis 1 of this size before two larger axes is NCHW.
-_IMAGE_CHANNELS = (1, 3, 4)
+_IMAGE_CHANNELS = _validation.IMAGE_CHANNELS
 
 
 def check_images(x: Array, network: str = 'ResNet', *, channels_last: bool = False) -> None:
