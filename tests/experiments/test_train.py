@@ -217,15 +217,6 @@ def test_config_files_and_command_line_overrides():
           imagenet.weight_decay, imagenet.momentum) == ('resnet50', 256, 90, 1e-4, 0.9)
 
 
-def test_merge_pretrained_keeps_mismatched_shapes():
-  fresh = {'conv': {'kernel': jnp.zeros((3, 3))}, 'fc': {'kernel': jnp.zeros((4, 6))}}
-  weights = {'conv': {'kernel': np.ones((3, 3))}, 'fc': {'kernel': np.ones((4, 10))}}
-  merged, skipped = pretrained.merge_pretrained(fresh, weights, 'params')
-  np.testing.assert_array_equal(merged['conv']['kernel'], np.ones((3, 3)))
-  np.testing.assert_array_equal(merged['fc']['kernel'], np.zeros((4, 6)))
-  assert skipped == ["params['fc']['kernel']"]
-
-
 # --------------------------------------------------------------------------- errors
 
 
