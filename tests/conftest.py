@@ -27,6 +27,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import jax
+import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_platforms', 'cpu')
@@ -37,3 +38,10 @@ def pytest_collection_modifyitems(config, items):
   end-to-end runs start early and the short tests fill the last minutes on both workers."""
   del config
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
+@pytest.fixture(params=[jax.jit, lambda fn, **_: fn], ids=['jit', 'nojit'])
+def variant(request):
+  """Runs a test once under ``jax.jit`` and once eagerly; ``variant(fn, static_argnums=...)``
+  takes ``jax.jit``'s keywords, which the eager variant ignores."""
+  return request.param

@@ -4,7 +4,6 @@ spatial ranks, layouts, sown maps, errors, and use inside the ResNets."""
 import functools
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,28 +234,27 @@ def _simam_numpy(x, e_lambda=1e-4):
   return x / (1 + np.exp(-e_inv))
 
 
-class SimAMTest(chex.TestCase):
+def test_simam_matches_the_formula_without_parameters(variant):
+  module = attention.create('simam')
+  for shape in [(2, 7, 3), (1, 2, 3, 4, 3)]:
+    x = _features(shape, seed=5)
+    variables = _init(module, x)
+    assert not variables.get('params', {})
+    got = variant(module.apply)(variables, x)
+    np.testing.assert_allclose(got, _simam_numpy(x), atol=1e-6, rtol=1e-5)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_the_formula_without_parameters(self):
-    module = attention.create('simam')
-    for shape in [(2, 7, 3), (1, 2, 3, 4, 3)]:
-      x = _features(shape, seed=5)
-      variables = _init(module, x)
-      self.assertEmpty(variables.get('params', {}))
-      got = self.variant(module.apply)(variables, x)
-      np.testing.assert_allclose(got, _simam_numpy(x), atol=1e-6, rtol=1e-5)
 
-  def test_lambda_changes_the_result(self):
-    x = _features((2, 4, 4, 3))
-    a = attention.create('simam').apply({}, x)
-    b = attention.create('simam', e_lambda=10.0).apply({}, x)
-    self.assertFalse(np.allclose(a, b))
-    np.testing.assert_allclose(b, _simam_numpy(x, 10.0), atol=1e-6, rtol=1e-5)
+def test_simam_lambda_changes_the_result():
+  x = _features((2, 4, 4, 3))
+  a = attention.create('simam').apply({}, x)
+  b = attention.create('simam', e_lambda=10.0).apply({}, x)
+  assert not np.allclose(a, b)
+  np.testing.assert_allclose(b, _simam_numpy(x, 10.0), atol=1e-6, rtol=1e-5)
 
-  def test_single_position_is_an_error(self):
-    with self.assertRaisesRegex(ValueError, 'at least 2 spatial positions'):
-      attention.create('simam').apply({}, jnp.ones((2, 1, 1, 4)))
+
+def test_simam_single_position_is_an_error():
+  with pytest.raises(ValueError, match='at least 2 spatial positions'):
+    attention.create('simam').apply({}, jnp.ones((2, 1, 1, 4)))
 
 
 # ----------------------------------------------------------------------- member details

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 from cbam_jax import conv as conv_module
 from cbam_jax import models
@@ -27,76 +26,78 @@ def _loss(conv_module, params, x, scale):
   return jnp.sum(jnp.tanh(y) ** 2)
 
 
-class MaterializedInputConvTest(chex.TestCase, parameterized.TestCase):
+@pytest.mark.parametrize('materialize, kernel, strides, use_bias', [
+    (None, (3, 3), 1, False),
+    (True, (3, 3), 2, True),
+    (True, (1, 1), 1, False),
+    (False, (3, 3), 1, True),
+])
+def test_outputs_and_gradients_equal_nn_conv(variant, materialize, kernel, strides, use_bias):
+  fields = dict(features=5, kernel_size=kernel, strides=strides, use_bias=use_bias,
+                padding='SAME')
+  reference = nn.Conv(**fields)
+  fast = MaterializedInputConv(materialize_input=materialize, **fields)
+  x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
+  scale = jnp.linspace(0.5, 1.5, 4)
+  params = reference.init(KEY, x)['params']
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, fast.init(KEY, x)['params'])
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      dict(materialize=None, kernel=(3, 3), strides=1, use_bias=False),
-      dict(materialize=True, kernel=(3, 3), strides=2, use_bias=True),
-      dict(materialize=True, kernel=(1, 1), strides=1, use_bias=False),
-      dict(materialize=False, kernel=(3, 3), strides=1, use_bias=True),
-  )
-  def test_outputs_and_gradients_equal_nn_conv(self, materialize, kernel, strides, use_bias):
-    fields = dict(features=5, kernel_size=kernel, strides=strides, use_bias=use_bias,
-                  padding='SAME')
-    reference = nn.Conv(**fields)
-    fast = MaterializedInputConv(materialize_input=materialize, **fields)
-    x = jax.random.normal(jax.random.key(1), (3, 9, 7, 4))
-    scale = jnp.linspace(0.5, 1.5, 4)
-    params = reference.init(KEY, x)['params']
-    chex.assert_trees_all_equal_shapes_and_dtypes(params, fast.init(KEY, x)['params'])
+  value_and_grads = lambda module: variant(jax.value_and_grad(
+      functools.partial(_loss, module), argnums=(0, 1, 2)))(params, x, scale)
+  expected, got = value_and_grads(reference), value_and_grads(fast)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
 
-    value_and_grads = lambda module: self.variant(jax.value_and_grad(
-        functools.partial(_loss, module), argnums=(0, 1, 2)))(params, x, scale)
-    expected, got = value_and_grads(reference), value_and_grads(fast)
-    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
 
-  def test_gradients_of_gradients_equal_nn_conv(self):
-    fields = dict(features=3, kernel_size=(3, 3), padding='SAME')
-    reference, fast = nn.Conv(**fields), MaterializedInputConv(materialize_input=True, **fields)
-    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2))
-    scale = jnp.array([0.7, 1.3])
-    params = reference.init(KEY, x)['params']
+def test_gradients_of_gradients_equal_nn_conv():
+  fields = dict(features=3, kernel_size=(3, 3), padding='SAME')
+  reference, fast = nn.Conv(**fields), MaterializedInputConv(materialize_input=True, **fields)
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2))
+  scale = jnp.array([0.7, 1.3])
+  params = reference.init(KEY, x)['params']
 
-    def grad_norm(module, x):
-      grads = jax.grad(functools.partial(_loss, module), argnums=0)(params, x, scale)
-      return sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))
+  def grad_norm(module, x):
+    grads = jax.grad(functools.partial(_loss, module), argnums=0)(params, x, scale)
+    return sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))
 
-    chex.assert_trees_all_close(jax.jit(jax.grad(functools.partial(grad_norm, fast)))(x),
-                                jax.grad(functools.partial(grad_norm, reference))(x),
-                                rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(jax.jit(jax.grad(functools.partial(grad_norm, fast)))(x),
+                              jax.grad(functools.partial(grad_norm, reference))(x),
+                              rtol=1e-4, atol=1e-6)
 
-  @parameterized.parameters((None, True), (True, True), (False, False))
-  def test_materialises_through_a_loop_on_cpu_only_when_asked(self, materialize, has_loop):
-    assert jax.default_backend() == 'cpu'
-    module = MaterializedInputConv(2, (3, 3), materialize_input=materialize)
-    x = jnp.ones((1, 5, 5, 2))
-    params = module.init(KEY, x)
+
+@pytest.mark.parametrize('materialize, has_loop', [(None, True), (True, True), (False, False)])
+def test_materialises_through_a_loop_on_cpu_only_when_asked(materialize, has_loop):
+  assert jax.default_backend() == 'cpu'
+  module = MaterializedInputConv(2, (3, 3), materialize_input=materialize)
+  x = jnp.ones((1, 5, 5, 2))
+  params = module.init(KEY, x)
+  text = jax.jit(module.apply).lower(params, x).as_text()
+  assert ('stablehlo.while' in text) == has_loop
+
+
+def test_default_leaves_accelerators_alone():
+  # On GPU/TPU the loop would cost a host round trip per conv: None means plain nn.Conv.
+  module = MaterializedInputConv(2, (3, 3))
+  x = jnp.ones((1, 5, 5, 2))
+  params = module.init(KEY, x)
+  with mock.patch.object(conv_module, 'boundary_pays_off', return_value=False):
     text = jax.jit(module.apply).lower(params, x).as_text()
-    self.assertEqual('stablehlo.while' in text, has_loop)
+  assert 'stablehlo.while' not in text
 
-  def test_default_leaves_accelerators_alone(self):
-    # On GPU/TPU the loop would cost a host round trip per conv: None means plain nn.Conv.
-    module = MaterializedInputConv(2, (3, 3))
-    x = jnp.ones((1, 5, 5, 2))
-    params = module.init(KEY, x)
-    with mock.patch.object(conv_module, 'boundary_pays_off', return_value=False):
-      text = jax.jit(module.apply).lower(params, x).as_text()
-    self.assertNotIn('stablehlo.while', text)
 
-  def test_bad_materialize_input_is_rejected(self):
-    module = MaterializedInputConv(2, (3, 3), materialize_input='yes')
-    with self.assertRaisesRegex(TypeError, 'materialize_input must be None'):
-      module.init(KEY, jnp.ones((1, 5, 5, 2)))
+def test_bad_materialize_input_is_rejected():
+  module = MaterializedInputConv(2, (3, 3), materialize_input='yes')
+  with pytest.raises(TypeError, match='materialize_input must be None'):
+    module.init(KEY, jnp.ones((1, 5, 5, 2)))
 
-  def test_bfloat16(self):
-    module = MaterializedInputConv(4, (3, 3), dtype=jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(3), (2, 6, 6, 3)).astype(jnp.bfloat16)
-    variables = module.init(KEY, x)
-    out = jax.jit(module.apply)(variables, x)
-    self.assertEqual(out.dtype, jnp.bfloat16)
-    expected = nn.Conv(4, (3, 3), dtype=jnp.bfloat16).apply(variables, x)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+
+def test_bfloat16():
+  module = MaterializedInputConv(4, (3, 3), dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(3), (2, 6, 6, 3)).astype(jnp.bfloat16)
+  variables = module.init(KEY, x)
+  out = jax.jit(module.apply)(variables, x)
+  assert out.dtype == jnp.bfloat16
+  expected = nn.Conv(4, (3, 3), dtype=jnp.bfloat16).apply(variables, x)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 from cbam_jax import functional as F
 from cbam_jax._fast.logits import batched_spatial_logits, channel_pool_planes
@@ -59,81 +58,84 @@ def test_shift_matches_xla_outputs_and_gradients(batch, spatial, kernel_size):
   chex.assert_trees_all_close(grad_kernel, grad_kernel_ref, **TOL)
 
 
-class SpatialConvPlanesTest(parameterized.TestCase):
+def test_kernel_gradient_matches_float64_sum():
+  # Independent of XLA's conv: the defining sum in numpy float64.
+  planes = np.asarray(_random(3, (2, 2, 5, 6)), np.float64)
+  grad = np.asarray(_random(4, (2, 5, 6)), np.float64)
+  kernel = _random(5, (3, 5, 2, 1))
+  _, vjp = jax.vjp(lambda k: spatial_conv_planes(jnp.asarray(planes, jnp.float32), k,
+                                                 impl='shift'), kernel)
+  (grad_kernel,) = vjp(jnp.asarray(grad, jnp.float32))
+  padded = np.pad(planes, [(0, 0), (0, 0), (1, 1), (2, 2)])
+  expected = np.zeros((3, 5, 2, 1))
+  for i in range(3):
+    for j in range(5):
+      expected[i, j, :, 0] = np.einsum('cbyx,byx->c', padded[:, :, i:i + 5, j:j + 6], grad)
+  np.testing.assert_allclose(grad_kernel, expected, atol=1e-5, rtol=1e-5)
 
-  def test_kernel_gradient_matches_float64_sum(self):
-    # Independent of XLA's conv: the defining sum in numpy float64.
-    planes = np.asarray(_random(3, (2, 2, 5, 6)), np.float64)
-    grad = np.asarray(_random(4, (2, 5, 6)), np.float64)
-    kernel = _random(5, (3, 5, 2, 1))
-    _, vjp = jax.vjp(lambda k: spatial_conv_planes(jnp.asarray(planes, jnp.float32), k,
-                                                   impl='shift'), kernel)
-    (grad_kernel,) = vjp(jnp.asarray(grad, jnp.float32))
-    padded = np.pad(planes, [(0, 0), (0, 0), (1, 1), (2, 2)])
-    expected = np.zeros((3, 5, 2, 1))
-    for i in range(3):
-      for j in range(5):
-        expected[i, j, :, 0] = np.einsum('cbyx,byx->c', padded[:, :, i:i + 5, j:j + 6], grad)
-    np.testing.assert_allclose(grad_kernel, expected, atol=1e-5, rtol=1e-5)
 
-  def test_computes_in_float32_and_returns_promoted_dtype(self):
-    planes = _random(6, (2, 2, 6, 6)).astype(jnp.bfloat16)
-    kernel = _random(7, (3, 3, 2, 1)).astype(jnp.bfloat16)
-    out = spatial_conv_planes(planes, kernel, impl='shift')
-    self.assertEqual(out.dtype, jnp.bfloat16)
-    ref = spatial_conv_planes(planes.astype(jnp.float32), kernel.astype(jnp.float32),
-                              impl='xla')
-    chex.assert_trees_all_close(out.astype(jnp.float32), ref, atol=0.1, rtol=0.02)
+def test_computes_in_float32_and_returns_promoted_dtype():
+  planes = _random(6, (2, 2, 6, 6)).astype(jnp.bfloat16)
+  kernel = _random(7, (3, 3, 2, 1)).astype(jnp.bfloat16)
+  out = spatial_conv_planes(planes, kernel, impl='shift')
+  assert out.dtype == jnp.bfloat16
+  ref = spatial_conv_planes(planes.astype(jnp.float32), kernel.astype(jnp.float32),
+                            impl='xla')
+  chex.assert_trees_all_close(out.astype(jnp.float32), ref, atol=0.1, rtol=0.02)
 
-  def test_nan_kernel_propagates_like_xla(self):
-    # The shift conv's loop runs twice when the kernel's first tap is NaN (see
-    # cbam_jax._fast.boundary.computed_once); the numbers must still be the reference's.
-    planes = _random(8, (2, 2, 5, 6))
-    cotangent = _random(9, (2, 5, 6))
-    for index in ((0, 0, 0, 0), (1, 2, 1, 0)):
-      kernel = _random(10, (3, 3, 2, 1)).at[index].set(jnp.nan)
-      (_, grads_ref), out_ref = _value_and_grads(
-          functools.partial(spatial_conv_planes, impl='xla'), planes, kernel, cotangent)
-      (_, grads), out = jax.jit(functools.partial(
-          _value_and_grads, functools.partial(spatial_conv_planes, impl='shift')))(
-              planes, kernel, cotangent)
-      self.assertTrue(np.isnan(out).any())
-      for got, want in ((out, out_ref), *zip(grads, grads_ref, strict=True)):
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-        np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
 
-  def test_second_order_gradients_match_xla(self):
-    # Reverse-over-reverse (gradient penalties, meta-learning) and forward-over-reverse
-    # (Hessian-vector products) through the custom backward and its compute-once loops.
-    planes = _random(11, (2, 2, 5, 6))
-    kernel = _random(12, (3, 3, 2, 1), 0.5)
+def test_nan_kernel_propagates_like_xla():
+  # The shift conv's loop runs twice when the kernel's first tap is NaN (see
+  # cbam_jax._fast.boundary.computed_once); the numbers must still be the reference's.
+  planes = _random(8, (2, 2, 5, 6))
+  cotangent = _random(9, (2, 5, 6))
+  for index in ((0, 0, 0, 0), (1, 2, 1, 0)):
+    kernel = _random(10, (3, 3, 2, 1)).at[index].set(jnp.nan)
+    (_, grads_ref), out_ref = _value_and_grads(
+        functools.partial(spatial_conv_planes, impl='xla'), planes, kernel, cotangent)
+    (_, grads), out = jax.jit(functools.partial(
+        _value_and_grads, functools.partial(spatial_conv_planes, impl='shift')))(
+            planes, kernel, cotangent)
+    assert np.isnan(out).any()
+    for got, want in ((out, out_ref), *zip(grads, grads_ref, strict=True)):
+      np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+      np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
 
-    def second_orders(impl):
-      def grads(p, k):
-        return jax.grad(lambda p, k: jnp.sum(jnp.sin(spatial_conv_planes(p, k, impl=impl))),
-                        argnums=(0, 1))(p, k)
 
-      def penalty(p, k):
-        grad_p, grad_k = grads(p, k)
-        return jnp.sum(jnp.cos(grad_p)) + jnp.sum(grad_k ** 2)
+def test_second_order_gradients_match_xla():
+  # Reverse-over-reverse (gradient penalties, meta-learning) and forward-over-reverse
+  # (Hessian-vector products) through the custom backward and its compute-once loops.
+  planes = _random(11, (2, 2, 5, 6))
+  kernel = _random(12, (3, 3, 2, 1), 0.5)
 
-      reverse = jax.grad(penalty, argnums=(0, 1))(planes, kernel)
-      forward = jax.jvp(lambda p: grads(p, kernel), (planes,), (jnp.ones_like(planes),))[1]
-      return reverse, forward
+  def second_orders(impl):
+    def grads(p, k):
+      return jax.grad(lambda p, k: jnp.sum(jnp.sin(spatial_conv_planes(p, k, impl=impl))),
+                      argnums=(0, 1))(p, k)
 
-    for got, want in zip(jax.tree.leaves(jax.jit(lambda: second_orders('shift'))()),
-                         jax.tree.leaves(second_orders('xla')), strict=True):
-      scale = float(jnp.max(jnp.abs(want)))
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    def penalty(p, k):
+      grad_p, grad_k = grads(p, k)
+      return jnp.sum(jnp.cos(grad_p)) + jnp.sum(grad_k ** 2)
 
-  def test_unknown_impl_is_rejected(self):
-    with self.assertRaisesRegex(ValueError, 'impl'):
-      spatial_conv_planes(jnp.zeros((2, 1, 4, 4)), jnp.zeros((3, 3, 2, 1)), impl='fft')
+    reverse = jax.grad(penalty, argnums=(0, 1))(planes, kernel)
+    forward = jax.jvp(lambda p: grads(p, kernel), (planes,), (jnp.ones_like(planes),))[1]
+    return reverse, forward
 
-  def test_auto_picks_shift_on_cpu(self):
-    self.assertEqual(jax.default_backend(), 'cpu')
-    self.assertEqual(resolve_impl('auto'), 'shift')
-    self.assertEqual(resolve_impl('xla'), 'xla')
+  for got, want in zip(jax.tree.leaves(jax.jit(lambda: second_orders('shift'))()),
+                       jax.tree.leaves(second_orders('xla')), strict=True):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_unknown_impl_is_rejected():
+  with pytest.raises(ValueError, match='impl'):
+    spatial_conv_planes(jnp.zeros((2, 1, 4, 4)), jnp.zeros((3, 3, 2, 1)), impl='fft')
+
+
+def test_auto_picks_shift_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert resolve_impl('auto') == 'shift'
+  assert resolve_impl('xla') == 'xla'
 
 
 def _single_example_loss(impl, pooled, kernel, cotangent):
@@ -141,34 +143,30 @@ def _single_example_loss(impl, pooled, kernel, cotangent):
   return jnp.vdot(out, cotangent)
 
 
-class SingleExampleConvTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_shift_matches_xla_under_vmap_1d(self):
-    pooled, kernel, cotangent = _random(8, (3, 6, 2)), _random(9, (5, 2, 1)), _random(10, (3, 6))
-    grads = {impl: self.variant(jax.value_and_grad(
-        functools.partial(_single_example_loss, impl), argnums=(0, 1)))(
-            pooled, kernel, cotangent) for impl in ('xla', 'shift')}
-    chex.assert_trees_all_close(grads['shift'], grads['xla'], **TOL)
+def test_shift_matches_xla_under_vmap_1d(variant):
+  pooled, kernel, cotangent = _random(8, (3, 6, 2)), _random(9, (5, 2, 1)), _random(10, (3, 6))
+  grads = {impl: variant(jax.value_and_grad(
+      functools.partial(_single_example_loss, impl), argnums=(0, 1)))(
+          pooled, kernel, cotangent) for impl in ('xla', 'shift')}
+  chex.assert_trees_all_close(grads['shift'], grads['xla'], **TOL)
 
 
-class BatchedSpatialLogitsTest(parameterized.TestCase):
+@pytest.mark.parametrize('with_bias', [False, True], ids=['no_bias', 'bias'])
+def test_matches_vmapped_functional_reference(with_bias):
+  x = _random(11, (2, 5, 9, 6))
+  params = {'conv_kernel': _random(12, (7, 7, 2, 1), 0.3)}
+  if with_bias:
+    params['conv_bias'] = jnp.array([0.25])
+  reference = jax.vmap(lambda e: F.spatial_logits(params, e, impl='xla'))(x)
+  fast = batched_spatial_logits(params, x, impl='shift')
+  assert fast.dtype == jnp.float32
+  chex.assert_trees_all_close(fast, reference, **TOL)
 
-  @parameterized.named_parameters(('no_bias', False), ('bias', True))
-  def test_matches_vmapped_functional_reference(self, with_bias):
-    x = _random(11, (2, 5, 9, 6))
-    params = {'conv_kernel': _random(12, (7, 7, 2, 1), 0.3)}
-    if with_bias:
-      params['conv_bias'] = jnp.array([0.25])
-    reference = jax.vmap(lambda e: F.spatial_logits(params, e, impl='xla'))(x)
-    fast = batched_spatial_logits(params, x, impl='shift')
-    self.assertEqual(fast.dtype, jnp.float32)
-    chex.assert_trees_all_close(fast, reference, **TOL)
 
-  def test_planes_are_channel_mean_then_max(self):
-    x = _random(13, (2, 3, 4, 5))
-    planes = channel_pool_planes(x)
-    chex.assert_trees_all_close(planes, jnp.moveaxis(jax.vmap(F.channel_pool)(x), -1, 0))
+def test_planes_are_channel_mean_then_max():
+  x = _random(13, (2, 3, 4, 5))
+  planes = channel_pool_planes(x)
+  chex.assert_trees_all_close(planes, jnp.moveaxis(jax.vmap(F.channel_pool)(x), -1, 0))
 
 
 @pytest.mark.parametrize('shape, fields, train', [
@@ -177,6 +175,8 @@ class BatchedSpatialLogitsTest(parameterized.TestCase):
     pytest.param((1, 3, 4, 5, 16), dict(kernel_size=3, order='parallel'), True,
                  id='parallel_3d_k3', marks=pytest.mark.slow),  # 3-D: the full suite only.
 ])
+
+
 def test_fast_module_matches_xla_module(shape, fields, train):
   """``CBAM(conv_impl=...)``: the fast path is invisible in outputs and gradients."""
   x = _random(14, shape)
@@ -217,35 +217,33 @@ def test_shift_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad[index], (plus - minus) / (2 * eps), rtol=1e-3, atol=1e-3)
 
 
-class MeanMaxTest(chex.TestCase):
+@pytest.mark.parametrize('axes', [(-1,), (1, 2), (1, 2, 3)],
+                         ids=['minor', 'spatial', 'all_but_batch'])
+def test_values_and_gradients_match_jnp_with_ties(axes):
+  # Clipped values give many tied maxima: the gradient must split evenly among them.
+  x = jnp.minimum(jnp.round(_random(20, (2, 3, 4, 5)) * 2) / 2, 0.5)
+  cot_mean = _random(21, jnp.mean(x, axis=axes).shape)
+  cot_max = _random(22, cot_mean.shape)
 
-  @chex.variants(with_jit=True)
-  @parameterized.named_parameters(
-      ('minor', (-1,)), ('spatial', (1, 2)), ('all_but_batch', (1, 2, 3)))
-  def test_values_and_gradients_match_jnp_with_ties(self, axes):
-    # Clipped values give many tied maxima: the gradient must split evenly among them.
-    x = jnp.minimum(jnp.round(_random(20, (2, 3, 4, 5)) * 2) / 2, 0.5)
-    cot_mean = _random(21, jnp.mean(x, axis=axes).shape)
-    cot_max = _random(22, cot_mean.shape)
+  def loss(pool, x):
+    mean, maximum = pool(x)
+    return jnp.vdot(mean, cot_mean) + jnp.vdot(maximum, cot_max)
 
-    def loss(pool, x):
-      mean, maximum = pool(x)
-      return jnp.vdot(mean, cot_mean) + jnp.vdot(maximum, cot_max)
+  reference = lambda x: (jnp.mean(x, axis=axes), jnp.max(x, axis=axes))
+  fast = lambda x: mean_max(x, axes)
+  chex.assert_trees_all_close(jax.jit(fast)(x), reference(x), **TOL)
+  chex.assert_trees_all_close(
+      jax.jit(jax.grad(functools.partial(loss, fast)))(x),
+      jax.grad(functools.partial(loss, reference))(x), **TOL)
+  # Ties really occurred, so the split is exercised.
+  counts = jnp.sum(x == jnp.max(x, axis=axes, keepdims=True), axis=axes)
+  assert int(jnp.max(counts)) > 1
 
-    reference = lambda x: (jnp.mean(x, axis=axes), jnp.max(x, axis=axes))
-    fast = lambda x: mean_max(x, axes)
-    chex.assert_trees_all_close(self.variant(fast)(x), reference(x), **TOL)
-    chex.assert_trees_all_close(
-        self.variant(jax.grad(functools.partial(loss, fast)))(x),
-        jax.grad(functools.partial(loss, reference))(x), **TOL)
-    # Ties really occurred, so the split is exercised.
-    counts = jnp.sum(x == jnp.max(x, axis=axes, keepdims=True), axis=axes)
-    self.assertGreater(int(jnp.max(counts)), 1)
 
-  def test_keeps_bfloat16(self):
-    x = _random(23, (2, 3, 4)).astype(jnp.bfloat16)
-    grad = jax.grad(lambda x: jnp.sum(mean_max(x, (-1,))[1].astype(jnp.float32)))(x)
-    self.assertEqual(grad.dtype, jnp.bfloat16)
+def test_keeps_bfloat16():
+  x = _random(23, (2, 3, 4)).astype(jnp.bfloat16)
+  grad = jax.grad(lambda x: jnp.sum(mean_max(x, (-1,))[1].astype(jnp.float32)))(x)
+  assert grad.dtype == jnp.bfloat16
 
 
 def test_computed_once_is_fn_under_jit_vmap_and_nested_gradients():

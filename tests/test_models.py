@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 
 from cbam_jax import CBAM, models
 from cbam_jax import attention as attention_registry
@@ -133,76 +132,76 @@ def tiny_apply(model, variables, x, train):
   return model.apply(variables, x, train=train, mutable=['batch_stats'])
 
 
-class TinyModelTest(chex.TestCase):
+@pytest.mark.slow
+def test_batch_stats_update_only_in_train_mode(variant):
+  model, x, variables = tiny_cbam_setup()
+  apply = variant(functools.partial(tiny_apply, model), static_argnums=2)
+  eval_logits, eval_state = apply(variables, x, False)
+  train_logits, train_state = apply(variables, x, True)
+  chex.assert_shape((eval_logits, train_logits), (4, 10))
+  chex.assert_trees_all_close(eval_state['batch_stats'], variables['batch_stats'])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), train_state['batch_stats'],
+                         variables['batch_stats'])
+  # Every BatchNorm, including the ones inside CBAM's spatial gates, moved.
+  assert all(jax.tree.leaves(changed)), changed
+  assert not np.allclose(eval_logits, train_logits)
 
-  def setUp(self):
-    super().setUp()
-    self.model, self.x, self.variables = tiny_cbam_setup()
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @pytest.mark.slow
-  def test_batch_stats_update_only_in_train_mode(self):
-    apply = self.variant(functools.partial(tiny_apply, self.model), static_argnums=2)
-    eval_logits, eval_state = apply(self.variables, self.x, False)
-    train_logits, train_state = apply(self.variables, self.x, True)
-    chex.assert_shape((eval_logits, train_logits), (4, 10))
-    chex.assert_trees_all_close(eval_state['batch_stats'], self.variables['batch_stats'])
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), train_state['batch_stats'],
-                           self.variables['batch_stats'])
-    # Every BatchNorm, including the ones inside CBAM's spatial gates, moved.
-    self.assertTrue(all(jax.tree.leaves(changed)), changed)
-    self.assertFalse(np.allclose(eval_logits, train_logits))
+@pytest.mark.slow
+def test_eval_without_mutable_and_deterministic():
+  model, x, variables = tiny_cbam_setup()
+  logits = model.apply(variables, x)
+  chex.assert_trees_all_close(logits, jax.jit(model.apply)(variables, x),
+                              rtol=1e-5, atol=1e-5)
+  with pytest.raises(Exception, match='batch_stats'):
+    model.apply(variables, x, train=True)  # Needs mutable batch_stats.
 
-  @pytest.mark.slow
-  def test_eval_without_mutable_and_deterministic(self):
-    logits = self.model.apply(self.variables, self.x)
-    chex.assert_trees_all_close(logits, jax.jit(self.model.apply)(self.variables, self.x),
-                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(Exception, match='batch_stats'):
-      self.model.apply(self.variables, self.x, train=True)  # Needs mutable batch_stats.
 
-  @pytest.mark.slow
-  def test_bfloat16_forward(self):
-    model16 = models.ResNetTiny(attention='cbam', dtype=jnp.bfloat16)
-    _, variables16 = shapes_of_init(model16, self.x.shape)
-    chex.assert_trees_all_equal_dtypes(variables16, self.variables)  # param_dtype float32.
-    logits32 = self.model.apply(self.variables, self.x)
-    logits16 = model16.apply(self.variables, self.x)
-    self.assertEqual(logits16.dtype, jnp.float32)
-    chex.assert_tree_all_finite(logits16)
-    self.assertFalse(np.array_equal(logits16, logits32))  # It really ran in bfloat16.
-    scale = float(jnp.abs(logits32).max())
-    np.testing.assert_allclose(logits16, logits32, atol=0.05 * scale + 1e-2)
+@pytest.mark.slow
+def test_bfloat16_forward():
+  model, x, variables = tiny_cbam_setup()
+  model16 = models.ResNetTiny(attention='cbam', dtype=jnp.bfloat16)
+  _, variables16 = shapes_of_init(model16, x.shape)
+  chex.assert_trees_all_equal_dtypes(variables16, variables)  # param_dtype float32.
+  logits32 = model.apply(variables, x)
+  logits16 = model16.apply(variables, x)
+  assert logits16.dtype == jnp.float32
+  chex.assert_tree_all_finite(logits16)
+  assert not np.array_equal(logits16, logits32)  # It really ran in bfloat16.
+  scale = float(jnp.abs(logits32).max())
+  np.testing.assert_allclose(logits16, logits32, atol=0.05 * scale + 1e-2)
 
-  @pytest.mark.slow
-  def test_training_step_lowers_loss(self):
-    labels = jnp.arange(self.x.shape[0]) % 10
-    optimizer = optax.adam(1e-2)
 
-    def loss_fn(params, batch_stats):
-      logits, updates = self.model.apply({'params': params, 'batch_stats': batch_stats},
-                                         self.x, train=True, mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, updates['batch_stats']
+@pytest.mark.slow
+def test_training_step_lowers_loss():
+  model, x, variables = tiny_cbam_setup()
+  labels = jnp.arange(x.shape[0]) % 10
+  optimizer = optax.adam(1e-2)
 
-    @jax.jit
-    def step(params, batch_stats, opt_state):
-      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), batch_stats, opt_state, loss, grads
+  def loss_fn(params, batch_stats):
+    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                       x, train=True, mutable=['batch_stats'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, updates['batch_stats']
 
-    params, batch_stats = self.variables['params'], self.variables['batch_stats']
-    opt_state = optimizer.init(params)
-    losses = []
-    for _ in range(5):
-      params, batch_stats, opt_state, loss, grads = step(params, batch_stats, opt_state)
-      losses.append(float(loss))
-    self.assertLess(losses[-1], losses[0] - 0.1, losses)
-    # Gradients reach the attention modules (spatial conv, channel MLP) too.
-    att_grads = grads['layer1_0']['attention']
-    self.assertGreater(float(jnp.abs(att_grads['channel']['fc1_kernel']).sum()), 0)
-    self.assertGreater(float(jnp.abs(att_grads['spatial']['conv_kernel']).sum()), 0)
+  @jax.jit
+  def step(params, batch_stats, opt_state):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, grads
+
+  params, batch_stats = variables['params'], variables['batch_stats']
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(5):
+    params, batch_stats, opt_state, loss, grads = step(params, batch_stats, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] - 0.1, losses
+  # Gradients reach the attention modules (spatial conv, channel MLP) too.
+  att_grads = grads['layer1_0']['attention']
+  assert float(jnp.abs(att_grads['channel']['fc1_kernel']).sum()) > 0
+  assert float(jnp.abs(att_grads['spatial']['conv_kernel']).sum()) > 0
 
 
 def test_batchnorm_momentum_is_torch_default():
@@ -367,8 +366,8 @@ def test_resolve_attention_passes_dtypes_where_declared():
     pytest.param(name, marks=pytest.mark.slow) if name == 'triplet' else name
     for name in attention_registry.available()])
 def test_every_registered_attention_fits_in_blocks(attention):
-  # Traced only (train mode, so BatchNorms inside attention modules are exercised);
-  # TinyModelTest runs CBAM numerically.
+  # Traced only (train mode, so BatchNorms inside attention modules are exercised); the
+  # tiny-model tests above run CBAM numerically.
   model = models.ResNetTiny(attention=attention, stage_attention=attention)
   _, variables = shapes_of_init(model, (2, 8, 8, 3))
   logits, _ = jax.eval_shape(
@@ -459,14 +458,12 @@ def test_summary_is_a_plain_table():
     models.summary(models.ResNetTiny(), (8, 8, 3))
 
 
-class CreateModelTest(parameterized.TestCase):
-
-  @parameterized.parameters(*RESNETS)
-  def test_create_model_overrides_fields(self, name):
-    model = models.create_model(name, num_classes=3, zero_init_residual=True)
-    self.assertIsInstance(model, models.ResNet)
-    self.assertEqual(model.num_classes, 3)
-    self.assertTrue(model.zero_init_residual)
-    cifar = name not in IMAGENET
-    self.assertEqual(model.stem, 'cifar' if cifar else 'imagenet')
-    self.assertEqual(models.create_model(name).num_classes, 10 if cifar else 1000)
+@pytest.mark.parametrize('name', RESNETS)
+def test_create_model_overrides_fields(name):
+  model = models.create_model(name, num_classes=3, zero_init_residual=True)
+  assert isinstance(model, models.ResNet)
+  assert model.num_classes == 3
+  assert model.zero_init_residual
+  cifar = name not in IMAGENET
+  assert model.stem == ('cifar' if cifar else 'imagenet')
+  assert models.create_model(name).num_classes == (10 if cifar else 1000)

@@ -86,60 +86,63 @@ def finish(process, timeout=240):
 # --------------------------------------------------------------------------- unit level
 
 
-class OptimizerTest(chex.TestCase):
+def test_weight_decay_masks_biases_and_norms():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))}, 'bn': {'scale': jnp.ones((2,)),
+            'bias': jnp.ones((2,))}, 'fc': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones((3,))}}
+  config = tiny_config(weight_decay=0.5, learning_rate=1.0, momentum=0.0,
+                       lr_reference_batch_size=0, schedule='constant')
+  tx, _ = optimizer.create_optimizer(config, steps_per_epoch=4)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  # With zero gradients only the decay moves parameters: -lr * wd * p on kernels only.
+  chex.assert_trees_all_close(updates['conv']['kernel'], -0.5 * params['conv']['kernel'])
+  chex.assert_trees_all_close(updates['fc']['kernel'], -0.5 * params['fc']['kernel'])
+  for leaf in (updates['bn']['scale'], updates['bn']['bias'], updates['fc']['bias']):
+    chex.assert_trees_all_close(leaf, jnp.zeros_like(leaf))
 
-  def test_weight_decay_masks_biases_and_norms(self):
-    params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))}, 'bn': {'scale': jnp.ones((2,)),
-              'bias': jnp.ones((2,))}, 'fc': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones((3,))}}
-    config = tiny_config(weight_decay=0.5, learning_rate=1.0, momentum=0.0,
-                         lr_reference_batch_size=0, schedule='constant')
-    tx, _ = optimizer.create_optimizer(config, steps_per_epoch=4)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero_grads, tx.init(params), params)
-    # With zero gradients only the decay moves parameters: -lr * wd * p on kernels only.
-    chex.assert_trees_all_close(updates['conv']['kernel'], -0.5 * params['conv']['kernel'])
-    chex.assert_trees_all_close(updates['fc']['kernel'], -0.5 * params['fc']['kernel'])
-    for leaf in (updates['bn']['scale'], updates['bn']['bias'], updates['fc']['bias']):
-      chex.assert_trees_all_close(leaf, jnp.zeros_like(leaf))
 
-  def test_step_schedule_warmup_and_batch_scaling(self):
-    config = tiny_config(schedule='step', learning_rate=0.1, lr_reference_batch_size=8,
-                         global_batch_size=16, warmup_epochs=1.0, num_epochs=10,
-                         lr_decay_epochs=(3, 6), lr_decay_factor=0.1)
-    schedule = optimizer.learning_rate_schedule(config, steps_per_epoch=10)
-    # Peak 0.1 * 16 / 8 = 0.2, linear warmup over epoch 1, x0.1 at epochs 3 and 6.
-    np.testing.assert_allclose(
-        [schedule(s) for s in (0, 5, 10, 29, 30, 59, 60, 99)],
-        [0.0, 0.1, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-5)
+def test_step_schedule_warmup_and_batch_scaling():
+  config = tiny_config(schedule='step', learning_rate=0.1, lr_reference_batch_size=8,
+                       global_batch_size=16, warmup_epochs=1.0, num_epochs=10,
+                       lr_decay_epochs=(3, 6), lr_decay_factor=0.1)
+  schedule = optimizer.learning_rate_schedule(config, steps_per_epoch=10)
+  # Peak 0.1 * 16 / 8 = 0.2, linear warmup over epoch 1, x0.1 at epochs 3 and 6.
+  np.testing.assert_allclose(
+      [schedule(s) for s in (0, 5, 10, 29, 30, 59, 60, 99)],
+      [0.0, 0.1, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-5)
 
-  def test_cosine_schedule_ends_at_zero(self):
-    schedule = optimizer.learning_rate_schedule(
-        tiny_config(learning_rate=0.4, lr_reference_batch_size=0, warmup_epochs=0.5,
-                    num_epochs=2), steps_per_epoch=4)
-    np.testing.assert_allclose([schedule(0), schedule(2), schedule(8)], [0.0, 0.4, 0.0],
-                               atol=1e-7)
 
-  def test_adamw_and_clipping(self):
-    params = {'kernel': jnp.ones((2, 2))}
-    config = tiny_config(optimizer='adamw', grad_clip_norm=1e-3, learning_rate=0.1,
-                         lr_reference_batch_size=0, schedule='constant', weight_decay=0.0)
-    tx, _ = optimizer.create_optimizer(config, steps_per_epoch=4)
-    updates, _ = tx.update({'kernel': jnp.full((2, 2), 100.0)}, tx.init(params), params)
-    # Adam normalises the (clipped) gradient: the first step is -lr * sign(g).
-    chex.assert_trees_all_close(updates['kernel'], jnp.full((2, 2), -0.1), rtol=1e-3)
+def test_cosine_schedule_ends_at_zero():
+  schedule = optimizer.learning_rate_schedule(
+      tiny_config(learning_rate=0.4, lr_reference_batch_size=0, warmup_epochs=0.5,
+                  num_epochs=2), steps_per_epoch=4)
+  np.testing.assert_allclose([schedule(0), schedule(2), schedule(8)], [0.0, 0.4, 0.0],
+                             atol=1e-7)
 
-  def test_unknown_optimizer_and_schedule(self):
-    with pytest.raises(ValueError, match='optimizer'):
-      optimizer.create_optimizer(tiny_config(optimizer='lamb'), 4)
-    with pytest.raises(ValueError, match='schedule'):
-      optimizer.create_optimizer(tiny_config(schedule='linear'), 4)
 
-  def test_label_smoothing_loss(self):
-    logits = jnp.array([[2.0, 0.0, -1.0]])
-    smooth = train_lib.cross_entropy(logits, jnp.array([0]), label_smoothing=0.3)
-    targets = jnp.array([[0.8, 0.1, 0.1]])
-    expected = -jnp.sum(targets * jax.nn.log_softmax(logits))
-    chex.assert_trees_all_close(smooth, expected[None], rtol=1e-6)
+def test_adamw_and_clipping():
+  params = {'kernel': jnp.ones((2, 2))}
+  config = tiny_config(optimizer='adamw', grad_clip_norm=1e-3, learning_rate=0.1,
+                       lr_reference_batch_size=0, schedule='constant', weight_decay=0.0)
+  tx, _ = optimizer.create_optimizer(config, steps_per_epoch=4)
+  updates, _ = tx.update({'kernel': jnp.full((2, 2), 100.0)}, tx.init(params), params)
+  # Adam normalises the (clipped) gradient: the first step is -lr * sign(g).
+  chex.assert_trees_all_close(updates['kernel'], jnp.full((2, 2), -0.1), rtol=1e-3)
+
+
+def test_unknown_optimizer_and_schedule():
+  with pytest.raises(ValueError, match='optimizer'):
+    optimizer.create_optimizer(tiny_config(optimizer='lamb'), 4)
+  with pytest.raises(ValueError, match='schedule'):
+    optimizer.create_optimizer(tiny_config(schedule='linear'), 4)
+
+
+def test_label_smoothing_loss():
+  logits = jnp.array([[2.0, 0.0, -1.0]])
+  smooth = train_lib.cross_entropy(logits, jnp.array([0]), label_smoothing=0.3)
+  targets = jnp.array([[0.8, 0.1, 0.1]])
+  expected = -jnp.sum(targets * jax.nn.log_softmax(logits))
+  chex.assert_trees_all_close(smooth, expected[None], rtol=1e-6)
 
 
 def test_model_description_attention_none_and_dtype():
