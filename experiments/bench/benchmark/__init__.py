@@ -34,8 +34,11 @@ Against it, in the same run:
   ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
-backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224;
-64 on an accelerator), each with and without CBAM in every block, JAX and PyTorch. On CPU
+backward, update) of CIFAR ResNet-20 (batch 128, 32x32), ResNet-50 (batch 8, 224x224;
+64 on an accelerator), ResNeXt-50 32x4d, WideResNet-50-2 and MobileNetV2 (batch 4, 112x112;
+64 at 224x224 on an accelerator), each with and without CBAM in every block, JAX and PyTorch
+(:mod:`experiments.bench.torch_reference`'s official CBAM ResNet, with torchvision's groups
+and widths, and its MobileNetV2 with CBAM where ours has it). On CPU
 JAX runs twice: with the models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`)
 and with plain ``nn.Conv``, to show what materialising conv inputs buys; elsewhere the two
 are the same program. Memory rows (``--only
@@ -141,10 +144,14 @@ SECTIONS = ('module', 'models', 'memory', 'convs')
 EXTRA_SECTIONS = ('nnx', 'compile')
 
 
-# name, create_model fields, batch, image size. CPU: ResNet-50 at a small batch; on an
-# accelerator the batch a GPU trains it at.
-MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 8, 224))
-ACCELERATOR_MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 64, 224))
+# name, create_model fields, batch, image size. CPU: ResNet-50 at a small batch and issue 32's
+# backbones at a smaller one (112x112); on an accelerator the batch a GPU trains them at.
+MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 8, 224),
+               ('resnext50_32x4d', {}, 4, 112), ('wide_resnet50_2', {}, 4, 112),
+               ('mobilenet_v2', {}, 4, 112))
+ACCELERATOR_MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 64, 224),
+                           ('resnext50_32x4d', {}, 64, 224), ('wide_resnet50_2', {}, 64, 224),
+                           ('mobilenet_v2', {}, 64, 224))
 TINY_MODEL_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
 
 # The 3x3 convs of CIFAR ResNet-20 at batch 128, (B, H, W, C_in, C_out).
