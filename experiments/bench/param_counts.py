@@ -10,12 +10,14 @@ Usage::
   python -m experiments.bench.param_counts                       # attention: none, se, cbam
   python -m experiments.bench.param_counts --attention all       # every registered attention
   python -m experiments.bench.param_counts --models resnet50 --attention none,cbam
-  python -m experiments.bench.param_counts --paper    # the CBAM paper's Table 4 beside ours
+  python -m experiments.bench.param_counts --paper    # the CBAM paper's Tables 4, 5 beside ours
 
 ``--paper`` prints the rows of the CBAM paper's Table 4 (Woo et al., ECCV 2018) that the
 registry has, plain, SE and CBAM: the paper's parameters and GFLOPs beside ours, our
 GFLOPs being :func:`cbam_jax.models.macs` (multiply-accumulates, the paper's convention)
-of one 224x224 image, from the traced forward (nothing is compiled).
+of one 224x224 image, from the traced forward (nothing is compiled). A second table does the
+same for the MobileNet rows of the paper's Table 5 (``PAPER_TABLE5``), '-' where the paper's
+figure is not known here.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ PAPER_TABLE4: dict[str, dict[str | None, tuple[float, float]]] = {
     'wide_resnet18_2': {None: (45.62, 6.696), 'se': (45.97, 6.696), 'cbam': (45.97, 6.697)},
     'resnext50_32x4d': {None: (25.03, 3.768), 'se': (27.56, 3.771), 'cbam': (27.56, 3.774)},
     'resnext101_32x4d': {None: (44.18, 7.508), 'se': (48.96, 7.512), 'cbam': (48.96, 7.519)},
+}
+
+# The CBAM paper's Table 5 (MobileNet): model -> attention -> (parameters in millions or None,
+# GFLOPs or None), ImageNet, 224x224. Parameters as docs/models.md prints them; the GFLOPs
+# column was not found in a stored copy of the paper, except the plain MobileNet 1.0's 0.569,
+# which is the MobileNet paper's (Howard et al. 2017: 569M mult-adds). MobileNetV2 is not in
+# the paper.
+PAPER_TABLE5: dict[str, dict[str | None, tuple[float | None, float | None]]] = {
+    'mobilenetv1_070': {None: (2.30, None), 'se': (2.71, None), 'cbam': (2.71, None)},
+    'mobilenetv1_100': {None: (4.23, 0.569), 'se': (5.07, None), 'cbam': (5.07, None)},
+    'mobilenet_v2': {None: (None, None), 'se': (None, None), 'cbam': (None, None)},
 }
 
 
@@ -73,17 +86,21 @@ def table(model_names: Sequence[str], attentions: Sequence[str | None]) -> str:
   return '\n'.join(lines)
 
 
-def paper_table() -> str:
-  """A Markdown table of :data:`PAPER_TABLE4`'s rows: the paper's counts beside ours."""
+def paper_table(
+    paper: dict[str, dict[str | None, tuple[float | None, float | None]]] = PAPER_TABLE4,
+) -> str:
+  """A Markdown table of ``paper``'s rows (default :data:`PAPER_TABLE4`) beside ours."""
   lines = ['| model | attention | params | paper | GMACs | paper GFLOPs |',
            '|---|---|---:|---:|---:|---:|']
-  for name, rows in PAPER_TABLE4.items():
+  for name, rows in paper.items():
     for attention, (paper_params, paper_gflops) in rows.items():
       model = models.create_model(name, attention=attention)
       count = param_count(name, attention)
       gmacs = models.macs(model, (1, 224, 224, 3)) / 1e9
+      paper_params_text = '-' if paper_params is None else f'{paper_params:.2f}M'
+      paper_gflops_text = '-' if paper_gflops is None else f'{paper_gflops:.3f}'
       lines.append(f'| {name} | {attention or "none"} | {count:,} ({count / 1e6:.2f}M) | '
-                   f'{paper_params:.2f}M | {gmacs:.3f} | {paper_gflops:.3f} |')
+                   f'{paper_params_text} | {gmacs:.3f} | {paper_gflops_text} |')
   return '\n'.join(lines)
 
 
@@ -105,7 +122,7 @@ def define_flags(values: flags.FlagValues) -> None:
                       "Comma-separated attention names ('none' for plain), or 'all'.",
                       flag_values=values)
   flags.DEFINE_bool('paper', False,
-                    "Print the CBAM paper's Table 4 rows (params, GFLOPs) beside ours instead.",
+                    "Print the CBAM paper's Tables 4 and 5 (params, GFLOPs) beside ours instead.",
                     flag_values=values)
 
 
@@ -114,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``)."""
   values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
   if values.paper:
-    print(paper_table())
+    print(paper_table(PAPER_TABLE4))
+    print()
+    print(paper_table(PAPER_TABLE5))
     return
   for name in values.models:
     if name not in models.available_models():

@@ -230,13 +230,16 @@ class OfficialBottleneck(nn.Module):
   expansion = 4
 
   def __init__(self, inplanes, planes, stride=1, downsample=None, use_cbam=False,
-               no_spatial=False):
+               no_spatial=False, groups=1, width_per_group=64):
     super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+    # torchvision's ResNeXt / Wide ResNet inner width; the official code has groups=1, 64.
+    width = int(planes * width_per_group / 64) * groups
+    self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=groups,
+                           bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3 = nn.Conv2d(width, planes * 4, kernel_size=1, bias=False)
     self.bn3 = nn.BatchNorm2d(planes * 4)
     self.downsample = downsample
     # Official: CBAM(planes * 4, 16), gating the expanded output.
@@ -257,12 +260,14 @@ class OfficialResNet(nn.Module):
 
   ``width`` replaces the hard-coded 64 (stages ``width * 2**i``); ``global_pool=True``
   replaces the fixed-size final pooling by a global mean (torchvision's head);
-  ``shortcut='zero_pad'`` replaces the projection shortcuts by option A.
+  ``shortcut='zero_pad'`` replaces the projection shortcuts by option A; ``groups`` and
+  ``width_per_group`` (bottlenecks only) make it torchvision's ResNeXt or Wide ResNet.
   """
 
   def __init__(self, block: str, layers, network_type: str = 'ImageNet', num_classes: int = 10,
                att_type: str | None = 'CBAM', width: int = 64, no_spatial: bool = False,
-               global_pool: bool = False, shortcut: str = 'projection'):
+               global_pool: bool = False, shortcut: str = 'projection', groups: int = 1,
+               width_per_group: int = 64):
     super().__init__()
     if shortcut not in ('projection', 'zero_pad'):
       raise ValueError(f"shortcut={shortcut!r}: use 'projection' (official) or 'zero_pad'.")
@@ -282,6 +287,10 @@ class OfficialResNet(nn.Module):
     for stage in range(len(layers) - 1) if self.use_bam else ():
       setattr(self, f'bam{stage + 1}', OfficialBAM(width * 2**stage * block_cls.expansion))
     kw = dict(use_cbam=att_type == 'CBAM', no_spatial=no_spatial)
+    if block == 'bottleneck':
+      kw.update(groups=groups, width_per_group=width_per_group)
+    elif (groups, width_per_group) != (1, 64):
+      raise ValueError('groups and width_per_group need block="bottleneck".')
     for stage, num_blocks in enumerate(layers):
       setattr(self, f'layer{stage + 1}', self._make_layer(
           block_cls, width * 2**stage, num_blocks, stride=1 if stage == 0 else 2, **kw))
@@ -321,11 +330,13 @@ class OfficialResNet(nn.Module):
 
 
 def benchmark_resnet(stage_sizes: Sequence[int], *, stem: str, attention: bool,
-                     num_classes: int) -> OfficialResNet:
+                     num_classes: int, groups: int = 1,
+                     width_per_group: int = 64) -> OfficialResNet:
   """The official ResNet as cbam_jax's ``resnet20`` (``stem='cifar'``: 3x3 stem, BasicBlocks
   16-32-64, option-A shortcuts) or ``resnet50`` (``'imagenet'``: 7x7/2 stem + max-pool,
   Bottlenecks 64-128-256-512, projection shortcuts); both with a global-mean head and, with
-  ``attention``, official CBAM in every block."""
+  ``attention``, official CBAM in every block. ``groups`` / ``width_per_group`` (ImageNet
+  only) give ``resnext50_32x4d`` (32, 4) or ``wide_resnet50_2`` (1, 128)."""
   if stem not in ('cifar', 'imagenet'):
     raise ValueError(f"stem={stem!r}: use 'cifar' or 'imagenet'.")
   cifar = stem == 'cifar'
@@ -333,7 +344,57 @@ def benchmark_resnet(stage_sizes: Sequence[int], *, stem: str, attention: bool,
       'basic' if cifar else 'bottleneck', stage_sizes, 'CIFAR10' if cifar else 'ImageNet',
       num_classes=num_classes, att_type='CBAM' if attention else None,
       width=16 if cifar else 64, global_pool=True,
-      shortcut='zero_pad' if cifar else 'projection')
+      shortcut='zero_pad' if cifar else 'projection', groups=groups,
+      width_per_group=width_per_group)
+
+
+class InvertedResidual(nn.Module):
+  """cbam_jax's MobileNetV2 block: [1x1 expand + BN + ReLU6], 3x3 depthwise + BN + ReLU6,
+  1x1 projection + BN [+ official CBAM] [+ the input when the shape is kept]."""
+
+  def __init__(self, inplanes: int, planes: int, expansion: int, stride: int,
+               use_cbam: bool):
+    super().__init__()
+    hidden = int(round(inplanes * expansion))
+    layers = []
+    if expansion != 1:
+      layers += [nn.Conv2d(inplanes, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                 nn.ReLU6()]
+    layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+               nn.BatchNorm2d(hidden), nn.ReLU6(),
+               nn.Conv2d(hidden, planes, 1, bias=False), nn.BatchNorm2d(planes)]
+    self.conv = nn.Sequential(*layers)
+    self.cbam = OfficialCBAM(planes, 16) if use_cbam else None
+    self.use_residual = stride == 1 and inplanes == planes
+
+  def forward(self, x):
+    out = self.conv(x)
+    if self.cbam is not None:
+      out = self.cbam(out)
+    return x + out if self.use_residual else out
+
+
+class MobileNetV2(nn.Module):
+  """cbam_jax's ``mobilenet_v2`` (torchvision's MobileNetV2 without dropout, width 1.0),
+  with official CBAM in every inverted residual block when ``attention``."""
+
+  def __init__(self, attention: bool, num_classes: int = 1000):
+    super().__init__()
+    from cbam_jax.models import mobilenet_v2
+    plan = mobilenet_v2.block_plan(1.0)
+    stem = mobilenet_v2.STEM_WIDTH
+    layers = [nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6()]
+    inplanes = stem
+    for expansion, planes, stride in plan:
+      layers.append(InvertedResidual(inplanes, planes, expansion, stride, attention))
+      inplanes = planes
+    last = mobilenet_v2.LAST_WIDTH
+    layers += [nn.Conv2d(inplanes, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()]
+    self.features = nn.Sequential(*layers)
+    self.classifier = nn.Linear(last, num_classes)
+
+  def forward(self, x):
+    return self.classifier(self.features(x).mean((2, 3)))
 
 
 # ----------------------------------------------------------------------------------------------

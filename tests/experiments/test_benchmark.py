@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from cbam_jax import models
 from experiments.bench import benchmark
 from experiments.bench.benchmark import _models as benchmark_models
 
@@ -193,3 +196,18 @@ def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch
   markdown = benchmark.to_markdown({'environment': benchmark.environment(), 'models': [row]})
   model_line = next(line for line in markdown.splitlines() if line.startswith('| resnet20'))
   assert model_line.split(' | ')[4:6] == ['-', '-']  # The nn.Conv columns.
+
+
+@pytest.mark.parametrize('name, fields', [
+    ('resnext50_32x4d', {'stage_sizes': (1, 1, 1, 1)}),
+    ('wide_resnet50_2', {'stage_sizes': (1, 1, 1, 1)}),
+    ('mobilenet_v2', {}),
+])
+def test_torch_side_of_a_model_row_has_our_parameter_count(name, fields):
+  # The PyTorch network a model row times is ours: same parameters, plain and with CBAM.
+  pytest.importorskip('torch')
+  for attention in (False, True):
+    model = models.create_model(name, attention='cbam' if attention else None, **fields)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    reference = benchmark_models.torch_model(name, fields, attention)
+    assert sum(p.numel() for p in reference.parameters()) == models.count_params(variables)

@@ -35,7 +35,11 @@ Against it, in the same run:
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
 backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224;
-64 on an accelerator), each with and without CBAM in every block, JAX and PyTorch. On CPU
+64 on an accelerator), each with and without CBAM in every block, JAX and PyTorch; and, only
+when named with ``--model``, ResNeXt-50 32x4d, WideResNet-50-2 and MobileNetV2 (batch 4,
+112x112; 64 at 224x224 on an accelerator; PyTorch: :mod:`experiments.bench.torch_reference`'s
+official CBAM ResNet with torchvision's groups and widths, and its MobileNetV2 with CBAM
+where ours has it). On CPU
 JAX runs twice: with the models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`)
 and with plain ``nn.Conv``, to show what materialising conv inputs buys; elsewhere the two
 are the same program. Memory rows (``--only
@@ -99,10 +103,12 @@ from experiments.bench.benchmark._module import (
 from experiments.bench.benchmark._nnx import NNX_CASES, TINY_NNX_CASES, run_nnx
 
 __all__ = [
+    'ACCELERATOR_EXTRA_MODEL_CASES',
     'ACCELERATOR_MODEL_CASES',
     'COMPILE_ATTENTIONS',
     'CONV_CASES',
     'CompileTimes',
+    'EXTRA_MODEL_CASES',
     'EXTRA_SECTIONS',
     'MODEL_CASES',
     'MODULE_SHAPES',
@@ -145,6 +151,12 @@ EXTRA_SECTIONS = ('nnx', 'compile')
 # accelerator the batch a GPU trains it at.
 MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 8, 224))
 ACCELERATOR_MODEL_CASES = (('resnet20', {}, 128, 32), ('resnet50', {}, 64, 224))
+# Run only when named with --model: on CPU each takes minutes (ResNeXt's grouped convs
+# compile and run slowly in XLA:CPU), at batch 4 and 112x112 there.
+EXTRA_MODEL_CASES = (('resnext50_32x4d', {}, 4, 112), ('wide_resnet50_2', {}, 4, 112),
+                     ('mobilenet_v2', {}, 4, 112))
+ACCELERATOR_EXTRA_MODEL_CASES = (('resnext50_32x4d', {}, 64, 224),
+                                 ('wide_resnet50_2', {}, 64, 224), ('mobilenet_v2', {}, 64, 224))
 TINY_MODEL_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
 
 # The 3x3 convs of CIFAR ResNet-20 at batch 128, (B, H, W, C_in, C_out).
@@ -285,8 +297,9 @@ def define_flags(values: flags.FlagValues) -> None:
                        '(the fastest is reported).', lower_bound=1, flag_values=values)
   flags.DEFINE_multi_string('shape', None, 'Module shape B,H,W,C; default: '
                             'the standard list.', flag_values=values)
-  flags.DEFINE_multi_enum('model', None, [case[0] for case in MODEL_CASES],
-                          'Only this model.', flag_values=values)
+  flags.DEFINE_multi_enum('model', None, [case[0] for case in MODEL_CASES + EXTRA_MODEL_CASES],
+                          f'Only this model; {", ".join(c[0] for c in EXTRA_MODEL_CASES)} '
+                          'run only when named.', flag_values=values)
   flags.register_validator('shape', lambda shapes: all(parse_shape(s) for s in shapes or ()),
                            flag_values=values)
 
@@ -300,9 +313,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   sections = values.only or list(SECTIONS)
   module_shapes = (tuple(parse_shape(s) for s in values.shape) if values.shape else
                    TINY_MODULE_SHAPES if values.tiny else MODULE_SHAPES)
+  on_cpu = jax.default_backend() == 'cpu'
   model_cases = (TINY_MODEL_CASES if values.tiny else
-                 MODEL_CASES if jax.default_backend() == 'cpu' else ACCELERATOR_MODEL_CASES)
+                 MODEL_CASES if on_cpu else ACCELERATOR_MODEL_CASES)
   if values.model:
+    model_cases += () if values.tiny else (
+        EXTRA_MODEL_CASES if on_cpu else ACCELERATOR_EXTRA_MODEL_CASES)
     model_cases = tuple(case for case in model_cases if case[0] in values.model)
   if values.tiny:
     # CI boxes are small and shared: oneDNN's spinning worker threads make tiny torch ops

@@ -54,16 +54,25 @@ def jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, ba
   return jax_train_step(model, optimizer), args
 
 
+def torch_model(name: str, fields: dict[str, Any], attention: bool):
+  """The PyTorch counterpart of ``create_model(name, **fields)``, with official CBAM in
+  every block when ``attention`` (:mod:`experiments.bench.torch_reference`)."""
+  from experiments.bench import torch_reference
+  jax_model = models.create_model(name, **fields)
+  if name == 'mobilenet_v2':
+    return torch_reference.MobileNetV2(attention, num_classes=jax_model.num_classes)
+  # The ResNet family: stage sizes, groups and width from the JAX model's own fields.
+  return torch_reference.benchmark_resnet(
+      jax_model.stage_sizes, stem='cifar' if name == 'resnet20' else 'imagenet',
+      attention=attention, num_classes=jax_model.num_classes, groups=jax_model.groups,
+      width_per_group=jax_model.width_per_group)
+
+
 def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attention: bool,
                       batch: int, size: int, channels_last: bool) -> Callable[[], None]:
-  from experiments.bench import torch_reference
   torch, device = side.torch, side.device
-  if name == 'resnet20':
-    stages, stem, classes = fields.get('stage_sizes', (3, 3, 3)), 'cifar', 10
-  else:
-    stages, stem, classes = fields.get('stage_sizes', (3, 4, 6, 3)), 'imagenet', 1000
-  model = torch_reference.benchmark_resnet(stages, stem=stem, attention=attention,
-                                           num_classes=classes)
+  model = torch_model(name, fields, attention)
+  classes = models.create_model(name, **fields).num_classes
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   model = model.to(device, memory_format=memory_format).train()
   images = torch.randn(batch, 3, size, size, device=device).contiguous(
