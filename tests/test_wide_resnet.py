@@ -143,7 +143,10 @@ def test_one_trainer_step_of_wrn16_8():
   config = smoke.get_config()
   config.model.name = 'wrn16_8'
   config.model.attention = 'none'  # CBAM's compile time is tested elsewhere.
+  # Family fields through config.model, and a network that compiles in seconds.
+  config.model.depth, config.model.widen_factor = 10, 1
   model = saving.build(train_lib.model_description(config, num_classes=10))
+  assert (model.depth, model.widen_factor) == (10, 1)
   tx = optax.sgd(0.05, momentum=0.9)
   state = jax.jit(lambda: train_lib.create_train_state(model, tx, (32, 32, 3), seed=0))()
   batch = {'image': _images(2, 32), 'label': jnp.array([0, 1])}
