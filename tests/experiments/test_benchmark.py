@@ -50,6 +50,12 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
       model['impls']['jax_cbam']['ms'] / model['impls']['jax_nn_conv_cbam']['ms'])
   assert model['cbam_overhead']['jax'] == pytest.approx(
       model['impls']['jax_cbam']['ms'] / model['impls']['jax_plain']['ms'])
+  # Peak step memory of every implementation, JAX and PyTorch; CBAM's maps and gates add.
+  for impl in model['impls'].values():
+    assert impl['peak_mb'] > 0
+  for prefix in {name.rsplit('_', 1)[0] for name in model['impls']}:
+    assert model['impls'][f'{prefix}_cbam']['peak_mb'] > model['impls'][f'{prefix}_plain'][
+        'peak_mb'], prefix
   (conv,) = saved['convs']
   assert set(conv['passes']) == {'forward', 'input_grad', 'kernel_grad'}
   for values in conv['passes'].values():
@@ -89,6 +95,7 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
   assert 'Training-step compile time' in markdown
   assert '| 2x8x8x32 | forward |' in markdown
   assert 'Training step' in markdown and 'memory' in markdown and 'conv passes' in markdown
+  assert 'Training step peak memory' in markdown
   assert 'NNX vs linen' in markdown
   assert results['module'][0]['floor_ms'] == saved['module'][0]['floor_ms']
 
