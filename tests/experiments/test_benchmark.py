@@ -192,6 +192,27 @@ def test_torch_calls_on_a_gpu_block_until_the_work_is_done():
   assert on_cpu() == 'out' and fake.cuda.synchronized == 2
 
 
+def test_torch_step_peak_is_parameters_momentum_and_gradients():
+  # A bias-free 1000x1000 Linear on one example: 4 MB of weights, 4 MB of momentum and the
+  # step's 4 MB gradient; activations are a few KB.
+  torch = pytest.importorskip('torch')
+  layer = torch.nn.Linear(1000, 1000, bias=False)
+  images, labels = torch.randn(1, 1000), torch.tensor([3])
+  optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(layer(images), labels).backward()
+    optimizer.step()
+
+  step()  # The momentum buffer exists from the first step on.
+  optimizer.zero_grad(set_to_none=True)
+  momentum = optimizer.state[layer.weight]['momentum_buffer']
+  peak = benchmark.TorchSide(torch, 'cpu').step_peak_bytes(
+      step, [layer.weight, momentum, images, labels])
+  assert 3 * 4e6 <= peak < 3 * 4e6 + 1e5
+
+
 @pytest.mark.slow
 def test_models_time_one_jax_program_where_convs_materialise_nothing(monkeypatch):
   # What an accelerator looks like to the benchmark: MaterializedInputConv is nn.Conv.

@@ -1,5 +1,5 @@
-"""Model rows: one training step with and without CBAM, JAX and PyTorch; memory rows:
-XLA's buffer assignment for the same steps."""
+"""Model rows: one training step with and without CBAM, JAX and PyTorch, its time and peak
+memory; memory rows: XLA's buffer assignment for the same steps."""
 
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attent
     loss.backward()
     optimizer.step()
 
+  blocking = side.blocking(step)
+
   def peak_mb() -> float:
     optimizer.zero_grad(set_to_none=True)  # The step's own first act, outside the count.
     state = [tensor for group in optimizer.state.values() for tensor in group.values()
@@ -96,7 +98,6 @@ def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attent
     live = [*model.parameters(), *model.buffers(), *state, images, labels]
     return side.step_peak_bytes(blocking, live) / 2**20
 
-  blocking = side.blocking(step)
   return blocking, peak_mb
 
 
