@@ -51,6 +51,22 @@ def test_nnx_models_count_as_their_linen_twins():
   assert models.flops(model, (2, 16, 16, 3)) == models.flops(linen, (2, 16, 16, 3)) > 0
 
 
+def test_cbams_spatial_conv_counts_whatever_its_algorithm():
+  # On CPU the 'auto' spatial conv is shifted elementwise multiply-adds ('shift'), no conv
+  # in the jaxpr; macs traces the reference paths, so it counts the 7x7x2 conv as 'xla' has
+  # it: 98 taps at every position of each module's input.
+  def cbam_macs(**fields):
+    model = models.create_model('resnet_tiny', attention='cbam', attention_fields=fields)
+    return models.macs(model, (2, 16, 16, 3))
+
+  se = models.macs(models.create_model('resnet_tiny', attention='se'), (2, 16, 16, 3))
+  assert cbam_macs() == cbam_macs(conv_impl='xla') > se
+  # Beyond SE: the MLP's second (max-pooled) pass, the same count again, and the conv.
+  plain = models.macs(models.create_model('resnet_tiny'), (2, 16, 16, 3))
+  spatial_conv = cbam_macs() - plain - 2 * (se - plain)
+  assert spatial_conv > 0 and spatial_conv % 98 == 0
+
+
 def test_the_papers_resnet_gflops():
   # The CBAM paper's Table 4: ResNet18 1.814 GFLOPs (multiply-accumulates).
   assert round(models.macs(models.create_model('resnet18'), (1, 224, 224, 3)) / 1e9, 3) == 1.814

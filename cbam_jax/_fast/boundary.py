@@ -9,22 +9,42 @@ pipeline removes barriers before fusion; a loop body is a boundary it keeps.
 Only CPU paths use it (the ``'shift'`` spatial conv and its pools, and
 :class:`cbam_jax.conv.MaterializedInputConv`), each switched on by :func:`boundary_pays_off`:
 on an accelerator each loop trip would cost a device-to-host copy of the loop condition.
+Inside :func:`reference_paths` it is off on every backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ['boundary_pays_off', 'computed_once', 'replicated_if_explicit']
+__all__ = ['boundary_pays_off', 'computed_once', 'reference_paths', 'replicated_if_explicit']
+
+_REFERENCE_PATHS = contextvars.ContextVar('cbam_jax_reference_paths', default=False)
 
 
 def boundary_pays_off() -> bool:
-  """Whether :func:`computed_once` is worth its loop: on the CPU backend only."""
-  return jax.default_backend() == 'cpu'
+  """Whether :func:`computed_once` is worth its loop: on the CPU backend only, and not
+  inside :func:`reference_paths`."""
+  return jax.default_backend() == 'cpu' and not _REFERENCE_PATHS.get()
+
+
+@contextlib.contextmanager
+def reference_paths() -> Iterator[None]:
+  """Models traced inside take the accelerator paths on every backend: the ``'auto'``
+  spatial conv is ``lax.conv`` (not the CPU's shifted multiply-adds) and convs read their
+  input as ``nn.Conv`` does. Same numbers; what :func:`cbam_jax.models.macs` traces, so that
+  its count of convs and matrix products is the network's, whatever the backend."""
+  token = _REFERENCE_PATHS.set(True)
+  try:
+    yield
+  finally:
+    _REFERENCE_PATHS.reset(token)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from cbam_jax import _validation
+from cbam_jax._fast.boundary import reference_paths
 
 # How a description (cbam_jax.saving) stores a field: 'value' a JSON value as is, 'tuple' a
 # list read back as a tuple, 'mapping' a dict read back as a FrozenDict (or null), 'dtype'
@@ -288,11 +289,15 @@ def macs(model: Any, input_shape: Sequence[int], *, dtype: Dtype = jnp.float32) 
   The convention of papers' "GFLOPs" (the CBAM paper's Table 4; thop, ptflops and fvcore
   count the same way): a convolution costs its output size times its kernel's taps and input
   channels per group, padding taps included; elementwise operations, pooling and
-  normalisation are free. Read from the forward's jaxpr (traced, nothing is computed); for
-  ``GMACs`` divide by 1e9 and by the batch size.
+  normalisation are free. Read from the forward's jaxpr (traced, nothing is computed), traced
+  on the accelerator paths on every backend: on CPU CBAM's spatial conv otherwise runs as
+  shifted elementwise multiply-adds, which a count of convs would miss (a module built with
+  ``conv_impl='shift'`` still is missed). For ``GMACs`` divide by 1e9 and by the batch size.
   """
   forward, args = _eval_forward(model, input_shape, dtype)
-  return _jaxpr_macs(jax.make_jaxpr(forward)(*args).jaxpr)
+  with reference_paths():
+    jaxpr = jax.make_jaxpr(forward)(*args).jaxpr
+  return _jaxpr_macs(jaxpr)
 
 
 def _jaxpr_macs(jaxpr: Any) -> int:

@@ -17,7 +17,8 @@ registry has, plain, SE and CBAM: the paper's parameters and GFLOPs beside ours,
 GFLOPs being :func:`cbam_jax.models.macs` (multiply-accumulates, the paper's convention)
 of one 224x224 image, from the traced forward (nothing is compiled). A second table does the
 same for the MobileNet rows of the paper's Table 5 (``PAPER_TABLE5``), '-' where the paper's
-figure is not known here.
+figure is not known here. The last column says whether the row's paper figures were checked
+against a quote of the paper (``PAPER_ROWS_CHECKED``).
 """
 
 from __future__ import annotations
@@ -48,15 +49,23 @@ PAPER_TABLE4: dict[str, dict[str | None, tuple[float, float]]] = {
 }
 
 # The CBAM paper's Table 5 (MobileNet): model -> attention -> (parameters in millions or None,
-# GFLOPs or None), ImageNet, 224x224. Parameters as docs/models.md prints them; the GFLOPs
-# column was not found in a stored copy of the paper, except the plain MobileNet 1.0's 0.569,
-# which is the MobileNet paper's (Howard et al. 2017: 569M mult-adds). MobileNetV2 is not in
-# the paper.
+# GFLOPs or None), ImageNet, 224x224. MobileNetV2 is not in the paper.
 PAPER_TABLE5: dict[str, dict[str | None, tuple[float | None, float | None]]] = {
     'mobilenetv1_070': {None: (2.30, None), 'se': (2.71, None), 'cbam': (2.71, None)},
-    'mobilenetv1_100': {None: (4.23, 0.569), 'se': (5.07, None), 'cbam': (5.07, None)},
+    'mobilenetv1_100': {None: (4.23, 0.569), 'se': (5.07, 0.570), 'cbam': (5.07, 0.576)},
     'mobilenet_v2': {None: (None, None), 'se': (None, None), 'cbam': (None, None)},
 }
+
+# The rows of the two tables above whose parameters and GFLOPs were checked against a quote
+# of the paper's tables (no copy of the paper itself was at hand): the Paperspace blog's
+# "Attention Mechanisms in Computer Vision: CBAM" (D. Misra), which reprints the ResNet-101,
+# WideResNet18 (widen=2.0), ResNeXt50 (32x4d) and MobileNet rows of Tables 4 and 5 and the
+# plain and CBAM ResNet-50 of Tables 1 and 2 (3.86, i.e. 3.858 to two decimals, and 3.864).
+# Every quoted digit agrees with the tables above. The other rows are unverified.
+PAPER_ROWS_CHECKED: frozenset[tuple[str, str | None]] = frozenset(
+    [(name, attention)
+     for name in ('resnet101', 'wide_resnet18_2', 'resnext50_32x4d', 'mobilenetv1_100')
+     for attention in (None, 'se', 'cbam')] + [('resnet50', None), ('resnet50', 'cbam')])
 
 
 def input_size_and_classes(name: str) -> tuple[int, int]:
@@ -90,8 +99,8 @@ def paper_table(
     paper: dict[str, dict[str | None, tuple[float | None, float | None]]] = PAPER_TABLE4,
 ) -> str:
   """A Markdown table of ``paper``'s rows (default :data:`PAPER_TABLE4`) beside ours."""
-  lines = ['| model | attention | params | paper | GMACs | paper GFLOPs |',
-           '|---|---|---:|---:|---:|---:|']
+  lines = ['| model | attention | params | paper | GMACs | paper GFLOPs | paper checked |',
+           '|---|---|---:|---:|---:|---:|---|']
   for name, rows in paper.items():
     for attention, (paper_params, paper_gflops) in rows.items():
       model = models.create_model(name, attention=attention)
@@ -99,8 +108,9 @@ def paper_table(
       gmacs = models.macs(model, (1, 224, 224, 3)) / 1e9
       paper_params_text = '-' if paper_params is None else f'{paper_params:.2f}M'
       paper_gflops_text = '-' if paper_gflops is None else f'{paper_gflops:.3f}'
+      checked = 'yes' if (name, attention) in PAPER_ROWS_CHECKED else 'no'
       lines.append(f'| {name} | {attention or "none"} | {count:,} ({count / 1e6:.2f}M) | '
-                   f'{paper_params_text} | {gmacs:.3f} | {paper_gflops_text} |')
+                   f'{paper_params_text} | {gmacs:.3f} | {paper_gflops_text} | {checked} |')
   return '\n'.join(lines)
 
 

@@ -50,6 +50,12 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
       model['impls']['jax_cbam']['ms'] / model['impls']['jax_nn_conv_cbam']['ms'])
   assert model['cbam_overhead']['jax'] == pytest.approx(
       model['impls']['jax_cbam']['ms'] / model['impls']['jax_plain']['ms'])
+  # Peak step memory of every implementation, JAX and PyTorch; CBAM's maps and gates add.
+  for impl in model['impls'].values():
+    assert impl['peak_mb'] > 0
+  for prefix in {name.rsplit('_', 1)[0] for name in model['impls']}:
+    assert model['impls'][f'{prefix}_cbam']['peak_mb'] > model['impls'][f'{prefix}_plain'][
+        'peak_mb'], prefix
   (conv,) = saved['convs']
   assert set(conv['passes']) == {'forward', 'input_grad', 'kernel_grad'}
   for values in conv['passes'].values():
@@ -89,6 +95,7 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
   assert 'Training-step compile time' in markdown
   assert '| 2x8x8x32 | forward |' in markdown
   assert 'Training step' in markdown and 'memory' in markdown and 'conv passes' in markdown
+  assert 'Training step peak memory' in markdown
   assert 'NNX vs linen' in markdown
   assert results['module'][0]['floor_ms'] == saved['module'][0]['floor_ms']
 
@@ -183,6 +190,27 @@ def test_torch_calls_on_a_gpu_block_until_the_work_is_done():
   assert calls == [1, 1] and fake.cuda.synchronized == 2
   on_cpu = benchmark.TorchSide(fake, 'cpu').blocking(lambda: 'out')
   assert on_cpu() == 'out' and fake.cuda.synchronized == 2
+
+
+def test_torch_step_peak_is_parameters_momentum_and_gradients():
+  # A bias-free 1000x1000 Linear on one example: 4 MB of weights, 4 MB of momentum and the
+  # step's 4 MB gradient; activations are a few KB.
+  torch = pytest.importorskip('torch')
+  layer = torch.nn.Linear(1000, 1000, bias=False)
+  images, labels = torch.randn(1, 1000), torch.tensor([3])
+  optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(layer(images), labels).backward()
+    optimizer.step()
+
+  step()  # The momentum buffer exists from the first step on.
+  optimizer.zero_grad(set_to_none=True)
+  momentum = optimizer.state[layer.weight]['momentum_buffer']
+  peak = benchmark.TorchSide(torch, 'cpu').step_peak_bytes(
+      step, [layer.weight, momentum, images, labels])
+  assert 3 * 4e6 <= peak < 3 * 4e6 + 1e5
 
 
 @pytest.mark.slow

@@ -42,7 +42,13 @@ official CBAM ResNet with torchvision's groups and widths, and its MobileNetV2 w
 where ours has it). On CPU
 JAX runs twice: with the models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`)
 and with plain ``nn.Conv``, to show what materialising conv inputs buys; elsewhere the two
-are the same program. Memory rows (``--only
+are the same program. Each row also has the step's peak memory (``peak_mb`` of every
+implementation, a table of its own): JAX's from the compiled step's ``memory_analysis()``
+(arguments + outputs + temporaries - aliased, as the memory rows below), PyTorch's as the
+tensor bytes live between steps (parameters, buffers, momentum, the batch) plus the highest
+running sum of allocations minus frees during one step: ``torch.profiler``'s memory events
+on CPU, ``torch.cuda.max_memory_allocated`` on a GPU (:meth:`TorchSide.step_peak_bytes`).
+Both count tensor bytes, not the process's resident memory. Memory rows (``--only
 memory``): XLA's buffer assignment for the same training steps (``memory_analysis()`` of
 the compiled step: arguments + outputs + temporaries - aliased, an upper bound of the peak;
 XLA:CPU's own ``peak_memory_in_bytes`` only counts the arguments).
@@ -237,6 +243,18 @@ def to_markdown(results: dict[str, Any]) -> str:
           _fmt(row['jax_vs_torch'].get('cl_plain')), _fmt(row['jax_vs_torch'].get('cl_cbam')),
           f'{impls["jax_plain"]["compile_s"]:.1f} / {impls["jax_cbam"]["compile_s"]:.1f}'])
           + ' |')
+    lines += ['', '### Training step peak memory, MB (JAX: XLA buffer assignment; torch: '
+              'tensor bytes live at the step start + its peak allocations)', '',
+              '| model | batch | JAX | JAX+CBAM | JAX nn.Conv | JAX nn.Conv+CBAM | torch CL '
+              '| torch CL+CBAM | torch NCHW | torch NCHW+CBAM |', '|' + '---|' * 10]
+    for row in results['models']:
+      impls = row['impls']
+      lines.append('| ' + ' | '.join(
+          [f'{row["model"]} {row["image_size"]}px', str(row['batch'])] +
+          [_fmt(impls[name]['peak_mb'], 1) if name in impls else '-'
+           for name in ('jax_plain', 'jax_cbam', 'jax_nn_conv_plain', 'jax_nn_conv_cbam',
+                        'torch_cl_plain', 'torch_cl_cbam', 'torch_nchw_plain',
+                        'torch_nchw_cbam')]) + ' |')
     lines.append('')
   if results.get('compile'):
     labels = list(results['compile'][0]['impls'])

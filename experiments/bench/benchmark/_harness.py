@@ -132,6 +132,37 @@ class TorchSide:
 
     return blocking_call
 
+  def step_peak_bytes(self, step: Callable[[], Any], live: Sequence[Any]) -> int:
+    """Peak tensor bytes of one call of the training ``step``, whose state between steps is
+    the tensors ``live`` (parameters, buffers, optimizer state, the batch; the gradients are
+    made by the step, after ``zero_grad(set_to_none=True)``), measured as XLA's buffer
+    assignment counts JAX's step: bytes of tensors, not the process's resident memory.
+
+    On CUDA: ``torch.cuda.max_memory_allocated()`` over the call. On CPU, where torch keeps
+    no such counter: the bytes of ``live`` (each storage once) plus the highest running sum
+    of the allocations minus frees that ``torch.profiler`` (``profile_memory=True``) records
+    during the call.
+    """
+    torch = self.torch
+    if self.device != 'cpu':
+      torch.cuda.synchronize()
+      torch.cuda.reset_peak_memory_stats()
+      step()
+      return torch.cuda.max_memory_allocated()
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                for tensor in live}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+      step()
+    allocations = sorted((event.start_ns(), event.nbytes())
+                         for event in profile.profiler.kineto_results.events()
+                         if event.name() == '[memory]')
+    running = highest = 0
+    for _, nbytes in allocations:
+      running += nbytes
+      highest = max(highest, running)
+    return sum(storages.values()) + highest
+
 
 def torch_side() -> TorchSide | None:
   """PyTorch set up for the comparison, or ``None`` (not installed, or no matching device)."""

@@ -1,5 +1,5 @@
-"""Model rows: one training step with and without CBAM, JAX and PyTorch; memory rows:
-XLA's buffer assignment for the same steps."""
+"""Model rows: one training step with and without CBAM, JAX and PyTorch, its time and peak
+memory; memory rows: XLA's buffer assignment for the same steps."""
 
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ def torch_model(name: str, fields: dict[str, Any], attention: bool):
 
 
 def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attention: bool,
-                      batch: int, size: int, channels_last: bool) -> Callable[[], None]:
+                      batch: int, size: int, channels_last: bool,
+                      ) -> tuple[Callable[[], None], Callable[[], float]]:
+  """The blocking training step and a function measuring its peak MB (run after the timed
+  calls: the optimizer's momentum exists from the first step on)."""
   torch, device = side.torch, side.device
   model = torch_model(name, fields, attention)
   classes = models.create_model(name, **fields).num_classes
@@ -86,7 +89,16 @@ def _torch_model_step(side: TorchSide, name: str, fields: dict[str, Any], attent
     loss.backward()
     optimizer.step()
 
-  return side.blocking(step)
+  blocking = side.blocking(step)
+
+  def peak_mb() -> float:
+    optimizer.zero_grad(set_to_none=True)  # The step's own first act, outside the count.
+    state = [tensor for group in optimizer.state.values() for tensor in group.values()
+             if torch.is_tensor(tensor)]
+    live = [*model.parameters(), *model.buffers(), *state, images, labels]
+    return side.step_peak_bytes(blocking, live) / 2**20
+
+  return blocking, peak_mb
 
 
 def run_models(cases, repeats: int) -> list[dict[str, Any]]:
@@ -99,22 +111,26 @@ def run_models(cases, repeats: int) -> list[dict[str, Any]]:
   rows = []
   for name, fields, batch, size in cases:
     row: dict[str, Any] = {'model': name, 'fields': fields, 'batch': batch, 'image_size': size}
-    jax_calls, torch_calls = {}, {}
+    jax_calls, torch_calls, peak_mb = {}, {}, {}
     for attention in (None, 'cbam'):
       tag = 'cbam' if attention else 'plain'
       for prefix, conv_fields in conv_cases:
         case_fields = {**fields, **conv_fields}
         step, args = jax_model_setup(name, case_fields, attention, batch, size)
-        jax_calls[f'{prefix}_{tag}'] = jax_call(
-            step, args, donate=(0, 1, 2),
-            cache_key=(name, repr(case_fields), attention, batch, size))
+        cache_key = (name, repr(case_fields), attention, batch, size)
+        jax_calls[f'{prefix}_{tag}'] = jax_call(step, args, donate=(0, 1, 2),
+                                                cache_key=cache_key)
+        compiled, _ = compile_jax(step, args, (0, 1, 2), cache_key=cache_key)  # Cached.
+        peak_mb[f'{prefix}_{tag}'] = lambda compiled=compiled: step_memory(compiled)['peak_mb']
       if side is not None:
         for layout, channels_last in (('cl', True), ('nchw', False)):
-          torch_calls[f'torch_{layout}_{tag}'] = _torch_model_step(
-              side, name, fields, attention is not None, batch, size, channels_last)
+          torch_calls[f'torch_{layout}_{tag}'], peak_mb[f'torch_{layout}_{tag}'] = (
+              _torch_model_step(side, name, fields, attention is not None, batch, size,
+                                channels_last))
     row['impls'] = time_calls(jax_calls, torch_calls, repeats)
-    for times in row['impls'].values():
+    for impl, times in row['impls'].items():
       times['images_per_s'] = batch / (times['ms'] * 1e-3)
+      times['peak_mb'] = peak_mb[impl]()
     impls = row['impls']
     row['cbam_overhead'] = {
         prefix: impls[f'{prefix}_cbam']['ms'] / impls[f'{prefix}_plain']['ms']
