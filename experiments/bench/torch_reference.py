@@ -26,13 +26,14 @@ names (state-dict layouts that :mod:`cbam_jax.convert` reads) need:
   MLP, hidden ``make_divisible(C / 16, 1)``, spatial pool ``[mean, max]``, ``ConvNormAct``
   with BatchNorm momentum 0.1), ``layers/squeeze_excite.py`` (:class:`TimmSEModule`) and
   ``models/resnet.py`` with ``block_args=dict(attn_layer=...)`` (:class:`TimmResNet`,
-  default 7x7 stem).
+  default 7x7 stem; ``cardinality`` and ``base_width`` make it timm's ResNeXt).
 * :func:`benchmark_resnet`: the official ResNet configured as cbam_jax's ``resnet20`` and
   ``resnet50``, so that the two frameworks time the same network.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -512,13 +513,18 @@ class TimmBasicBlock(nn.Module):
 class TimmBottleneck(nn.Module):
   expansion = 4
 
-  def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None):
+  def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None,
+               cardinality=1, base_width=64):
     super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+    # timm: ResNeXt's grouped 3x3 conv (cardinality groups, base_width channels per group at
+    # 64 planes).
+    width = int(math.floor(planes * (base_width / 64)) * cardinality)
+    self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1,
+                           groups=cardinality, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3 = nn.Conv2d(width, planes * 4, kernel_size=1, bias=False)
     self.bn3 = nn.BatchNorm2d(planes * 4)
     self.se = _timm_attn(attn_layer, planes * 4)
     self.downsample = downsample
@@ -536,16 +542,30 @@ class TimmBottleneck(nn.Module):
 
 
 class TimmResNet(nn.Module):
-  """timm ``ResNet(block, layers, block_args=dict(attn_layer=...))`` with the default stem."""
+  """timm ``ResNet(block, layers, cardinality=..., base_width=..., block_args=dict(
+  attn_layer=...))`` with the default stem.
+
+  ``width`` gives timm's ``channels=(width, 2 * width, ...)``; ``stem_width`` the 7x7 stem's
+  channels, ``width`` when ``None`` (timm fixes the default stem at 64, so ``stem_width=64``
+  is timm's network at any ``width``). ``cardinality`` and ``base_width`` (bottlenecks only)
+  make it timm's ResNeXt: ``resnext50_32x4d`` is ``('bottleneck', [3, 4, 6, 3],
+  cardinality=32, base_width=4)``, ``seresnext50_32x4d`` the same with ``attn_layer='se'``.
+  """
 
   def __init__(self, block: str, layers, num_classes: int = 10, attn_layer: str | None = 'cbam',
-               width: int = 64):
+               width: int = 64, stem_width: int | None = None, cardinality: int = 1,
+               base_width: int = 64):
     super().__init__()
     block_cls = {'basic': TimmBasicBlock, 'bottleneck': TimmBottleneck}[block]
-    self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
+    grouping = {}
+    if block == 'bottleneck':
+      grouping = dict(cardinality=cardinality, base_width=base_width)
+    elif (cardinality, base_width) != (1, 64):
+      raise ValueError('cardinality and base_width need block="bottleneck" (as timm).')
+    inplanes = width if stem_width is None else stem_width
+    self.conv1 = nn.Conv2d(3, inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(inplanes)
     self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-    inplanes = width
     for stage, num_blocks in enumerate(layers):
       planes, stride = width * 2**stage, 1 if stage == 0 else 2
       downsample = None
@@ -556,7 +576,8 @@ class TimmResNet(nn.Module):
       blocks = []
       for index in range(num_blocks):
         blocks.append(block_cls(inplanes, planes, stride if index == 0 else 1,
-                                downsample if index == 0 else None, attn_layer=attn_layer))
+                                downsample if index == 0 else None, attn_layer=attn_layer,
+                                **grouping))
         inplanes = planes * block_cls.expansion
       setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
     self.num_stages = len(layers)
