@@ -20,7 +20,7 @@ from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.cbam import CBAM
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.models.resnet import BLOCKS, ResNet, bottleneck_width
+from cbam_jax.models.resnet import BLOCKS, Bottleneck, ResNet, bottleneck_width
 
 SOURCES = ('official', 'timm', 'torchvision')
 
@@ -194,10 +194,10 @@ def _grouping(arrays: Mapping[str, np.ndarray], source: str, num_filters: int,
   """ResNeXt's ``(groups, width_per_group)`` of a bottleneck ResNet: the 3x3 convs' groups
   and the per-group width that gives every stage's inner width (``(1, 64)`` for a ResNet)."""
   widths = []  # (features, inner width) of every stage.
-  groups = None
+  groups = 0  # Not yet read.
   for stage in range(num_stages):
     out, per_group = _shape(arrays, f'layer{stage + 1}.0.conv2.weight', source)[:2]
-    if per_group < 1 or out % per_group or groups not in (None, out // per_group):
+    if per_group < 1 or out % per_group or groups not in (0, out // per_group):
       raise ValueError(
           f'layer{stage + 1}.0.conv2.weight has shape {(out, per_group)} (out, in / groups); '
           'every bottleneck\'s 3x3 conv must have the same number of groups.')
@@ -235,7 +235,7 @@ def infer_model(arrays: Mapping[str, np.ndarray], source: str, attention: Any,
   if len(fc_shape) != 2:
     raise ValueError(f'fc.weight has shape {fc_shape}; expected (num_classes, features).')
   if block == 'bottleneck':
-    num_filters = _shape(arrays, 'layer1.0.conv3.weight', source)[0] // BLOCKS[block].expansion
+    num_filters = _shape(arrays, 'layer1.0.conv3.weight', source)[0] // Bottleneck.expansion
     groups, width_per_group = _grouping(arrays, source, num_filters, len(stage_sizes))
   else:
     num_filters, groups, width_per_group = _shape(arrays, 'layer1.0.conv1.weight', source)[0], 1, 64

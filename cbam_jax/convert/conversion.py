@@ -112,8 +112,8 @@ def from_pytorch(
   else:
     model, in_channels = infer_model(arrays, source, attention, dict(attention_fields or {}))
   if identity_init:
-    fresh = source == 'torchvision' or mobilenet_layout is not None
-    if not fresh or model.attention is None:
+    adds_attention = source == 'torchvision' or mobilenet_layout is not None
+    if not adds_attention or model.attention is None:
       raise ValueError(
           'identity_init=True starts freshly added attention as the identity; it needs '
           'source=\'torchvision\' with attention, or a timm MobileNet with attention (got '

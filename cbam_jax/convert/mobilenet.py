@@ -140,9 +140,10 @@ def infer_model(arrays: Mapping[str, np.ndarray], attention: Any,
 
   num_classes = int(_timm_array(arrays, TIMM_HEAD_KEY).shape[0])
   in_channels = int(arrays[TIMM_STEM_KEY].shape[1])
-  last = 'conv_pwl' if found == 'timm_v2' else 'conv_pw'
+  projection = 'conv_pwl' if found == 'timm_v2' else 'conv_pw'
   widths = [int(arrays[TIMM_STEM_KEY].shape[0])] + [
-      int(_timm_array(arrays, f'{prefix}.{"conv_pw" if index == 1 else last}.weight').shape[0])
+      int(_timm_array(arrays, f'{prefix}.{"conv_pw" if index == 1 else projection}.weight'
+                      ).shape[0])
       for index, prefix in _timm_block_keys(found).items()]
   if found == 'timm_v2':
     multiplier = widths[-1] / SETTINGS[-1][1]
