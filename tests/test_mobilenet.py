@@ -1,6 +1,6 @@
 """The MobileNet families (v1: the CBAM paper's Table 5; v2: torchvision's): published
 parameter counts, attention placement, dropout, a training step of the trainer and the
-conversion of torchvision's MobileNetV2 weights.
+conversion of torchvision's MobileNetV2 weights and of timm's MobileNets (v2 and v1).
 
 Counts are traced (``jax.eval_shape``); what runs uses a quarter of the width on small
 images. ``tests/test_backbones.py`` runs the conformance suite on them.
