@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from cbam_jax.attention import _registry, presets
+from cbam_jax import attention as attention_registry
+from cbam_jax.attention import presets
 from cbam_jax.models import mobilenet_v1
 from cbam_jax.models.mobilenet_v1 import MobileNetV1, scaled_width
 from cbam_jax.models.mobilenet_v2 import (
@@ -103,7 +104,7 @@ def _attention(source: str, attention: Any, attention_fields: Mapping[str, Any])
   if attention == 'auto':
     attention = 'cbam'
   if source == 'timm' and isinstance(attention, str):
-    return functools.partial(_registry.member(attention).linen,
+    return functools.partial(attention_registry.member(attention).linen,
                              **presets.fields('timm', attention, **attention_fields))
   if attention_fields and not callable(attention):
     raise ValueError('attention_fields needs attention= to be a module class; use e.g. '
@@ -111,12 +112,6 @@ def _attention(source: str, attention: Any, attention_fields: Mapping[str, Any])
   if attention_fields:
     return functools.partial(attention, **attention_fields)
   return attention
-
-
-def _widths_error(name: str, found: list[int], expected: list[int], multiplier: float) -> str:
-  return (f'The timm {name} widths {found} (stem, blocks) are not cbam_jax\'s at '
-          f'width_multiplier={multiplier:g} ({expected}): timm rounds widths to multiples '
-          'of 8, so only widths where that changes nothing convert.')
 
 
 def infer_model(arrays: Mapping[str, np.ndarray], attention: Any,
@@ -158,7 +153,10 @@ def infer_model(arrays: Mapping[str, np.ndarray], attention: Any,
     model = MobileNetV1(width_multiplier=multiplier, num_classes=num_classes,
                         attention=attention)
   if widths != expected:
-    raise ValueError(_widths_error(f'mobilenetv{found[-1]}', widths, expected, multiplier))
+    raise ValueError(
+        f'The timm mobilenetv{found[-1]} widths {widths} (stem, blocks) are not cbam_jax\'s at '
+        f'width_multiplier={multiplier:g} ({expected}): timm rounds widths to multiples of 8, '
+        'so only widths where that changes nothing convert.')
   return model, in_channels
 
 
