@@ -165,6 +165,27 @@ def test_inferred_resnext_grouping(name, grouping):
   assert not report.new_keys and not report.missing_keys and not report.unexpected_keys
 
 
+@pytest.mark.slow
+def test_timm_transcriptions_at_full_size():
+  """The transcribed timm networks have timm's published parameter counts (millions, two
+  decimals: timm's results/results-imagenet.csv), and timm's seresnext50_32x4d converts at
+  full size (every key, shapes checked; no forward pass)."""
+  def millions(model):
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+  seresnext = refs.TimmResNet('bottleneck', [3, 4, 6, 3], num_classes=1000, attn_layer='se',
+                              cardinality=32, base_width=4)
+  assert millions(seresnext) == 27.56
+  assert millions(refs.TimmResNet('bottleneck', [3, 4, 6, 3], num_classes=1000,
+                                  attn_layer=None, cardinality=32, base_width=4)) == 25.03
+  assert millions(refs.TimmMobileNet(2, num_classes=1000, channel_multiplier=1.4)) == 6.11
+  assert millions(refs.TimmMobileNet(1, num_classes=1000, channel_multiplier=1.25)) == 6.27
+  model, _, report = convert.from_pytorch(seresnext.state_dict(), 'timm', return_report=True)
+  assert (model.num_filters, model.stem_features, model.groups, model.width_per_group) == (
+      64, None, 32, 4)
+  assert not report.missing_keys and not report.unexpected_keys
+
+
 def test_resnext_widths_that_no_width_per_group_gives():
   arrays = {k: v.numpy() for k, v in reference('timm_resnext_se').state_dict().items()}
   # Stage 2's inner width 8 (2 groups of 4) where int(16 * 32 / 64) * 2 = 16 is needed.
