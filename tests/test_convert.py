@@ -56,6 +56,21 @@ def reference(name: str) -> torch.nn.Module:
       'torchvision_basic': lambda: refs.OfficialResNet(
           'basic', [1, 2, 1, 1], 'ImageNet', num_classes=4, att_type=None, width=8,
           global_pool=True),
+      # ResNeXt: timm's 64-channel stem before stages of 8..64 features, 4 groups of 2..16
+      # channels (resnext50_32x4d's 32 x 4 at a sixteenth of the width).
+      'timm_resnext_cbam': lambda: refs.TimmResNet(
+          'bottleneck', [1, 1, 1, 1], num_classes=6, attn_layer='cbam', width=8,
+          stem_width=64, cardinality=4, base_width=16),
+      'timm_resnext_se': lambda: refs.TimmResNet(
+          'bottleneck', [1, 1, 1, 1], num_classes=6, attn_layer='se', width=8, stem_width=64,
+          cardinality=2, base_width=32),
+      # torchvision's layout: ResNeXt 8x4d, Wide ResNet-2 (width_per_group 128).
+      'torchvision_resnext': lambda: refs.OfficialResNet(
+          'bottleneck', [1, 1, 1, 1], 'ImageNet', num_classes=4, att_type=None, width=16,
+          global_pool=True, groups=8, width_per_group=4),
+      'torchvision_wide': lambda: refs.OfficialResNet(
+          'bottleneck', [1, 1, 1, 1], 'ImageNet', num_classes=4, att_type=None, width=8,
+          global_pool=True, width_per_group=128),
   }[name]
   return refs.randomize(build(), seed=len(name))
 
@@ -74,9 +89,12 @@ PARITY_CASES = [
     ('timm_se_bottleneck', 'timm', 64, 'SqueezeExcitation'),
     ('timm_se_basic', 'timm', 48, 'SqueezeExcitation'),
     ('torchvision_basic', 'torchvision', 40, None),
+    ('timm_resnext_cbam', 'timm', 32, 'CBAM'),  # SE-ResNeXt: tests/test_nnx_convert.py.
+    ('torchvision_resnext', 'torchvision', 32, None),
 ]
-# The fast run checks one official and one timm CBAM network; the full suite all of them.
-FAST_PARITY = ('official_cifar_basic', 'timm_cbam_basic')
+# The fast run checks one official CBAM network and one timm CBAM ResNeXt; the full suite
+# all of them.
+FAST_PARITY = ('official_cifar_basic', 'timm_resnext_cbam')
 
 
 @pytest.mark.parametrize('name,source,size,attention', fast_subset(
@@ -126,6 +144,58 @@ def test_inferred_architecture():
   assert {k: timm_cbam.config['fields']['attention']['fields'][k]
           for k in ('hidden_rounding', 'mlp_bias', 'norm_momentum')} == {
               'hidden_rounding': 'round', 'mlp_bias': False, 'norm_momentum': 0.9}
+
+
+# timm_resnext_cbam: its parity test.
+@pytest.mark.parametrize('name,grouping', [
+    ('timm_resnext_se', (8, 64, 2, 32)),
+    ('torchvision_resnext', (16, None, 8, 4)),
+    ('torchvision_wide', (8, None, 1, 128)),
+    ('timm_cbam_basic', (16, None, 1, 64)),
+])
+def test_inferred_resnext_grouping(name, grouping):
+  """(num_filters, stem_features, groups, width_per_group) read from the shapes alone; every
+  key lands with its shape checked (no forward pass: the parity tests run those)."""
+  source = name.split('_')[0]
+  model, _, report = convert.from_pytorch(
+      reference(name).state_dict(), source, return_report=True,
+      attention=None if source == 'torchvision' else 'auto')
+  assert (model.num_filters, model.stem_features, model.groups,
+          model.width_per_group) == grouping
+  assert not report.new_keys and not report.missing_keys and not report.unexpected_keys
+
+
+@pytest.mark.slow
+def test_timm_transcriptions_at_full_size():
+  """The transcribed timm networks have timm's published parameter counts (millions, two
+  decimals: timm's results/results-imagenet.csv), and timm's seresnext50_32x4d converts at
+  full size (every key, shapes checked; no forward pass)."""
+  def millions(model):
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+  seresnext = refs.TimmResNet('bottleneck', [3, 4, 6, 3], num_classes=1000, attn_layer='se',
+                              cardinality=32, base_width=4)
+  assert millions(seresnext) == 27.56
+  assert millions(refs.TimmResNet('bottleneck', [3, 4, 6, 3], num_classes=1000,
+                                  attn_layer=None, cardinality=32, base_width=4)) == 25.03
+  assert millions(refs.TimmMobileNet(2, num_classes=1000, channel_multiplier=1.4)) == 6.11
+  assert millions(refs.TimmMobileNet(1, num_classes=1000, channel_multiplier=1.25)) == 6.27
+  model, _, report = convert.from_pytorch(seresnext.state_dict(), 'timm', return_report=True)
+  assert (model.num_filters, model.stem_features, model.groups, model.width_per_group) == (
+      64, None, 32, 4)
+  assert not report.missing_keys and not report.unexpected_keys
+
+
+def test_resnext_widths_that_no_width_per_group_gives():
+  arrays = {k: v.numpy() for k, v in reference('timm_resnext_se').state_dict().items()}
+  # Stage 2's inner width 8 (2 groups of 4) where int(16 * 32 / 64) * 2 = 16 is needed.
+  arrays['layer2.0.conv2.weight'] = np.zeros((8, 4, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r'inner widths \[8, 8, 32, 64\].*follow no '
+                     'width_per_group'):
+    convert.from_pytorch(arrays, 'timm')
+  arrays['layer2.0.conv2.weight'] = np.zeros((32, 8, 3, 3), np.float32)  # 4 groups.
+  with pytest.raises(ValueError, match=r'layer2\.0\.conv2\.weight .*same number of groups'):
+    convert.from_pytorch(arrays, 'timm')
 
 
 def test_timm_se_hidden_sizes_follow_make_divisible():

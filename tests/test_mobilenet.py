@@ -1,6 +1,6 @@
 """The MobileNet families (v1: the CBAM paper's Table 5; v2: torchvision's): published
 parameter counts, attention placement, dropout, a training step of the trainer and the
-conversion of torchvision's MobileNetV2 weights.
+conversion of torchvision's MobileNetV2 weights and of timm's MobileNets (v2 and v1).
 
 Counts are traced (``jax.eval_shape``); what runs uses a quarter of the width on small
 images. ``tests/test_backbones.py`` runs the conformance suite on them.
@@ -266,3 +266,86 @@ def test_torchvision_mobilenet_v2_weights_convert_in_both_skins():
   arrays = {k: v.numpy() for k, v in state.items()}
   assert convert_mobilenet.infer_model(arrays, 'auto', {})[0].attention == 'cbam'
   assert convert_mobilenet.infer_model(arrays, None, {})[0] == model
+
+
+# timm's MobileNets, transcribed in experiments/bench/torch_reference.py (TimmMobileNet):
+# (version, timm's channel_multiplier) as mobilenetv2_140 and mobilenetv1_125 (the widths at
+# 1.0: the slow test below).
+@pytest.mark.torch
+@pytest.mark.parametrize('version,multiplier', [(2, 1.4), (1, 1.25)],
+                         ids=['mobilenetv2_140', 'mobilenetv1_125'])
+def test_timm_mobilenet_keys_widths_and_classes_are_read(version, multiplier):
+  """Every timm key lands with its shape checked (no forward pass: the slow test runs one)."""
+  pytest.importorskip('torch')
+  from cbam_jax import convert
+  from experiments.bench import torch_reference as refs
+
+  state = refs.TimmMobileNet(version, num_classes=7, channel_multiplier=multiplier).state_dict()
+  model, _, report = convert.from_pytorch(state, 'timm', attention=None, return_report=True)
+  assert type(model) is {1: models.MobileNetV1, 2: models.MobileNetV2}[version]
+  assert (model.width_multiplier, model.num_classes) == (multiplier, 7)
+  assert not report.new_keys and not report.missing_keys and not report.unexpected_keys
+  assert len(report.loaded_keys) == len([k for k in state if 'num_batches' not in k])
+
+
+@pytest.mark.torch
+def test_timm_mobilenet_attention_is_fresh_under_the_timm_preset():
+  pytest.importorskip('torch')
+  from cbam_jax.attention import CBAM, SqueezeExcitation, presets
+  from cbam_jax.convert import mobilenet as convert_mobilenet
+  from experiments.bench import torch_reference as refs
+
+  arrays = {k: v.numpy() for k, v in refs.TimmMobileNet(1, num_classes=5).state_dict().items()}
+  cbam = convert_mobilenet.infer_model(arrays, 'auto', {}, 'timm')[0].attention
+  assert (cbam.func, cbam.keywords) == (CBAM, presets.fields('timm', 'cbam'))
+  se = convert_mobilenet.infer_model(arrays, 'se', {'reduction_ratio': 8}, 'timm')[0].attention
+  assert (se.func, se.keywords) == (SqueezeExcitation,
+                                    presets.fields('timm', 'se', reduction_ratio=8))
+  assert convert_mobilenet.infer_model(arrays, None, {}, 'timm')[0].attention is None
+
+
+@pytest.mark.torch
+def test_timm_mobilenets_cbam_jax_lacks_are_one_line_errors():
+  pytest.importorskip('torch')
+  from cbam_jax import convert
+  from experiments.bench import torch_reference as refs
+
+  def arrays(version, **kwargs):
+    model = refs.TimmMobileNet(version, num_classes=5, **kwargs)
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+  # timm's 0.7: widths rounded to multiples of 8 (24, 48, 88, ...), ours to the nearest.
+  with pytest.raises(ValueError, match=r'^The timm mobilenetv1 widths \[24, 48, 88, .* are '
+                     r"not cbam_jax's at width_multiplier=0.703125 \(\[23, 45, 90, "):
+    convert.from_pytorch(arrays(1, channel_multiplier=0.7), 'timm')
+  with_head = {**arrays(1), 'conv_head.weight': np.zeros((1024, 1024, 1, 1), np.float32)}
+  with pytest.raises(ValueError, match=r"mobilenetv1_\*h head conv .* only mobilenetv1_100"):
+    convert.from_pytorch(with_head, 'timm')
+  six_stages = {k: v for k, v in arrays(2).items() if not k.startswith('blocks.6.')}
+  with pytest.raises(ValueError, match=r'EfficientNet-builder network .* with \[1, 2, 3, 4, 3, '
+                     r"3\] blocks per stage; only timm's mobilenetv2_\*"):
+    convert.from_pytorch(six_stages, 'timm')
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize('version', [2, 1], ids=['mobilenetv2_100', 'mobilenetv1_100'])
+def test_timm_mobilenet_weights_convert_in_both_skins(version):
+  pytest.importorskip('torch')
+  from cbam_jax import convert
+  from experiments.bench import torch_reference as refs
+
+  torch_model = refs.randomize(refs.TimmMobileNet(version, num_classes=5), seed=version)
+  state = torch_model.state_dict()
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  expected = refs.nchw_logits(torch_model, x)
+
+  model, variables = convert.from_pytorch(state, 'timm', attention=None)
+  logits = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+  nnx_model = convert.from_pytorch(state, 'timm', attention=None, api='nnx')
+  assert type(nnx_model) is {1: cbam_nnx.MobileNetV1, 2: cbam_nnx.MobileNetV2}[version]
+  nnx_model.eval()
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(nnx_model, jnp.asarray(x)), expected,
+                             rtol=0, atol=1e-4)

@@ -4,13 +4,17 @@ Three layouts are understood (``source=``):
 
 * ``'official'``: Jongchan/attention-module (``MODELS/model_resnet.py`` + ``cbam.py``),
   ImageNet (7x7 ``conv1``) and CIFAR (3x3 ``conv1``) network types, with or without CBAM.
-* ``'timm'``: timm ResNets built with ``block_args=dict(attn_layer='cbam')`` or ``'se'``
-  (the attention lives under ``layerS.I.se``).
-* ``'torchvision'``: a plain torchvision ResNet; the backbone is loaded and the attention
-  modules asked for with ``attention=`` are freshly initialised (reported as new keys).
+* ``'timm'``: timm ResNets and ResNeXts built with ``block_args=dict(attn_layer='cbam')``
+  or ``'se'`` (the attention lives under ``layerS.I.se``), and timm's ``mobilenetv2_*`` and
+  ``mobilenetv1_100`` / ``_125`` (:mod:`~cbam_jax.convert.mobilenet`; attention freshly
+  initialised as timm configures it).
+* ``'torchvision'``: a plain torchvision ResNet, ResNeXt, Wide ResNet or ``mobilenet_v2``;
+  the backbone is loaded and the attention modules asked for with ``attention=`` are freshly
+  initialised (reported as new keys).
 
-The architecture (block type, stage sizes, width, stem, classes, attention and its hidden
-sizes, MLP bias, spatial BatchNorm and kernel size) is read from the keys and shapes.
+The architecture (block type, stage sizes, width, stem, ResNeXt's groups and width per
+group, classes, attention and its hidden sizes, MLP bias, spatial BatchNorm and kernel size;
+a MobileNet's version and width) is read from the keys and shapes.
 
 Example::
 

@@ -1,7 +1,8 @@
 """Architecture inference: the :class:`cbam_jax.models.ResNet` that a state dict describes.
 
-Block type, stage sizes, width, stem, classes, attention and its hidden sizes, MLP bias,
-spatial BatchNorm and kernel size are read from the keys and shapes.
+Block type, stage sizes, width, stem and its width, ResNeXt's groups and width per group,
+classes, attention and its hidden sizes, MLP bias, spatial BatchNorm and kernel size are read
+from the keys and shapes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cbam_jax.attention import presets
 from cbam_jax.attention.bam import BottleneckAttention
 from cbam_jax.attention.cbam import CBAM
 from cbam_jax.attention.se import SqueezeExcitation
-from cbam_jax.models.resnet import BLOCKS, ResNet
+from cbam_jax.models.resnet import BLOCKS, Bottleneck, ResNet, bottleneck_width
 
 SOURCES = ('official', 'timm', 'torchvision')
 
@@ -188,6 +189,33 @@ def _infer_stage_attention(arrays: Mapping[str, np.ndarray], source: str,
       output_norm=False, num_dilated_convs=num_dilated, norm_momentum=0.9, norm_epsilon=1e-5)
 
 
+def _grouping(arrays: Mapping[str, np.ndarray], source: str, num_filters: int,
+              num_stages: int) -> tuple[int, int]:
+  """ResNeXt's ``(groups, width_per_group)`` of a bottleneck ResNet: the 3x3 convs' groups
+  and the per-group width that gives every stage's inner width (``(1, 64)`` for a ResNet)."""
+  widths = []  # (features, inner width) of every stage.
+  groups = 0  # Not yet read.
+  for stage in range(num_stages):
+    out, per_group = _shape(arrays, f'layer{stage + 1}.0.conv2.weight', source)[:2]
+    if per_group < 1 or out % per_group or groups not in (0, out // per_group):
+      raise ValueError(
+          f'layer{stage + 1}.0.conv2.weight has shape {(out, per_group)} (out, in / groups); '
+          'every bottleneck\'s 3x3 conv must have the same number of groups.')
+    groups = out // per_group
+    widths.append((num_filters * 2**stage, out))
+  # The first stage bounds width_per_group (int() floors); the others choose within it.
+  per_group = widths[0][1] // groups
+  # Every w with int(num_filters * w / 64) == per_group, the smallest first.
+  for width_per_group in range(-(-per_group * 64 // num_filters),
+                               -(-(per_group + 1) * 64 // num_filters)):
+    if all(bottleneck_width(f, groups, width_per_group) == w for f, w in widths):
+      return groups, width_per_group
+  raise ValueError(
+      f'The bottlenecks\' inner widths {[w for _, w in widths]} (stage features '
+      f'{[f for f, _ in widths]}, {groups} groups) follow no width_per_group of '
+      'int(features * width_per_group / 64) * groups (torchvision\'s and timm\'s ResNeXt rule).')
+
+
 def infer_model(arrays: Mapping[str, np.ndarray], source: str, attention: Any,
                  attention_fields: Mapping[str, Any]) -> tuple[ResNet, int]:
   """The ResNet described by ``arrays`` and its number of input channels."""
@@ -206,8 +234,15 @@ def infer_model(arrays: Mapping[str, np.ndarray], source: str, attention: Any,
   fc_shape = _shape(arrays, 'fc.weight', source)
   if len(fc_shape) != 2:
     raise ValueError(f'fc.weight has shape {fc_shape}; expected (num_classes, features).')
+  if block == 'bottleneck':
+    num_filters = _shape(arrays, 'layer1.0.conv3.weight', source)[0] // Bottleneck.expansion
+    groups, width_per_group = _grouping(arrays, source, num_filters, len(stage_sizes))
+  else:
+    num_filters, groups, width_per_group = _shape(arrays, 'layer1.0.conv1.weight', source)[0], 1, 64
   model = ResNet(
-      stage_sizes=stage_sizes, block_cls=BLOCKS[block], num_filters=int(stem_shape[0]),
+      stage_sizes=stage_sizes, block_cls=BLOCKS[block], num_filters=int(num_filters),
+      stem_features=None if stem_shape[0] == num_filters else int(stem_shape[0]),
+      groups=groups, width_per_group=width_per_group,
       stem='imagenet' if stem_shape[2] == 7 else 'cifar', num_classes=int(fc_shape[0]),
       attention=_infer_attention(arrays, source, stage_sizes, attention, attention_fields),
       stage_attention=_infer_stage_attention(arrays, source, len(stage_sizes)),

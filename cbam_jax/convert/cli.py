@@ -26,7 +26,7 @@ from cbam_jax.convert.keys import listing
 from cbam_jax.convert.state_dict import load_state_dict
 
 PROG = 'python -m cbam_jax.convert'
-USAGE = f"""Convert a PyTorch ResNet(+CBAM/SE) or torchvision MobileNetV2 checkpoint to cbam_jax.
+USAGE = f"""Convert a PyTorch ResNet/ResNeXt(+CBAM/SE) or MobileNet checkpoint to cbam_jax.
 
   {PROG} IN.pth OUT_DIR [--source={"|".join(SOURCES)}] [--attention=cbam|none|se]
       [--identity_init] [--nostrict] [--seed=0] [--overwrite]
@@ -39,10 +39,11 @@ description) and an orbax checkpoint OUT_DIR/variables (cbam_jax.saving.load rea
 def define_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_enum('source', 'official', SOURCES, 'Key layout of the input.',
                     flag_values=values)
-  flags.DEFINE_string('attention', 'auto', "torchvision only: attention to add (default "
-                      "cbam; 'none' for a plain ResNet).", flag_values=values)
-  flags.DEFINE_boolean('identity_init', False, 'torchvision with attention only: start the '
-                       'added attention as the identity (the plain network\'s logits).',
+  flags.DEFINE_string('attention', 'auto', "torchvision and timm MobileNets only: attention "
+                      "to add (default cbam; 'none' for the plain network).",
+                      flag_values=values)
+  flags.DEFINE_boolean('identity_init', False, 'added attention only (torchvision, timm '
+                       'MobileNets): start it as the identity (the plain network\'s logits).',
                        flag_values=values)
   flags.DEFINE_boolean('strict', True, 'Fail on missing or unexpected keys; --nostrict loads '
                        'the matching keys, initialises missing ones and ignores the rest.',

@@ -1,5 +1,4 @@
-"""PyTorch ResNet (and torchvision MobileNetV2) weights -> Flax variables:
-:func:`from_pytorch`."""
+"""PyTorch ResNet (and MobileNet) weights -> Flax variables: :func:`from_pytorch`."""
 
 from __future__ import annotations
 
@@ -60,9 +59,10 @@ def from_pytorch(
     return_report: bool = False,
     api: str = 'linen',
 ) -> Any:
-  """A :class:`cbam_jax.models.ResNet` and its Flax variables from PyTorch weights (with
-  ``source='torchvision'``, also a :class:`cbam_jax.models.MobileNetV2` from torchvision's
-  ``mobilenet_v2`` keys: :mod:`cbam_jax.convert.mobilenet`).
+  """A :class:`cbam_jax.models.ResNet` (ResNeXt, Wide ResNet) and its Flax variables from
+  PyTorch weights; also a :class:`cbam_jax.models.MobileNetV2` from torchvision's
+  ``mobilenet_v2`` or timm's ``mobilenetv2_*`` keys and a :class:`~cbam_jax.models.MobileNetV1`
+  from timm's ``mobilenetv1_100`` / ``_125`` (:mod:`cbam_jax.convert.mobilenet`).
 
   Args:
     state_dict: names -> torch tensors or numpy arrays (anything ``np.asarray`` accepts),
@@ -72,17 +72,18 @@ def from_pytorch(
     strict: raise on missing or unexpected keys. With ``False`` missing variables keep their
       fresh initialisation and unexpected keys are ignored (both are logged and reported).
     attention: ``'auto'`` reads the attention from the weights, except for
-      ``'torchvision'`` where it means ``'cbam'`` (the official configuration). With
-      ``'torchvision'`` also ``None`` (plain ResNet), a name from
-      :func:`cbam_jax.attention.available` or a module factory; it is freshly initialised
-      from ``rng``.
+      ``'torchvision'`` where it means ``'cbam'`` (the official configuration) and timm's
+      MobileNets (no attention in timm's) where it means ``'cbam'`` as timm configures it
+      (:mod:`cbam_jax.attention.presets` ``'timm'``). With those also ``None`` (no
+      attention), a name from :func:`cbam_jax.attention.available` (timm MobileNets: under
+      the timm preset) or a module factory; it is freshly initialised from ``rng``.
     attention_fields: fields the weights cannot tell, e.g. ``{'pool_types': ('avg', 'max',
-      'lse')}`` for an official model trained with other pools; with ``'torchvision'``,
-      fields for an ``attention=`` class.
-    identity_init: ``'torchvision'`` with attention only: the fresh attention modules
-      start as the identity (docs/attention_family.md, "Identity at insertion"), so the
-      converted network computes the plain torchvision network's logits; stored in the
-      model's ``attention_fields``.
+      'lse')}`` for an official model trained with other pools; with fresh attention, fields
+      for an ``attention=`` class (or, timm MobileNets, over the preset of a name).
+    identity_init: fresh attention only (``'torchvision'``, timm MobileNets): the fresh
+      attention modules start as the identity (docs/attention_family.md, "Identity at
+      insertion"), so the converted network computes the plain network's logits; stored in
+      the model's ``attention_fields``.
     rng: PRNG key, or an int seed of an ``'rbg'`` key, for the variables without
       PyTorch counterpart.
     return_report: also return a :class:`ConversionReport`.
@@ -91,7 +92,7 @@ def from_pytorch(
   Returns:
     With ``api='linen'``: ``(model, variables)`` with ``variables = {'params': ...,
     'batch_stats': ...}`` (float32), for ``model.apply(variables, images_nhwc)``. With
-    ``api='nnx'``: the :class:`cbam_jax.nnx.ResNet` holding those weights (in
+    ``api='nnx'``: the NNX network (:class:`cbam_jax.nnx.ResNet`, ...) holding those weights (in
     training mode, as every new NNX module; call ``model.eval()`` for inference). Plus
     the report if asked.
 
@@ -103,21 +104,25 @@ def from_pytorch(
   _validation.check_choice('source', source, SOURCES)
   _validation.check_choice('api', api, APIS)
   arrays = prepare(state_dict)
-  model: Any  # A ResNet, or a MobileNetV2 for torchvision's mobilenet_v2 keys.
-  if source == 'torchvision' and mobilenet.is_mobilenet_v2(arrays):
-    model, in_channels = mobilenet.infer_model(arrays, attention, dict(attention_fields or {}))
+  model: Any  # A ResNet, or a MobileNet for MobileNet keys.
+  mobilenet_layout = mobilenet.layout(arrays, source)
+  if mobilenet_layout is not None:
+    model, in_channels = mobilenet.infer_model(arrays, attention, dict(attention_fields or {}),
+                                               source)
   else:
     model, in_channels = infer_model(arrays, source, attention, dict(attention_fields or {}))
   if identity_init:
-    if source != 'torchvision' or model.attention is None:
+    adds_attention = source == 'torchvision' or mobilenet_layout is not None
+    if not adds_attention or model.attention is None:
       raise ValueError(
           'identity_init=True starts freshly added attention as the identity; it needs '
-          f'source=\'torchvision\' with attention (got source={source!r}, attention='
-          f'{attention!r}). Drop identity_init, or use cbam_jax.models.add_attention.')
+          'source=\'torchvision\' with attention, or a timm MobileNet with attention (got '
+          f'source={source!r}, attention={attention!r}). Drop identity_init, or use '
+          'cbam_jax.models.add_attention.')
     model = model.clone(attention_fields=FrozenDict({**(model.attention_fields or {}),
                                                      'identity_init': True}))
-  if source == 'torchvision' and mobilenet.is_mobilenet_v2(arrays):
-    key_of = functools.partial(mobilenet.torch_key, model)
+  if mobilenet_layout is not None:
+    key_of = functools.partial(mobilenet.torch_key, model, mobilenet_layout)
   else:
     key_of = functools.partial(torch_key, attention_layout=attention_layout(source, model))
 

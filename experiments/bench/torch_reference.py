@@ -26,13 +26,18 @@ names (state-dict layouts that :mod:`cbam_jax.convert` reads) need:
   MLP, hidden ``make_divisible(C / 16, 1)``, spatial pool ``[mean, max]``, ``ConvNormAct``
   with BatchNorm momentum 0.1), ``layers/squeeze_excite.py`` (:class:`TimmSEModule`) and
   ``models/resnet.py`` with ``block_args=dict(attn_layer=...)`` (:class:`TimmResNet`,
-  default 7x7 stem).
+  default 7x7 stem; ``cardinality`` and ``base_width`` make it timm's ResNeXt);
+  ``models/efficientnet.py`` ``mobilenetv1_100`` and ``mobilenetv2_*`` as
+  ``_efficientnet_builder.py`` builds them from ``_efficientnet_blocks.py``
+  (:class:`TimmMobileNet`).
 * :func:`benchmark_resnet`: the official ResNet configured as cbam_jax's ``resnet20`` and
   ``resnet50``, so that the two frameworks time the same network.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -512,13 +517,18 @@ class TimmBasicBlock(nn.Module):
 class TimmBottleneck(nn.Module):
   expansion = 4
 
-  def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None):
+  def __init__(self, inplanes, planes, stride=1, downsample=None, attn_layer=None,
+               cardinality=1, base_width=64):
     super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+    # timm: ResNeXt's grouped 3x3 conv (cardinality groups, base_width channels per group at
+    # 64 planes).
+    width = int(math.floor(planes * (base_width / 64)) * cardinality)
+    self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1,
+                           groups=cardinality, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3 = nn.Conv2d(width, planes * 4, kernel_size=1, bias=False)
     self.bn3 = nn.BatchNorm2d(planes * 4)
     self.se = _timm_attn(attn_layer, planes * 4)
     self.downsample = downsample
@@ -536,16 +546,30 @@ class TimmBottleneck(nn.Module):
 
 
 class TimmResNet(nn.Module):
-  """timm ``ResNet(block, layers, block_args=dict(attn_layer=...))`` with the default stem."""
+  """timm ``ResNet(block, layers, cardinality=..., base_width=..., block_args=dict(
+  attn_layer=...))`` with the default stem.
+
+  ``width`` gives timm's ``channels=(width, 2 * width, ...)``; ``stem_width`` the 7x7 stem's
+  channels, ``width`` when ``None`` (timm fixes the default stem at 64, so ``stem_width=64``
+  is timm's network at any ``width``). ``cardinality`` and ``base_width`` (bottlenecks only)
+  make it timm's ResNeXt: ``resnext50_32x4d`` is ``('bottleneck', [3, 4, 6, 3],
+  cardinality=32, base_width=4)``, ``seresnext50_32x4d`` the same with ``attn_layer='se'``.
+  """
 
   def __init__(self, block: str, layers, num_classes: int = 10, attn_layer: str | None = 'cbam',
-               width: int = 64):
+               width: int = 64, stem_width: int | None = None, cardinality: int = 1,
+               base_width: int = 64):
     super().__init__()
     block_cls = {'basic': TimmBasicBlock, 'bottleneck': TimmBottleneck}[block]
-    self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
+    grouping = {}
+    if block == 'bottleneck':
+      grouping = dict(cardinality=cardinality, base_width=base_width)
+    elif (cardinality, base_width) != (1, 64):
+      raise ValueError('cardinality and base_width need block="bottleneck" (as timm).')
+    inplanes = width if stem_width is None else stem_width
+    self.conv1 = nn.Conv2d(3, inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(inplanes)
     self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-    inplanes = width
     for stage, num_blocks in enumerate(layers):
       planes, stride = width * 2**stage, 1 if stage == 0 else 2
       downsample = None
@@ -556,7 +580,8 @@ class TimmResNet(nn.Module):
       blocks = []
       for index in range(num_blocks):
         blocks.append(block_cls(inplanes, planes, stride if index == 0 else 1,
-                                downsample if index == 0 else None, attn_layer=attn_layer))
+                                downsample if index == 0 else None, attn_layer=attn_layer,
+                                **grouping))
         inplanes = planes * block_cls.expansion
       setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
     self.num_stages = len(layers)
@@ -567,6 +592,142 @@ class TimmResNet(nn.Module):
     for stage in range(self.num_stages):
       x = getattr(self, f'layer{stage + 1}')(x)
     return self.fc(x.mean((2, 3)))
+
+
+# timm's MobileNets: models/efficientnet.py (_gen_mobilenet_v1, _gen_mobilenet_v2) built by
+# _efficientnet_builder.py from _efficientnet_blocks.py, with timm's module names.
+
+# The arch_defs of _gen_mobilenet_v1 and _gen_mobilenet_v2, as timm writes them: block type
+# (ds: depthwise-separable, dsa: the same with an activation after the pointwise conv and no
+# skip, ir: inverted residual), r repeats, k depthwise kernel, s first stride, e expansion,
+# c output channels.
+TIMM_MOBILENET_V1_ARCH = (
+    ('dsa_r1_k3_s1_c64',), ('dsa_r2_k3_s2_c128',), ('dsa_r2_k3_s2_c256',),
+    ('dsa_r6_k3_s2_c512',), ('dsa_r2_k3_s2_c1024',))
+TIMM_MOBILENET_V2_ARCH = (
+    ('ds_r1_k3_s1_c16',), ('ir_r2_k3_s2_e6_c24',), ('ir_r3_k3_s2_e6_c32',),
+    ('ir_r4_k3_s2_e6_c64',), ('ir_r3_k3_s1_e6_c96',), ('ir_r3_k3_s2_e6_c160',),
+    ('ir_r1_k3_s1_e6_c320',))
+
+
+def _decode_block(block_str: str) -> dict:
+  """timm ``_decode_block_str``, trimmed to the options the MobileNets' arch_defs use."""
+  block_type, *ops = block_str.split('_')
+  options = dict(re.split(r'(\d.*)', op)[:2] for op in ops)
+  return dict(block_type=block_type, repeats=int(options['r']), kernel=int(options['k']),
+              stride=int(options['s']), exp_ratio=float(options.get('e', 1.0)),
+              out_chs=int(options['c']))
+
+
+def _timm_conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1,
+               groups: int = 1) -> nn.Conv2d:
+  """timm ``create_conv2d`` with ``pad_type=''``: PyTorch's symmetric padding, no bias."""
+  return nn.Conv2d(in_chs, out_chs, kernel, stride, padding=((stride - 1) + (kernel - 1)) // 2,
+                   groups=groups, bias=False)
+
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+  """timm ``layers/norm_act.py`` ``BatchNormAct2d``: BatchNorm (eps 1e-5, momentum 0.1) and
+  its activation; the state dict is BatchNorm's."""
+
+  def __init__(self, channels: int, apply_act: bool = True):
+    super().__init__(channels)
+    self.drop = nn.Identity()
+    self.act = nn.ReLU6() if apply_act else nn.Identity()
+
+  def forward(self, x):
+    return self.act(self.drop(super().forward(x)))
+
+
+class TimmDepthwiseSeparableConv(nn.Module):
+  """timm ``DepthwiseSeparableConv`` (no SE): ``conv_dw`` + ``bn1`` (act), ``conv_pw`` +
+  ``bn2`` (act only with ``pw_act``: the ``dsa`` blocks)."""
+
+  def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, noskip: bool,
+               pw_act: bool):
+    super().__init__()
+    self.has_skip = stride == 1 and in_chs == out_chs and not noskip
+    self.conv_dw = _timm_conv(in_chs, in_chs, kernel, stride, groups=in_chs)
+    self.bn1 = TimmBatchNormAct2d(in_chs)
+    self.se = nn.Identity()
+    self.conv_pw = _timm_conv(in_chs, out_chs, 1)
+    self.bn2 = TimmBatchNormAct2d(out_chs, apply_act=pw_act)
+
+  def forward(self, x):
+    shortcut = x
+    x = self.conv_pw(self.se(self.bn1(self.conv_dw(x))))
+    x = self.bn2(x)
+    return x + shortcut if self.has_skip else x
+
+
+class TimmInvertedResidual(nn.Module):
+  """timm ``InvertedResidual`` (no SE): ``conv_pw`` + ``bn1`` (expansion), ``conv_dw`` +
+  ``bn2``, ``conv_pwl`` + ``bn3`` (linear), the input added when the shape is kept."""
+
+  def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, exp_ratio: float):
+    super().__init__()
+    self.has_skip = in_chs == out_chs and stride == 1
+    mid_chs = make_divisible(in_chs * exp_ratio)
+    self.conv_pw = _timm_conv(in_chs, mid_chs, 1)
+    self.bn1 = TimmBatchNormAct2d(mid_chs)
+    self.conv_dw = _timm_conv(mid_chs, mid_chs, kernel, stride, groups=mid_chs)
+    self.bn2 = TimmBatchNormAct2d(mid_chs)
+    self.se = nn.Identity()
+    self.conv_pwl = _timm_conv(mid_chs, out_chs, 1)
+    self.bn3 = TimmBatchNormAct2d(out_chs, apply_act=False)
+
+  def forward(self, x):
+    shortcut = x
+    x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+    x = self.bn3(self.conv_pwl(self.se(x)))
+    return x + shortcut if self.has_skip else x
+
+
+class TimmMobileNet(nn.Module):
+  """timm ``EfficientNet`` as ``mobilenetv1_100`` (``version=1``) or ``mobilenetv2_100``
+  (``version=2``) builds it at ``channel_multiplier`` (``mobilenetv2_050``, ...): ReLU6,
+  ``round_channels`` widths (multiples of 8), ``conv_head`` to 1280 (v2; v1 has none),
+  global average pooling, ``classifier``."""
+
+  def __init__(self, version: int, num_classes: int = 10, channel_multiplier: float = 1.0):
+    super().__init__()
+    arch = {1: TIMM_MOBILENET_V1_ARCH, 2: TIMM_MOBILENET_V2_ARCH}[version]
+
+    def round_chs(channels):  # _efficientnet_builder.round_channels.
+      return make_divisible(channels * channel_multiplier, 8, round_limit=0.9)
+
+    stem = round_chs(32)
+    self.conv_stem = _timm_conv(3, stem, 3, stride=2)
+    self.bn1 = TimmBatchNormAct2d(stem)
+    in_chs, stages = stem, []
+    for stage in arch:
+      args = _decode_block(stage[0])
+      blocks = []
+      for index in range(args['repeats']):
+        out_chs, stride = round_chs(args['out_chs']), args['stride'] if index == 0 else 1
+        if args['block_type'] == 'ir':
+          blocks.append(TimmInvertedResidual(in_chs, out_chs, args['kernel'], stride,
+                                             args['exp_ratio']))
+        else:
+          dsa = args['block_type'] == 'dsa'
+          blocks.append(TimmDepthwiseSeparableConv(in_chs, out_chs, args['kernel'], stride,
+                                                   noskip=dsa, pw_act=dsa))
+        in_chs = out_chs
+      stages.append(nn.Sequential(*blocks))
+    self.blocks = nn.Sequential(*stages)
+    if version == 2:
+      features = max(1280, round_chs(1280))
+      self.conv_head = _timm_conv(in_chs, features, 1)
+      self.bn2 = TimmBatchNormAct2d(features)
+    else:
+      features = in_chs
+      self.conv_head, self.bn2 = nn.Identity(), nn.Identity()
+    self.classifier = nn.Linear(features, num_classes)
+
+  def forward(self, x):
+    x = self.blocks(self.bn1(self.conv_stem(x)))
+    x = self.bn2(self.conv_head(x))
+    return self.classifier(x.mean((2, 3)))
 
 
 # ----------------------------------------------------------------------------------------------
