@@ -11,20 +11,17 @@ initialised, as for a torchvision ResNet.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from cbam_jax.convert.architecture import torchvision_attention
+from cbam_jax.convert.keys import _NORM_LEAVES, _conv, _identity, _linear
 from cbam_jax.models.mobilenet_v2 import LAST_WIDTH, STEM_WIDTH, MobileNetV2, block_plan
 
 STEM_KEY = 'features.0.0.weight'
 HEAD_KEY = 'classifier.1.weight'
-
-_NORM_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                'var': 'running_var'}
-
 
 def is_mobilenet_v2(arrays: Mapping[str, np.ndarray]) -> bool:
   """Whether the keys are torchvision's MobileNetV2's."""
@@ -42,23 +39,9 @@ def infer_model(arrays: Mapping[str, np.ndarray], attention: Any,
         f'{STEM_KEY} has {stem[0]} filters and the last conv '
         f'{None if last is None else last.shape[0]}: only torchvision\'s mobilenet_v2 at '
         f'width 1.0 ({STEM_WIDTH} and {LAST_WIDTH}) converts.')
-  if attention == 'auto':
-    attention = 'cbam'
-  if attention_fields and not callable(attention):
-    raise ValueError('attention_fields needs attention= to be a module class; use e.g. '
-                     'attention=CBAM, attention_fields={...}.')
-  if attention_fields:
-    attention = functools.partial(attention, **attention_fields)
-  model = MobileNetV2(num_classes=int(arrays[HEAD_KEY].shape[0]), attention=attention)
+  model = MobileNetV2(num_classes=int(arrays[HEAD_KEY].shape[0]),
+                      attention=torchvision_attention(attention, attention_fields))
   return model, int(stem[1])
-
-
-def _conv(w: np.ndarray) -> np.ndarray:
-  return w.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O); depthwise I = 1.
-
-
-def _identity(w: np.ndarray) -> np.ndarray:
-  return w
 
 
 def torch_key(model: MobileNetV2, path: tuple[str, ...]
@@ -81,7 +64,7 @@ def torch_key(model: MobileNetV2, path: tuple[str, ...]
     prefix = {'conv1': 'features.0.0', 'bn1': 'features.0.1', 'last_conv': f'features.{last}.0',
               'last_bn': f'features.{last}.1', 'fc': 'classifier.1'}[module]
   if leaf == 'kernel':
-    return f'{prefix}.weight', (lambda w: w.T) if module == 'fc' else _conv
+    return f'{prefix}.weight', _linear if module == 'fc' else _conv
   if leaf in _NORM_LEAVES:
     return f'{prefix}.{"bias" if leaf == "bias" else _NORM_LEAVES[leaf]}', _identity
   raise ValueError(f'No torchvision key for the Flax variable {"/".join(path)}.')
