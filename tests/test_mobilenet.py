@@ -240,9 +240,9 @@ def _torchvision_mobilenet_v2(torch, num_classes: int):
 @pytest.mark.torch
 def test_torchvision_mobilenet_v2_weights_convert_in_both_skins():
   torch = pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
   from cbam_jax.convert import mobilenet as convert_mobilenet
-  from experiments.bench import torch_reference as refs
 
   torch_model = refs.randomize(_torchvision_mobilenet_v2(torch, num_classes=5), seed=3)
   state = torch_model.state_dict()

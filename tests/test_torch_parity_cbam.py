@@ -23,7 +23,7 @@ import pytest
 from cbam_jax import CBAM
 
 torch = pytest.importorskip('torch')
-from experiments.bench.torch_reference import OfficialCBAM, TimmCbamModule  # noqa: E402
+from torch_reference import OfficialCBAM, TimmCbamModule  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
