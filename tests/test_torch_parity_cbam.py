@@ -1,6 +1,6 @@
 """CBAM against PyTorch references of the official code and of timm, with identical weights.
 
-The references (:mod:`experiments.bench.torch_reference`, shared with the benchmark) are
+The references (:mod:`torch_reference`, shared with the benchmark) are
 written from the public code:
 
 * official: Jongchan/attention-module ``MODELS/cbam.py`` (``ChannelGate``, ``ChannelPool``,
