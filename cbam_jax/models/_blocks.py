@@ -89,8 +89,9 @@ def layer_factories(conv: ModuleDef, norm: ModuleDef, *, use_running_average: bo
 
 
 def stages_at_downsampling(strides: Sequence[int]) -> list[list[int]]:
-  """Block indices grouped into stages for a network with a stride per block: a stage ends
-  before every stride-2 block but the first block (BAM's stage boundary)."""
+  """The indices of blocks with these ``strides``, grouped into stages: the first block and
+  every stride-2 block start a stage (BAM's boundary: stage attention goes before each
+  downsampling)."""
   stages: list[list[int]] = []
   for index, stride in enumerate(strides):
     if not stages or stride == 2:
