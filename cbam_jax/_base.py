@@ -271,32 +271,6 @@ def check_spatial_kernel_shape(what: str, stored: Sequence[int] | None,
         'this input rank, or check kernel_size and channel_axis.')
 
 
-def resolve_fields(linen_cls: type[nn.Module], fields: Mapping[str, Any]) -> dict[str, Any]:
-  """Every field of ``linen_cls`` (but ``parent``/``name``): ``fields``' value or the default.
-
-  For an NNX network whose fields are its linen twin's (the backbones). Sequences become
-  tuples (NNX keeps non-array attributes as static, hashable data).
-  """
-  declared = {f.name: f for f in dataclasses.fields(linen_cls)
-              if f.name not in ('parent', 'name')}
-  unknown = sorted(set(fields) - set(declared))
-  if unknown:
-    raise TypeError(unknown_fields_message(linen_cls.__name__, unknown, declared))
-  resolved = {}
-  for name, field in declared.items():
-    if name in fields:
-      value = fields[name]
-    elif field.default is not dataclasses.MISSING:
-      value = field.default
-    elif field.default_factory is not dataclasses.MISSING:
-      value = field.default_factory()
-    else:
-      raise TypeError(f'{linen_cls.__name__} needs the field {name!r} (it has no default); '
-                      f'pass {name}=...')
-    resolved[name] = tuple(value) if isinstance(value, list) else value
-  return resolved
-
-
 # The NNX skin. Member files define their NNX classes on these; nothing here imports
 # cbam_jax.nnx, so that a member's one file serves both skins without an import circle.
 

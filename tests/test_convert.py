@@ -16,10 +16,10 @@ from cases import fast_subset
 
 torch = pytest.importorskip('torch')
 
+import torch_reference as refs  # noqa: E402  (needs torch)
 from cbam_jax import convert, saving  # noqa: E402
 from cbam_jax.convert import keys as convert_keys  # noqa: E402
 from cbam_jax.models import Bottleneck  # noqa: E402
-from experiments.bench import torch_reference as refs  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 

@@ -253,8 +253,8 @@ def test_nnx_features_and_refusals():
 @pytest.mark.parametrize('api', ['linen', pytest.param('nnx', marks=pytest.mark.slow)])
 def test_torchvision_conversion_with_identity_attention(api):
   pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
-  from experiments.bench import torch_reference as refs
 
   torch_model = refs.randomize(refs.OfficialResNet(
       'basic', [1, 1], 'CIFAR10', num_classes=4, att_type=None, width=16, global_pool=True),
@@ -283,8 +283,8 @@ def test_torchvision_conversion_with_identity_attention(api):
 @pytest.mark.torch
 def test_conversion_refuses_identity_init_without_fresh_attention():
   pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
-  from experiments.bench import torch_reference as refs
 
   state = refs.OfficialResNet('basic', [1, 1], 'CIFAR10', num_classes=4, att_type=None,
                               width=16, global_pool=True).state_dict()
@@ -297,8 +297,8 @@ def test_conversion_refuses_identity_init_without_fresh_attention():
 @pytest.mark.slow
 def test_convert_cli_identity_init_round_trip(tmp_path, capsys):
   torch = pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert, saving
-  from experiments.bench import torch_reference as refs
 
   torch_model = refs.randomize(refs.OfficialResNet(
       'basic', [1, 1], 'CIFAR10', num_classes=4, att_type=None, width=16, global_pool=True),

@@ -240,9 +240,9 @@ def _torchvision_mobilenet_v2(torch, num_classes: int):
 @pytest.mark.torch
 def test_torchvision_mobilenet_v2_weights_convert_in_both_skins():
   torch = pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
   from cbam_jax.convert import mobilenet as convert_mobilenet
-  from experiments.bench import torch_reference as refs
 
   torch_model = refs.randomize(_torchvision_mobilenet_v2(torch, num_classes=5), seed=3)
   state = torch_model.state_dict()
@@ -268,7 +268,7 @@ def test_torchvision_mobilenet_v2_weights_convert_in_both_skins():
   assert convert_mobilenet.infer_model(arrays, None, {})[0] == model
 
 
-# timm's MobileNets, transcribed in experiments/bench/torch_reference.py (TimmMobileNet):
+# timm's MobileNets, transcribed in torch_reference/ (TimmMobileNet):
 # (version, timm's channel_multiplier) as mobilenetv2_140 and mobilenetv1_125 (the widths at
 # 1.0: the slow test below).
 @pytest.mark.torch

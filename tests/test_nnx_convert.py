@@ -10,9 +10,9 @@ torch = pytest.importorskip('torch')
 
 from nnx_parity import assert_close  # noqa: E402
 
+import torch_reference as refs  # noqa: E402  (needs torch)
 from cbam_jax import convert  # noqa: E402
 from cbam_jax import nnx as cbam_nnx  # noqa: E402
-from experiments.bench import torch_reference as refs  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.torch
 

@@ -57,10 +57,12 @@ def test_every_model_name_and_documented_param_count():
     cbam_nnx.create_model('resnet19', rngs=nnx.Rngs(0))
 
 
-def test_signature_names_every_linen_field_with_its_default():
-  """``cbam_nnx.ResNet`` (like ``nnx.Linear``) names each field of the linen ResNet but the
-  linen-only layer factories, with the same default; a misspelt one gets the closest."""
-  backbone = models.backbone_for_model('resnet20')
+@pytest.mark.parametrize('family', models.available_backbones())
+def test_signature_names_every_linen_field_with_its_default(family):
+  """Every family's NNX network (like ``nnx.Linear``) names each field of its linen network
+  but the linen-only layer factories, keyword-only, with the same default; a misspelt one
+  gets the closest, and a linen-only one is refused by name."""
+  backbone = models.get_backbone(family)
   linen = {f.name: f for f in dataclasses.fields(backbone.linen)
            if f.name not in ('parent', 'name', *backbone.linen_only)}
   params = inspect.signature(backbone.nnx.__init__).parameters
@@ -69,11 +71,15 @@ def test_signature_names_every_linen_field_with_its_default():
     assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
     default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
     assert params[name].default is default, name
-  with pytest.raises(TypeError, match=r"ResNetNNX got unexpected field\(s\) \['atention'\] "
+  assert params['rngs'].kind is inspect.Parameter.KEYWORD_ONLY
+  size = next(iter(backbone.sizes))
+  nnx_name = backbone.nnx.__name__
+  with pytest.raises(TypeError, match=rf"{nnx_name} got unexpected field\(s\) \['atention'\] "
                                       r"\('atention': did you mean 'attention'\?\)"):
-    cbam_nnx.create_model('resnet20', atention='cbam', rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match=r"unexpected field\(s\) \['conv'\]"):
-    cbam_nnx.create_model('resnet20', conv=nnx.Conv, rngs=nnx.Rngs(0))
+    cbam_nnx.create_model(size, atention='cbam', rngs=nnx.Rngs(0))
+  for name in backbone.linen_only:
+    with pytest.raises(TypeError, match=rf"unexpected field\(s\) \['{name}'\]"):
+      cbam_nnx.create_model(size, **{name: None}, rngs=nnx.Rngs(0))
 
 
 # (model fields, image size, train): basic and bottleneck blocks, CIFAR and ImageNet stems,

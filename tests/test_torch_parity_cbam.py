@@ -1,6 +1,6 @@
 """CBAM against PyTorch references of the official code and of timm, with identical weights.
 
-The references (:mod:`experiments.bench.torch_reference`, shared with the benchmark) are
+The references (:mod:`torch_reference`, shared with the benchmark) are
 written from the public code:
 
 * official: Jongchan/attention-module ``MODELS/cbam.py`` (``ChannelGate``, ``ChannelPool``,
@@ -23,7 +23,7 @@ import pytest
 from cbam_jax import CBAM
 
 torch = pytest.importorskip('torch')
-from experiments.bench.torch_reference import OfficialCBAM, TimmCbamModule  # noqa: E402
+from torch_reference import OfficialCBAM, TimmCbamModule  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -9,8 +9,7 @@ import typing
 import flax.typing
 import pytest
 
-from cbam_jax import attention
-from cbam_jax.models.resnet import ResNet
+from cbam_jax import attention, models
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,7 +40,15 @@ def test_member_fields_carry_flax_types(name):
     assert nnx[field] == expected, (field, nnx[field])
 
 
-def test_resnet_fields_carry_flax_types():
-  hints = typing.get_type_hints(ResNet)
-  assert hints['dtype'] == hints['param_dtype'] == flax.typing.Dtype
-  assert hints['kernel_init'] == flax.typing.Initializer
+@pytest.mark.parametrize('family', models.available_backbones())
+def test_backbone_fields_carry_flax_types(family):
+  """Both skins' networks type their dtypes and initialiser with Flax's types, and the NNX
+  signature types every field as the linen network does."""
+  backbone = models.get_backbone(family)
+  linen = typing.get_type_hints(backbone.linen)
+  nnx = typing.get_type_hints(backbone.nnx.__init__)
+  for hints in (linen, nnx):
+    assert hints['dtype'] == hints['param_dtype'] == flax.typing.Dtype, family
+    assert hints['kernel_init'] == flax.typing.Initializer, family
+  for field in set(nnx) - {'in_features', 'rngs', 'return'}:
+    assert nnx[field] == linen[field], (family, field, nnx[field], linen[field])

@@ -76,20 +76,27 @@ def _hidden_rule(pairs: Sequence[tuple[int, int]], rules: Sequence[str],
       'describe every block. Build the model yourself and copy the weights by hand.')
 
 
+def torchvision_attention(attention: Any, attention_fields: Mapping[str, Any]) -> Any:
+  """The attention spec of a network converted from torchvision, which has none: the modules
+  asked for (``'auto'`` = ``'cbam'``) are freshly initialised; ``attention_fields`` need
+  ``attention`` to be a module class."""
+  if attention == 'auto':
+    attention = 'cbam'
+  if attention_fields and not callable(attention):
+    raise ValueError('attention_fields needs attention= to be a module class; use e.g. '
+                     'attention=CBAM, attention_fields={...}.')
+  if attention_fields:
+    return functools.partial(attention, **attention_fields)
+  return attention
+
+
 def _infer_attention(arrays: Mapping[str, np.ndarray], source: str,
                      stage_sizes: Sequence[int], attention: Any,
                      attention_fields: Mapping[str, Any]) -> Any:
   """The attention spec of ``source``'s state dict (a functools.partial), or ``attention``."""
   blocks = [f'layer{s + 1}.{i}.' for s, n in enumerate(stage_sizes) for i in range(n)]
   if source == 'torchvision':
-    if attention == 'auto':
-      attention = 'cbam'
-    if attention_fields and not callable(attention):
-      raise ValueError('attention_fields needs attention= to be a module class; use e.g. '
-                       'attention=CBAM, attention_fields={...}.')
-    if attention_fields:
-      return functools.partial(attention, **attention_fields)
-    return attention
+    return torchvision_attention(attention, attention_fields)
   if attention != 'auto':
     raise ValueError(
         f'attention= is read from the weights for source={source!r}; pass it only with '

@@ -38,6 +38,8 @@ import numpy as np
 
 from cbam_jax import attention as attention_registry
 from cbam_jax.attention import presets
+from cbam_jax.convert.architecture import torchvision_attention
+from cbam_jax.convert.keys import _NORM_LEAVES, _conv, _identity, _linear
 from cbam_jax.models import mobilenet_v1
 from cbam_jax.models.mobilenet_v1 import MobileNetV1, scaled_width
 from cbam_jax.models.mobilenet_v2 import (
@@ -57,8 +59,6 @@ TIMM_HEAD_KEY = 'classifier.weight'
 TIMM_V2_STAGES = tuple(n for _, _, n, _ in SETTINGS)
 TIMM_V1_STAGES = (1, 2, 2, 6, 2)
 
-_NORM_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                'var': 'running_var'}
 _TIMM_BLOCK_KEY = re.compile(r'^blocks\.(\d+)\.(\d+)\.')
 
 
@@ -101,17 +101,11 @@ def layout(arrays: Mapping[str, np.ndarray], source: str) -> str | None:
 
 def _attention(source: str, attention: Any, attention_fields: Mapping[str, Any]) -> Any:
   """The fresh attention: a registry name under the source's preset, or the factory given."""
-  if attention == 'auto':
-    attention = 'cbam'
   if source == 'timm' and isinstance(attention, str):
-    return functools.partial(attention_registry.member(attention).linen,
-                             **presets.fields('timm', attention, **attention_fields))
-  if attention_fields and not callable(attention):
-    raise ValueError('attention_fields needs attention= to be a module class; use e.g. '
-                     'attention=CBAM, attention_fields={...}.')
-  if attention_fields:
-    return functools.partial(attention, **attention_fields)
-  return attention
+    name = 'cbam' if attention == 'auto' else attention
+    return functools.partial(attention_registry.member(name).linen,
+                             **presets.fields('timm', name, **attention_fields))
+  return torchvision_attention(attention, attention_fields)
 
 
 def infer_model(arrays: Mapping[str, np.ndarray], attention: Any,
@@ -186,14 +180,6 @@ _TIMM_TOP = {'conv1': 'conv_stem', 'bn1': 'bn1', 'last_conv': 'conv_head', 'last
              'fc': 'classifier'}
 
 
-def _conv(w: np.ndarray) -> np.ndarray:
-  return w.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O); depthwise I = 1.
-
-
-def _identity(w: np.ndarray) -> np.ndarray:
-  return w
-
-
 def torch_key(model: MobileNetV1 | MobileNetV2, found: str, path: tuple[str, ...]
               ) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
   """The key (layout ``found``) and layout change of the variable at ``path`` (no
@@ -223,7 +209,7 @@ def torch_key(model: MobileNetV1 | MobileNetV2, found: str, path: tuple[str, ...
     prefix = {'conv1': 'features.0.0', 'bn1': 'features.0.1', 'last_conv': f'features.{last}.0',
               'last_bn': f'features.{last}.1', 'fc': 'classifier.1'}[module]
   if leaf == 'kernel':
-    return f'{prefix}.weight', (lambda w: w.T) if module == 'fc' else _conv
+    return f'{prefix}.weight', _linear if module == 'fc' else _conv
   if leaf in _NORM_LEAVES:
     return f'{prefix}.{"bias" if leaf == "bias" else _NORM_LEAVES[leaf]}', _identity
   raise ValueError(f'No {found} key for the Flax variable {"/".join(path)}.')

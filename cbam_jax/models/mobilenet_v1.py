@@ -36,15 +36,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base, _validation
 from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, resolve_attention, resolve_nnx_attention
-from cbam_jax.models._blocks import check_images, conv_kernel_init, same_padding
+from cbam_jax.models._attention import AttentionSpec, network_attention
+from cbam_jax.models._blocks import (
+    add_stages,
+    apply_stages,
+    check_images,
+    classifier_head,
+    conv_kernel_init,
+    dense_head_init,
+    layer_factories,
+    nnx_classifier_head,
+    nnx_logits,
+    same_padding,
+    stages_at_downsampling,
+)
 
 Array = jax.Array
-Dtype = Any
 ModuleDef = Any
 
 __all__ = ['ATTENTION_SITES', 'BLOCKS', 'SIZES', 'MobileNetV1', 'MobileNetV1NNX', 'scaled_width']
@@ -53,6 +65,8 @@ __all__ = ['ATTENTION_SITES', 'BLOCKS', 'SIZES', 'MobileNetV1', 'MobileNetV1NNX'
 BLOCKS: tuple[tuple[int, int], ...] = (
     (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
     (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+# The blocks' indices by stage: a stage ends before every stride-2 block (BAM's boundary).
+STAGES = stages_at_downsampling([stride for _, stride in BLOCKS])
 STEM_WIDTH = 32
 ATTENTION_SITES = ('depthwise', 'pointwise')
 
@@ -82,21 +96,8 @@ def check_dropout_rng(module: nn.Module, rate: float, train: bool) -> None:
                      "dropout: pass rngs={'dropout': key} to apply, or set dropout_rate=0.")
 
 
-def downsamples_next(strides: Sequence[int], index: int) -> bool:
-  """Whether block ``index`` is the last before a stride-2 block (BAM's stage boundary)."""
-  return index + 1 < len(strides) and strides[index + 1] == 2
-
-
-def mobilenet_head_init(model: nn.Module, features: int, key: jax.Array) -> dict[str, Any]:
-  """Fresh ``fc`` parameters, as the MobileNets initialise their head (torchvision's
-  normal(0, 0.01) kernel, zero bias)."""
-  head = nn.Dense(model.num_classes, param_dtype=model.param_dtype,
-                  kernel_init=head_kernel_init)
-  return head.init(key, jnp.zeros((1, features)))['params']
-
-
 # torchvision's MobileNets: nn.init.normal_(linear.weight, 0, 0.01), zero bias.
-head_kernel_init = nn.initializers.normal(0.01)
+head_kernel_init: Initializer = nn.initializers.normal(0.01)
 
 
 @_base.check_fields_at_init
@@ -134,7 +135,7 @@ class MobileNetV1(nn.Module):
   conv: ModuleDef = MaterializedInputConv
   norm: ModuleDef = nn.BatchNorm
   act: Callable[[Array], Array] = nn.relu6
-  kernel_init: Callable[..., Array] = conv_kernel_init
+  kernel_init: Initializer = conv_kernel_init
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, *, channels_last: bool = False) -> Array:
@@ -143,37 +144,25 @@ class MobileNetV1(nn.Module):
     check_mobilenet_fields(self.width_multiplier, self.dropout_rate, self.attention_sites)
     check_images(x, 'MobileNetV1', channels_last=channels_last)
     check_dropout_rng(self, self.dropout_rate, train)
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-    # Flax momentum 0.9 = PyTorch momentum 0.1.
-    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  zero_init_spatial_gate=self.zero_init_spatial_gate)
-    attention = resolve_attention(self.attention, **dtypes)
-    if attention is not None and self.attention_fields:
-      attention = functools.partial(attention, **self.attention_fields)
-    stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
+    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=self.kernel_init)
+    attention, stage_attention = network_attention(
+        'linen', self.attention, self.stage_attention, self.attention_fields,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        zero_init_spatial_gate=self.zero_init_spatial_gate)
 
     x = conv(scaled_width(STEM_WIDTH, self.width_multiplier), (3, 3), (2, 2),
              padding=same_padding(3), name='conv1')(x)
     x = self.act(norm(name='bn1')(x))
-    strides = [s for _, s in BLOCKS]
-    stage = 0
-    for index, (width, stride) in enumerate(BLOCKS):
-      x = _SeparableBlock(
-          features=scaled_width(width, self.width_multiplier), strides=stride, conv=conv,
-          norm=norm, act=self.act, attention=attention,
-          attention_sites=tuple(self.attention_sites), name=f'block{index + 1}')(x, train)
-      if stage_attention is not None and downsamples_next(strides, index):
-        stage += 1
-        x = stage_attention(name=f'stage_attention{stage}')(x, train=train)
-
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 kernel_init=head_kernel_init, name='fc')(x)
-    return x.astype(jnp.float32)
+    stages = [[functools.partial(
+        _SeparableBlock, features=scaled_width(BLOCKS[index][0], self.width_multiplier),
+        strides=BLOCKS[index][1], conv=conv, norm=norm, act=self.act, attention=attention,
+        attention_sites=tuple(self.attention_sites), name=f'block{index + 1}')
+        for index in stage] for stage in STAGES]
+    x = apply_stages(x, stages, stage_attention, train)
+    return classifier_head(x, self.num_classes, self.param_dtype, head_kernel_init,
+                           dropout_rate=self.dropout_rate, train=train)
 
 
 class _SeparableBlock(nn.Module):
@@ -218,7 +207,7 @@ class _SeparableBlockNNX(nnx.Module):
   def __init__(self, in_features: int, features: int, *, strides: int, conv, norm,
                act: Callable[[Array], Array], attention, attention_sites: tuple[str, ...],
                rngs: nnx.Rngs):
-    self.act = act
+    self.act, self.out_features = act, features
     self.dw_conv = conv(in_features, in_features, (3, 3), strides, padding=same_padding(3),
                         feature_group_count=in_features)
     self.dw_bn = norm(in_features)
@@ -239,55 +228,42 @@ class _SeparableBlockNNX(nnx.Module):
     return x
 
 
+@_base.check_fields_at_init
 class MobileNetV1NNX(nnx.Module):
-  """:class:`MobileNetV1` in NNX (``cbam_jax.nnx.MobileNetV1``): its fields (but ``conv`` and
-  ``norm``), plus ``in_features`` (image channels, 3) and ``rngs``. Starts in training mode
-  (``model.eval()`` for the running statistics and no dropout)."""
+  """:class:`MobileNetV1` in NNX (``cbam_jax.nnx.MobileNetV1``): its fields, with its
+  defaults (but ``conv`` and ``norm``: ``nnx.Conv`` with a materialised input on CPU and
+  ``nnx.BatchNorm``), plus ``in_features`` (image channels) and ``rngs``. Starts in
+  training mode (``model.eval()`` for the running statistics and no dropout)."""
 
-  def __init__(self, *, in_features: int = 3, rngs: nnx.Rngs, **fields: Any):
-    for name in ('conv', 'norm'):
-      if name in fields:
-        raise TypeError(f'The NNX MobileNetV1 has no {name!r} field: it uses nnx.Conv (with '
-                        'a materialised input on CPU) and nnx.BatchNorm.')
-    f = _base.resolve_fields(MobileNetV1, fields)
-    check_mobilenet_fields(f['width_multiplier'], f['dropout_rate'], f['attention_sites'])
-    self.act, self.num_classes = f['act'], f['num_classes']
-    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=f['dtype'],
-                             param_dtype=f['param_dtype'], kernel_init=f['kernel_init'],
-                             rngs=rngs)
-    norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
-                             epsilon=1e-5, dtype=f['dtype'], param_dtype=f['param_dtype'],
-                             rngs=rngs)
-    dtypes = dict(dtype=f['dtype'], param_dtype=f['param_dtype'],
-                  zero_init_spatial_gate=f['zero_init_spatial_gate'])
-    attention = resolve_nnx_attention(f['attention'], **dtypes)
-    if attention is not None and f['attention_fields']:
-      attention = functools.partial(attention, **f['attention_fields'])
-    stage_attention = resolve_nnx_attention(f['stage_attention'], what='stage_attention',
-                                            **dtypes)
+  def __init__(self, *, in_features: int = 3, width_multiplier: float = 1.0,
+               num_classes: int = 1000, attention: AttentionSpec = None,
+               attention_sites: Sequence[str] = ATTENTION_SITES,
+               stage_attention: AttentionSpec = None, zero_init_spatial_gate: bool = True,
+               attention_fields: Mapping[str, Any] | None = None, dropout_rate: float = 0.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               act: Callable[[Array], Array] = nn.relu6,
+               kernel_init: Initializer = conv_kernel_init, rngs: nnx.Rngs):
+    check_mobilenet_fields(width_multiplier, dropout_rate, attention_sites)
+    self.act, self.num_classes = act, num_classes
+    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
+                                 use_running_average=False, dtype=dtype,
+                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+    attention, stage_attention = network_attention(
+        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
+        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
 
-    channels = scaled_width(STEM_WIDTH, f['width_multiplier'])
+    channels = scaled_width(STEM_WIDTH, width_multiplier)
     self.conv1 = conv(in_features, channels, (3, 3), (2, 2), padding=same_padding(3))
     self.bn1 = norm(channels)
-    strides = [s for _, s in BLOCKS]
-    names, stage = [], 0
-    for index, (width, stride) in enumerate(BLOCKS):
-      features = scaled_width(width, f['width_multiplier'])
-      setattr(self, f'block{index + 1}', _SeparableBlockNNX(
-          channels, features, strides=stride, conv=conv, norm=norm, act=self.act,
-          attention=attention, attention_sites=tuple(f['attention_sites']), rngs=rngs))
-      names.append(f'block{index + 1}')
-      channels = features
-      if stage_attention is not None and downsamples_next(strides, index):
-        stage += 1
-        setattr(self, f'stage_attention{stage}', stage_attention(channels, rngs=rngs))
-        names.append(f'stage_attention{stage}')
-    self.block_names = tuple(names)
-    # No dropout layer (and no random stream in the state) at rate 0.
-    self.dropout = (nnx.Dropout(f['dropout_rate'], rngs=rngs) if f['dropout_rate'] > 0
-                    else None)
-    self.fc = nnx.Linear(channels, self.num_classes, dtype=jnp.float32,
-                         param_dtype=f['param_dtype'], kernel_init=head_kernel_init, rngs=rngs)
+    stages = [[(f'block{index + 1}', functools.partial(
+        _SeparableBlockNNX, features=scaled_width(BLOCKS[index][0], width_multiplier),
+        strides=BLOCKS[index][1], conv=conv, norm=norm, act=self.act, attention=attention,
+        attention_sites=tuple(attention_sites), rngs=rngs)) for index in stage]
+        for stage in STAGES]
+    self.block_names, channels = add_stages(self, channels, stages, stage_attention, rngs)
+    self.dropout = mobilenet_dropout(dropout_rate, rngs)
+    self.fc = nnx_classifier_head(channels, self.num_classes, param_dtype, head_kernel_init,
+                                  rngs)
 
   def __call__(self, x: Array, *, channels_last: bool = False) -> Array:
     """Logits ``(B, num_classes)`` float32 of NHWC images ``x``."""
@@ -295,10 +271,13 @@ class MobileNetV1NNX(nnx.Module):
     x = self.act(self.bn1(self.conv1(x)))
     for name in self.block_names:
       x = getattr(self, name)(x)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if self.dropout is not None:
-      x = self.dropout(x)
-    return self.fc(x).astype(jnp.float32)
+    return nnx_logits(x, self.fc, self.dropout)
+
+
+def mobilenet_dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+  """The NNX MobileNets' dropout before ``fc``: none (and no random stream in the state) at
+  rate 0."""
+  return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
 
 
 # --------------------------------------------------------------------------- registration
@@ -318,4 +297,4 @@ BACKBONE = register_backbone(Backbone(
         'dtype': Field('dtype'),
         'param_dtype': Field('dtype'),
     },
-    linen_only=('conv', 'norm'), head='fc', head_init=mobilenet_head_init))
+    linen_only=('conv', 'norm'), head='fc', head_init=dense_head_init(head_kernel_init)))

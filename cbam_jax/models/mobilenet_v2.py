@@ -35,22 +35,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base
 from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, resolve_attention, resolve_nnx_attention
-from cbam_jax.models._blocks import check_images, conv_kernel_init, same_padding
+from cbam_jax.models._attention import AttentionSpec, network_attention
+from cbam_jax.models._blocks import (
+    add_stages,
+    apply_stages,
+    check_images,
+    classifier_head,
+    conv_kernel_init,
+    dense_head_init,
+    layer_factories,
+    nnx_classifier_head,
+    nnx_logits,
+    same_padding,
+    stages_at_downsampling,
+)
 from cbam_jax.models.mobilenet_v1 import (
     check_dropout_rng,
     check_mobilenet_fields,
-    downsamples_next,
     head_kernel_init,
-    mobilenet_head_init,
+    mobilenet_dropout,
 )
 
 Array = jax.Array
-Dtype = Any
 ModuleDef = Any
 
 __all__ = ['SETTINGS', 'SIZES', 'MobileNetV2', 'MobileNetV2NNX', 'make_divisible']
@@ -74,6 +85,12 @@ def block_plan(width_multiplier: float) -> list[tuple[int, int, int]]:
   """(expansion, output channels, stride) of every block, in order."""
   return [(t, make_divisible(c * width_multiplier), s if index == 0 else 1)
           for t, c, n, s in SETTINGS for index in range(n)]
+
+
+def plan_stages(plan: list[tuple[int, int, int]]) -> list[list[int]]:
+  """The indices of the blocks of ``plan`` by stage: a stage ends before every stride-2
+  block (BAM's boundary)."""
+  return stages_at_downsampling([stride for _, _, stride in plan])
 
 
 @_base.check_fields_at_init
@@ -108,7 +125,7 @@ class MobileNetV2(nn.Module):
   conv: ModuleDef = MaterializedInputConv
   norm: ModuleDef = nn.BatchNorm
   act: Callable[[Array], Array] = nn.relu6
-  kernel_init: Callable[..., Array] = conv_kernel_init
+  kernel_init: Initializer = conv_kernel_init
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, *, channels_last: bool = False) -> Array:
@@ -117,40 +134,28 @@ class MobileNetV2(nn.Module):
     check_mobilenet_fields(self.width_multiplier, self.dropout_rate)
     check_images(x, 'MobileNetV2', channels_last=channels_last)
     check_dropout_rng(self, self.dropout_rate, train)
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-    # Flax momentum 0.9 = PyTorch momentum 0.1.
-    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  zero_init_spatial_gate=self.zero_init_spatial_gate)
-    attention = resolve_attention(self.attention, **dtypes)
-    if attention is not None and self.attention_fields:
-      attention = functools.partial(attention, **self.attention_fields)
-    stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
+    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=self.kernel_init)
+    attention, stage_attention = network_attention(
+        'linen', self.attention, self.stage_attention, self.attention_fields,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        zero_init_spatial_gate=self.zero_init_spatial_gate)
 
     x = conv(make_divisible(STEM_WIDTH * self.width_multiplier), (3, 3), (2, 2),
              padding=same_padding(3), name='conv1')(x)
     x = self.act(norm(name='bn1')(x))
     plan = block_plan(self.width_multiplier)
-    strides = [s for _, _, s in plan]
-    stage = 0
-    for index, (expansion, features, stride) in enumerate(plan):
-      x = _InvertedResidual(
-          features=features, expansion=expansion, strides=stride, conv=conv, norm=norm,
-          act=self.act, attention=attention, name=f'block{index + 1}')(x, train)
-      if stage_attention is not None and downsamples_next(strides, index):
-        stage += 1
-        x = stage_attention(name=f'stage_attention{stage}')(x, train=train)
+    stages = [[functools.partial(
+        _InvertedResidual, features=plan[index][1], expansion=plan[index][0],
+        strides=plan[index][2], conv=conv, norm=norm, act=self.act, attention=attention,
+        name=f'block{index + 1}') for index in stage] for stage in plan_stages(plan)]
+    x = apply_stages(x, stages, stage_attention, train)
     x = conv(make_divisible(LAST_WIDTH * max(1.0, self.width_multiplier)), (1, 1),
              name='last_conv')(x)
     x = self.act(norm(name='last_bn')(x))
-
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 kernel_init=head_kernel_init, name='fc')(x)
-    return x.astype(jnp.float32)
+    return classifier_head(x, self.num_classes, self.param_dtype, head_kernel_init,
+                           dropout_rate=self.dropout_rate, train=train)
 
 
 class _InvertedResidual(nn.Module):
@@ -192,7 +197,7 @@ class _InvertedResidualNNX(nnx.Module):
 
   def __init__(self, in_features: int, features: int, *, expansion: int, strides: int,
                conv, norm, act: Callable[[Array], Array], attention, rngs: nnx.Rngs):
-    self.act = act
+    self.act, self.out_features = act, features
     self.residual = strides == 1 and in_features == features
     hidden = int(round(in_features * expansion))
     if expansion != 1:
@@ -218,59 +223,43 @@ class _InvertedResidualNNX(nnx.Module):
     return x + y if self.residual else y
 
 
+@_base.check_fields_at_init
 class MobileNetV2NNX(nnx.Module):
-  """:class:`MobileNetV2` in NNX (``cbam_jax.nnx.MobileNetV2``): its fields (but ``conv``
-  and ``norm``), plus ``in_features`` (image channels, 3) and ``rngs``. Starts in training
-  mode (``model.eval()`` for the running statistics and no dropout)."""
+  """:class:`MobileNetV2` in NNX (``cbam_jax.nnx.MobileNetV2``): its fields, with its
+  defaults (but ``conv`` and ``norm``: ``nnx.Conv`` with a materialised input on CPU and
+  ``nnx.BatchNorm``), plus ``in_features`` (image channels) and ``rngs``. Starts in
+  training mode (``model.eval()`` for the running statistics and no dropout)."""
 
-  def __init__(self, *, in_features: int = 3, rngs: nnx.Rngs, **fields: Any):
-    for name in ('conv', 'norm'):
-      if name in fields:
-        raise TypeError(f'The NNX MobileNetV2 has no {name!r} field: it uses nnx.Conv (with '
-                        'a materialised input on CPU) and nnx.BatchNorm.')
-    f = _base.resolve_fields(MobileNetV2, fields)
-    check_mobilenet_fields(f['width_multiplier'], f['dropout_rate'])
-    self.act, self.num_classes = f['act'], f['num_classes']
-    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=f['dtype'],
-                             param_dtype=f['param_dtype'], kernel_init=f['kernel_init'],
-                             rngs=rngs)
-    norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
-                             epsilon=1e-5, dtype=f['dtype'], param_dtype=f['param_dtype'],
-                             rngs=rngs)
-    dtypes = dict(dtype=f['dtype'], param_dtype=f['param_dtype'],
-                  zero_init_spatial_gate=f['zero_init_spatial_gate'])
-    attention = resolve_nnx_attention(f['attention'], **dtypes)
-    if attention is not None and f['attention_fields']:
-      attention = functools.partial(attention, **f['attention_fields'])
-    stage_attention = resolve_nnx_attention(f['stage_attention'], what='stage_attention',
-                                            **dtypes)
+  def __init__(self, *, in_features: int = 3, width_multiplier: float = 1.0,
+               num_classes: int = 1000, attention: AttentionSpec = None,
+               stage_attention: AttentionSpec = None, zero_init_spatial_gate: bool = True,
+               attention_fields: Mapping[str, Any] | None = None, dropout_rate: float = 0.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               act: Callable[[Array], Array] = nn.relu6,
+               kernel_init: Initializer = conv_kernel_init, rngs: nnx.Rngs):
+    check_mobilenet_fields(width_multiplier, dropout_rate)
+    self.act, self.num_classes = act, num_classes
+    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
+                                 use_running_average=False, dtype=dtype,
+                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+    attention, stage_attention = network_attention(
+        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
+        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
 
-    multiplier = f['width_multiplier']
-    channels = make_divisible(STEM_WIDTH * multiplier)
+    channels = make_divisible(STEM_WIDTH * width_multiplier)
     self.conv1 = conv(in_features, channels, (3, 3), (2, 2), padding=same_padding(3))
     self.bn1 = norm(channels)
-    plan = block_plan(multiplier)
-    strides = [s for _, _, s in plan]
-    names, stage = [], 0
-    for index, (expansion, features, stride) in enumerate(plan):
-      setattr(self, f'block{index + 1}', _InvertedResidualNNX(
-          channels, features, expansion=expansion, strides=stride, conv=conv, norm=norm,
-          act=self.act, attention=attention, rngs=rngs))
-      names.append(f'block{index + 1}')
-      channels = features
-      if stage_attention is not None and downsamples_next(strides, index):
-        stage += 1
-        setattr(self, f'stage_attention{stage}', stage_attention(channels, rngs=rngs))
-        names.append(f'stage_attention{stage}')
-    self.block_names = tuple(names)
-    last = make_divisible(LAST_WIDTH * max(1.0, multiplier))
+    plan = block_plan(width_multiplier)
+    stages = [[(f'block{index + 1}', functools.partial(
+        _InvertedResidualNNX, features=plan[index][1], expansion=plan[index][0],
+        strides=plan[index][2], conv=conv, norm=norm, act=self.act, attention=attention,
+        rngs=rngs)) for index in stage] for stage in plan_stages(plan)]
+    self.block_names, channels = add_stages(self, channels, stages, stage_attention, rngs)
+    last = make_divisible(LAST_WIDTH * max(1.0, width_multiplier))
     self.last_conv = conv(channels, last, (1, 1))
     self.last_bn = norm(last)
-    # No dropout layer (and no random stream in the state) at rate 0.
-    self.dropout = (nnx.Dropout(f['dropout_rate'], rngs=rngs) if f['dropout_rate'] > 0
-                    else None)
-    self.fc = nnx.Linear(last, self.num_classes, dtype=jnp.float32,
-                         param_dtype=f['param_dtype'], kernel_init=head_kernel_init, rngs=rngs)
+    self.dropout = mobilenet_dropout(dropout_rate, rngs)
+    self.fc = nnx_classifier_head(last, self.num_classes, param_dtype, head_kernel_init, rngs)
 
   def __call__(self, x: Array, *, channels_last: bool = False) -> Array:
     """Logits ``(B, num_classes)`` float32 of NHWC images ``x``."""
@@ -279,10 +268,7 @@ class MobileNetV2NNX(nnx.Module):
     for name in self.block_names:
       x = getattr(self, name)(x)
     x = self.act(self.last_bn(self.last_conv(x)))
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if self.dropout is not None:
-      x = self.dropout(x)
-    return self.fc(x).astype(jnp.float32)
+    return nnx_logits(x, self.fc, self.dropout)
 
 
 # --------------------------------------------------------------------------- registration
@@ -301,4 +287,4 @@ BACKBONE = register_backbone(Backbone(
         'dtype': Field('dtype'),
         'param_dtype': Field('dtype'),
     },
-    linen_only=('conv', 'norm'), head='fc', head_init=mobilenet_head_init))
+    linen_only=('conv', 'norm'), head='fc', head_init=dense_head_init(head_kernel_init)))

@@ -49,11 +49,18 @@ from flax.typing import Dtype, Initializer
 from cbam_jax import _base, _validation
 from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, resolve_attention, resolve_nnx_attention
+from cbam_jax.models._attention import AttentionSpec, network_attention
 from cbam_jax.models._blocks import (
+    add_stages,
+    apply_stages,
     check_images,
+    classifier_head,
     conv_kernel_init,
+    dense_head_init,
     head_kernel_init,
+    layer_factories,
+    nnx_classifier_head,
+    nnx_logits,
     pad_shortcut,
     same_padding,
 )
@@ -232,17 +239,13 @@ class ResNet(nn.Module):
     ``channels_last=True`` says they are NHWC.
     """
     self._check(x, channels_last)
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-    # Flax momentum 0.9 = PyTorch momentum 0.1.
-    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-    dtypes: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                                  zero_init_spatial_gate=self.zero_init_spatial_gate)
-    attention = resolve_attention(self.attention, **dtypes)
-    if attention is not None and self.attention_fields:
-      attention = functools.partial(attention, **self.attention_fields)
-    stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
+    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=self.kernel_init)
+    attention, stage_attention = network_attention(
+        'linen', self.attention, self.stage_attention, self.attention_fields,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        zero_init_spatial_gate=self.zero_init_spatial_gate)
 
     stem_features = self.num_filters if self.stem_features is None else self.stem_features
     if self.stem == 'imagenet':
@@ -252,24 +255,15 @@ class ResNet(nn.Module):
     else:
       x = conv(stem_features, (3, 3), padding=same_padding(3), name='conv1')(x)
       x = self.act(norm(name='bn1')(x))
-
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for index in range(num_blocks):
-        x = self.block_cls(
-            features=self.num_filters * 2**stage,
-            strides=2 if stage > 0 and index == 0 else 1,
-            conv=conv, norm=norm, act=self.act, attention=attention,
-            shortcut=self.shortcut, zero_init_residual=self.zero_init_residual,
-            groups=self.groups, width_per_group=self.width_per_group,
-            name=f'layer{stage + 1}_{index}')(x, train=train)
-      if stage_attention is not None and stage < len(self.stage_sizes) - 1:
-        x = stage_attention(name=f'stage_attention{stage + 1}')(x, train=train)
-
-    # Global average pooling and the head in float32: cheap, and logits stay accurate.
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 kernel_init=head_kernel_init, name='fc')(x)
-    return x.astype(jnp.float32)
+    stages = [[functools.partial(
+        self.block_cls, features=self.num_filters * 2**stage,
+        strides=2 if stage > 0 and index == 0 else 1, conv=conv, norm=norm, act=self.act,
+        attention=attention, shortcut=self.shortcut, zero_init_residual=self.zero_init_residual,
+        groups=self.groups, width_per_group=self.width_per_group,
+        name=f'layer{stage + 1}_{index}') for index in range(num_blocks)]
+        for stage, num_blocks in enumerate(self.stage_sizes)]
+    x = apply_stages(x, stages, stage_attention, train)
+    return classifier_head(x, self.num_classes, self.param_dtype, head_kernel_init)
 
   def _check(self, x: Array, channels_last: bool = False) -> None:
     check_resnet_fields(self.stem, self.shortcut, self.stage_sizes, self.block_cls,
@@ -464,17 +458,12 @@ class ResNetNNX(nnx.Module):
     block_cls = _NNX_BLOCKS.get(block_cls, block_cls)
     self.stem, self.act, self.num_classes = stem, act, num_classes
     self.stage_sizes = tuple(int(n) for n in stage_sizes)
-    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=dtype,
-                             param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-    # Flax momentum 0.9 = PyTorch momentum 0.1, as in linen.
-    norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
-                             epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    dtypes: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype,
-                                  zero_init_spatial_gate=zero_init_spatial_gate)
-    attention = resolve_nnx_attention(attention, **dtypes)
-    if attention is not None and attention_fields:
-      attention = functools.partial(attention, **attention_fields)
-    stage_attention = resolve_nnx_attention(stage_attention, what='stage_attention', **dtypes)
+    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
+                                 use_running_average=False, dtype=dtype,
+                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+    attention, stage_attention = network_attention(
+        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
+        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
 
     channels = num_filters if stem_features is None else stem_features
     if self.stem == 'imagenet':
@@ -482,23 +471,15 @@ class ResNetNNX(nnx.Module):
     else:
       self.conv1 = conv(in_features, channels, (3, 3), padding=same_padding(3))
     self.bn1 = norm(channels)
-    names = []
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for index in range(num_blocks):
-        block = block_cls(
-            channels, num_filters * 2**stage, strides=2 if stage > 0 and index == 0 else 1,
-            conv=conv, norm=norm, act=self.act, attention=attention, shortcut=shortcut,
-            zero_init_residual=zero_init_residual, groups=groups,
-            width_per_group=width_per_group, rngs=rngs)
-        setattr(self, f'layer{stage + 1}_{index}', block)
-        names.append(f'layer{stage + 1}_{index}')
-        channels = block.out_features
-      if stage_attention is not None and stage < len(self.stage_sizes) - 1:
-        setattr(self, f'stage_attention{stage + 1}', stage_attention(channels, rngs=rngs))
-        names.append(f'stage_attention{stage + 1}')
-    self.block_names = tuple(names)
-    self.fc = nnx.Linear(channels, self.num_classes, dtype=jnp.float32,
-                         param_dtype=param_dtype, kernel_init=head_kernel_init, rngs=rngs)
+    stages = [[(f'layer{stage + 1}_{index}', functools.partial(
+        block_cls, features=num_filters * 2**stage,
+        strides=2 if stage > 0 and index == 0 else 1, conv=conv, norm=norm, act=self.act,
+        attention=attention, shortcut=shortcut, zero_init_residual=zero_init_residual,
+        groups=groups, width_per_group=width_per_group, rngs=rngs))
+        for index in range(num_blocks)] for stage, num_blocks in enumerate(self.stage_sizes)]
+    self.block_names, channels = add_stages(self, channels, stages, stage_attention, rngs)
+    self.fc = nnx_classifier_head(channels, self.num_classes, param_dtype, head_kernel_init,
+                                  rngs)
 
   def __call__(self, x: Array, *, channels_last: bool = False) -> Array:
     """Logits ``(B, num_classes)`` float32 of NHWC images ``x``; ``channels_last`` as in
@@ -509,18 +490,10 @@ class ResNetNNX(nnx.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=same_padding(3))
     for name in self.block_names:
       x = getattr(self, name)(x)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    return self.fc(x).astype(jnp.float32)
+    return nnx_logits(x, self.fc)
 
 
 # --------------------------------------------------------------------------- registration
-
-
-def _head_init(model: ResNet, features: int, key: jax.Array) -> dict[str, Any]:
-  """Fresh ``fc`` parameters, as :class:`ResNet` initialises its head."""
-  head = nn.Dense(model.num_classes, param_dtype=model.param_dtype,
-                  kernel_init=head_kernel_init)
-  return head.init(key, jnp.zeros((1, features)))['params']
 
 
 BACKBONE = register_backbone(Backbone(
@@ -543,4 +516,4 @@ BACKBONE = register_backbone(Backbone(
         'dtype': Field('dtype'),
         'param_dtype': Field('dtype'),
     },
-    linen_only=('conv', 'norm'), head='fc', head_init=_head_init))
+    linen_only=('conv', 'norm'), head='fc', head_init=dense_head_init(head_kernel_init)))

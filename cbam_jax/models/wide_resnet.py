@@ -37,15 +37,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base
 from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, resolve_attention, resolve_nnx_attention
-from cbam_jax.models._blocks import check_images, conv_kernel_init, head_kernel_init, same_padding
+from cbam_jax.models._attention import AttentionSpec, network_attention
+from cbam_jax.models._blocks import (
+    add_stages,
+    apply_stages,
+    check_images,
+    classifier_head,
+    conv_kernel_init,
+    dense_head_init,
+    head_kernel_init,
+    layer_factories,
+    nnx_classifier_head,
+    nnx_logits,
+    same_padding,
+)
 
 Array = jax.Array
-Dtype = Any
 ModuleDef = Any
 
 # The stem's channels and the stages' widths at widen_factor 1 (the paper's 16, 32, 64).
@@ -137,7 +149,7 @@ class WideResNet(nn.Module):
   conv: ModuleDef = MaterializedInputConv
   norm: ModuleDef = nn.BatchNorm
   act: Callable[[Array], Array] = nn.relu
-  kernel_init: Callable[..., Array] = conv_kernel_init
+  kernel_init: Initializer = conv_kernel_init
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, *, channels_last: bool = False) -> Array:
@@ -145,35 +157,24 @@ class WideResNet(nn.Module):
     and ``channels_last`` as in :class:`cbam_jax.models.ResNet`."""
     check_wide_resnet_fields(self.depth, self.widen_factor, self.dropout_rate)
     check_images(x, 'WideResNet', channels_last=channels_last)
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-    # Flax momentum 0.9 = PyTorch momentum 0.1.
-    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  zero_init_spatial_gate=self.zero_init_spatial_gate)
-    attention = resolve_attention(self.attention, **dtypes)
-    if attention is not None and self.attention_fields:
-      attention = functools.partial(attention, **self.attention_fields)
-    stage_attention = resolve_attention(self.stage_attention, what='stage_attention', **dtypes)
+    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 kernel_init=self.kernel_init)
+    attention, stage_attention = network_attention(
+        'linen', self.attention, self.stage_attention, self.attention_fields,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        zero_init_spatial_gate=self.zero_init_spatial_gate)
 
     x = conv(STEM_FEATURES, (3, 3), padding=same_padding(3), name='conv1')(x)
-    for stage, features in enumerate(STAGE_FEATURES):
-      for index in range(blocks_per_stage(self.depth)):
-        x = WideBasicBlock(
-            features=features * self.widen_factor,
-            strides=2 if stage > 0 and index == 0 else 1, conv=conv, norm=norm, act=self.act,
-            dropout_rate=self.dropout_rate, attention=attention,
-            name=f'layer{stage + 1}_{index}')(x, train=train)
-      if stage_attention is not None and stage < len(STAGE_FEATURES) - 1:
-        x = stage_attention(name=f'stage_attention{stage + 1}')(x, train=train)
+    stages = [[functools.partial(
+        WideBasicBlock, features=features * self.widen_factor,
+        strides=2 if stage > 0 and index == 0 else 1, conv=conv, norm=norm, act=self.act,
+        dropout_rate=self.dropout_rate, attention=attention, name=f'layer{stage + 1}_{index}')
+        for index in range(blocks_per_stage(self.depth))]
+        for stage, features in enumerate(STAGE_FEATURES)]
+    x = apply_stages(x, stages, stage_attention, train)
     x = self.act(norm(name='final_bn')(x))
-
-    # Global average pooling and the head in float32, as in the ResNets.
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 kernel_init=head_kernel_init, name='fc')(x)
-    return x.astype(jnp.float32)
+    return classifier_head(x, self.num_classes, self.param_dtype, head_kernel_init)
 
 
 # Model name -> the WideResNet fields that make it (WRN-d-k).
@@ -194,7 +195,7 @@ class WideBasicBlockNNX(nnx.Module):
   def __init__(self, in_features: int, features: int, *, strides: int, conv, norm,
                act: Callable[[Array], Array], dropout_rate: float, attention,
                rngs: nnx.Rngs):
-    self.act = act
+    self.act, self.out_features = act, features
     pad = same_padding(3)
     self.bn1 = norm(in_features)
     self.conv1 = conv(in_features, features, (3, 3), strides, padding=pad)
@@ -219,57 +220,46 @@ class WideBasicBlockNNX(nnx.Module):
     return x + y if self.identity else self.downsample_conv(activated) + y
 
 
+@_base.check_fields_at_init
 class WideResNetNNX(nnx.Module):
   """A CIFAR Wide ResNet in NNX (``cbam_jax.nnx.WideResNet``): the fields of
-  :class:`WideResNet` (but ``conv`` and ``norm``: ``nnx.Conv`` with a materialised input on
-  CPU and ``nnx.BatchNorm``), plus ``in_features`` (image channels, 3) and ``rngs``.
+  :class:`WideResNet`, with its defaults (but ``conv`` and ``norm``: ``nnx.Conv`` with a
+  materialised input on CPU and ``nnx.BatchNorm``), plus ``in_features`` (image channels)
+  and ``rngs``.
 
   The model starts in training mode (BatchNorm on batch statistics, dropout on: with
   ``dropout_rate > 0`` call it as ``model(x, rngs=nnx.Rngs(dropout=key))``);
   ``model.eval()`` switches both off.
   """
 
-  def __init__(self, *, in_features: int = 3, rngs: nnx.Rngs, **fields: Any):
-    for name in ('conv', 'norm'):
-      if name in fields:
-        raise TypeError(f'The NNX WideResNet has no {name!r} field: it uses nnx.Conv (with a '
-                        'materialised input on CPU) and nnx.BatchNorm.')
-    f = _base.resolve_fields(WideResNet, fields)
-    check_wide_resnet_fields(f['depth'], f['widen_factor'], f['dropout_rate'])
-    self.act, self.num_classes = f['act'], f['num_classes']
-    conv = functools.partial(NnxMaterializedInputConv, use_bias=False, dtype=f['dtype'],
-                             param_dtype=f['param_dtype'], kernel_init=f['kernel_init'],
-                             rngs=rngs)
-    # Flax momentum 0.9 = PyTorch momentum 0.1, as in linen.
-    norm = functools.partial(nnx.BatchNorm, use_running_average=False, momentum=0.9,
-                             epsilon=1e-5, dtype=f['dtype'], param_dtype=f['param_dtype'],
-                             rngs=rngs)
-    dtypes = dict(dtype=f['dtype'], param_dtype=f['param_dtype'],
-                  zero_init_spatial_gate=f['zero_init_spatial_gate'])
-    attention = resolve_nnx_attention(f['attention'], **dtypes)
-    if attention is not None and f['attention_fields']:
-      attention = functools.partial(attention, **f['attention_fields'])
-    stage_attention = resolve_nnx_attention(f['stage_attention'], what='stage_attention',
-                                            **dtypes)
+  def __init__(self, *, in_features: int = 3, depth: int = 28, widen_factor: int = 10,
+               num_classes: int = 10, dropout_rate: float = 0.0,
+               attention: AttentionSpec = None, stage_attention: AttentionSpec = None,
+               zero_init_spatial_gate: bool = True,
+               attention_fields: Mapping[str, Any] | None = None,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               act: Callable[[Array], Array] = nn.relu,
+               kernel_init: Initializer = conv_kernel_init, rngs: nnx.Rngs):
+    check_wide_resnet_fields(depth, widen_factor, dropout_rate)
+    self.act, self.num_classes = act, num_classes
+    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
+                                 use_running_average=False, dtype=dtype,
+                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+    attention, stage_attention = network_attention(
+        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
+        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
 
     self.conv1 = conv(in_features, STEM_FEATURES, (3, 3), padding=same_padding(3))
-    channels, names = STEM_FEATURES, []
-    for stage, features in enumerate(STAGE_FEATURES):
-      for index in range(blocks_per_stage(f['depth'])):
-        block = WideBasicBlockNNX(
-            channels, features * f['widen_factor'],
-            strides=2 if stage > 0 and index == 0 else 1, conv=conv, norm=norm, act=self.act,
-            dropout_rate=f['dropout_rate'], attention=attention, rngs=rngs)
-        setattr(self, f'layer{stage + 1}_{index}', block)
-        names.append(f'layer{stage + 1}_{index}')
-        channels = features * f['widen_factor']
-      if stage_attention is not None and stage < len(STAGE_FEATURES) - 1:
-        setattr(self, f'stage_attention{stage + 1}', stage_attention(channels, rngs=rngs))
-        names.append(f'stage_attention{stage + 1}')
-    self.block_names = tuple(names)
+    stages = [[(f'layer{stage + 1}_{index}', functools.partial(
+        WideBasicBlockNNX, features=features * widen_factor,
+        strides=2 if stage > 0 and index == 0 else 1, conv=conv, norm=norm, act=self.act,
+        dropout_rate=dropout_rate, attention=attention, rngs=rngs))
+        for index in range(blocks_per_stage(depth))]
+        for stage, features in enumerate(STAGE_FEATURES)]
+    self.block_names, channels = add_stages(self, STEM_FEATURES, stages, stage_attention, rngs)
     self.final_bn = norm(channels)
-    self.fc = nnx.Linear(channels, self.num_classes, dtype=jnp.float32,
-                         param_dtype=f['param_dtype'], kernel_init=head_kernel_init, rngs=rngs)
+    self.fc = nnx_classifier_head(channels, self.num_classes, param_dtype, head_kernel_init,
+                                  rngs)
 
   def __call__(self, x: Array, *, channels_last: bool = False,
                rngs: nnx.Rngs | None = None) -> Array:
@@ -281,18 +271,10 @@ class WideResNetNNX(nnx.Module):
       block = getattr(self, name)
       x = block(x, rngs=rngs) if isinstance(block, WideBasicBlockNNX) else block(x)
     x = self.act(self.final_bn(x))
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    return self.fc(x).astype(jnp.float32)
+    return nnx_logits(x, self.fc)
 
 
 # --------------------------------------------------------------------------- registration
-
-
-def _head_init(model: WideResNet, features: int, key: jax.Array) -> dict[str, Any]:
-  """Fresh ``fc`` parameters, as :class:`WideResNet` initialises its head."""
-  head = nn.Dense(model.num_classes, param_dtype=model.param_dtype,
-                  kernel_init=head_kernel_init)
-  return head.init(key, jnp.zeros((1, features)))['params']
 
 
 BACKBONE = register_backbone(Backbone(
@@ -309,4 +291,4 @@ BACKBONE = register_backbone(Backbone(
         'dtype': Field('dtype'),
         'param_dtype': Field('dtype'),
     },
-    linen_only=('conv', 'norm'), head='fc', head_init=_head_init))
+    linen_only=('conv', 'norm'), head='fc', head_init=dense_head_init(head_kernel_init)))

@@ -30,14 +30,14 @@ Against it, in the same run:
 * ``naive``: a straightforward Flax CBAM (``nn.Dense`` MLP, ``nn.Conv`` 7x7 over the
   concatenated pools, ``nn.BatchNorm``), what one writes without care for speed;
 * ``torch_cl`` / ``torch_nchw``: the official PyTorch module (see
-  :mod:`experiments.bench.torch_reference`) in channels_last and NCHW memory formats, with
+  :mod:`torch_reference`) in channels_last and NCHW memory formats, with
   ``torch.set_num_threads`` equal to the CPU count. Forward under ``torch.no_grad``.
 
 Model rows (``--only models``): one SGD+momentum training step (forward, cross-entropy,
 backward, update) of CIFAR ResNet-20 (batch 128, 32x32) and ResNet-50 (batch 8, 224x224;
 64 on an accelerator), each with and without CBAM in every block, JAX and PyTorch; and, only
 when named with ``--model``, ResNeXt-50 32x4d, WideResNet-50-2 and MobileNetV2 (batch 4,
-112x112; 64 at 224x224 on an accelerator; PyTorch: :mod:`experiments.bench.torch_reference`'s
+112x112; 64 at 224x224 on an accelerator; PyTorch: :mod:`torch_reference`'s
 official CBAM ResNet with torchvision's groups and widths, and its MobileNetV2 with CBAM
 where ours has it). On CPU
 JAX runs twice: with the models' default conv (:class:`cbam_jax.conv.MaterializedInputConv`)

@@ -56,8 +56,8 @@ def jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, ba
 
 def torch_model(name: str, fields: dict[str, Any], attention: bool):
   """The PyTorch counterpart of ``create_model(name, **fields)``, with official CBAM in
-  every block when ``attention`` (:mod:`experiments.bench.torch_reference`)."""
-  from experiments.bench import torch_reference
+  every block when ``attention`` (:mod:`torch_reference`)."""
+  import torch_reference
   jax_model = models.create_model(name, **fields)
   if name == 'mobilenet_v2':
     return torch_reference.MobileNetV2(attention, num_classes=jax_model.num_classes)

@@ -82,7 +82,7 @@ def _fwd_bwd_fn(module: nn.Module) -> Callable[..., Any]:
 
 def _torch_module_calls(side: TorchSide,
                         shape: Sequence[int]) -> dict[str, Callable[[], Any]]:
-  from experiments.bench import torch_reference
+  import torch_reference
   torch, device = side.torch, side.device
   batch, height, width, channels = shape
   calls = {}

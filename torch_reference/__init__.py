@@ -3,11 +3,11 @@
 One module, shared by the parity and conversion tests (``tests/test_torch_parity_cbam.py``,
 ``tests/test_convert.py``, ``tests/test_nnx_convert.py``) and by the benchmark's PyTorch
 columns (:mod:`experiments.bench.benchmark`), so that what is timed is the very code that
-the parity tests hold cbam_jax against. It lives here, not in ``cbam_jax``, because it is no
-part of the library (torch is only an optional extra and the library never imports this),
-and not in ``tests/``, because ``experiments/`` must not import from the tests, whereas the
-tests may import from ``experiments/``. torch is imported here and nowhere else in
-``experiments/``; test modules call ``pytest.importorskip('torch')`` before importing it.
+the parity tests hold cbam_jax against. It is a top-level package of its own, not part of
+``cbam_jax`` (torch is only an optional extra; the library never imports this and the wheel
+does not ship it), not under ``tests/`` (``experiments/`` must not import from the tests) and
+not under ``experiments/`` (the library's tests must not import the scripts). torch is
+imported here and nowhere else in ``experiments/``; test modules call ``pytest.importorskip('torch')`` before importing it.
 
 Written from the public reference code, trimmed to what the forward pass and the parameter
 names (state-dict layouts that :mod:`cbam_jax.convert` reads) need:
