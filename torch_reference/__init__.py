@@ -7,7 +7,8 @@ the parity tests hold cbam_jax against. It is a top-level package of its own, no
 ``cbam_jax`` (torch is only an optional extra; the library never imports this and the wheel
 does not ship it), not under ``tests/`` (``experiments/`` must not import from the tests) and
 not under ``experiments/`` (the library's tests must not import the scripts). torch is
-imported here and nowhere else in ``experiments/``; test modules call ``pytest.importorskip('torch')`` before importing it.
+imported here and nowhere else in ``experiments/``; test modules call
+``pytest.importorskip('torch')`` before importing it.
 
 Written from the public reference code, trimmed to what the forward pass and the parameter
 names (state-dict layouts that :mod:`cbam_jax.convert` reads) need:
