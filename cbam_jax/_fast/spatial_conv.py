@@ -5,10 +5,11 @@ machine idle (XLA:CPU needs ~6 ms for a 7x7 conv over ``(32, 56, 56, 2)``, and ~
 for its gradient). ``'xla'`` is the reference (``lax.conv_general_dilated``). ``'shift'``
 computes the same sums differently:
 
-* forward: ``prod(kernel_size) * 2`` shifted multiply-adds over whole *planes*. The
-  planes are channel-major, ``(2, B, *spatial)``, so every shifted window is a contiguous
-  run along the last axis and XLA fuses all of them into one vectorised loop (~15x
-  faster than the conv on CPU);
+* forward: shifted multiply-adds over whole *planes*. The planes are channel-major,
+  ``(2, B, *spatial)``, so every shifted window is a contiguous run along the last axis
+  and XLA fuses them into vectorised loops (~15x faster than the conv on CPU): one pass
+  for the ``k_last * 2`` taps along the last axis, for every offset of the leading kernel
+  dims at once, and one sum over those offsets (:func:`_correlate_planes`);
 * backward (a :func:`jax.custom_vjp`): the input gradient is the correlation of the output
   gradient with the flipped kernel (again shifted multiply-adds), and the kernel gradient,
   ``dK[i, j, c] = sum_{b, y, x} P[c, b, y + i, x + j] * g[b, y, x]``, is one matrix
