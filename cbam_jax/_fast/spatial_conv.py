@@ -18,9 +18,9 @@ computes the same sums differently:
   Autodiff of the forward instead produces ~100 separate full reductions, which XLA:CPU
   runs ~10x slower (and compiles slowly: docs/performance.md, "Compile time").
 
-Each correlation runs inside :func:`cbam_jax._fast.boundary.computed_once`: left to itself, XLA
-fused it into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
-padding) and recomputed all its taps there.
+Each correlation's result is written once (:func:`_correlation`): left to itself, XLA fused
+the taps into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
+padding) and recomputed them all there.
 
 Both give the conv's numbers up to float32 rounding (summation order differs; the tests
 hold them to 1e-5). The products are formed and accumulated in float32 whatever the input
@@ -134,6 +134,19 @@ def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.sum(diagonals, axis=tuple(range(2, 2 + 2 * len(lead_sizes), 2)))
 
 
+def _correlation(planes: jax.Array, kernel: jax.Array) -> jax.Array:
+  """:func:`_correlate_planes`, its result written to its own buffer for its consumers.
+
+  With leading kernel dims the correlation ends in a reduction (the sum over their
+  offsets), which XLA:CPU never fuses into a consumer, so no boundary is needed (each
+  :func:`computed_once` loop costs ~40 ms of XLA compile). A 1-D kernel's taps are the
+  output: their loop goes inside :func:`computed_once`.
+  """
+  if len(kernel.shape[:-2]) > 1:
+    return _correlate_planes(planes, kernel)
+  return computed_once(_correlate_planes, planes, kernel)
+
+
 def _diagonal_band(k_last: int, block: int) -> np.ndarray:
   """``band[r, x, j] = 1`` where ``r == x + j``: contracted with ``products (.., r, x)`` it
   sums the ``j``-th diagonals, ``sum_x products[.., x + j, x]``, for every ``j`` at once."""
@@ -196,13 +209,13 @@ def _kernel_grad(planes: jax.Array, grad: jax.Array,
 
 @jax.custom_vjp
 def _conv_planes_shift(planes: jax.Array, kernel: jax.Array) -> jax.Array:
-  return computed_once(_correlate_planes, planes, kernel)[0]
+  return _correlation(planes, kernel)[0]
 
 
 def _conv_planes_shift_fwd(planes, kernel):
   # Not _conv_planes_shift itself: forward-mode over this rule (jvp of a gradient) must not
   # meet the custom_vjp.
-  return computed_once(_correlate_planes, planes, kernel)[0], (planes, kernel)
+  return _correlation(planes, kernel)[0], (planes, kernel)
 
 
 def _conv_planes_shift_bwd(residuals, grad):
@@ -210,7 +223,7 @@ def _conv_planes_shift_bwd(residuals, grad):
   kernel_size = kernel.shape[:-2]
   # Input gradient: correlation with the flipped kernel, 1 plane in, C_in planes out.
   flipped = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(len(kernel_size)))), -1, -2)
-  grad_planes = computed_once(_correlate_planes, grad[None], flipped)
+  grad_planes = _correlation(grad[None], flipped)
   grad_kernel = _kernel_grad(planes, grad, kernel_size)[..., None]
   return grad_planes, grad_kernel
 
