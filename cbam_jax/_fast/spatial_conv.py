@@ -137,12 +137,13 @@ def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
 def _correlation(planes: jax.Array, kernel: jax.Array) -> jax.Array:
   """:func:`_correlate_planes`, its result written to its own buffer for its consumers.
 
-  With leading kernel dims the correlation ends in a reduction (the sum over their
-  offsets), which XLA:CPU never fuses into a consumer, so no boundary is needed (each
-  :func:`computed_once` loop costs ~40 ms of XLA compile). A 1-D kernel's taps are the
-  output: their loop goes inside :func:`computed_once`.
+  With more than one offset in the leading kernel dims the correlation ends in a reduction
+  (the sum over those offsets), which XLA:CPU never fuses into a consumer, so no boundary is
+  needed (each :func:`computed_once` loop costs ~40 ms of XLA compile). Otherwise (a 1-D
+  kernel, or leading sizes of 1) the taps are the output: they go inside
+  :func:`computed_once`.
   """
-  if len(kernel.shape[:-2]) > 1:
+  if np.prod(kernel.shape[:-3], dtype=int) > 1:
     return _correlate_planes(planes, kernel)
   return computed_once(_correlate_planes, planes, kernel)
 
