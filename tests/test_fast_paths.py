@@ -80,7 +80,7 @@ def test_correlation_matches_float64_sum():
   # gradient: out[d, b, *s] = sum_{o, c} K[*o, c, d] * padded[c, b, *(s + o)]. 3-D: two
   # leading kernel dims, one larger than its spatial size.
   from cbam_jax._fast.spatial_conv import _correlate_planes
-  kernel_size, spatial = (3, 5, 7), (2, 3, 6)
+  kernel_size, spatial = (3, 5, 3), (2, 3, 4)
   planes = np.asarray(_random(10, (2, 3, *spatial)), np.float64)
   kernel = np.asarray(_random(11, (*kernel_size, 2, 3)), np.float64)
   out = jax.jit(_correlate_planes)(jnp.asarray(planes, jnp.float32),
