@@ -74,6 +74,26 @@ def test_kernel_gradient_matches_float64_sum():
   np.testing.assert_allclose(grad_kernel, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_correlation_matches_float64_sum():
+  # The two-pass correlation (taps along the last axis for every leading offset, then the
+  # diagonal sum) against its defining sum, with several output planes as in the input
+  # gradient: out[d, b, *s] = sum_{o, c} K[*o, c, d] * padded[c, b, *(s + o)]. 3-D: two
+  # leading kernel dims, one larger than its spatial size.
+  from cbam_jax._fast.spatial_conv import _correlate_planes
+  kernel_size, spatial = (3, 5, 3), (2, 3, 4)
+  planes = np.asarray(_random(10, (2, 3, *spatial)), np.float64)
+  kernel = np.asarray(_random(11, (*kernel_size, 2, 3)), np.float64)
+  out = jax.jit(_correlate_planes)(jnp.asarray(planes, jnp.float32),
+                                   jnp.asarray(kernel, jnp.float32))
+  padded = np.pad(planes, [(0, 0), (0, 0)] + [(k // 2, k // 2) for k in kernel_size])
+  expected = np.zeros((3, 3, *spatial))
+  for offset in np.ndindex(*kernel_size):
+    window = padded[(slice(None),) * 2 + tuple(
+        slice(o, o + n) for o, n in zip(offset, spatial, strict=True))]
+    expected += np.einsum('cb...,cd->db...', window, kernel[offset])
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_computes_in_float32_and_returns_promoted_dtype():
   planes = _random(6, (2, 2, 6, 6)).astype(jnp.bfloat16)
   kernel = _random(7, (3, 3, 2, 1)).astype(jnp.bfloat16)

@@ -18,8 +18,10 @@ and ``functional.cbam``, and the public ``spatial_conv`` / ``spatial_conv_planes
 underscored cores below them take the resolved ``impl`` and trust their caller's checks.
 
 Fusion boundaries (:func:`~cbam_jax._fast.boundary.computed_once`, a one-trip loop XLA:CPU
-cannot fuse through) keep the shift conv's correlations and the channel max from being
-recomputed in every consumer; :class:`cbam_jax.conv.MaterializedInputConv` uses the same.
+cannot fuse through) keep the channel max (and a 1-D kernel's correlation) from being
+recomputed in every consumer; a 2-D or 3-D correlation ends in a reduction, which XLA:CPU
+does not fuse into consumers anyway. :class:`cbam_jax.conv.MaterializedInputConv` uses the
+same boundary.
 
 To change the spatial conv, edit :mod:`cbam_jax._fast.spatial_conv` (a new ``impl`` goes
 into ``IMPLS``, ``resolve_impl`` and ``_spatial_conv_planes``); ``tests/test_fast_paths.py``

@@ -5,10 +5,11 @@ machine idle (XLA:CPU needs ~6 ms for a 7x7 conv over ``(32, 56, 56, 2)``, and ~
 for its gradient). ``'xla'`` is the reference (``lax.conv_general_dilated``). ``'shift'``
 computes the same sums differently:
 
-* forward: ``prod(kernel_size) * 2`` shifted multiply-adds over whole *planes*. The
-  planes are channel-major, ``(2, B, *spatial)``, so every shifted window is a contiguous
-  run along the last axis and XLA fuses all of them into one vectorised loop (~15x
-  faster than the conv on CPU);
+* forward: shifted multiply-adds over whole *planes*. The planes are channel-major,
+  ``(2, B, *spatial)``, so every shifted window is a contiguous run along the last axis
+  and XLA fuses them into vectorised loops (~15x faster than the conv on CPU): one pass
+  for the ``k_last * 2`` taps along the last axis, for every offset of the leading kernel
+  dims at once, and one sum over those offsets (:func:`_correlate_planes`);
 * backward (a :func:`jax.custom_vjp`): the input gradient is the correlation of the output
   gradient with the flipped kernel (again shifted multiply-adds), and the kernel gradient,
   ``dK[i, j, c] = sum_{b, y, x} P[c, b, y + i, x + j] * g[b, y, x]``, is one matrix
@@ -17,9 +18,9 @@ computes the same sums differently:
   Autodiff of the forward instead produces ~100 separate full reductions, which XLA:CPU
   runs ~10x slower (and compiles slowly: docs/performance.md, "Compile time").
 
-Each correlation runs inside :func:`cbam_jax._fast.boundary.computed_once`: left to itself, XLA
-fused it into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
-padding) and recomputed all its taps there.
+Each correlation's result is written once (:func:`_correlation`): left to itself, XLA fused
+the taps into every consumer (BatchNorm's backward, the gate's per-channel gradient, the next
+padding) and recomputed them all there.
 
 Both give the conv's numbers up to float32 rounding (summation order differs; the tests
 hold them to 1e-5). The products are formed and accumulated in float32 whatever the input
@@ -73,20 +74,29 @@ def _conv_xla(pooled, kernel, precision):
   return out[0, ..., 0]
 
 
-def _window(padded: jax.Array, offset: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
-  """``padded[..., o0:o0+n0, o1:o1+n1, ...]`` over the trailing ``len(offset)`` axes."""
-  lead = padded.ndim - len(offset)
-  return padded[(slice(None),) * lead +
-                tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-
-
 def _pad_same(planes: jax.Array, kernel_size: tuple[int, ...]) -> jax.Array:
   lead = planes.ndim - len(kernel_size)
   return jnp.pad(planes, [(0, 0)] * lead + [(k // 2, k // 2) for k in kernel_size])
 
 
+def _interleave(pairs) -> tuple:
+  """``((a0, b0), (a1, b1), ..)`` -> ``(a0, b0, a1, b1, ..)``: each offset axis next to its
+  padded spatial axis."""
+  return tuple(itertools.chain.from_iterable(pairs))
+
+
 def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Same-padded correlation as shifted multiply-adds.
+  """Same-padded correlation as shifted multiply-adds, in two fused passes.
+
+  First the taps along the last axis, every offset ``o`` of the leading kernel dims at
+  once: ``rows[d, b, o0, p0, o1, p1, .., x] = sum_{j, c} K[o0, o1, .., j, c, d] *
+  padded[c, b, p0, p1, .., x + j]``, one broadcast multiply-add per column offset ``j`` and
+  input plane ``c``. Then ``out[d, b, s0, s1, .., x] = sum_o rows[d, b, o0, s0 + o0, ..]``,
+  one reduction: flattened, the pair ``(o, p)`` is ``o * P + p`` (``P`` the padded size),
+  so ``rows[o, s + o]`` sits at ``o * (P + 1) + s``; padded with ``k`` zeros and reshaped
+  to ``(k, P + 1)``, the pair puts it under ``(o, s)``. For CBAM's 7x7 that is 14 fused
+  multiply-adds and a sum over 7 instead of 98 multiply-adds in one loop: a third less XLA:CPU
+  compile time for the module, the same run time (docs/performance.md, "Compile time").
 
   Args:
     planes: ``(C_in, B, *spatial)`` float32.
@@ -96,24 +106,47 @@ def _correlate_planes(planes: jax.Array, kernel: jax.Array) -> jax.Array:
     ``(C_out, B, *spatial)`` float32.
   """
   kernel_size = kernel.shape[:-2]
-  spatial = planes.shape[2:]
+  lead_sizes = kernel_size[:-1]
   num_in, num_out = kernel.shape[-2:]
+  batch, *spatial = planes.shape[1:]
+  width = spatial[-1]
   padded = _pad_same(planes, kernel_size)
-  # Each input plane and each weight split off once, not per tap: every traced op here costs
-  # tracing, lowering and XLA time, and this loop is unrolled (98 taps for CBAM's 7x7).
+  padded_lead = padded.shape[2:-1]
+  # Each input plane and each tap's weights split off once, not per tap: every traced op
+  # costs tracing, lowering and XLA time.
   inputs = [plane[0] for plane in jnp.split(padded, num_in)]
-  weights = dict(zip(np.ndindex(kernel.shape), (
-      weight.reshape(()) for weight in jnp.split(kernel.reshape(-1), kernel.size)), strict=True))
-  outs = []
-  for out_channel in range(num_out):
-    acc = None
-    for offset in itertools.product(*(range(k) for k in kernel_size)):
-      for in_channel in range(num_in):
-        term = _window(inputs[in_channel], offset, spatial) * weights[
-            offset + (in_channel, out_channel)]
-        acc = term if acc is None else acc + term
-    outs.append(acc)
-  return jnp.stack(outs)  # type: ignore[arg-type]  # No acc is None: a kernel has taps.
+  taps = kernel_size[-1] * num_in
+  weights = jnp.moveaxis(kernel, (-3, -2, -1), (0, 1, 2)).reshape(
+      (taps, num_out, 1) + _interleave((k, 1) for k in lead_sizes) + (1,))
+  window_shape = (1, batch) + _interleave((1, p) for p in padded_lead) + (width,)
+  rows = None
+  for weight, (column, in_channel) in zip(
+      jnp.split(weights, taps), itertools.product(range(kernel_size[-1]), range(num_in)),
+      strict=True):
+    term = weight[0] * inputs[in_channel][..., column:column + width].reshape(window_shape)
+    rows = term if rows is None else rows + term
+  lead_pairs = tuple(zip(lead_sizes, padded_lead, strict=True))
+  flat = rows.reshape(  # type: ignore[union-attr]  # No rows is None: a kernel has taps.
+      (num_out, batch) + tuple(k * p for k, p in lead_pairs) + (width,))
+  flat = jnp.pad(flat, [(0, 0), (0, 0)] + [(0, k) for k in lead_sizes] + [(0, 0)])
+  diagonals = flat.reshape(
+      (num_out, batch) + _interleave((k, p + 1) for k, p in lead_pairs) +
+      (width,))[(slice(None),) * 2 + _interleave((slice(None), slice(n)) for n in spatial[:-1])]
+  return jnp.sum(diagonals, axis=tuple(range(2, 2 + 2 * len(lead_sizes), 2)))
+
+
+def _correlation(planes: jax.Array, kernel: jax.Array) -> jax.Array:
+  """:func:`_correlate_planes`, its result written to its own buffer for its consumers.
+
+  With more than one offset in the leading kernel dims the correlation ends in a reduction
+  (the sum over those offsets), which XLA:CPU never fuses into a consumer, so no boundary is
+  needed (each :func:`computed_once` loop costs ~40 ms of XLA compile). Otherwise (a 1-D
+  kernel, or leading sizes of 1) the taps are the output: they go inside
+  :func:`computed_once`.
+  """
+  if np.prod(kernel.shape[:-3], dtype=int) > 1:
+    return _correlate_planes(planes, kernel)
+  return computed_once(_correlate_planes, planes, kernel)
 
 
 def _diagonal_band(k_last: int, block: int) -> np.ndarray:
@@ -178,13 +211,13 @@ def _kernel_grad(planes: jax.Array, grad: jax.Array,
 
 @jax.custom_vjp
 def _conv_planes_shift(planes: jax.Array, kernel: jax.Array) -> jax.Array:
-  return computed_once(_correlate_planes, planes, kernel)[0]
+  return _correlation(planes, kernel)[0]
 
 
 def _conv_planes_shift_fwd(planes, kernel):
   # Not _conv_planes_shift itself: forward-mode over this rule (jvp of a gradient) must not
   # meet the custom_vjp.
-  return computed_once(_correlate_planes, planes, kernel)[0], (planes, kernel)
+  return _correlation(planes, kernel)[0], (planes, kernel)
 
 
 def _conv_planes_shift_bwd(residuals, grad):
@@ -192,7 +225,7 @@ def _conv_planes_shift_bwd(residuals, grad):
   kernel_size = kernel.shape[:-2]
   # Input gradient: correlation with the flipped kernel, 1 plane in, C_in planes out.
   flipped = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(len(kernel_size)))), -1, -2)
-  grad_planes = computed_once(_correlate_planes, grad[None], flipped)
+  grad_planes = _correlation(grad[None], flipped)
   grad_kernel = _kernel_grad(planes, grad, kernel_size)[..., None]
   return grad_planes, grad_kernel
 
