@@ -277,8 +277,8 @@ def test_torchvision_mobilenet_v2_weights_convert_in_both_skins():
 def test_timm_mobilenet_keys_widths_and_classes_are_read(version, multiplier):
   """Every timm key lands with its shape checked (no forward pass: the slow test runs one)."""
   pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
-  from experiments.bench import torch_reference as refs
 
   state = refs.TimmMobileNet(version, num_classes=7, channel_multiplier=multiplier).state_dict()
   model, _, report = convert.from_pytorch(state, 'timm', attention=None, return_report=True)
@@ -291,9 +291,9 @@ def test_timm_mobilenet_keys_widths_and_classes_are_read(version, multiplier):
 @pytest.mark.torch
 def test_timm_mobilenet_attention_is_fresh_under_the_timm_preset():
   pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax.attention import CBAM, SqueezeExcitation, presets
   from cbam_jax.convert import mobilenet as convert_mobilenet
-  from experiments.bench import torch_reference as refs
 
   arrays = {k: v.numpy() for k, v in refs.TimmMobileNet(1, num_classes=5).state_dict().items()}
   cbam = convert_mobilenet.infer_model(arrays, 'auto', {}, 'timm')[0].attention
@@ -307,8 +307,8 @@ def test_timm_mobilenet_attention_is_fresh_under_the_timm_preset():
 @pytest.mark.torch
 def test_timm_mobilenets_cbam_jax_lacks_are_one_line_errors():
   pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
-  from experiments.bench import torch_reference as refs
 
   def arrays(version, **kwargs):
     model = refs.TimmMobileNet(version, num_classes=5, **kwargs)
@@ -332,8 +332,8 @@ def test_timm_mobilenets_cbam_jax_lacks_are_one_line_errors():
 @pytest.mark.parametrize('version', [2, 1], ids=['mobilenetv2_100', 'mobilenetv1_100'])
 def test_timm_mobilenet_weights_convert_in_both_skins(version):
   pytest.importorskip('torch')
+  import torch_reference as refs
   from cbam_jax import convert
-  from experiments.bench import torch_reference as refs
 
   torch_model = refs.randomize(refs.TimmMobileNet(version, num_classes=5), seed=version)
   state = torch_model.state_dict()
