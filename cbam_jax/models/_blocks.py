@@ -15,6 +15,7 @@ from flax import nnx
 from flax.typing import Dtype, Initializer
 
 from cbam_jax import _validation
+from cbam_jax.models._attention import network_attention
 
 Array = jax.Array
 ModuleDef = Any
@@ -86,6 +87,21 @@ def layer_factories(conv: ModuleDef, norm: ModuleDef, *, use_running_average: bo
   norm = functools.partial(norm, use_running_average=use_running_average, momentum=0.9,
                            epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, **nnx_rngs)
   return conv, norm
+
+
+def linen_factories(module: nn.Module, train: bool
+                    ) -> tuple[ModuleDef, ModuleDef, Callable[..., Any] | None,
+                               Callable[..., Any] | None]:
+  """A linen backbone's ``(conv, norm, attention, stage_attention)`` factories from its
+  fields (``conv``, ``norm``, ``dtype``, ``param_dtype``, ``kernel_init``, ``attention``,
+  ``stage_attention``, ``attention_fields``, ``zero_init_spatial_gate``)."""
+  m: Any = module
+  conv, norm = layer_factories(m.conv, m.norm, use_running_average=not train, dtype=m.dtype,
+                               param_dtype=m.param_dtype, kernel_init=m.kernel_init)
+  attention, stage_attention = network_attention(
+      'linen', m.attention, m.stage_attention, m.attention_fields, dtype=m.dtype,
+      param_dtype=m.param_dtype, zero_init_spatial_gate=m.zero_init_spatial_gate)
+  return conv, norm, attention, stage_attention
 
 
 def stages_at_downsampling(strides: Sequence[int]) -> list[list[int]]:

@@ -49,6 +49,7 @@ from cbam_jax.models._blocks import (
     conv_kernel_init,
     dense_head_init,
     layer_factories,
+    linen_factories,
     nnx_classifier_head,
     nnx_logits,
     same_padding,
@@ -134,13 +135,7 @@ class MobileNetV2(nn.Module):
     check_mobilenet_fields(self.width_multiplier, self.dropout_rate)
     check_images(x, 'MobileNetV2', channels_last=channels_last)
     check_dropout_rng(self, self.dropout_rate, train)
-    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=self.kernel_init)
-    attention, stage_attention = network_attention(
-        'linen', self.attention, self.stage_attention, self.attention_fields,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        zero_init_spatial_gate=self.zero_init_spatial_gate)
+    conv, norm, attention, stage_attention = linen_factories(self, train)
 
     x = conv(make_divisible(STEM_WIDTH * self.width_multiplier), (3, 3), (2, 2),
              padding=same_padding(3), name='conv1')(x)

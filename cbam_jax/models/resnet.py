@@ -59,6 +59,7 @@ from cbam_jax.models._blocks import (
     dense_head_init,
     head_kernel_init,
     layer_factories,
+    linen_factories,
     nnx_classifier_head,
     nnx_logits,
     pad_shortcut,
@@ -239,13 +240,7 @@ class ResNet(nn.Module):
     ``channels_last=True`` says they are NHWC.
     """
     self._check(x, channels_last)
-    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=self.kernel_init)
-    attention, stage_attention = network_attention(
-        'linen', self.attention, self.stage_attention, self.attention_fields,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        zero_init_spatial_gate=self.zero_init_spatial_gate)
+    conv, norm, attention, stage_attention = linen_factories(self, train)
 
     stem_features = self.num_filters if self.stem_features is None else self.stem_features
     if self.stem == 'imagenet':

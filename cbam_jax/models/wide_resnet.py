@@ -52,6 +52,7 @@ from cbam_jax.models._blocks import (
     dense_head_init,
     head_kernel_init,
     layer_factories,
+    linen_factories,
     nnx_classifier_head,
     nnx_logits,
     same_padding,
@@ -157,13 +158,7 @@ class WideResNet(nn.Module):
     and ``channels_last`` as in :class:`cbam_jax.models.ResNet`."""
     check_wide_resnet_fields(self.depth, self.widen_factor, self.dropout_rate)
     check_images(x, 'WideResNet', channels_last=channels_last)
-    conv, norm = layer_factories(self.conv, self.norm, use_running_average=not train,
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 kernel_init=self.kernel_init)
-    attention, stage_attention = network_attention(
-        'linen', self.attention, self.stage_attention, self.attention_fields,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        zero_init_spatial_gate=self.zero_init_spatial_gate)
+    conv, norm, attention, stage_attention = linen_factories(self, train)
 
     x = conv(STEM_FEATURES, (3, 3), padding=same_padding(3), name='conv1')(x)
     stages = [[functools.partial(
