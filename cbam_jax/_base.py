@@ -198,8 +198,11 @@ def check_spatial_dims(what: str, x: Array, supported: tuple[int, ...]) -> None:
 
 
 def spatial_pool(x: Array, kind: str) -> Array:
-  """``(B, *spatial, C)`` -> ``(B, C)`` float32 global pooling of every example."""
-  return jax.vmap(functools.partial(F.global_pool, kind=kind))(x)
+  """``(B, *spatial, C)`` -> ``(B, C)`` float32 global pooling of every example.
+
+  ``x`` was checked at the module boundary and ``kind`` is one of ``F.POOL_TYPES``.
+  """
+  return jax.vmap(functools.partial(F._global_pool, kind=kind))(x)
 
 
 def channel_map_shape(channel_map: Array, x: Array) -> Array:

@@ -4,6 +4,7 @@ given to the one-example functional core, a misspelt field name."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import re
 
@@ -267,3 +268,20 @@ def test_gate_in_order_without_any_gate_says_so():
   with pytest.raises(ValueError, match=r'gate_in_order got no gate \(channel_gate and '
                      r'spatial_gate are both None\); pass at least one\.'):
     F.gate_in_order(jnp.ones((4, 4, 3)), None, None)
+
+
+@pytest.mark.parametrize('name', attention.available())
+def test_every_member_checks_its_input_once(checks, name):
+  x = jnp.ones((2, 6, 6, 8))
+  fields = ({'kernel_size': 3} if 'kernel_size' in
+            {f.name for f in dataclasses.fields(attention.member(name).linen)} else {})
+  module = attention.create(name, **fields)
+  variables = _init(module, x)
+  checks.clear()
+  jax.eval_shape(functools.partial(module.apply, train=True, mutable=['batch_stats']), variables, x)
+  linen_checks = checks['features']
+  model = nnx.eval_shape(lambda: cnnx.create(name, 8, rngs=nnx.Rngs(0), **fields))
+  checks.clear()
+  model.train()
+  nnx.eval_shape(lambda m: m(x), model)
+  assert (linen_checks, checks['features']) == (1, 1)

@@ -78,10 +78,14 @@ class EfficientChannelAttention(_base.AttentionModule):
   beta: float = 1
   gate: Callable[[Array], Array] = nn.sigmoid
 
-  @nn.compact
   def attention_map(self, x: Array) -> Array:
     """``(B, C)`` float32 channel map of channels-last ``x``; sown as ``channel_map``."""
     _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  @nn.compact
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     if self.has_variable('params', 'conv_kernel'):
       size: int = self.get_variable('params', 'conv_kernel').shape[0]
       _validation.check_kernel_size(size)
@@ -95,7 +99,7 @@ class EfficientChannelAttention(_base.AttentionModule):
 
   def refine(self, x: Array, train: bool) -> Array:
     del train  # No BatchNorm.
-    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+    return F.apply_gate(x, _base.channel_map_shape(self._attention_map(x), x))
 
 
 class NnxEfficientChannelAttention(_base.NnxAttentionModule):
@@ -117,14 +121,19 @@ class NnxEfficientChannelAttention(_base.NnxAttentionModule):
     self.conv_kernel = nnx.Param(kernel_init(rngs.params(), (size, 1, 1), param_dtype))
 
   def attention_map(self, x: Array) -> Array:
+    """``(B, C)`` float32 channel map of channels-last ``x``."""
     _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     channel_map = eca_attention_map(self.conv_kernel[...], x, gate=self.gate,
                                     dtype=self.dtype, precision=self.precision)
     _base.sow_map(self, 'channel_map', channel_map)
     return channel_map
 
   def refine(self, x: Array) -> Array:
-    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+    return F.apply_gate(x, _base.channel_map_shape(self._attention_map(x), x))
 
 
 register(Member('eca', EfficientChannelAttention, NnxEfficientChannelAttention,

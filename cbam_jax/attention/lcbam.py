@@ -16,6 +16,7 @@ from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
+from cbam_jax._fast.spatial_conv import resolve_impl
 from cbam_jax.attention import _base
 from cbam_jax.attention._registry import Member, register
 from cbam_jax.attention.cbam import channel_param_shapes
@@ -46,8 +47,9 @@ def light_spatial_map(kernel: Array, x: Array, *, norm, gate, dtype=None, precis
   # conv(0.5 * mean + 0.5 * max, w) == conv([mean; max], [w / 2; w / 2]): reuse CBAM's
   # two-input spatial convolution rather than a second code path.
   two_input_kernel = 0.5 * jnp.concatenate([kernel, kernel], axis=-2)
+  # x was checked at the module boundary: the unchecked core, impl resolved once.
   logits = jax.vmap(functools.partial(
-      F.spatial_logits, dtype=dtype, precision=precision, impl=impl),
+      F._spatial_logits, dtype=dtype, precision=precision, impl=resolve_impl(impl)),
       in_axes=(None, 0))({'conv_kernel': two_input_kernel}, x)
   return gate(norm(logits[..., None])[..., 0])
 
@@ -67,9 +69,14 @@ class LightChannelAttention(_base.AttentionModule):
   activation: Callable[[Array], Array] = nn.relu
   gate: Callable[[Array], Array] = nn.sigmoid
 
-  @nn.compact
   def attention_map(self, x: Array) -> Array:
-    """``(B, C)`` float32 channel map of channels-last ``x``."""
+    """``(B, C)`` float32 channel map of channels-last ``x``; sown as ``channel_map``."""
+    _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  @nn.compact
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     channels = x.shape[-1]
     hidden = F.hidden_size(channels, self.reduction_ratio, self.hidden_features,
                            self.hidden_rounding)
@@ -82,7 +89,7 @@ class LightChannelAttention(_base.AttentionModule):
 
   def refine(self, x: Array, train: bool) -> Array:
     del train
-    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+    return F.apply_gate(x, _base.channel_map_shape(self._attention_map(x), x))
 
 
 class LightSpatialAttention(_base.AttentionModule):
@@ -107,9 +114,14 @@ class LightSpatialAttention(_base.AttentionModule):
   conv_impl: str = 'auto'
   gate: Callable[[Array], Array] = nn.sigmoid
 
-  @nn.compact
   def attention_map(self, x: Array, train: bool = False) -> Array:
-    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``; sown as ``spatial_map``."""
+    _validation.check_features(x, batched=True)
+    return self._attention_map(x, train)
+
+  @nn.compact
+  def _attention_map(self, x: Array, train: bool) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     _base.check_has_batch(self, x)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     _base.check_stored_shape(self, ('conv_kernel',), (*kernel_size, 1, 1), x)
@@ -123,7 +135,7 @@ class LightSpatialAttention(_base.AttentionModule):
     return spatial_map
 
   def refine(self, x: Array, train: bool) -> Array:
-    return F.apply_gate(x, self.attention_map(x, train)[..., None])
+    return F.apply_gate(x, self._attention_map(x, train)[..., None])
 
 
 class LightCBAM(_base.AttentionModule):
@@ -149,11 +161,11 @@ class LightCBAM(_base.AttentionModule):
     shared = {name: getattr(self, name) for name in _base.SHARED_FIELDS}
     channel_map = LightChannelAttention(
         **{name: getattr(self, name) for name in LIGHT_CHANNEL_FIELDS}, **shared,
-        name='channel').attention_map(x)
+        name='channel')._attention_map(x)
     refined = F.apply_gate(x, _base.channel_map_shape(channel_map, x))
     spatial_map = LightSpatialAttention(
         **{name: getattr(self, name) for name in LIGHT_SPATIAL_FIELDS}, **shared,
-        name='spatial').attention_map(refined, train)
+        name='spatial')._attention_map(refined, train)
     return F.apply_gate(refined, spatial_map[..., None])
 
 
@@ -184,6 +196,12 @@ class NnxLightChannelAttention(_base.NnxAttentionModule):
     _base.declare_nnx(self, channel_param_shapes(in_features, hidden, mlp_bias), rngs)
 
   def attention_map(self, x: Array) -> Array:
+    """``(B, C)`` float32 channel map of channels-last ``x``."""
+    _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     channels = x.shape[-1]
     _base.check_param_shape(type(self).__name__, ('fc1_kernel',), self.fc1_kernel.shape,
                             (channels, F.hidden_size(channels, self.reduction_ratio,
@@ -196,7 +214,7 @@ class NnxLightChannelAttention(_base.NnxAttentionModule):
     return channel_map
 
   def refine(self, x: Array) -> Array:
-    return F.apply_gate(x, _base.channel_map_shape(self.attention_map(x), x))
+    return F.apply_gate(x, _base.channel_map_shape(self._attention_map(x), x))
 
 
 class NnxLightSpatialAttention(_base.NnxAttentionModule):
@@ -225,6 +243,12 @@ class NnxLightSpatialAttention(_base.NnxAttentionModule):
                                      norm_scale_init)
 
   def attention_map(self, x: Array) -> Array:
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     _validation.check_has_batch(type(self).__name__, x, self.conv_kernel.ndim - 2)
     kernel_size = _validation.spatial_kernel_size(self.kernel_size, x.ndim - 2)
     _base.check_param_shape(type(self).__name__, ('conv_kernel',), self.conv_kernel.shape,
@@ -236,7 +260,7 @@ class NnxLightSpatialAttention(_base.NnxAttentionModule):
     return spatial_map
 
   def refine(self, x: Array) -> Array:
-    return F.apply_gate(x, self.attention_map(x)[..., None])
+    return F.apply_gate(x, self._attention_map(x)[..., None])
 
 
 class NnxLightCBAM(_base.NnxAttentionModule):
@@ -264,8 +288,8 @@ class NnxLightCBAM(_base.NnxAttentionModule):
         **self.field_values(LIGHT_SPATIAL_FIELDS), **shared, rngs=rngs)
 
   def refine(self, x: Array) -> Array:
-    refined = F.apply_gate(x, _base.channel_map_shape(self.channel.attention_map(x), x))
-    return F.apply_gate(refined, self.spatial.attention_map(refined)[..., None])
+    refined = F.apply_gate(x, _base.channel_map_shape(self.channel._attention_map(x), x))
+    return F.apply_gate(refined, self.spatial._attention_map(refined)[..., None])
 
 
 # The module's defaults are timm's LightCbamModule.

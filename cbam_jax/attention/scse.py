@@ -54,9 +54,14 @@ class SpatialSqueezeExcitation(_base.AttentionModule):
 
   gate: Callable[[Array], Array] = nn.sigmoid
 
-  @nn.compact
   def attention_map(self, x: Array) -> Array:
-    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``; sown as ``spatial_map``."""
+    _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  @nn.compact
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     channels = x.shape[-1]
     _base.check_stored_shape(self, ('conv_kernel',), (channels, 1), x)
     kernel = self.param('conv_kernel', self.kernel_init, (channels, 1), self.param_dtype)
@@ -68,7 +73,7 @@ class SpatialSqueezeExcitation(_base.AttentionModule):
 
   def refine(self, x: Array, train: bool) -> Array:
     del train
-    return F.apply_gate(x, self.attention_map(x)[..., None])
+    return F.apply_gate(x, self._attention_map(x)[..., None])
 
 
 class ConcurrentSpatialChannelSE(_base.AttentionModule):
@@ -102,8 +107,8 @@ class ConcurrentSpatialChannelSE(_base.AttentionModule):
     shared = {name: getattr(self, name) for name in _base.SHARED_FIELDS}
     channel_map = ChannelAttention(
         **{name: getattr(self, name) for name in SCSE_CHANNEL_FIELDS}, pool_types=SE_POOL_TYPES,
-        **shared, name='channel').attention_map(x)
-    spatial_map = SpatialSqueezeExcitation(**shared, name='spatial').attention_map(x)
+        **shared, name='channel')._attention_map(x)
+    spatial_map = SpatialSqueezeExcitation(**shared, name='spatial')._attention_map(x)
     return scse_combine(x, channel_map, spatial_map, self.aggregation)
 
 
@@ -127,6 +132,12 @@ class NnxSpatialSqueezeExcitation(_base.NnxAttentionModule):
                              'conv_bias': ('bias', (1,))}, rngs)
 
   def attention_map(self, x: Array) -> Array:
+    """``(B, *spatial)`` float32 spatial map of channels-last ``x``."""
+    _validation.check_features(x, batched=True)
+    return self._attention_map(x)
+
+  def _attention_map(self, x: Array) -> Array:
+    """:meth:`attention_map` of features checked by the caller (``__call__``'s boundary)."""
     _base.check_param_shape(type(self).__name__, ('conv_kernel',), self.conv_kernel.shape,
                             (x.shape[-1], 1), x)
     spatial_map = sse_map(self.conv_kernel[...], self.conv_bias[...], x, gate=self.gate,
@@ -135,7 +146,7 @@ class NnxSpatialSqueezeExcitation(_base.NnxAttentionModule):
     return spatial_map
 
   def refine(self, x: Array) -> Array:
-    return F.apply_gate(x, self.attention_map(x)[..., None])
+    return F.apply_gate(x, self._attention_map(x)[..., None])
 
 
 class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
@@ -162,7 +173,7 @@ class NnxConcurrentSpatialChannelSE(_base.NnxAttentionModule):
     self.spatial = NnxSpatialSqueezeExcitation(in_features, **shared, rngs=rngs)
 
   def refine(self, x: Array) -> Array:
-    return scse_combine(x, self.channel.attention_map(x), self.spatial.attention_map(x),
+    return scse_combine(x, self.channel._attention_map(x), self.spatial._attention_map(x),
                         self.aggregation)
 
 

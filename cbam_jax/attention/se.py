@@ -43,7 +43,7 @@ class SqueezeExcitation(_base.AttentionModule):
     del train
     channel = ChannelAttention(**{name: getattr(self, name) for name in SE_FIELDS},
                                pool_types=SE_POOL_TYPES, name='channel')
-    return F.apply_gate(x, _base.channel_map_shape(channel.attention_map(x), x))
+    return F.apply_gate(x, _base.channel_map_shape(channel._attention_map(x), x))
 
 
 class NnxSqueezeExcitation(_base.NnxAttentionModule):
@@ -65,7 +65,7 @@ class NnxSqueezeExcitation(_base.NnxAttentionModule):
                                        pool_types=SE_POOL_TYPES, rngs=rngs)
 
   def refine(self, x: jax.Array) -> jax.Array:
-    return F.apply_gate(x, _base.channel_map_shape(self.channel.attention_map(x), x))
+    return F.apply_gate(x, _base.channel_map_shape(self.channel._attention_map(x), x))
 
 
 register(Member('se', SqueezeExcitation, NnxSqueezeExcitation, maps=('channel_map',), presets={

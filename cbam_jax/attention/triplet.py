@@ -13,6 +13,7 @@ from flax import nnx
 
 from cbam_jax import _validation
 from cbam_jax import functional as F
+from cbam_jax._fast.spatial_conv import resolve_impl
 from cbam_jax.attention import _base
 from cbam_jax.attention._registry import Member, register
 
@@ -24,8 +25,9 @@ def zpool_gate_map(kernel: Array, x: Array, *, norm: Callable[[Array], Array],
                    precision: _base.PrecisionLike = None, impl: str = 'auto') -> Array:
   """``gate(norm(conv_k([max; mean](x))))``: ``(B, H', W', C')`` -> ``(B, H', W')`` float32."""
   # functional.spatial_logits pools [mean; max]: swap the kernel's inputs to match.
+  # x was checked at the module boundary: the unchecked core, impl resolved once.
   logits = jax.vmap(functools.partial(
-      F.spatial_logits, dtype=dtype, precision=precision, impl=impl),
+      F._spatial_logits, dtype=dtype, precision=precision, impl=resolve_impl(impl)),
       in_axes=(None, 0))({'conv_kernel': kernel[..., ::-1, :]}, x)
   return gate(norm(logits[..., None])[..., 0])
 
