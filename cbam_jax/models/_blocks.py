@@ -15,6 +15,7 @@ from flax import nnx
 from flax.typing import Dtype, Initializer
 
 from cbam_jax import _validation
+from cbam_jax.conv import NnxMaterializedInputConv
 from cbam_jax.models._attention import network_attention
 
 Array = jax.Array
@@ -101,6 +102,23 @@ def linen_factories(module: nn.Module, train: bool
   attention, stage_attention = network_attention(
       'linen', m.attention, m.stage_attention, m.attention_fields, dtype=m.dtype,
       param_dtype=m.param_dtype, zero_init_spatial_gate=m.zero_init_spatial_gate)
+  return conv, norm, attention, stage_attention
+
+
+def nnx_factories(attention: Any, stage_attention: Any, attention_fields: Any, *,
+                  zero_init_spatial_gate: bool, dtype: Dtype, param_dtype: Dtype,
+                  kernel_init: Initializer, rngs: nnx.Rngs
+                  ) -> tuple[ModuleDef, ModuleDef, Callable[..., Any] | None,
+                             Callable[..., Any] | None]:
+  """An NNX backbone's ``(conv, norm, attention, stage_attention)`` factories from its
+  constructor's arguments: :class:`cbam_jax.conv.NnxMaterializedInputConv` and ``nnx.BatchNorm`` (in
+  training mode until ``model.eval()``), the NNX twin of :func:`linen_factories`."""
+  conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
+                               use_running_average=False, dtype=dtype,
+                               param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+  attention, stage_attention = network_attention(
+      'nnx', attention, stage_attention, attention_fields, dtype=dtype,
+      param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
   return conv, norm, attention, stage_attention
 
 

@@ -39,9 +39,9 @@ from flax import nnx
 from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base, _validation
-from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
+from cbam_jax.conv import MaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, network_attention
+from cbam_jax.models._attention import AttentionSpec
 from cbam_jax.models._blocks import (
     add_stages,
     apply_stages,
@@ -49,9 +49,9 @@ from cbam_jax.models._blocks import (
     classifier_head,
     conv_kernel_init,
     dense_head_init,
-    layer_factories,
     linen_factories,
     nnx_classifier_head,
+    nnx_factories,
     nnx_logits,
     same_padding,
     stages_at_downsampling,
@@ -240,12 +240,10 @@ class MobileNetV1NNX(nnx.Module):
                kernel_init: Initializer = conv_kernel_init, rngs: nnx.Rngs):
     check_mobilenet_fields(width_multiplier, dropout_rate, attention_sites)
     self.act, self.num_classes = act, num_classes
-    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
-                                 use_running_average=False, dtype=dtype,
-                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-    attention, stage_attention = network_attention(
-        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
-        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
+    conv, norm, attention, stage_attention = nnx_factories(
+        attention, stage_attention, attention_fields,
+        zero_init_spatial_gate=zero_init_spatial_gate, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=kernel_init, rngs=rngs)
 
     channels = scaled_width(STEM_WIDTH, width_multiplier)
     self.conv1 = conv(in_features, channels, (3, 3), (2, 2), padding=same_padding(3))

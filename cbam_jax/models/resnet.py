@@ -47,9 +47,9 @@ from flax import nnx
 from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base, _validation
-from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
+from cbam_jax.conv import MaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, network_attention
+from cbam_jax.models._attention import AttentionSpec
 from cbam_jax.models._blocks import (
     add_stages,
     apply_stages,
@@ -58,9 +58,9 @@ from cbam_jax.models._blocks import (
     conv_kernel_init,
     dense_head_init,
     head_kernel_init,
-    layer_factories,
     linen_factories,
     nnx_classifier_head,
+    nnx_factories,
     nnx_logits,
     pad_shortcut,
     same_padding,
@@ -453,12 +453,10 @@ class ResNetNNX(nnx.Module):
     block_cls = _NNX_BLOCKS.get(block_cls, block_cls)
     self.stem, self.act, self.num_classes = stem, act, num_classes
     self.stage_sizes = tuple(int(n) for n in stage_sizes)
-    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
-                                 use_running_average=False, dtype=dtype,
-                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-    attention, stage_attention = network_attention(
-        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
-        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
+    conv, norm, attention, stage_attention = nnx_factories(
+        attention, stage_attention, attention_fields,
+        zero_init_spatial_gate=zero_init_spatial_gate, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=kernel_init, rngs=rngs)
 
     channels = num_filters if stem_features is None else stem_features
     if self.stem == 'imagenet':

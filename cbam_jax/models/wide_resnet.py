@@ -40,9 +40,9 @@ from flax import nnx
 from flax.typing import Dtype, Initializer
 
 from cbam_jax import _base
-from cbam_jax.conv import MaterializedInputConv, NnxMaterializedInputConv
+from cbam_jax.conv import MaterializedInputConv
 from cbam_jax.models import Backbone, Field, register_backbone
-from cbam_jax.models._attention import AttentionSpec, network_attention
+from cbam_jax.models._attention import AttentionSpec
 from cbam_jax.models._blocks import (
     add_stages,
     apply_stages,
@@ -51,9 +51,9 @@ from cbam_jax.models._blocks import (
     conv_kernel_init,
     dense_head_init,
     head_kernel_init,
-    layer_factories,
     linen_factories,
     nnx_classifier_head,
+    nnx_factories,
     nnx_logits,
     same_padding,
 )
@@ -237,12 +237,10 @@ class WideResNetNNX(nnx.Module):
                kernel_init: Initializer = conv_kernel_init, rngs: nnx.Rngs):
     check_wide_resnet_fields(depth, widen_factor, dropout_rate)
     self.act, self.num_classes = act, num_classes
-    conv, norm = layer_factories(NnxMaterializedInputConv, nnx.BatchNorm,
-                                 use_running_average=False, dtype=dtype,
-                                 param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-    attention, stage_attention = network_attention(
-        'nnx', attention, stage_attention, attention_fields, dtype=dtype,
-        param_dtype=param_dtype, zero_init_spatial_gate=zero_init_spatial_gate)
+    conv, norm, attention, stage_attention = nnx_factories(
+        attention, stage_attention, attention_fields,
+        zero_init_spatial_gate=zero_init_spatial_gate, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=kernel_init, rngs=rngs)
 
     self.conv1 = conv(in_features, STEM_FEATURES, (3, 3), padding=same_padding(3))
     stages = [[(f'layer{stage + 1}_{index}', functools.partial(
