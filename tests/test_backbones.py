@@ -268,13 +268,15 @@ def test_training_step():
 
 # The MobileNets compile slowly for their depth (13 and 17 blocks): parity of each, saving
 # of one; no training step (tests/test_mobilenet.py runs the trainer's).
-@pytest.mark.parametrize('name,train,attention', [
-    ('mobilenet_v2', False, None),
-    # SE: the same two sites per block as CBAM, at a fraction of CBAM's compile time.
-    pytest.param('mobilenetv1_100', True, 'se', marks=pytest.mark.slow),
+@pytest.mark.parametrize('name,train,attention,fields', [
+    ('mobilenet_v2', False, None, {}),
+    # SE: the same sites per block as CBAM, at a fraction of CBAM's compile time; all three.
+    pytest.param('mobilenetv1_100', True, 'se',
+                 dict(attention_sites=('input', 'depthwise', 'pointwise')),
+                 marks=pytest.mark.slow),
 ])
-def test_mobilenet_linen_nnx_parity(name, train, attention):
-  check_parity(name, train, size=16, attention=attention, **QUARTER)
+def test_mobilenet_linen_nnx_parity(name, train, attention, fields):
+  check_parity(name, train, size=16, attention=attention, **fields, **QUARTER)
 
 
 def test_mobilenet_saving_round_trip(tmp_path):

@@ -74,7 +74,7 @@ def test_v1_attention_after_both_convs_gives_the_paper_counts():
   # CBAM paper Table 5: MobileNet + SE / + CBAM 5.07M, at 0.7 2.71M. One module after
   # every conv (26) gives them; one per block (SENet's SE-MobileNet, 4.7M) does not. At 0.7,
   # widths truncated (int(0.7 * C), TF-slim's rule) would give + SE 2,704,594 (2.70M).
-  both = mobilenet_v1.ATTENTION_SITES
+  both = mobilenet_v1.DEFAULT_ATTENTION_SITES
   with_cbam = _count('mobilenetv1_100', attention='cbam')
   assert with_cbam == _v1_hand_count(1.0, both, cbam=True) and round(with_cbam / 1e6, 2) == 5.07
   assert round(_v1_hand_count(1.0, both) / 1e6, 2) == 5.07                       # + SE
@@ -83,6 +83,22 @@ def test_v1_attention_after_both_convs_gives_the_paper_counts():
   assert round(_v1_hand_count(0.7, both, cbam=True) / 1e6, 2) == 2.71            # + CBAM
   pointwise = _count('mobilenetv1_100', attention='se', attention_sites=('pointwise',))
   assert pointwise == _v1_hand_count(1.0, ('pointwise',)) == 4_718_044
+
+
+@pytest.mark.slow
+def test_v1_cbam_on_the_block_input_gives_the_paper_gflops():
+  # Table 5 prints 0.576 GFLOPs for MobileNet + CBAM; after both convs we count 0.5746G.
+  # With the depthwise-site module on the block's input instead (the same channels, so the
+  # same parameters), the spatial conv of the four stride-2 blocks runs at the resolution
+  # before the stride: 98 taps x (9408 + 2352 + 588 + 147) positions more, 0.5759G.
+  after = models.create_model('mobilenetv1_100', attention='cbam')
+  before = models.create_model('mobilenetv1_100', attention='cbam',
+                               attention_sites=('input', 'pointwise'))
+  assert _count('mobilenetv1_100', attention='cbam') == _count(
+      'mobilenetv1_100', attention='cbam', attention_sites=('input', 'pointwise'))
+  macs_after, macs_before = (models.macs(m, (1, 224, 224, 3)) for m in (after, before))
+  assert macs_before - macs_after == 98 * (9408 + 2352 + 588 + 147)
+  assert (round(macs_after / 1e9, 3), round(macs_before / 1e9, 3)) == (0.575, 0.576)
 
 
 @pytest.mark.parametrize('name', ['mobilenetv1_070', 'mobilenet_v2'])

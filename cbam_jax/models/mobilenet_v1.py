@@ -60,7 +60,8 @@ from cbam_jax.models._blocks import (
 Array = jax.Array
 ModuleDef = Any
 
-__all__ = ['ATTENTION_SITES', 'BLOCKS', 'SIZES', 'MobileNetV1', 'MobileNetV1NNX', 'scaled_width']
+__all__ = ['ATTENTION_SITES', 'BLOCKS', 'DEFAULT_ATTENTION_SITES', 'SIZES', 'MobileNetV1',
+           'MobileNetV1NNX', 'scaled_width']
 
 # (output channels, stride) of the 13 depthwise-separable blocks at width 1.0.
 BLOCKS: tuple[tuple[int, int], ...] = (
@@ -69,7 +70,9 @@ BLOCKS: tuple[tuple[int, int], ...] = (
 # The blocks' indices by stage: a stage ends before every stride-2 block (BAM's boundary).
 STAGES = stages_at_downsampling([stride for _, stride in BLOCKS])
 STEM_WIDTH = 32
-ATTENTION_SITES = ('depthwise', 'pointwise')
+# Where a block's attention may go; the default is the last two (the paper's counts).
+ATTENTION_SITES = ('input', 'depthwise', 'pointwise')
+DEFAULT_ATTENTION_SITES = ('depthwise', 'pointwise')
 
 
 def scaled_width(width: int, multiplier: float) -> int:
@@ -81,7 +84,7 @@ def scaled_width(width: int, multiplier: float) -> int:
 
 
 def check_mobilenet_fields(width_multiplier: float, dropout_rate: float,
-                           attention_sites: Sequence[str] = ATTENTION_SITES) -> None:
+                           attention_sites: Sequence[str] = DEFAULT_ATTENTION_SITES) -> None:
   if not width_multiplier > 0:
     raise ValueError(f'width_multiplier must be positive, got {width_multiplier!r}.')
   if not 0 <= dropout_rate < 1:
@@ -113,7 +116,9 @@ class MobileNetV1(nn.Module):
       :class:`cbam_jax.models.ResNet`; ``'cbam'`` is the official configuration.
     attention_sites: where a block's attention goes: after its ``'depthwise'`` conv
       (``dw_attention``), its ``'pointwise'`` conv (``attention``) or both (default; the
-      CBAM paper's counts).
+      CBAM paper's parameter counts), or on the block's ``'input'``, before the depthwise
+      conv (``in_attention``; with ``'pointwise'`` also the paper's counts, and its CBAM
+      GFLOPs to the last digit: docs/models.md).
     stage_attention: the same kinds, placed after every block that a stride-2 block
       follows (blocks 1, 3, 5 and 11; BAM's placement), ``stage_attention{k}``.
     zero_init_spatial_gate, attention_fields: as for :class:`cbam_jax.models.ResNet`.
@@ -126,7 +131,7 @@ class MobileNetV1(nn.Module):
   width_multiplier: float = 1.0
   num_classes: int = 1000
   attention: AttentionSpec = None
-  attention_sites: Sequence[str] = ATTENTION_SITES
+  attention_sites: Sequence[str] = DEFAULT_ATTENTION_SITES
   stage_attention: AttentionSpec = None
   zero_init_spatial_gate: bool = True
   attention_fields: Mapping[str, Any] | None = None
@@ -161,8 +166,8 @@ class MobileNetV1(nn.Module):
 
 
 class _SeparableBlock(nn.Module):
-  """3x3 depthwise conv (``strides``) + BN + act [+ attention], 1x1 pointwise conv to
-  ``features`` + BN + act [+ attention]."""
+  """[attention +] 3x3 depthwise conv (``strides``) + BN + act [+ attention], 1x1 pointwise
+  conv to ``features`` + BN + act [+ attention]."""
 
   features: int
   strides: int
@@ -175,6 +180,8 @@ class _SeparableBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     channels = x.shape[-1]
+    if self.attention is not None and 'input' in self.attention_sites:
+      x = self.attention(name='in_attention')(x, train=train)
     x = self.conv(channels, (3, 3), self.strides, padding=same_padding(3),
                   feature_group_count=channels, name='dw_conv')(x)
     x = self.act(self.norm(name='dw_bn')(x))
@@ -212,8 +219,12 @@ class _SeparableBlockNNX(nnx.Module):
     self.pw_bn = norm(features)
     self.attention = (attention(features, rngs=rngs)
                       if attention is not None and 'pointwise' in attention_sites else None)
+    self.in_attention = (attention(in_features, rngs=rngs)
+                         if attention is not None and 'input' in attention_sites else None)
 
   def __call__(self, x: Array) -> Array:
+    if self.in_attention is not None:
+      x = self.in_attention(x)
     x = self.act(self.dw_bn(self.dw_conv(x)))
     if self.dw_attention is not None:
       x = self.dw_attention(x)
@@ -232,7 +243,7 @@ class MobileNetV1NNX(nnx.Module):
 
   def __init__(self, *, in_features: int = 3, width_multiplier: float = 1.0,
                num_classes: int = 1000, attention: AttentionSpec = None,
-               attention_sites: Sequence[str] = ATTENTION_SITES,
+               attention_sites: Sequence[str] = DEFAULT_ATTENTION_SITES,
                stage_attention: AttentionSpec = None, zero_init_spatial_gate: bool = True,
                attention_fields: Mapping[str, Any] | None = None, dropout_rate: float = 0.0,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
