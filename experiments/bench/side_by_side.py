@@ -39,10 +39,11 @@ def case_names(models_only: bool = False) -> list[str]:
 
 def _build(name: str):
   """The compiled, argument-bound call of case ``name`` (worker side)."""
-  import cbam_jax
   import jax
   import jax.numpy as jnp
   import optax
+
+  import cbam_jax
 
   kind, *rest = name.split()
   if kind == 'cbam':
