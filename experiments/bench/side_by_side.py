@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # (name, kind, shape or (model, batch, size)); the module shapes are the benchmark's.
 MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048),
@@ -162,8 +163,9 @@ def main(argv: list[str]) -> None:
         order = ('this', 'other') if round_index % 2 == 0 else ('other', 'this')
         for label in order:
           times[label].append(float(workers[label].ask('time', name)))
-      row = {label: {'median_ms': 1e3 * statistics.median(t), 'min_ms': 1e3 * min(t)}
-             for label, t in times.items()}
+      row: dict[str, Any] = {
+          label: {'median_ms': 1e3 * statistics.median(t), 'min_ms': 1e3 * min(t)}
+          for label, t in times.items()}
       row['ratio_median'] = row['this']['median_ms'] / row['other']['median_ms']
       row['ratio_min'] = row['this']['min_ms'] / row['other']['min_ms']
       results[name] = row
