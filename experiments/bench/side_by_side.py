@@ -11,7 +11,9 @@ waits on its pipe). The cases use only API that every 0.x version has: ``cbam_ja
 and ``cbam_jax.models.create_model``: the official CBAM module (spatial BatchNorm) forward
 and forward + backward at the benchmark's module shapes, and a training step (SGD with
 momentum) of ResNet-20 and ResNet-50, plain and with CBAM. Prints, and writes with
-``--out``, each case's median and fastest time per checkout and the ratio this / other.
+``--out``, each case's median and fastest time per checkout and the ratio this / other,
+and the same for the CPU time of the worker during the call (``time.process_time()``, all
+its threads), which other processes on a loaded machine inflate far less than wall time.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def _build(name: str):
 
 
 def _worker() -> None:
-  """Reads case names from stdin; ``build NAME`` compiles, ``time NAME`` answers seconds."""
+  """Reads case names from stdin; ``build NAME`` compiles, ``time NAME`` answers the call's
+  wall seconds and the CPU seconds of this process (all its threads) during it."""
   import jax
 
   calls = {}
@@ -103,9 +106,9 @@ def _worker() -> None:
       jax.block_until_ready(calls[name]())  # Warm: the first call allocates.
       print('ok', flush=True)
     else:
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(calls[name]())
-      print(time.perf_counter() - start, flush=True)
+      print(time.perf_counter() - start, time.process_time() - start_cpu, flush=True)
 
 
 class _Worker:
@@ -159,20 +162,25 @@ def main(argv: list[str]) -> None:
       for worker in workers.values():
         worker.ask('build', name)
       times: dict[str, list[float]] = {'this': [], 'other': []}
+      cpu_times: dict[str, list[float]] = {'this': [], 'other': []}
       for round_index in range(args.rounds):
         order = ('this', 'other') if round_index % 2 == 0 else ('other', 'this')
         for label in order:
-          times[label].append(float(workers[label].ask('time', name)))
+          wall, cpu = workers[label].ask('time', name).split()
+          times[label].append(float(wall))
+          cpu_times[label].append(float(cpu))
       row: dict[str, Any] = {
-          label: {'median_ms': 1e3 * statistics.median(t), 'min_ms': 1e3 * min(t)}
+          label: {'median_ms': 1e3 * statistics.median(t), 'min_ms': 1e3 * min(t),
+                  'cpu_median_ms': 1e3 * statistics.median(cpu_times[label])}
           for label, t in times.items()}
-      row['ratio_median'] = row['this']['median_ms'] / row['other']['median_ms']
-      row['ratio_min'] = row['this']['min_ms'] / row['other']['min_ms']
+      for key in ('median_ms', 'min_ms', 'cpu_median_ms'):
+        row[f'ratio_{key[:-3]}'] = row['this'][key] / row['other'][key]
       results[name] = row
       print(f'{name}: this {row["this"]["median_ms"]:.2f} ms (fastest '
             f'{row["this"]["min_ms"]:.2f}), other {row["other"]["median_ms"]:.2f} ms (fastest '
             f'{row["other"]["min_ms"]:.2f}); this/other {row["ratio_median"]:.3f} median, '
-            f'{row["ratio_min"]:.3f} fastest', flush=True)
+            f'{row["ratio_min"]:.3f} fastest, {row["ratio_cpu_median"]:.3f} CPU time '
+            '(median)', flush=True)
   finally:
     for worker in workers.values():
       worker.close()
