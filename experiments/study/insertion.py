@@ -148,6 +148,7 @@ def identity_scales(workdir: str) -> dict[str, list[float]]:
 
 def run_study(values: flags.FlagValues) -> None:
   root, out = values.workdir_root, values.out
+  os.makedirs(root, exist_ok=True)  # Each run's log file sits beside its workdir.
   for seed in parse_seeds(values.seeds):
     base = os.path.join(root, f'pretrain_s{seed}')
     run(f'pretrain_s{seed}', 'pretrain', seed,

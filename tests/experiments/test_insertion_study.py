@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import pytest
 
 from experiments.study import insertion as insertion_study
@@ -42,6 +46,38 @@ def test_summary_pairs_arms_by_seed_and_measures_the_drop():
   text = insertion_study.markdown(summary, 'toy')
   assert '| cbam_official | 3 | 51.00 ± 1.00 | -30.00 [-30.00, -30.00] |' in text
   assert '| cbam_official - continue | 3 | -2.00 [' in text
+
+
+def test_runner_makes_its_root_runs_pretraining_then_arms_and_skips_finished_runs(
+    tmp_path, monkeypatch):
+  calls = []
+  real_run = subprocess.run
+
+  def fake_trainer(command, **kwargs):  # Stands in for one training process.
+    if 'experiments.training.train' not in command:
+      return real_run(command, **kwargs)  # e.g. git, for the result's commit.
+    workdir = command[command.index('--workdir') + 1]
+    epochs = int(next(a for a in command if a.startswith('--config.num_epochs=')).split('=')[1])
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      for epoch in range(epochs + 1):
+        f.write(json.dumps({'epoch': epoch, 'eval_top1': 0.5 + 0.1 * epoch,
+                            'eval_loss': 1.0}) + '\n')
+    calls.append(os.path.basename(workdir))
+    return subprocess.CompletedProcess(command, 0)
+
+  monkeypatch.setattr(insertion_study.subprocess, 'run', fake_trainer)
+  root, out = tmp_path / 'not' / 'yet' / 'there', tmp_path / 'out'
+  argv = [f'--workdir_root={root}', f'--out={out}', '--seeds=0', '--pretrain_epochs=2',
+          '--finetune_epochs=1', '--arms=continue,cbam_official']
+  insertion_study.main(argv)
+  assert calls == ['pretrain_s0', 'continue_s0', 'cbam_official_s0']
+  with open(out / 'runs' / 'cbam_official_s0.json') as f:
+    result = json.load(f)
+  assert result['curve'] == [[0, 0.5], [1, 0.6]] and result['seed'] == 0
+  assert '--config.init_from=' + str(root / 'pretrain_s0') in result['command']
+  insertion_study.main(argv)  # Everything finished: nothing runs again.
+  assert len(calls) == 3
 
 
 @pytest.mark.parametrize('argv,message', [
