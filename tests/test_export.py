@@ -291,24 +291,6 @@ def test_cli_exports_a_saved_model_and_keeps_existing_files(saved_model, tmp_pat
             '--image_size', '16', '--overwrite'])
 
 
-@pytest.mark.slow
-def test_cli_exports_a_training_workdir(saved_model, tmp_path):
-  checkpointing = pytest.importorskip('experiments.training.checkpointing')
-  _, model, variables = saved_model
-  ckpts = checkpointing.Checkpoints(checkpointing.checkpoint_dir(str(tmp_path / 'run')),
-                                    async_save=False)
-  meta = {'model': saving.describe(model, name='resnet20'), 'config': {'image_size': 16}}
-  ckpts.save(7, dict(variables), meta)
-  ckpts.close()
-  out = tmp_path / 'model.stablehlo'
-  cli.main(['--model', str(tmp_path / 'run'), '--which', '7', '--format', 'stablehlo',
-            '--out', str(out)])
-  exported = jax.export.deserialize(out.read_bytes())
-  assert exported.in_avals[0].shape[1:] == (16, 16, 3)  # The config's image_size.
-  x = _images(2, 16, seed=1)
-  _assert_close(np.asarray(exported.call(x)), _reference(model, variables, x))
-
-
 @pytest.mark.parametrize('argv, message', [
     (['--format', 'stablehlo', '--out', 'x'], '--model is required'),
     (['--model', '.', '--format', 'tflite', '--out', 'x'], 'stablehlo'),

@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -183,29 +182,6 @@ def test_description_round_trip_keeps_the_family_fields():
   fields = description['fields']
   assert fields['width_multiplier'] == 0.7 and fields['attention_sites'] == ['pointwise']
   assert saving.build(json.loads(json.dumps(description))) == model
-
-
-@pytest.mark.slow
-def test_the_trainer_builds_and_steps_mobilenet_v2():
-  from experiments.configs import smoke
-  from experiments.training import train_lib
-
-  config = smoke.get_config()
-  config.model.name = 'mobilenet_v2'
-  config.model.width_multiplier = 0.25  # A family field through config.model.
-  config.model.attention = 'none'  # Compiles in a fraction of CBAM's time.
-  description = train_lib.model_description(config, num_classes=4)
-  assert description['backbone'] == 'mobilenet_v2'
-  model = saving.build(description)
-  assert model.attention is None and model.num_classes == 4 and model.width_multiplier == 0.25
-  tx = optax.sgd(0.05)
-  state = jax.jit(functools.partial(train_lib.create_train_state, model, tx, (32, 32, 3), 0))()
-  batch = {'image': jax.random.normal(jax.random.key(1), (2, 32, 32, 3)),
-           'label': jnp.array([0, 3])}
-  step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, label_smoothing=0.0))
-  new = step(state, batch)
-  assert int(new.step) == 1 and np.isfinite(float(new.epoch_sums['loss']))
-  assert not np.array_equal(new.params['fc']['kernel'], state.params['fc']['kernel'])
 
 
 def _torchvision_mobilenet_v2(torch, num_classes: int):

@@ -8,13 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from nnx_parity import assert_close, randomized
 
 import cbam_jax.nnx as cbam_nnx
-from cbam_jax import models, saving
+from cbam_jax import models
 from cbam_jax.nnx import transfer
 
 # WRN-10-1 on 8x8 images: the smallest Wide ResNet (one block per stage, 16-32-64 channels).
@@ -121,38 +120,3 @@ def test_misspelt_and_linen_only_fields():
     models.create_model('wrn16_8', widen_factr=2)
   with pytest.raises(TypeError, match=r"unexpected field\(s\) \['conv'\]"):
     cbam_nnx.create_model('wrn16_8', conv=nn.Conv, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize('name', ['wrn16_8', 'resnext29_8x64d'])
-def test_the_trainer_builds_the_model_by_name(name):
-  from experiments.configs import smoke
-  from experiments.training import train_lib
-
-  config = smoke.get_config()
-  config.model.name = name
-  description = train_lib.model_description(config, num_classes=10)
-  assert description['backbone'] == models.backbone_for_model(name).family
-  assert saving.build(description) == models.create_model(name, attention='cbam')
-
-
-@pytest.mark.slow
-def test_one_trainer_step_of_wrn16_8():
-  from experiments.configs import smoke
-  from experiments.training import train_lib
-
-  config = smoke.get_config()
-  config.model.name = 'wrn16_8'
-  config.model.attention = 'none'  # CBAM's compile time is tested elsewhere.
-  # Family fields through config.model, and a network that compiles in seconds.
-  config.model.depth, config.model.widen_factor = 10, 1
-  model = saving.build(train_lib.model_description(config, num_classes=10))
-  assert (model.depth, model.widen_factor) == (10, 1)
-  tx = optax.sgd(0.05, momentum=0.9)
-  state = jax.jit(lambda: train_lib.create_train_state(model, tx, (32, 32, 3), seed=0))()
-  batch = {'image': _images(2, 32), 'label': jnp.array([0, 1])}
-  step = jax.jit(lambda s, b: train_lib.train_step(s, b, model=model, tx=tx,
-                                                   label_smoothing=0.0))
-  new = step(state, batch)
-  assert int(new.step) == 1 and np.isfinite(float(new.epoch_sums['loss']))
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new.params, state.params)
-  assert max(jax.tree_util.tree_leaves(moved)) > 0
