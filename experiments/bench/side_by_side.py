@@ -10,7 +10,9 @@ slow phase of a shared machine hits both. Only one worker computes at a time (th
 waits on its pipe). The cases use only API that every 0.x version has: ``cbam_jax.CBAM``
 and ``cbam_jax.models.create_model``: the official CBAM module (spatial BatchNorm) forward
 and forward + backward at the benchmark's module shapes, and a training step (SGD with
-momentum) of ResNet-20 and ResNet-50, plain and with CBAM. Prints, and writes with
+momentum) of ResNet-20 and ResNet-50, plain and with CBAM; and the same in NNX
+(``cbam_jax.nnx.CBAM``, ``cbam_jax.nnx.create_model``) for the CBAM module at two shapes and
+the ResNet-20 CBAM step. Prints, and writes with
 ``--out``, each case's median and fastest time per checkout and the ratio this / other,
 and the same for the CPU time of the worker during the call (``time.process_time()``, all
 its threads), which other processes on a loaded machine inflate far less than wall time.
@@ -30,14 +32,59 @@ from typing import Any
 MODULE_SHAPES = ((32, 56, 56, 256), (32, 28, 28, 512), (32, 14, 14, 1024), (32, 7, 7, 2048),
                  (32, 56, 56, 64), (128, 32, 32, 16))
 STEPS = (('resnet20', 128, 32), ('resnet50', 8, 224))
+# NNX: the same CBAM module (forward + backward) at the smallest and largest shape, and the
+# ResNet-20 CBAM step, through nnx.split / nnx.merge.
+NNX_MODULE_SHAPES = ((32, 56, 56, 256), (128, 32, 32, 16))
 
 
 def case_names(models_only: bool = False) -> list[str]:
   names = [] if models_only else [
       f'cbam {mode} {"x".join(map(str, shape))}' for shape in MODULE_SHAPES
       for mode in ('forward', 'fwd_bwd')]
-  return names + [f'step {model}{" cbam" if cbam else ""} b{batch}'
-                  for model, batch, _ in STEPS for cbam in (False, True)]
+  names += [f'step {model}{" cbam" if cbam else ""} b{batch}'
+            for model, batch, _ in STEPS for cbam in (False, True)]
+  if not models_only:
+    names += [f'nnx cbam fwd_bwd {"x".join(map(str, shape))}' for shape in NNX_MODULE_SHAPES]
+  return names + ['nnx step resnet20 cbam b128']
+
+
+def _build_nnx(rest: list[str]):
+  """The compiled, argument-bound call of an ``nnx ...`` case (worker side): one pure
+  function of the split state that merges the module inside, as the benchmark's NNX rows."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  import cbam_jax.nnx as cbam_nnx
+
+  if rest[0] == 'cbam':
+    shape = tuple(int(n) for n in rest[-1].split('x'))
+    x = jax.random.normal(jax.random.key(0), shape)
+    graphdef, state = nnx.split(cbam_nnx.CBAM(shape[-1], spatial_norm=True, rngs=nnx.Rngs(1)))
+
+    def module_fwd_bwd(state, x):
+      module = nnx.merge(graphdef, state)
+      return nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=(0, 1))(module, x)
+    compiled = jax.jit(module_fwd_bwd).lower(state, x).compile()
+    return lambda: compiled(state, x)
+  model = cbam_nnx.create_model('resnet20', num_classes=10, attention='cbam',
+                                rngs=nnx.Rngs(1))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  images = jax.random.normal(jax.random.key(0), (128, 32, 32, 3))
+  labels = jnp.arange(128) % 10
+
+  def train_step(state, images, labels):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+    return nnx.state((model, optimizer))
+
+  compiled = jax.jit(train_step).lower(state, images, labels).compile()
+  return lambda: compiled(state, images, labels)  # The same state each call: no donation.
 
 
 def _build(name: str):
@@ -49,6 +96,8 @@ def _build(name: str):
   import cbam_jax
 
   kind, *rest = name.split()
+  if kind == 'nnx':
+    return _build_nnx(rest)
   if kind == 'cbam':
     mode, shape_text = rest
     shape = tuple(int(n) for n in shape_text.split('x'))
