@@ -126,6 +126,8 @@ def _build(name: str):
   optimizer = optax.sgd(0.1, momentum=0.9)
   state = (variables['params'], variables['batch_stats'], optimizer.init(variables['params']))
 
+  # Written here, not imported from experiments.bench.benchmark: the worker's PYTHONPATH is
+  # the checkout under test, whose experiments/ may lack (or differ in) that harness.
   def step(state, images, labels):
     params, stats, opt_state = state
 
