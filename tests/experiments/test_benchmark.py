@@ -82,10 +82,14 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
   assert set(compiles['impls']) == {'none', 'cbam', 'nnx_none', 'nnx_cbam'}
   for times in compiles['impls'].values():
     assert times['trace_s'] > 0 and times['lower_s'] >= 0 and times['xla_compile_s'] > 0
+    assert times['xla_compile_cpu_s'] > 0 and times['kernels'] > 0
     assert times['total_s'] == pytest.approx(
         times['trace_s'] + times['lower_s'] + times['xla_compile_s'])
   assert compiles['impls']['nnx_cbam']['vs_none'] == pytest.approx(
       compiles['impls']['nnx_cbam']['total_s'] / compiles['impls']['nnx_none']['total_s'])
+  # CBAM adds kernels to the program, in both skins.
+  assert compiles['impls']['cbam']['kernels'] > compiles['impls']['none']['kernels']
+  assert compiles['impls']['nnx_cbam']['kernels_vs_none'] > 1
   # The model rows split their compile time too.
   assert model['impls']['jax_cbam']['trace_lower_s'] > 0
   assert model['impls']['jax_cbam']['compile_s'] == pytest.approx(
@@ -98,6 +102,22 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
   assert 'Training step peak memory' in markdown
   assert 'NNX vs linen' in markdown
   assert results['module'][0]['floor_ms'] == saved['module'][0]['floor_ms']
+
+
+def test_kernel_count_counts_fusions_library_calls_and_loop_bodies():
+  def compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+  x = jnp.ones((64, 64))
+  # One elementwise chain: one fusion.
+  assert benchmark.kernel_count(compiled_text(lambda a: jnp.sin(a) * 2 + 1, x)) == 1
+  # A dot is a kernel of its own; the elementwise work around it fuses.
+  assert benchmark.kernel_count(compiled_text(lambda a: jnp.tanh(a @ a) + 1, x)) == 2
+  # The kernels of a loop's body (the dot, the tanh, the counter's add) and condition (the
+  # compare) count, and the copies into the loop's state; the loop itself does not.
+  loop = benchmark.kernel_count(compiled_text(
+      lambda a: jax.lax.fori_loop(0, 3, lambda i, b: jnp.tanh(b @ a), a), x))
+  assert loop >= 4
 
 
 def test_bad_shape_is_rejected():

@@ -59,6 +59,11 @@ recommended API) and as ``nnx.split`` / ``jax.jit`` / ``nnx.merge`` (the functio
 pattern, state donated), against the linen step of the models section, timed in the same
 interleaved rounds; and the peak step memory of each (buffer assignment, as above).
 
+Compile rows (``--only compile``, not part of the default run): trace + lower and XLA
+compile seconds of each model's training step with every attention, linen and NNX, and the
+kernels of each compiled program (:func:`kernel_count`), whose number XLA:CPU's compile time
+follows.
+
 Conv rows (``--only convs``): the forward, input gradient and kernel gradient of ResNet-20's
 3x3 convs, each pass alone, JAX (NHWC) against torch channels-last: where XLA:CPU's
 training step loses its time.
@@ -93,13 +98,20 @@ from experiments.bench.benchmark._harness import (
     TorchSide,
     compile_jax,
     jax_call,
+    kernel_count,
+    kernel_instructions,
     parse_shape,
     time_calls,
     torch_device,
     torch_side,
     usable_cpus,
 )
-from experiments.bench.benchmark._models import run_memory, run_models, step_memory
+from experiments.bench.benchmark._models import (
+    jax_model_setup,
+    run_memory,
+    run_models,
+    step_memory,
+)
 from experiments.bench.benchmark._module import (
     MODULE_SHAPES,
     TINY_MODULE_SHAPES,
@@ -131,6 +143,9 @@ __all__ = [
     'define_flags',
     'environment',
     'jax_call',
+    'jax_model_setup',
+    'kernel_count',
+    'kernel_instructions',
     'main',
     'parse_shape',
     'run_compile',
@@ -264,6 +279,14 @@ def to_markdown(results: dict[str, Any]) -> str:
     for row in results['compile']:
       cells = [f'{v["trace_s"] + v["lower_s"]:.1f} + {v["xla_compile_s"]:.1f} = '
                f'{v["total_s"]:.1f} ({v["vs_none"]:.2f}x)' for v in row['impls'].values()]
+      lines.append(f'| {row["model"]} {row["image_size"]}px | {row["batch"]} | ' +
+                   ' | '.join(cells) + ' |')
+    lines += ['', '### Kernels of the compiled training step (x no attention), and XLA compile '
+              'CPU ms per kernel', '', '| model | batch | ' + ' | '.join(labels) + ' |',
+              '|' + '---|' * (2 + len(labels))]
+    for row in results['compile']:
+      cells = [f'{v["kernels"]} ({v["kernels_vs_none"]:.2f}x), '
+               f'{v["xla_cpu_ms_per_kernel"]:.1f} ms' for v in row['impls'].values()]
       lines.append(f'| {row["model"]} {row["image_size"]}px | {row["batch"]} | ' +
                    ' | '.join(cells) + ' |')
     lines.append('')

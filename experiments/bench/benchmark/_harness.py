@@ -5,8 +5,9 @@ PyTorch calls side by side, PyTorch on the device beside JAX's."""
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -28,6 +29,8 @@ class CompileTimes(NamedTuple):
   trace_s: float
   lower_s: float
   xla_s: float
+  # CPU seconds of the XLA compile (this process, all threads): what load inflates least.
+  xla_cpu_s: float = 0.0
 
   @property
   def total_s(self) -> float:
@@ -47,13 +50,39 @@ def compile_jax(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[in
   traced = jax.jit(fn, donate_argnums=tuple(donate)).trace(*args)
   traced_at = time.perf_counter()
   lowered = traced.lower()
-  lowered_at = time.perf_counter()
+  lowered_at, lowered_cpu = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   times = CompileTimes(traced_at - start, lowered_at - traced_at,
-                       time.perf_counter() - lowered_at)
+                       time.perf_counter() - lowered_at, time.process_time() - lowered_cpu)
   if cache_key is not None:
     COMPILED[cache_key] = compiled
   return compiled, times
+
+
+_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%[\w.\-]+ = (?:\(.*?\)\S*|\S+) ([a-z][\w\-]*)\(')
+_NOT_KERNELS = frozenset({'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast',
+                          'while'})
+
+
+def kernel_instructions(hlo_text: str) -> Iterator[tuple[str, str]]:
+  """``(opcode, line)`` of every kernel of an optimised XLA program (``compiled.as_text()``):
+  the instructions of its entry computation and of its loops' bodies and conditions, other
+  than parameters, constants, tuples, bitcasts and the loops themselves. On XLA:CPU each is
+  one generated or library kernel (a fusion counts once)."""
+  loop_parts = set(re.findall(r'(?:condition|body)=%([\w.\-]+)', hlo_text))
+  for block in re.split(r'\n(?=\S)', hlo_text):  # A computation starts at column 0.
+    header = re.match(r'(ENTRY )?%([\w.\-]+)', block)
+    if header is None or not (header.group(1) or header.group(2) in loop_parts):
+      continue
+    for line in block.splitlines()[1:]:
+      match = _INSTRUCTION.match(line)
+      if match and match.group(1) not in _NOT_KERNELS:
+        yield match.group(1), line
+
+
+def kernel_count(hlo_text: str) -> int:
+  """The number of :func:`kernel_instructions`; XLA:CPU's compile time grows with it."""
+  return sum(1 for _ in kernel_instructions(hlo_text))
 
 
 def jax_call(fn: Callable[..., Any], args: Sequence[Any], donate: Sequence[int] = (),

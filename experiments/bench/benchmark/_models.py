@@ -35,8 +35,10 @@ def jax_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
       return loss, updates['batch_stats']
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+    with jax.named_scope('optimizer'):  # Metadata only: lets compile_kernels find the update.
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    return params, new_stats, opt_state, loss
 
   return step
 
