@@ -11,7 +11,9 @@ with it, counts the kernels of each (:func:`experiments.bench.benchmark.kernel_i
 and sorts them by origin, read from each instruction's ``op_name`` metadata: the attention's
 channel and spatial branches and its gates, forward (``jvp``) and backward (``transpose``);
 the optimizer's update; layout copies; and the rest of the network. Prints one table: the
-kernels of each origin, without and with attention, and what the attention adds per module.
+kernels of each origin, without and with attention, and what the attention adds per module;
+then the kernels of the parameter initialisation (``jax.jit(model.init)``), which the
+trainer compiles before the step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from absl import flags
 
 from cbam_jax import attention as attention_registry
@@ -61,11 +64,23 @@ def kernel_origins(hlo_text: str) -> collections.Counter[str]:
 def compiled_step(model: str, attention: str | None, batch: int, image_size: int
                   ) -> tuple[str, float]:
   """The optimised HLO text of the training step and its XLA compile CPU seconds."""
-  step, args = jax_model_setup(model, {}, attention, batch, image_size)
+  step, args = jax_model_setup(model, {}, attention, batch, image_size, abstract=True)
   lowered = jax.jit(step, donate_argnums=(0, 1, 2)).trace(*args).lower()
   start = time.process_time()
   compiled = lowered.compile()
   return compiled.as_text(), time.process_time() - start
+
+
+def compiled_init(model: str, attention: str | None, image_size: int) -> tuple[int, float]:
+  """Kernels and XLA compile CPU seconds of ``jax.jit(model.init)`` at batch 1 (what the
+  trainer compiles before the step), with JAX's default PRNG."""
+  network = models.create_model(model, attention=attention)
+  lowered = jax.jit(network.init, static_argnames='train').trace(
+      jax.random.key(0), jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+      train=False).lower()
+  start = time.process_time()
+  compiled = lowered.compile()
+  return sum(1 for _ in kernel_instructions(compiled.as_text())), time.process_time() - start
 
 
 def attention_modules(hlo_text: str) -> int:
@@ -90,6 +105,10 @@ def table(model: str, attention: str, batch: int, image_size: int) -> str:
             '', f'XLA compile, CPU seconds: none {plain_s:.2f} ({1e3 * plain_s / plain_total:.1f} '
             f'ms per kernel), {attention} {seconds:.2f} ({1e3 * seconds / total:.1f} ms per '
             f'kernel); kernels {total / plain_total:.2f}x, compile {seconds / plain_s:.2f}x.']
+  (plain_init, plain_init_s), (init, init_s) = (compiled_init(model, a, image_size)
+                                                for a in (None, attention))
+  lines += ['', f'Initialisation, `jax.jit(model.init)` at batch 1: none {plain_init} kernels '
+            f'({plain_init_s:.2f} s CPU), {attention} {init} kernels ({init_s:.2f} s CPU).']
   return '\n'.join(lines)
 
 

@@ -259,3 +259,16 @@ def test_torch_side_of_a_model_row_has_our_parameter_count(name, fields):
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     reference = benchmark_models.torch_model(name, fields, attention)
     assert sum(p.numel() for p in reference.parameters()) == models.count_params(variables)
+
+
+def test_compiling_from_shapes_gives_the_same_program():
+  # The compile section traces the step with jax.eval_shape'd arguments: nothing to initialise.
+  texts = []
+  for abstract in (False, True):
+    step, args = benchmark.jax_model_setup('resnet_tiny', {}, 'cbam', 2, 8, abstract=abstract)
+    compiled, _ = benchmark.compile_jax(step, args, donate=(0, 1, 2))
+    # The instructions without their metadata (source file tables differ in order).
+    texts.append([line.split(', metadata=')[0] for line in compiled.as_text().splitlines()
+                  if ' = ' in line])
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(args))
+  assert texts[0] == texts[1]

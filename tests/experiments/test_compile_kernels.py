@@ -40,3 +40,10 @@ def test_bad_names_are_refused_in_one_line(argv, message, capsys):
     compile_kernels.main(argv)
   assert exit_info.value.code != 0
   assert message in capsys.readouterr().err
+
+
+def test_the_initialisation_is_counted_and_attention_adds_to_it():
+  plain, plain_s = compile_kernels.compiled_init('resnet_tiny', None, image_size=16)
+  with_cbam, _ = compile_kernels.compiled_init('resnet_tiny', 'cbam', image_size=16)
+  assert plain_s > 0
+  assert with_cbam > plain > 0

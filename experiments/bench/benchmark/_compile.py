@@ -34,7 +34,7 @@ NNX_COMPILE_ATTENTIONS = (('nnx_none', None), ('nnx_cbam', 'cbam'))
 def _linen_compile(name, fields, attention, attention_fields, batch, size
                    ) -> tuple[CompileTimes, int]:
   model_fields = {**fields, 'attention_fields': attention_fields} if attention_fields else fields
-  step, args = jax_model_setup(name, model_fields, attention, batch, size)
+  step, args = jax_model_setup(name, model_fields, attention, batch, size, abstract=True)
   compiled, times = compile_jax(step, args, donate=(0, 1, 2))
   return times, kernel_count(compiled.as_text())
 
@@ -42,7 +42,8 @@ def _linen_compile(name, fields, attention, attention_fields, batch, size
 def _nnx_compile(name, fields, attention, batch, size) -> tuple[CompileTimes, int]:
   from flax import nnx
 
-  model, optimizer, images, labels = nnx_setup(name, fields, batch, size, attention)
+  model, optimizer, images, labels = nnx_setup(name, fields, batch, size, attention,
+                                              abstract=True)
   graphdef, state = nnx.split((model, optimizer))
 
   def functional_step(state, images, labels):

@@ -44,15 +44,22 @@ def jax_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
 
 
 def jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, batch: int,
-                     size: int):
+                     size: int, *, abstract: bool = False):
+  """The SGD training step of ``create_model(name, attention=..., **fields)`` and its
+  arguments ``[params, batch_stats, opt_state, images, labels]``. ``abstract``: the
+  arguments as ``jax.ShapeDtypeStruct`` (``jax.eval_shape``; nothing is initialised),
+  enough to trace, lower and compile the step, not to run it."""
   model = models.create_model(name, attention=attention, **fields)
-  num_classes = model.num_classes
-  images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-  labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, num_classes)
-  variables = model.init(jax.random.PRNGKey(2), images[:1], train=False)
   optimizer = optax.sgd(0.1, momentum=0.9)
-  params, batch_stats = variables['params'], variables['batch_stats']
-  args = [params, batch_stats, optimizer.init(params), images, labels]
+
+  def arguments():
+    images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+    labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, model.num_classes)
+    variables = model.init(jax.random.PRNGKey(2), images[:1], train=False)
+    params, batch_stats = variables['params'], variables['batch_stats']
+    return [params, batch_stats, optimizer.init(params), images, labels]
+
+  args = jax.eval_shape(arguments) if abstract else arguments()
   return jax_train_step(model, optimizer), args
 
 

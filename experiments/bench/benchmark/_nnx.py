@@ -27,18 +27,22 @@ TINY_NNX_CASES = (('resnet20', {'stage_sizes': (1,)}, 2, 8),)
 
 
 def nnx_setup(name: str, fields: dict[str, Any], batch: int, size: int,
-               attention: str | None = 'cbam'):
+              attention: str | None = 'cbam', *, abstract: bool = False):
   """An NNX model (CBAM by default) with its optimizer (same SGD as the linen step) and the
-  batch."""
+  batch. ``abstract``: every array a ``jax.ShapeDtypeStruct`` (``nnx.eval_shape``; nothing
+  is initialised), enough to trace, lower and compile a step, not to run it."""
   from flax import nnx
 
   from cbam_jax.nnx import create_model as create_nnx_model
 
-  model = create_nnx_model(name, attention=attention, rngs=nnx.Rngs(2), **fields)
-  images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-  labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, model.num_classes)
-  optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-  return model, optimizer, images, labels
+  def build():
+    model = create_nnx_model(name, attention=attention, rngs=nnx.Rngs(2), **fields)
+    images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+    labels = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, model.num_classes)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    return model, optimizer, images, labels
+
+  return nnx.eval_shape(build) if abstract else build()
 
 
 def nnx_train_step(model, optimizer, images, labels):
