@@ -19,8 +19,8 @@ trainer compiles before the step.
 from __future__ import annotations
 
 import collections
+import functools
 import re
-import time
 from collections.abc import Sequence
 
 import jax
@@ -30,7 +30,12 @@ from absl import flags
 from cbam_jax import attention as attention_registry
 from cbam_jax import models
 from experiments import cli
-from experiments.bench.benchmark import jax_model_setup, kernel_instructions
+from experiments.bench.benchmark import (
+  compile_jax,
+  jax_model_setup,
+  kernel_count,
+  kernel_instructions,
+)
 
 PROG = 'python -m experiments.bench.compile_kernels'
 
@@ -65,22 +70,18 @@ def compiled_step(model: str, attention: str | None, batch: int, image_size: int
                   ) -> tuple[str, float]:
   """The optimised HLO text of the training step and its XLA compile CPU seconds."""
   step, args = jax_model_setup(model, {}, attention, batch, image_size, abstract=True)
-  lowered = jax.jit(step, donate_argnums=(0, 1, 2)).trace(*args).lower()
-  start = time.process_time()
-  compiled = lowered.compile()
-  return compiled.as_text(), time.process_time() - start
+  compiled, times = compile_jax(step, args, donate=(0, 1, 2))
+  return compiled.as_text(), times.xla_cpu_s
 
 
 def compiled_init(model: str, attention: str | None, image_size: int) -> tuple[int, float]:
   """Kernels and XLA compile CPU seconds of ``jax.jit(model.init)`` at batch 1 (what the
   trainer compiles before the step), with JAX's default PRNG."""
   network = models.create_model(model, attention=attention)
-  lowered = jax.jit(network.init, static_argnames='train').trace(
-      jax.random.key(0), jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
-      train=False).lower()
-  start = time.process_time()
-  compiled = lowered.compile()
-  return sum(1 for _ in kernel_instructions(compiled.as_text())), time.process_time() - start
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  compiled, times = compile_jax(functools.partial(network.init, train=False),
+                                [jax.random.key(0), images])
+  return kernel_count(compiled.as_text()), times.xla_cpu_s
 
 
 def attention_modules(hlo_text: str) -> int:

@@ -266,9 +266,10 @@ def test_compiling_from_shapes_gives_the_same_program():
   texts = []
   for abstract in (False, True):
     step, args = benchmark.jax_model_setup('resnet_tiny', {}, 'cbam', 2, 8, abstract=abstract)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct)
+               for leaf in jax.tree.leaves(args)) == abstract
     compiled, _ = benchmark.compile_jax(step, args, donate=(0, 1, 2))
     # The instructions without their metadata (source file tables differ in order).
     texts.append([line.split(', metadata=')[0] for line in compiled.as_text().splitlines()
                   if ' = ' in line])
-  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(args))
   assert texts[0] == texts[1]
