@@ -27,8 +27,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
 import jax.numpy as jnp
 import numpy as np
 from absl import flags

@@ -26,8 +26,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
 import jax
 import jax.numpy as jnp
 import numpy as np

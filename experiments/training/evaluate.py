@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Sequence
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax
 import ml_collections

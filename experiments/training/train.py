@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -63,23 +61,71 @@ def _config_field_hint(argv: list[str]) -> str:
   return ''
 
 
+# Config fields that hold several settings in one string, FIELD=VALUE,FIELD=VALUE.
+_FIELD_VALUE_STRINGS = ('model.attention_fields',)
+
+
+def _override_shape_error(argv: list[str]) -> str | None:
+  """The error of the first ``--config.`` override whose path does not fit the config's
+  shape: one that goes on through a field holding a value (``--config.optimizer.
+  learning_rate``: the optimizer is the string ``'sgd'``) or that gives a group of fields a
+  plain value (``--config.model=resnet20``); None if every path fits. ml_collections
+  raises a TypeError or ValueError from inside its parser for both."""
+  import ml_collections as mlc
+
+  from experiments.configs import base_config
+
+  config = base_config()
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    path, _, value = arg[len('--config.'):].partition('=')
+    parts = path.split('.')
+    node: object = config
+    for depth, part in enumerate(parts):
+      if not isinstance(node, mlc.ConfigDict) or part not in node:
+        break  # A field that does not exist: the "no such field" error says so.
+      node = node[part]
+      field, rest = '.'.join(parts[:depth + 1]), '.'.join(parts[depth + 1:])
+      if rest and not isinstance(node, mlc.ConfigDict):
+        what = 'unset' if node is None else repr(node)
+        message = f'{arg}: config.{field} is a value ({what}), not a group of fields.'
+        if field in _FIELD_VALUE_STRINGS:
+          return (f'{message} It takes comma-separated FIELD=VALUE: '
+                  f'--config.{field}={rest}={value}.')
+        fields = _config_fields()
+        leaf = parts[-1]
+        guess = next((f for f in fields if f == leaf or f.endswith(f'.{leaf}')), None)
+        return message + (f' Did you mean --config.{guess}={value}?' if guess else '')
+      if not rest and isinstance(node, mlc.ConfigDict) and not value.startswith('{'):
+        first = 'name' if 'name' in node else next(iter(node.keys()))
+        return (f'{arg}: config.{field} is a group of fields ({", ".join(node.keys())}); '
+                f'set one of them, e.g. --config.{field}.{first}={value}.')
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (exit status 2), e.g. for config overrides that
-  name no field or top-level flags that are config fields."""
+  name no field or go on through a field that holds a value, or top-level flags that are
+  config fields."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
-    # ml_collections quotes its message twice ('\\'name\\'\\nDid you mean ...'): unwrap it.
-    message = str(error).replace('\\n', ' ').replace('\n', ' ').replace('\\', '')
-    message = message.replace("'", '').strip('" ')
-    cli.exit_with(PROG, f'Bad config override ({" ".join(overrides)}): no such field: '
-                  f'{message}. The fields and their defaults are in '
-                  'experiments/configs/__init__.py.')
-  except flags.Error as error:
-    hint = _config_field_hint(argv) if 'Unknown command line flag' in str(error) else ''
-    message = str(error).split('Did you mean')[0].strip() if hint else str(error)
-    cli.exit_with(PROG, f'{message}{hint} Pass --helpfull to list the flags.')
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as error:
+    message = _override_shape_error(argv)
+    if message is None and isinstance(error, (AttributeError, KeyError)):
+      overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
+      # ml_collections quotes its message twice ('\\'name\\'\\nDid you mean ...'): unwrap it.
+      unquoted = str(error).replace('\\n', ' ').replace('\n', ' ').replace('\\', '')
+      unquoted = unquoted.replace("'", '').strip('" ')
+      message = (f'Bad config override ({" ".join(overrides)}): no such field: {unquoted}. '
+                 'The fields and their defaults are in experiments/configs/__init__.py.')
+    elif message is None and isinstance(error, flags.Error):
+      hint = _config_field_hint(argv) if 'Unknown command line flag' in str(error) else ''
+      message = (str(error).split('Did you mean')[0].strip() if hint else str(error))
+      message += f'{hint} Pass --helpfull to list the flags.'
+    if message is None:
+      raise
+    cli.exit_with(PROG, message)
 
 
 def _config() -> ml_collections.ConfigDict:

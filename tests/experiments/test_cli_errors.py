@@ -7,6 +7,7 @@ line must say. ``{tmp}`` in an argument is the test's temporary folder.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -93,6 +94,15 @@ TRAIN = [
      r"Unknown command line flag 'num_epochs'\. Did you mean --config\.num_epochs=3\?"),
     ('misspelt config override', ['--config.num_epoch=3'],
      r'Bad config override \(--config.num_epoch=3\): no such field: .*Did you mean "num_epochs"'),
+    ('an override through a field that holds a value', ['--config.optimizer.learning_rate=0.01'],
+     r"--config\.optimizer\.learning_rate=0\.01: config\.optimizer is a value \('sgd'\), not a "
+     r'group of fields\. Did you mean --config\.learning_rate=0\.01\?'),
+    ('a sub-field of the FIELD=VALUE attention_fields',
+     ['--config.model.attention_fields.kernel_size=3'],
+     r'It takes comma-separated FIELD=VALUE: --config\.model\.attention_fields=kernel_size=3\.'),
+    ('a value for a group of fields', ['--config.model=resnet20'],
+     r'config\.model is a group of fields \(.*\); set one of them, e\.g\. '
+     r'--config\.model\.name=resnet20\.'),
     ('a folder dataset (a field that defaults to None) that is missing',
      ['--config.dataset=folder', '--config.folder={tmp}/no_images'], r'no_images'),
 ]
@@ -133,3 +143,17 @@ def test_every_unset_config_field_has_a_type_the_command_line_can_set(name):
              if getattr(parent, key) is None
              and not isinstance(parent._fields[key], ml_collections.FieldReference)]
   assert not untyped, f'None without a type (use config_dict.placeholder(type)): {untyped}'
+
+
+@pytest.mark.skipif(importlib.util.find_spec('tensorflow') is None,
+                    reason='TensorFlow not installed')
+def test_tensorflow_adds_nothing_to_a_commands_output(tmp_path):
+  # TensorFlow 2.21 prints a oneDNN notice through absl whatever TF_CPP_MIN_LOG_LEVEL says;
+  # importing `experiments` (every command does, first) keeps it out.
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_')}
+  code = ('import experiments, tensorflow as tf; '
+          f'tf.summary.create_file_writer({str(tmp_path)!r}).flush()')
+  process = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, env=env)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert process.stdout == '' and process.stderr == '', process.stderr[-3000:]
