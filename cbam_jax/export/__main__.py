@@ -77,11 +77,14 @@ def _load(path: str, which: str) -> tuple[Any, Any, int | None]:
     raise UsageError(f'--model {path} is not a saved model directory; reading a training '
                      "workdir needs the repository's experiments package: run from the "
                      'repository root.') from None
+  checkpoints, _ = checkpointing.find_checkpoint(path)
+  if not os.path.isdir(checkpoints):
+    raise UsageError(f'--model {path} is neither a saved model directory (no '
+                     f'{saving.MODEL_JSON}) nor a training workdir (no checkpoints folder).')
   try:
     model, variables, meta, _ = checkpointing.load_model(path, which)
   except (OSError, ValueError) as error:
-    raise UsageError(f'{error} (--model is neither a saved model directory nor a training '
-                     'workdir.)') from None
+    raise UsageError(str(error)) from None
   return model, variables, meta.get('config', {}).get('image_size')
 
 

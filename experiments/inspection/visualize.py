@@ -447,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
   compile_cache.enable()
   if values.files and values.folder:
     raise cli.UserError('pass --folder or --files, not both.')
+  if os.path.exists(values.out) and not os.path.isdir(values.out):
+    raise cli.UserError(f'--out {values.out} is a file; --out names the folder for the PNGs '
+                        '(made if missing).')
   run = load_run(values.workdir, values.which)
   if values.files:
     images = file_images(run, values.files)

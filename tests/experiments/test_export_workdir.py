@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_export import _assert_close, _images, _reference, _variables
+from test_export import _assert_close, _images, _reference, _run_cli, _variables
 
 from cbam_jax import saving
 from cbam_jax.export import __main__ as cli
@@ -14,7 +14,7 @@ from experiments.training import checkpointing
 
 
 @pytest.mark.slow
-def test_cli_exports_a_training_workdir(tmp_path):
+def test_cli_exports_a_training_workdir(tmp_path, capsys):
   model = create_model('resnet20', attention='cbam', num_classes=3, stage_sizes=(1, 1, 1),
                        num_filters=4)
   variables = _variables(model, _images(1, 16))
@@ -30,3 +30,10 @@ def test_cli_exports_a_training_workdir(tmp_path):
   assert exported.in_avals[0].shape[1:] == (16, 16, 3)  # The config's image_size.
   x = _images(2, 16, seed=1)
   _assert_close(np.asarray(exported.call(x)), _reference(model, variables, x))
+
+  # A workdir's own errors name the step, not "neither a saved model nor a workdir".
+  for which, message in (('9', 'No checkpoint at step 9 in '), ('last', "--which must be")):
+    code, lines = _run_cli(capsys, '--model', tmp_path / 'run', '--which', which, '--format',
+                           'stablehlo', '--out', tmp_path / 'other.stablehlo')
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert 'neither' not in lines[0], lines
