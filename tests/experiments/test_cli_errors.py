@@ -51,6 +51,8 @@ IN_PROCESS = [
      r"'resnet\d+'\? Valid: resnet18, "),
     ('xla_flags: unknown flag set', 'experiments.bench.xla_flags', ['--flags', 'onednnn'],
      r'--flags=onednnn: value should be one of'),
+    ('time_to_first_step: missing --config', 'experiments.bench.time_to_first_step',
+     ['--config={tmp}/nope.py'], r'--config .*nope.py: no such file'),
     ('study: bad --mode', 'experiments.study.run', ['--mode', 'tain'],
      r'--mode=tain: value should be one of'),
     ('data pipeline: malformed --set', 'experiments.data.pipeline', ['--set', 'augment'],
