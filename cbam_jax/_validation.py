@@ -21,11 +21,13 @@ POOL_TYPES = ('avg', 'max', 'lp', 'lse')
 
 
 def did_you_mean(name: object, valid: Iterable[str]) -> str:
-  """``' Did you mean 'x'?'`` for the valid name closest to a misspelt ``name``, else ''."""
+  """``' Did you mean 'x'?'`` for the valid name closest to a misspelt ``name`` (case aside:
+  ``'CBAM'`` -> ``'cbam'``), else ''."""
   if not isinstance(name, str):
     return ''
-  close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-  return f' Did you mean {close[0]!r}?' if close else ''
+  by_lower = {choice.lower(): choice for choice in valid}
+  close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+  return f' Did you mean {by_lower[close[0]]!r}?' if close else ''
 
 
 def check_choice(what: str, value: object, valid: Sequence[str]) -> None:

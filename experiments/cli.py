@@ -39,9 +39,10 @@ class UserError(Exception):
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:
-  """The choice most like ``name`` (a misspelling of it), or None."""
-  found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-  return found[0] if found else None
+  """The choice most like ``name`` (a misspelling of it, case aside), or None."""
+  by_lower = {choice.lower(): choice for choice in choices}
+  found = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+  return by_lower[found[0]] if found else None
 
 
 def did_you_mean(name: str, choices: Iterable[str], template: str = '{}') -> str:

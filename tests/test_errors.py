@@ -239,6 +239,8 @@ def test_unknown_attention_fails_when_the_model_is_built():
     models.create_model('resnet_tiny', attention='cbma')
   with pytest.raises(ValueError, match=r"Unknown attention 'bma'"):
     models.create_model('resnet_tiny', stage_attention='bma')
+  with pytest.raises(ValueError, match=r"Unknown attention 'CBAM'\. Did you mean 'cbam'\?"):
+    models.create_model('resnet_tiny', attention='CBAM')
 
 
 def test_channels_first_images_are_refused_unless_said_otherwise():
