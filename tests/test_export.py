@@ -238,7 +238,38 @@ def test_onnx_names_an_operation_it_cannot_convert(tmp_path, ort):
     to_onnx(HostCall(), {'params': {}}, _images(1), tmp_path / 'model.onnx')
 
 
+def test_a_failed_onnx_check_leaves_the_earlier_file(tmp_path, ort, monkeypatch):
+  del ort  # Only its skip.
+  from cbam_jax.export import onnx as onnx_export
+
+  path = tmp_path / 'model.onnx'
+  path.write_bytes(b'the earlier export')
+  monkeypatch.setattr(onnx_export, 'TOLERANCE', -1.0)  # Every output "differs".
+  with pytest.raises(ExportError, match='differs from JAX'):
+    to_onnx(*_linen(['se']), _images(1), path)
+  assert path.read_bytes() == b'the earlier export'
+  assert sorted(os.listdir(tmp_path)) == ['model.onnx']
+
+
 # --------------------------------------------------------------------------- errors
+
+
+def test_an_export_replaces_a_file_only_once_written(tmp_path):
+  from cbam_jax.export._files import replacing
+
+  path = tmp_path / 'model.bin'
+  path.write_bytes(b'old')
+  with pytest.raises(RuntimeError, match='failed'), replacing(path) as written:
+    with open(written, 'wb') as f:
+      f.write(b'half')
+    raise RuntimeError('failed')
+  assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['model.bin']
+  with replacing(path) as written, open(written, 'wb') as f:
+    f.write(b'new')
+  assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['model.bin']
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # As open() would make it.
 
 
 def test_errors_name_the_problem():

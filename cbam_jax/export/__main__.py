@@ -107,6 +107,7 @@ def run(argv: Sequence[str]) -> str:
   import numpy as np
 
   from cbam_jax import export
+  from cbam_jax.export import _files
 
   model, variables, config_size = _load(values.model, values.which)
   size = values.image_size or config_size or _DEFAULT_SIZES.get(model.stem, 224)
@@ -117,7 +118,7 @@ def run(argv: Sequence[str]) -> str:
   try:
     if values.format == 'stablehlo':
       blob = export.to_stablehlo(model, variables, example, batch_polymorphic=polymorphic)
-      with open(out, 'wb') as f:
+      with _files.replacing(out) as written, open(written, 'wb') as f:
         f.write(blob)
     else:
       opset = {} if values.opset is None else {'opset': values.opset}

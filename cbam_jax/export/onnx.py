@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbam_jax.export import _jaxpr
+from cbam_jax.export import _files, _jaxpr
 from cbam_jax.export._inference import ExportError, inference_function, input_spec
 
 DEFAULT_OPSET = 21
@@ -93,7 +93,8 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
     variables: the linen model's ``{'params', 'batch_stats', ...}``; ``None`` for NNX.
     example: a float32 array: the input's shape and, with ``check``, the input the ONNX
       model is checked on (a ``jax.ShapeDtypeStruct`` needs ``check=False``).
-    path: the ``.onnx`` file to write (overwritten).
+    path: the ``.onnx`` file to write; an existing file is replaced only once the new one
+      is written and checked (a failure leaves it as it was).
     opset: the ONNX opset (default 21; jax2onnx supports 21 and later).
     batch_polymorphic: the first dimension is named (``'b'``) in the graph, so any batch
       size runs; ``False`` fixes ``example``'s batch size.
@@ -133,19 +134,27 @@ def to_onnx(model: Any, variables: Mapping[str, Any] | None, example: Any,
     raise ExportError(f'jax2onnx could not convert {type(model).__name__}: '
                       f'{type(error).__name__}: {first_line}') from error
   onnx.checker.check_model(proto)
-  path = os.fspath(path)
-  onnx.save(proto, path)
-  if check:
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # Errors only: not its notes on unused initialisers.
-    session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    got = session.run(None, {INPUT_NAME: np.asarray(example)})
-    want = _flat_outputs(jax.jit(reference)(example))
-    for index, (a, b) in enumerate(zip(got, want, strict=True)):
-      difference = float(np.max(np.abs(a - b))) if a.size else 0.0
-      scale = max(1.0, float(np.max(np.abs(b))) if b.size else 0.0)
-      if difference > TOLERANCE * scale:
-        raise ExportError(f'onnxruntime output {index} differs from JAX by {difference:.3g} '
-                          f'(allowed {TOLERANCE * scale:.3g}); the export of '
-                          f'{type(model).__name__} is wrong, please report it.')
+  # Checked before it replaces `path`: a failed check leaves an earlier file as it was.
+  with _files.replacing(path) as written:
+    onnx.save(proto, written)
+    if check:
+      _check_with_onnxruntime(onnxruntime, written, example, reference, type(model).__name__)
   return proto
+
+
+def _check_with_onnxruntime(onnxruntime: Any, path: str, example: Any, reference: Any,
+                            name: str) -> None:
+  """Raises ExportError unless the ONNX file at ``path`` gives ``reference``'s outputs on
+  ``example`` within :data:`TOLERANCE`."""
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3  # Errors only: not its notes on unused initialisers.
+  session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+  got = session.run(None, {INPUT_NAME: np.asarray(example)})
+  want = _flat_outputs(jax.jit(reference)(example))
+  for index, (a, b) in enumerate(zip(got, want, strict=True)):
+    difference = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(b))) if b.size else 0.0)
+    if difference > TOLERANCE * scale:
+      raise ExportError(f'onnxruntime output {index} differs from JAX by {difference:.3g} '
+                        f'(allowed {TOLERANCE * scale:.3g}); the export of {name} is wrong, '
+                        'please report it.')
