@@ -8,6 +8,10 @@ neither, whatever this process has) and times the same workloads: a ResNet-20 st
 convolution forward+backward in NHWC and NCHW, the CBAM 7x7 2->1 convolution through
 ``lax.conv``, the CBAM module forward+backward and a CIFAR ResNet-20 (+CBAM) training step.
 The numbers of every setting are divided by those of the default set measured in the same run.
+The two training steps also report their XLA compile (CPU seconds, ``_compile_cpu_s``) and
+kernels (``_kernels``), and the CBAM step a digest of its outputs (``_result``), which the
+table marks ``same`` or ``differs`` against the default's: a flag that changes it changes
+the numbers.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ FLAG_SETS = {
     'vector_512': {'XLA_FLAGS': '--xla_cpu_prefer_vector_width=512'},
     'eigen_single_thread': {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'},
     'fast_math': {'XLA_FLAGS': '--xla_cpu_enable_fast_math=true'},
+    # Flags that might compile faster (docs/performance.md, "Compile time").
+    'fast_compile_preset': {'XLA_FLAGS': '--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE'},
+    'region_copy_insertion': {'XLA_FLAGS': '--xla_cpu_copy_insertion_use_region_analysis=true'},
+    'no_fusion_emitters': {'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=false'},
+    'one_codegen_part': {'XLA_FLAGS': '--xla_cpu_parallel_codegen_split_count=1'},
     # Transparent huge pages for malloc: what experiments.perf.reexec_with_cpu_env sets.
     'huge_pages': {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'},
 }
@@ -63,17 +72,29 @@ def _label(name: str) -> str:
   return ' '.join(f'{k}={v}' if k != 'XLA_FLAGS' else v for k, v in settings.items()) or '(none)'
 
 
-def _worker(tiny: bool, repeats: int) -> dict[str, float]:
+def _worker(tiny: bool, repeats: int) -> dict[str, float | int | str]:
+  import hashlib
+  import time
+
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import optax
   from jax import lax
 
   from cbam_jax import models
   from cbam_jax.attention.cbam import CBAM
+  from experiments.bench.benchmark import kernel_count
 
-  def blocking_call(fn, *args):
-    compiled = jax.jit(fn).lower(*args).compile()
+  compiles: dict[str, float | int | str] = {}
+
+  def blocking_call(fn, *args, record: str | None = None):
+    lowered = jax.jit(fn).lower(*args)
+    start = time.process_time()
+    compiled = lowered.compile()
+    if record:
+      compiles[f'{record}_compile_cpu_s'] = time.process_time() - start
+      compiles[f'{record}_kernels'] = kernel_count(compiled.as_text())
     return lambda: jax.block_until_ready(compiled(*args))
 
   key = jax.random.PRNGKey(0)
@@ -132,11 +153,24 @@ def _worker(tiny: bool, repeats: int) -> dict[str, float]:
       return optax.apply_updates(params, new_updates), updates, opt_state
 
     params = variables['params']
-    calls[f'resnet20_{attention or "plain"}_step'] = blocking_call(
-        step, params, variables['batch_stats'], optimizer.init(params))
+    name = f'resnet20_{attention or "plain"}_step'
+    calls[name] = blocking_call(step, params, variables['batch_stats'],
+                                optimizer.init(params), record=name)
+  outputs = jax.tree_util.tree_leaves(calls['resnet20_cbam_step']())
+  compiles['resnet20_cbam_step_result'] = hashlib.sha256(
+      b''.join(np.asarray(leaf).tobytes() for leaf in outputs)).hexdigest()[:12]
   # The workloads of one setting in interleaved rounds; settings are compared by their
   # ratios to the default's (another process, so not interleaved with it).
-  return timing.interleaved_median_ms(calls, repeats)
+  return {**timing.interleaved_median_ms(calls, repeats), **compiles}
+
+
+def _cell(value: float | int | str, base: float | int | str) -> str:
+  """A table cell: a number and its ratio to the default's, or whether a digest is the same."""
+  if isinstance(value, str):
+    return 'same' if value == base else 'differs'
+  number = f'{value:.2f}' if isinstance(value, float) and value < 10 else f'{value:.1f}'
+  number = str(value) if isinstance(value, int) else number
+  return f'{number} ({value / base:.2f}x)'  # type: ignore[operator]
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -180,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if 'error' in row:
       lines.append(f'| {name} | error: {row["error"]} |')
       continue
-    cells = [f'{row[k]:.1f} ({row[k] / base[k]:.2f}x)' if k in row else '-' for k in base]
+    cells = [_cell(row[k], base[k]) if k in row else '-' for k in base]
     lines.append(f'| `{_label(name)}` | ' + ' | '.join(cells) + ' |')
   table = '\n'.join(lines)
   print(table)

@@ -165,6 +165,27 @@ def test_xla_flag_study_worker_environments():
   assert onednn == {'PATH': '/bin', 'XLA_FLAGS': '--xla_cpu_use_onednn=true'}
 
 
+def test_every_xla_flag_set_names_flags_this_jaxlib_knows():
+  import os
+  import subprocess
+  import sys
+
+  from experiments.bench import xla_flags as study
+  # XLA aborts the process on an unknown flag when the backend starts.
+  flags = ' '.join(s['XLA_FLAGS'] for s in study.FLAG_SETS.values() if 'XLA_FLAGS' in s)
+  process = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
+                           env={**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'},
+                           capture_output=True, text=True, timeout=120)
+  assert process.returncode == 0, process.stderr[-2000:]
+
+
+def test_xla_flag_table_cells():
+  from experiments.bench.xla_flags import _cell
+  assert _cell(2.5, 1.25) == '2.50 (2.00x)' and _cell(340.4, 340.4) == '340.4 (1.00x)'
+  assert _cell(1352, 1439) == '1352 (0.94x)'
+  assert _cell('3fa2', '3fa2') == 'same' and _cell('3fa2', '9b01') == 'differs'
+
+
 class _FakeCuda:
   """The slice of ``torch.cuda`` the benchmark uses, counting synchronisations."""
 
