@@ -79,7 +79,9 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def check_batch_divides(batch_size: int, mesh: Mesh, what: str) -> None:
   """A clear error when ``batch_size`` cannot be split evenly over the mesh's devices."""
   num_devices = mesh.devices.size
-  if batch_size <= 0 or batch_size % num_devices:
+  if batch_size <= 0:
+    raise ValueError(f'{what} must be positive; got {batch_size}.')
+  if batch_size % num_devices:
     lower = max(num_devices, batch_size // num_devices * num_devices)
     raise ValueError(
         f'{what}={batch_size} does not divide over {num_devices} devices '

@@ -242,6 +242,29 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 # --------------------------------------------------------------------------- the loop
 
 
+def _check_workdir(workdir: str) -> None:
+  """A clear error, before any work, for a workdir that cannot hold a run: a file, or a
+  path under a folder it cannot be made in. Nothing is created here."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--workdir {workdir} is a file; --workdir names the folder for the '
+                     'checkpoints and metrics (made if missing).')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir {workdir} cannot be written: {existing} is not a folder '
+                     'this user can write to. Choose another --workdir.')
+
+
+def _make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f'--workdir {workdir} cannot be created ({error.strerror}). Choose '
+                     'another --workdir.') from error
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.num_epochs < 1:
     raise ValueError(f'config.num_epochs must be >= 1; got {config.num_epochs}.')
@@ -329,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last epoch's metrics record, plus ``'best_eval_top1'``.
   """
   _check_config(config)
+  _check_workdir(workdir)
   start_time = time.time()
   mesh = distributed.make_mesh(devices)
   distributed.check_batch_divides(config.global_batch_size, mesh, 'global_batch_size')
@@ -361,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
       abstract_state)
 
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   meta = {'config': json.loads(config.to_json_best_effort()), 'model': fields,
           'dataset': {'name': config.dataset, 'num_classes': info.num_classes,
                       'image_shape': list(info.image_shape),

@@ -238,6 +238,19 @@ def test_batch_that_does_not_divide_over_devices(tmp_path):
     train_lib.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
   with pytest.raises(ValueError, match=r'eval_batch_size=20 does not divide'):
     train_lib.train_and_evaluate(tiny_config(eval_batch_size=20), str(tmp_path))
+  with pytest.raises(ValueError, match=r'global_batch_size must be positive; got -8'):
+    train_lib.train_and_evaluate(tiny_config(global_batch_size=-8), str(tmp_path))
+
+
+def test_a_workdir_that_cannot_hold_a_run_is_refused_before_any_work(tmp_path):
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('mine\n')
+  with pytest.raises(ValueError, match=r'notes.txt is a file; --workdir names the folder'):
+    train_lib.train_and_evaluate(tiny_config(), str(a_file))
+  with pytest.raises(ValueError, match=r'notes.txt/run cannot be written: .*notes.txt is not a '
+                                       r'folder this user can write to'):
+    train_lib.train_and_evaluate(tiny_config(), str(a_file / 'run'))
+  assert a_file.read_text() == 'mine\n' and os.listdir(tmp_path) == ['notes.txt']
 
 
 def test_missing_dataset(tmp_path):
