@@ -233,6 +233,13 @@ def test_misspelt_nnx_field_suggests_the_right_one():
     cnnx.CBAM(16, reduction=4, rngs=nnx.Rngs(0))
 
 
+def test_nnx_create_model_asks_for_rngs():
+  for rngs in (None, 0):
+    with pytest.raises(TypeError, match=r"create_model\('resnet_tiny'\) needs "
+                                        r"rngs=nnx.Rngs\(seed\).*got rngs="):
+      cnnx.create_model('resnet_tiny', rngs=rngs)
+
+
 def test_unknown_attention_fails_when_the_model_is_built():
   with pytest.raises(ValueError,
                      match=r"Unknown attention 'cbma'\. Did you mean 'cbam'\? Valid names: .*cbam"):

@@ -196,6 +196,11 @@ def create_model(name: str, **fields: Any) -> nn.Module:
 def create_nnx_model(name: str, *, rngs: Any, in_features: int = 3, **fields: Any) -> Any:
   """The NNX model called ``name`` (:func:`cbam_jax.nnx.create_model`): the network of
   :func:`create_model`, built natively in NNX for ``in_features`` image channels."""
+  from flax import nnx
+
+  if not isinstance(rngs, nnx.Rngs):
+    raise TypeError(f'create_model({name!r}) needs rngs=nnx.Rngs(seed) to initialise its '
+                    f'parameters; got rngs={rngs!r}.')
   backbone = backbone_for_model(name)
   return backbone.nnx(in_features=in_features, rngs=rngs,
                       **{**backbone.size_fields(name), **fields})
