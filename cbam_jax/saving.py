@@ -368,6 +368,9 @@ def save(directory: str | os.PathLike[str], model: nn.Module,
   meta = {'format': FORMAT, 'model': describe(model, in_channels=in_channels, name=name),
           **(extra or {})}
   directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f'{directory} is a file; save writes a folder (model.json and '
+                          'variables/) there. Choose another path.')
   os.makedirs(directory, exist_ok=True)
   tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   tree = jax.tree_util.tree_map(np.asarray, tree)

@@ -183,6 +183,15 @@ def test_missing_and_garbled_model_json(tmp_path):
     saving.load(tmp_path)
 
 
+def test_save_to_a_file_path_is_refused(tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  model = models.create_model('resnet_tiny')
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+  with pytest.raises(FileExistsError, match=r'notes.txt is a file; save writes a folder'):
+    saving.save(tmp_path / 'notes.txt', model, variables)
+  assert (tmp_path / 'notes.txt').read_text() == 'mine'
+
+
 def test_bad_descriptions():
   with pytest.raises(ValueError, match='description is a JSON object'):
     saving.build(['resnet_tiny'])
