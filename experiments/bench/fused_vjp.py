@@ -147,6 +147,9 @@ def define_flags(values: flags.FlagValues) -> None:
                        flag_values=values)
   flags.DEFINE_integer('rounds', 2, 'Compiles of each program; the fastest counts.',
                        lower_bound=1, flag_values=values)
+  flags.DEFINE_integer('time_rounds', 0, 'Also time the three training steps, interleaved, '
+                       'this many rounds (median ms); 0 = compile only.', lower_bound=0,
+                       flag_values=values)
 
 
 def table(model: str, batch: int, image_size: int, rounds: int) -> str:
@@ -173,6 +176,22 @@ def table(model: str, batch: int, image_size: int, rounds: int) -> str:
   return '\n'.join(lines)
 
 
+def step_times(model: str, batch: int, image_size: int, rounds: int) -> str:
+  """Median milliseconds of the three training steps, timed in interleaved rounds."""
+  from experiments.bench import timing
+  from experiments.bench.benchmark import jax_model_setup
+
+  calls = {}
+  for name, attention in (('none', None), ('cbam', 'cbam'), ('fused', FusedCBAM)):
+    step, args = jax_model_setup(model, {}, attention, batch, image_size)  # type: ignore[arg-type]
+    compiled = jax.jit(step).lower(*args).compile()
+    calls[name] = lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args))
+  medians = timing.interleaved_median_ms(calls, rounds)
+  return (f'Step time, median of {rounds} interleaved rounds: none {medians["none"]:.1f} ms, '
+          f'cbam {medians["cbam"]:.1f} ms, one hand-written VJP {medians["fused"]:.1f} ms '
+          f'({medians["fused"] / medians["cbam"]:.2f}x the library\'s CBAM step).')
+
+
 @cli.command(PROG)
 def main(argv: Sequence[str] | None = None) -> str:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``); returns
@@ -183,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         f'unknown model {values.model!r} in --model.'
         f'{cli.did_you_mean(values.model, models.available_models(), "{!r}")}')
   text = table(values.model, values.batch, values.image_size, values.rounds)
+  if values.time_rounds:
+    text += '\n\n' + step_times(values.model, values.batch, values.image_size,
+                                values.time_rounds)
   print(text)
   return text
 
