@@ -23,8 +23,12 @@ def test_the_hand_written_backward_equals_autodiff_of_the_same_math():
   args[0] = args[0].at[:, :2, :2, 0].set(3.0).at[:, 4, 4, :].set(0.0)
   cotangent = jax.random.normal(keys[6], (batch, size, size, features))
   arguments = tuple(range(len(args)))
-  want = jax.grad(lambda *a: (fused_vjp._forward(*a)[0] * cotangent).sum(), arguments)(*args)
-  got = jax.grad(lambda *a: (fused_vjp.fused_cbam(*a)[0] * cotangent).sum(), arguments)(*args)
+
+  def gradients(cbam):
+    return jax.jit(jax.grad(lambda *a: (cbam(*a)[0] * cotangent).sum(), arguments))(*args)
+
+  want = gradients(fused_vjp._forward)
+  got = gradients(fused_vjp.fused_cbam)
   for name, g, w in zip(['x', 'w1', 'b1', 'w2', 'b2', 'kernel', 'scale', 'bias'], got, want,
                         strict=True):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5, err_msg=name)
