@@ -113,6 +113,15 @@ def table(model: str, attention: str, batch: int, image_size: int) -> str:
   return '\n'.join(lines)
 
 
+def check_model(name: str) -> None:
+  """A UserError naming the valid models unless ``--model`` is one."""
+  if name not in models.available_models():
+    raise cli.UserError(
+        f'unknown model {name!r} in --model.'
+        f'{cli.did_you_mean(name, models.available_models(), "{!r}")} Valid: '
+        f'{", ".join(models.available_models())}.')
+
+
 def define_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_string('model', 'resnet20', 'A name from cbam_jax.models.available_models().',
                       flag_values=values)
@@ -127,11 +136,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``); returns
   the table it prints."""
   values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
-  if values.model not in models.available_models():
-    raise cli.UserError(
-        f'unknown model {values.model!r} in --model.'
-        f'{cli.did_you_mean(values.model, models.available_models(), "{!r}")} Valid: '
-        f'{", ".join(models.available_models())}.')
+  check_model(values.model)
   if values.attention not in attention_registry.available():
     raise cli.UserError(
         f'unknown attention {values.attention!r} in --attention. Valid: '

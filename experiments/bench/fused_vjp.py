@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from absl import flags
 from jax import lax
 
-from cbam_jax import models
 from experiments import cli
+from experiments.bench import compile_kernels
 
 PROG = 'python -m experiments.bench.fused_vjp'
 EPSILON = 1e-5
@@ -152,16 +152,18 @@ def define_flags(values: flags.FlagValues) -> None:
                        flag_values=values)
 
 
+# The three training steps compared, by their names in the output.
+STEPS = {'none': None, 'cbam': 'cbam', 'one hand-written VJP': FusedCBAM}
+
+
 def table(model: str, batch: int, image_size: int, rounds: int) -> str:
   """The markdown table: kernels and seconds of each step, and their ratio to the plain one."""
   from experiments.bench.benchmark import compile_jax, jax_model_setup, kernel_count
 
-  attentions = {'none': None, 'cbam': 'cbam', 'cbam, one hand-written VJP': FusedCBAM}
   best: dict[str, tuple[int, float, float]] = {}
   for _ in range(rounds):  # Interleaved, so that load hits every program alike.
-    for name, attention in attentions.items():
-      step, args = jax_model_setup(model, {}, attention, batch, image_size,  # type: ignore[arg-type]
-                                   abstract=True)
+    for name, attention in STEPS.items():
+      step, args = jax_model_setup(model, {}, attention, batch, image_size, abstract=True)
       compiled, times = compile_jax(step, args, donate=(0, 1, 2))
       seconds = times.trace_s + times.lower_s + times.xla_s
       if name not in best or seconds < best[name][1]:
@@ -182,14 +184,15 @@ def step_times(model: str, batch: int, image_size: int, rounds: int) -> str:
   from experiments.bench.benchmark import jax_model_setup
 
   calls = {}
-  for name, attention in (('none', None), ('cbam', 'cbam'), ('fused', FusedCBAM)):
-    step, args = jax_model_setup(model, {}, attention, batch, image_size)  # type: ignore[arg-type]
+  for name, attention in STEPS.items():
+    step, args = jax_model_setup(model, {}, attention, batch, image_size)
     compiled = jax.jit(step).lower(*args).compile()
     calls[name] = lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args))
   medians = timing.interleaved_median_ms(calls, rounds)
-  return (f'Step time, median of {rounds} interleaved rounds: none {medians["none"]:.1f} ms, '
-          f'cbam {medians["cbam"]:.1f} ms, one hand-written VJP {medians["fused"]:.1f} ms '
-          f'({medians["fused"] / medians["cbam"]:.2f}x the library\'s CBAM step).')
+  times = ', '.join(f'{name} {ms:.1f} ms' for name, ms in medians.items())
+  fused = medians['one hand-written VJP'] / medians['cbam']
+  return (f'Step time, median of {rounds} interleaved rounds: {times} ({fused:.2f}x the '
+          "library's CBAM step).")
 
 
 @cli.command(PROG)
@@ -197,10 +200,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   """The command line (``argv`` without the program name; default ``sys.argv[1:]``); returns
   the table it prints."""
   values, _ = cli.parse(argv, define_flags, prog=PROG, usage=__doc__)
-  if values.model not in models.available_models():
-    raise cli.UserError(
-        f'unknown model {values.model!r} in --model.'
-        f'{cli.did_you_mean(values.model, models.available_models(), "{!r}")}')
+  compile_kernels.check_model(values.model)
   text = table(values.model, values.batch, values.image_size, values.rounds)
   if values.time_rounds:
     text += '\n\n' + step_times(values.model, values.batch, values.image_size,

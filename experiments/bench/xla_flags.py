@@ -168,8 +168,7 @@ def _cell(value: float | int | str, base: float | int | str) -> str:
   """A table cell: a number and its ratio to the default's, or whether a digest is the same."""
   if isinstance(value, str):
     return 'same' if value == base else 'differs'
-  number = f'{value:.2f}' if isinstance(value, float) and value < 10 else f'{value:.1f}'
-  number = str(value) if isinstance(value, int) else number
+  number = str(value) if isinstance(value, int) else f'{value:.{2 if value < 10 else 1}f}'
   return f'{number} ({value / base:.2f}x)'  # type: ignore[operator]
 
 

@@ -47,15 +47,21 @@ def _config_fields() -> list[str]:
   return list(walk(base_config(), ''))
 
 
+def _field_named(name: str) -> str | None:
+  """The dotted config field called ``name`` (``learning_rate``, ``model.attention``), else
+  the closest to a misspelling of it, else None."""
+  fields = _config_fields()
+  found = next((f for f in fields if f == name or f.endswith(f'.{name}')), None)
+  return found or cli.closest(name, fields)
+
+
 def _config_field_hint(argv: list[str]) -> str:
   """``' Did you mean --config.X?'`` for the first top-level flag that names a config field."""
   for arg in argv[1:]:
     name = arg[2:].split('=', 1)[0] if arg.startswith('--') else ''
     if not name or name.startswith('config') or name in flags.FLAGS:
       continue
-    fields = _config_fields()
-    field = next((f for f in fields if f == name or f.endswith(f'.{name}')), None)
-    field = field or cli.closest(name, fields)
+    field = _field_named(name)
     if field is not None:
       return f' Did you mean --config.{field}{arg[2 + len(name):]}?'
   return ''
@@ -71,8 +77,6 @@ def _override_shape_error(argv: list[str]) -> str | None:
   learning_rate``: the optimizer is the string ``'sgd'``) or that gives a group of fields a
   plain value (``--config.model=resnet20``); None if every path fits. ml_collections
   raises a TypeError or ValueError from inside its parser for both."""
-  import ml_collections as mlc
-
   from experiments.configs import base_config
 
   config = base_config()
@@ -83,21 +87,19 @@ def _override_shape_error(argv: list[str]) -> str | None:
     parts = path.split('.')
     node: object = config
     for depth, part in enumerate(parts):
-      if not isinstance(node, mlc.ConfigDict) or part not in node:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         break  # A field that does not exist: the "no such field" error says so.
       node = node[part]
       field, rest = '.'.join(parts[:depth + 1]), '.'.join(parts[depth + 1:])
-      if rest and not isinstance(node, mlc.ConfigDict):
+      if rest and not isinstance(node, ml_collections.ConfigDict):
         what = 'unset' if node is None else repr(node)
         message = f'{arg}: config.{field} is a value ({what}), not a group of fields.'
         if field in _FIELD_VALUE_STRINGS:
           return (f'{message} It takes comma-separated FIELD=VALUE: '
                   f'--config.{field}={rest}={value}.')
-        fields = _config_fields()
-        leaf = parts[-1]
-        guess = next((f for f in fields if f == leaf or f.endswith(f'.{leaf}')), None)
+        guess = _field_named(parts[-1])
         return message + (f' Did you mean --config.{guess}={value}?' if guess else '')
-      if not rest and isinstance(node, mlc.ConfigDict) and not value.startswith('{'):
+      if not rest and isinstance(node, ml_collections.ConfigDict) and not value.startswith('{'):
         first = 'name' if 'name' in node else next(iter(node.keys()))
         return (f'{arg}: config.{field} is a group of fields ({", ".join(node.keys())}); '
                 f'set one of them, e.g. --config.{field}.{first}={value}.')

@@ -38,5 +38,5 @@ def test_the_command_compares_the_steps(capsys):
   # Compile only: timing the steps too (--time_rounds) would initialise three networks, ~25 s.
   text = fused_vjp.main(['--model', 'resnet_tiny', '--batch', '2', '--image_size', '16',
                          '--rounds', '1'])
-  assert '| none | ' in text and '| cbam | ' in text and 'one hand-written VJP' in text
+  assert '| none | ' in text and '| cbam | ' in text and '| one hand-written VJP |' in text
   assert text in capsys.readouterr().out

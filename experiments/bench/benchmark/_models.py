@@ -14,6 +14,7 @@ import optax
 
 from cbam_jax import models
 from cbam_jax.conv import materializes_input
+from cbam_jax.models._attention import AttentionSpec
 from experiments.bench.benchmark._harness import (
   TorchSide,
   compile_jax,
@@ -43,7 +44,7 @@ def jax_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
   return step
 
 
-def jax_model_setup(name: str, fields: dict[str, Any], attention: str | None, batch: int,
+def jax_model_setup(name: str, fields: dict[str, Any], attention: AttentionSpec, batch: int,
                      size: int, *, abstract: bool = False):
   """The SGD training step of ``create_model(name, attention=..., **fields)`` and its
   arguments ``[params, batch_stats, opt_state, images, labels]``. ``abstract``: the
